@@ -1,0 +1,48 @@
+"""The errors gclip raises, each tied to the exit code the CLI returns for it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from os import PathLike
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    USAGE = 2
+    BAD_INPUT = 3
+    NONFINITE = 4
+    OUTPUT = 5
+    INTERRUPTED = 130
+
+
+class GclipError(Exception):
+    """A failure that is the input's or the environment's fault, reported as one line."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def __init__(self, path: str | PathLike[str] | None, message: str) -> None:
+        self.path = None if path is None else str(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(GclipError):
+    """The input file is missing, unreadable, malformed or of an unsupported kind."""
+
+
+class NonFiniteError(GclipError):
+    """The input holds NaN or Inf values and the policy is to refuse them."""
+
+    exit_code = ExitCode.NONFINITE
+
+
+class OutputError(GclipError):
+    """The output cannot be written where or as asked."""
+
+    exit_code = ExitCode.OUTPUT
+
+
+class UsageError(GclipError):
+    """An option value that makes no sense (the CLI reports these as usage errors)."""
+
+    exit_code = ExitCode.USAGE

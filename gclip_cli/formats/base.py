@@ -1,0 +1,104 @@
+"""The small interface every file format implements, and helpers they share."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+
+from ..dtypes import describe_dtype, is_gradient_dtype
+from ..errors import InputError
+from ..norms import BLOCK
+
+# What reading a damaged or truncated input raises, from the OS, zipfile, zlib or numpy.
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile, zlib.error)
+
+# Called with each chunk of a gradient tensor (1-D, writable, the file's dtype) and returns the
+# values to write in its place: the same array modified in place, or another of equal dtype/size.
+Transform = Callable[["TensorInfo", np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named array of a file, as its header describes it (no data read)."""
+
+    name: str
+    dtype_name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    dtype: np.dtype | None = None  # set only when the values are gradients gclip scales
+    skip_reason: str | None = None  # why the values are copied through untouched
+    location: object = field(default=None, repr=False, compare=False)  # the format's own handle
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.dtype is not None
+
+
+def describe_array(
+    name: str, dtype: np.dtype, shape: tuple[int, ...], location: object = None
+) -> TensorInfo:
+    """TensorInfo for an array of a numpy *dtype*, marked skipped unless it holds gradients."""
+    gradient = is_gradient_dtype(dtype)
+    return TensorInfo(
+        name=name,
+        dtype_name=describe_dtype(dtype),
+        shape=shape,
+        nbytes=math.prod(shape) * dtype.itemsize,
+        dtype=dtype if gradient else None,
+        skip_reason=None if gradient else f"{dtype.name} is not a floating-point type",
+        location=location,
+    )
+
+
+class TensorFile(Protocol):
+    """An open input file: its tensors, their values in chunks, and a faithful rewrite."""
+
+    path: Path
+    format_name: str
+    tensors: Sequence[TensorInfo]
+
+    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_bytes* bytes."""
+        ...
+
+    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
+        """Copy the file to *out*, every gradient chunk passed through *transform*."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
+    """How many items of *itemsize* bytes one chunk holds: at least one, whole blocks if it can."""
+    items = max(1, chunk_bytes // itemsize)
+    return items - items % BLOCK if items > BLOCK else items
+
+
+def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, path: Path) -> None:
+    """Copy exactly *nbytes* from *src* to *dst* through one reused buffer.
+
+    Read failures become InputError naming *path*; write failures propagate as they are.
+    """
+    buffer = bytearray(min(nbytes, chunk_bytes))
+    view = memoryview(buffer)
+    left = nbytes
+    while left:
+        try:
+            got = src.readinto(view[: min(left, len(buffer))])
+        except READ_ERRORS as exc:
+            raise InputError(path, f"cannot read: {exc}") from None
+        if not got:
+            raise InputError(path, f"file ends {left} bytes early")
+        dst.write(view[:got])
+        left -= got

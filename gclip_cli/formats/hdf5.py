@@ -1,0 +1,178 @@
+"""HDF5 through h5py: the output starts as a byte copy of the input, then each floating-point
+dataset is rewritten in place through HDF5 itself.
+
+Copying the bytes keeps everything else exactly as it was (groups, attributes, hard links,
+object references, committed types, non-float data), and rewriting through HDF5 keeps every
+dataset's dtype (incl. big-endian), shape, maxshape, chunking, filters and fill value.
+Unallocated chunks of sparse datasets stay unallocated when they would only be written as zeros.
+Data stored in other files (external links, virtual datasets, external raw storage) is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import InputError
+from .base import READ_ERRORS, TensorInfo, Transform, describe_array, items_per_chunk
+
+FORMAT_NAME = "hdf5"
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+Selection = tuple[slice, ...]
+
+
+def sniff(head: bytes) -> bool:
+    """Whether *head* (the file's first bytes) starts with the HDF5 signature."""
+    return head.startswith(SIGNATURE)
+
+
+def sniff_file(path: Path) -> bool:
+    """Whether *path* is HDF5, allowing for a user block before the signature."""
+    return h5py.is_hdf5(path)
+
+
+class Hdf5File:
+    format_name = FORMAT_NAME
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = h5py.File(path, "r")
+        except READ_ERRORS as exc:
+            raise InputError(path, f"HDF5 cannot open it: {exc}") from None
+        try:
+            self.tensors = self._describe_tree()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        dataset = self._file[tensor.location]
+        for _, values in _slabs(self.path, dataset, chunk_bytes):
+            yield values.reshape(-1)
+
+    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
+        shutil.copyfile(self.path, out)
+        with h5py.File(out, "r+") as copy:
+            for tensor in self.tensors:
+                if tensor.is_gradient:
+                    _rewrite_dataset(
+                        self.path, copy[tensor.location], tensor, transform, chunk_bytes
+                    )
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _describe_tree(self) -> list[TensorInfo]:
+        _refuse_external_links(self.path, self._file)
+        tensors: list[TensorInfo] = []
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                tensors.append(self._describe_dataset(name, obj))
+
+        # visititems sees each object once, so a dataset with two hard links is scaled once.
+        self._file.visititems(visit)
+        return tensors
+
+    def _describe_dataset(self, name: str, dataset: h5py.Dataset) -> TensorInfo:
+        if dataset.is_virtual:
+            raise InputError(
+                self.path, f"dataset {name!r} is virtual (its data lives in other files); refused"
+            )
+        if dataset.external:
+            raise InputError(
+                self.path, f"dataset {name!r} keeps its data in external files; refused"
+            )
+        if dataset.shape is None:
+            return TensorInfo(
+                name,
+                dataset.dtype.name,
+                (0,),
+                0,
+                skip_reason="empty (null dataspace)",
+                location=name,
+            )
+        return describe_array(name, dataset.dtype, dataset.shape, location=name)
+
+
+def _refuse_external_links(path: Path, root: h5py.File) -> None:
+    def visit(name: str, link: object) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            raise InputError(
+                path,
+                f"{name!r} is an external link to {link.filename}:{link.path}; "
+                "gclip does not follow links into other files",
+            )
+
+    root.visititems_links(visit)
+
+
+def _slabs(
+    path: Path, dataset: h5py.Dataset, chunk_bytes: int
+) -> Iterator[tuple[Selection, np.ndarray]]:
+    """Read *dataset* in hyperslabs that follow C order, each into one reused buffer."""
+    shape = dataset.shape
+    max_items = items_per_chunk(dataset.dtype.itemsize, chunk_bytes)
+    buffer = np.empty(min(max_items, math.prod(shape)), dtype=dataset.dtype)
+    for selection in _c_order_slabs(shape, dataset.chunks, max_items):
+        slab_shape = tuple(s.stop - s.start for s in selection) + shape[len(selection) :]
+        values = buffer[: math.prod(slab_shape)].reshape(slab_shape)
+        try:
+            dataset.read_direct(values, source_sel=selection)
+        except READ_ERRORS as exc:
+            raise InputError(path, f"dataset {dataset.name!r}: {exc}") from None
+        yield selection, values
+
+
+def _c_order_slabs(
+    shape: tuple[int, ...], chunks: tuple[int, ...] | None, max_items: int
+) -> Iterator[Selection]:
+    """Selections covering *shape* in C order, each of at most *max_items* values.
+
+    Each selection is a run of whole trailing sub-arrays along one axis, so reading them one
+    after another yields the values in the same order whatever *max_items* is.  Runs along that
+    axis are whole multiples of the storage chunk where they can be.
+    """
+    if math.prod(shape) == 0:
+        return
+    if not shape:
+        yield ()
+        return
+    axis = next(k for k in range(len(shape)) if math.prod(shape[k + 1 :]) <= max_items)
+    step = max(1, max_items // math.prod(shape[axis + 1 :]))
+    if chunks and step > chunks[axis]:
+        step -= step % chunks[axis]
+    for lead in itertools.product(*(range(n) for n in shape[:axis])):
+        head = tuple(slice(i, i + 1) for i in lead)
+        for start in range(0, shape[axis], step):
+            yield (*head, slice(start, min(start + step, shape[axis])))
+
+
+def _rewrite_dataset(
+    path: Path, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
+) -> None:
+    keep_sparse = _is_sparse(dataset) and not np.any(dataset.fillvalue)
+    for selection, values in _slabs(path, dataset, chunk_bytes):
+        flat = values.reshape(-1)
+        result = transform(tensor, flat)
+        if result is not flat:
+            flat[...] = result
+        if keep_sparse and not np.any(values):
+            continue  # all zero: writing would allocate chunks that read as zero anyway
+        dataset.write_direct(values, dest_sel=selection)
+
+
+def _is_sparse(dataset: h5py.Dataset) -> bool:
+    """Whether some chunks of *dataset* are not allocated (they read as the fill value)."""
+    if dataset.chunks is None:
+        return False
+    grid = math.prod(math.ceil(n / c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
+    return dataset.id.get_num_chunks() < grid

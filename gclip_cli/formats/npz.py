@@ -1,0 +1,153 @@
+""".npz: a zip archive of ``.npy`` members, streamed member by member with :mod:`zipfile`.
+
+Every member is rewritten in order with its name, compression, date and attributes; each ``.npy``
+member keeps its original header bytes (descr incl. byte order, fortran_order, shape) and only
+its gradient values are replaced.  Pickled (object) arrays are refused without being unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..errors import InputError
+from .base import (
+    READ_ERRORS,
+    TensorInfo,
+    Transform,
+    copy_stream,
+    describe_array,
+    items_per_chunk,
+)
+
+FORMAT_NAME = "npz"
+_NPY_SUFFIX = ".npy"
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+    # 3.0 differs from 2.0 only in allowing UTF-8 in the header, which occurs solely in the
+    # field names of structured dtypes: never gradients, and their item size is unaffected.
+    (3, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def sniff(head: bytes) -> bool:
+    """Whether *head* (the file's first bytes) looks like a zip archive."""
+    return head[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+class NpzFile:
+    format_name = FORMAT_NAME
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except READ_ERRORS as exc:
+            raise InputError(path, f"not a readable .npz (zip) file: {exc}") from None
+        try:
+            self._check_names()
+            self.tensors = [
+                self._describe_member(info)
+                for info in self._zip.infolist()
+                if info.filename.endswith(_NPY_SUFFIX)
+            ]
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        info, data_offset = tensor.location
+        dtype = tensor.dtype
+        step = items_per_chunk(dtype.itemsize, chunk_bytes)
+        buffer = np.empty(min(step, tensor.numel), dtype=dtype)
+        raw = memoryview(buffer.view(np.uint8))
+        try:
+            with self._zip.open(info) as member:
+                member.read(data_offset)
+                left = tensor.numel
+                while left:
+                    count = min(step, left)
+                    nbytes = count * dtype.itemsize
+                    if member.readinto(raw[:nbytes]) != nbytes:
+                        raise InputError(self.path, f"member {info.filename!r} ends early")
+                    left -= count
+                    yield buffer[:count]
+        except READ_ERRORS as exc:
+            raise InputError(self.path, f"member {info.filename!r}: {exc}") from None
+
+    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
+        tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
+        with zipfile.ZipFile(out, "w") as dst:
+            dst.comment = self._zip.comment
+            for info in self._zip.infolist():
+                with dst.open(_copy_info(info), "w") as member_out:
+                    tensor = tensors.get(info.filename)
+                    if tensor is None:
+                        self._copy_member(info, member_out, chunk_bytes)
+                    else:
+                        member_out.write(self._npy_header(tensor))
+                        for chunk in self.read_chunks(tensor, chunk_bytes):
+                            member_out.write(memoryview(transform(tensor, chunk)).cast("B"))
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def _check_names(self) -> None:
+        repeated = [name for name, n in Counter(self._zip.namelist()).items() if n > 1]
+        if repeated:
+            raise InputError(self.path, f"zip member {repeated[0]!r} appears more than once")
+
+    def _describe_member(self, info: zipfile.ZipInfo) -> TensorInfo:
+        name = info.filename[: -len(_NPY_SUFFIX)]
+        try:
+            with self._zip.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in _HEADER_READERS:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, _, dtype = _HEADER_READERS[version](member)
+                data_offset = member.tell()
+        except READ_ERRORS as exc:
+            raise InputError(
+                self.path, f"member {info.filename!r} is not a valid .npy: {exc}"
+            ) from None
+        if dtype.hasobject:
+            raise InputError(
+                self.path, f"member {info.filename!r} holds Python objects (a pickle); refused"
+            )
+        tensor = describe_array(name, dtype, tuple(shape), location=(info, data_offset))
+        if info.file_size != data_offset + tensor.nbytes:
+            raise InputError(
+                self.path,
+                f"member {info.filename!r} is {info.file_size} bytes but its .npy header "
+                f"({dtype.str} {tuple(shape)}) needs {data_offset + tensor.nbytes}",
+            )
+        return tensor
+
+    def _npy_header(self, tensor: TensorInfo) -> bytes:
+        info, data_offset = tensor.location
+        with self._zip.open(info) as member:
+            return member.read(data_offset)
+
+    def _copy_member(self, info: zipfile.ZipInfo, dst: BinaryIO, chunk_bytes: int) -> None:
+        with self._zip.open(info) as member:
+            copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
+
+
+def _copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """A ZipInfo for writing a member like *info*: name, date, compression, attributes.
+
+    The size is declared up front so that zipfile switches to zip64 for large members itself.
+    """
+    copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+    copy.compress_type = info.compress_type
+    copy.external_attr = info.external_attr
+    copy.create_system = info.create_system
+    copy.comment = info.comment
+    copy.file_size = info.file_size
+    return copy

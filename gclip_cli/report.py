@@ -1,0 +1,149 @@
+"""What inspect and rescale found: plain data a Python caller, a table or JSON can use."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .engine import norm_share
+from .formats import TensorInfo
+from .norms import NormStats
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+    skipped: str | None  # why the tensor is not a gradient; None when it is counted
+    norm: float | None = None  # NaN/inf when the tensor holds NaN/inf values
+    max_abs: float | None = None  # of the finite values
+    nan: int = 0
+    inf: int = 0
+    share: float | None = None  # of the global sum of |x|**p
+    norm_after: float | None = None  # rescale: the norm of the values written
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.inf
+
+
+@dataclass(frozen=True)
+class Report:
+    path: str
+    file_format: str
+    norm_type: float
+    global_norm: float
+    tensors: tuple[TensorReport, ...]
+    max_norm: float | None = None
+    eps: float = 0.0
+    scale: float | None = None  # the clip factor (applied by rescale, prospective for inspect)
+    clipped: bool | None = None
+    output: str | None = None
+    global_norm_after: float | None = None
+
+    @property
+    def counted(self) -> tuple[TensorReport, ...]:
+        return tuple(t for t in self.tensors if t.skipped is None)
+
+    @property
+    def total_numel(self) -> int:
+        return sum(t.numel for t in self.counted)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def nonfinite(self) -> int:
+        return sum(t.nonfinite for t in self.tensors)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: non-finite numbers become None (JSON has no NaN)."""
+        fields = {
+            "file": self.path,
+            "format": self.file_format,
+            "norm_type": _json_number(self.norm_type, inf_as="inf"),
+            "global_norm": _json_number(self.global_norm),
+            "tensor_count": len(self.counted),
+            "skipped_count": len(self.tensors) - len(self.counted),
+            "numel": self.total_numel,
+            "nbytes": self.total_bytes,
+            "nonfinite": self.nonfinite,
+        }
+        if self.max_norm is not None:
+            fields |= {
+                "max_norm": self.max_norm,
+                "eps": self.eps,
+                "scale": self.scale,
+                "clipped": self.clipped,
+            }
+        if self.output is not None:
+            fields |= {
+                "output": self.output,
+                "global_norm_after": _json_number(self.global_norm_after),
+            }
+        fields["tensors"] = [_tensor_dict(t, self.output is not None) for t in self.tensors]
+        return fields
+
+
+def _tensor_dict(tensor: TensorReport, rescaled: bool) -> dict:
+    fields = {
+        "name": tensor.name,
+        "dtype": tensor.dtype,
+        "shape": list(tensor.shape),
+        "numel": tensor.numel,
+        "nbytes": tensor.nbytes,
+        "skipped": tensor.skipped,
+        "norm": _json_number(tensor.norm),
+        "max_abs": _json_number(tensor.max_abs),
+        "nan": tensor.nan,
+        "inf": tensor.inf,
+        "share": tensor.share,
+    }
+    if rescaled:
+        fields["norm_after"] = _json_number(tensor.norm_after)
+    return fields
+
+
+def _json_number(value: float | None, inf_as: str | None = None) -> float | str | None:
+    if value is None or math.isnan(value):
+        return None
+    if math.isinf(value):
+        return inf_as
+    return value
+
+
+def tensor_reports(
+    tensors: list[TensorInfo],
+    before: list[NormStats | None],
+    global_norm: float,
+    after: list[NormStats | None] | None = None,
+) -> tuple[TensorReport, ...]:
+    """One TensorReport per tensor from the pass-1 (and pass-2) statistics."""
+    after = after or [None] * len(tensors)
+    return tuple(
+        _tensor_report(info, stats, global_norm, written)
+        for info, stats, written in zip(tensors, before, after, strict=True)
+    )
+
+
+def _tensor_report(
+    info: TensorInfo, stats: NormStats | None, global_norm: float, after: NormStats | None
+) -> TensorReport:
+    base = TensorReport(
+        info.name, info.dtype_name, info.shape, info.numel, info.nbytes, skipped=info.skip_reason
+    )
+    if stats is None:
+        return base
+    return replace(
+        base,
+        norm=stats.norm(),
+        max_abs=stats.max_abs,
+        nan=stats.nan,
+        inf=stats.inf,
+        share=norm_share(stats, global_norm),
+        norm_after=None if after is None else after.norm(),
+    )

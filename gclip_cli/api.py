@@ -8,7 +8,7 @@ import shutil
 from contextlib import closing
 from pathlib import Path
 
-from .engine import clip_factor, combine, measure_tensors, write_scaled
+from .engine import clip_factor, combine, measure_tensors, rounding_bound, write_scaled
 from .errors import InputError, NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, open_file
 from .norms import NormStats
@@ -35,7 +35,8 @@ def inspect_file(
         global_norm = total.norm()
         scale = None
         if max_norm is not None and math.isfinite(global_norm):
-            scale = clip_factor(global_norm, max_norm, eps)
+            bound = rounding_bound(tfile.tensors, before, total)
+            scale = clip_factor(global_norm, max_norm, eps, bound)
         return Report(
             path=str(src),
             file_format=tfile.format_name,
@@ -70,7 +71,8 @@ def rescale_file(
         before, total = _measure(tfile, norm_type, chunk_size)
         _refuse_nonfinite(tfile, before)
         global_norm = total.norm()
-        alpha = clip_factor(global_norm, max_norm, eps)
+        bound = rounding_bound(tfile.tensors, before, total)
+        alpha = clip_factor(global_norm, max_norm, eps, bound)
         if alpha == 1.0:
             _copy_unchanged(src, dst)
             after = before

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from .formats import TensorFile, TensorInfo
 from .norms import BLOCK, NormAccumulator, NormStats
+from .rounding import scale_in_place
 
 
 def measure_tensors(
@@ -40,21 +43,73 @@ def combine(stats: list[NormStats | None], norm_type: float) -> NormStats:
     return total
 
 
-def clip_factor(global_norm: float, max_norm: float, eps: float = 0.0) -> float:
-    """alpha = max_norm / (global_norm + eps) when global_norm > max_norm, else exactly 1.
+# The computed norms themselves are accurate to a few float64 rounding units: allow for that.
+_NORM_SLACK = 2.0**-48
 
-    The quotient is rounded toward zero, so scaling never makes the norm larger than asked.
+
+@dataclass(frozen=True)
+class RoundingBound:
+    """How far above max_norm rounding alone can leave the norm of correctly clipped values.
+
+    Rounding v * alpha to nearest in v's dtype moves it by at most u * |v * alpha| (u: the
+    dtype's unit roundoff) or, below the normal range, by half the smallest subnormal.
     """
-    if not global_norm > max_norm:
+
+    relative: float = 0.0
+    absolute: float = 0.0
+
+    def limit(self, max_norm: float) -> float:
+        return max_norm * (1.0 + self.relative) + self.absolute
+
+
+def clip_factor(
+    global_norm: float, max_norm: float, eps: float = 0.0, bound: RoundingBound = RoundingBound()
+) -> float:
+    """alpha = max_norm / (global_norm + eps) when the norm exceeds max_norm, else exactly 1.
+
+    A norm above max_norm by no more than *bound* counts as within it: values rounded to their
+    dtype can get no closer, and clipping such a file again would only re-round it.
+    """
+    if not global_norm > bound.limit(max_norm):
         return 1.0
-    return _round_toward_zero(Fraction(max_norm) / Fraction(global_norm + eps), np.float64)
+    return max_norm / (global_norm + eps)
 
 
-def _round_toward_zero(exact: Fraction, dtype: type[np.floating]) -> float:
-    value = dtype(float(exact))
-    while Fraction(float(value)) > exact:
-        value = np.nextafter(value, dtype(0))
-    return float(value)
+def rounding_bound(
+    tensors: Sequence[TensorInfo], stats: Sequence[NormStats | None], total: NormStats
+) -> RoundingBound:
+    """The RoundingBound for clipping these tensors.
+
+    Relative part: the power mean of (1 + u_i), weighted by each tensor's share of the norm,
+    minus one.  Absolute part: the p-norm of half a subnormal step for every value.
+    """
+    p, global_norm = total.norm_type, total.finite_norm()
+    weighted, worst, steps = 0.0, 0.0, []
+    for tensor, part in zip(tensors, stats, strict=True):
+        if part is None or part.finite_norm() == 0.0:
+            continue
+        info = ml_dtypes.finfo(tensor.dtype)
+        u = float(info.eps) / 2
+        worst = max(worst, u)
+        steps.append((part.numel, float(info.smallest_subnormal) / 2))
+        if not math.isinf(p):
+            share = (part.finite_norm() / global_norm) ** p
+            weighted += share * math.expm1(p * math.log1p(u))
+    if math.isinf(p):
+        relative = worst
+        absolute = max((step for _, step in steps), default=0.0)
+    else:
+        relative = math.expm1(math.log1p(weighted) / p)
+        absolute = _p_norm_of_steps(steps, p)
+    return RoundingBound(relative + _NORM_SLACK, absolute)
+
+
+def _p_norm_of_steps(steps: list[tuple[int, float]], p: float) -> float:
+    """(sum of count * step**p) ** (1/p), scaled by the largest step so nothing underflows."""
+    top = max((step for _, step in steps), default=0.0)
+    if top == 0.0:  # float64's half step, 2**-1075, is 0 in float64 itself
+        return 0.0
+    return top * math.fsum(count * (step / top) ** p for count, step in steps) ** (1.0 / p)
 
 
 class Scaler:
@@ -64,21 +119,14 @@ class Scaler:
     """
 
     def __init__(self, alpha: float, norm_type: float) -> None:
-        self.alpha64 = alpha
-        self.alpha32 = _round_toward_zero(Fraction(alpha), np.float32)
+        self.alpha = alpha
         self.norm_type = norm_type
         self.after: dict[str, NormStats] = {}
         self._current: tuple[str, NormAccumulator] | None = None
         self._wide = np.empty(BLOCK, dtype=np.float64)
 
     def __call__(self, tensor: TensorInfo, chunk: np.ndarray) -> np.ndarray:
-        kind = (chunk.dtype.kind, chunk.dtype.itemsize)
-        if kind == ("f", 8):
-            np.multiply(chunk, self.alpha64, out=chunk)  # one float64 rounding
-        elif kind == ("f", 4):
-            np.multiply(chunk, np.float32(self.alpha32), out=chunk)  # one float32 rounding
-        else:
-            self._scale_narrow(chunk)
+        scale_in_place(chunk, self.alpha, self._wide)
         self._accumulator_for(tensor.name).add(chunk)
         return chunk
 
@@ -95,36 +143,6 @@ class Scaler:
             self.finish()
             self._current = (name, NormAccumulator(self.norm_type))
         return self._current[1]
-
-    def _scale_narrow(self, chunk: np.ndarray) -> None:
-        """float16/bfloat16/float8: exact float64 product, then one rounding into the dtype.
-
-        At most 11 + 24 significant bits (value times the float32 factor): exact in float64.
-        """
-        for start in range(0, chunk.size, BLOCK):
-            part = chunk[start : start + BLOCK]
-            wide = self._wide[: part.size]
-            np.copyto(wide, part, casting="unsafe")
-            np.multiply(wide, self.alpha32, out=wide)
-            if part.dtype == np.float16:  # numpy rounds float64 -> float16 directly
-                np.copyto(part, wide, casting="unsafe")
-            else:  # ml_dtypes goes through float32: make that step exact-enough by rounding to odd
-                np.copyto(part, _round_to_odd_float32(wide), casting="unsafe")
-
-
-def _round_to_odd_float32(wide: np.ndarray) -> np.ndarray:
-    """Round float64 *wide* to float32 with round-to-odd.
-
-    Rounding to odd first and then to nearest into any format with at least two fewer
-    significand bits (bfloat16, float8) equals rounding once to nearest: no double rounding.
-    """
-    narrow = wide.astype(np.float32)
-    back = narrow.astype(np.float64)
-    inexact = back != wide
-    bits = narrow.view(np.uint32)
-    bits[inexact & (np.abs(back) > np.abs(wide))] -= 1  # rounded away from zero: truncate instead
-    bits[inexact] |= 1
-    return narrow
 
 
 def write_scaled(

@@ -1,0 +1,95 @@
+"""Fixtures that write real files with each format's own library, and read them back."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import settings
+from safetensors.numpy import load_file, save_file
+
+# A short budget by default (CI); HYPOTHESIS_PROFILE=long for a thorough local run.
+settings.register_profile("default", max_examples=40, deadline=None)
+settings.register_profile("long", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+FORMATS = ("safetensors", "npz", "hdf5")
+SUFFIX = {"safetensors": ".safetensors", "npz": ".npz", "hdf5": ".h5"}
+
+Tensors = Mapping[str, np.ndarray]
+
+
+def write_tensors(path: Path, fmt: str, tensors: Tensors) -> Path:
+    """Write *tensors* to *path* with the format's own library (h5py names may contain '/')."""
+    if fmt == "safetensors":
+        save_file(dict(tensors), str(path))
+    elif fmt == "npz":
+        np.savez(path, **tensors)
+    elif fmt == "hdf5":
+        with h5py.File(path, "w") as f:
+            for name, values in tensors.items():
+                f.create_dataset(name, data=values)
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def read_tensors(path: Path, fmt: str) -> dict[str, np.ndarray]:
+    """Read every array back with the format's own library, in file order."""
+    if fmt == "safetensors":
+        return load_file(str(path))
+    if fmt == "npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
+        )
+    return out
+
+
+def exact_norm(arrays: list[np.ndarray], p: float = 2.0) -> float:
+    """Reference global p-norm: exact rational sum of |x|**p for p = 1, 2; fsum otherwise."""
+    values = [float(v) for a in arrays for v in np.asarray(a, dtype=np.float64).ravel()]
+    if math.isinf(p):
+        return max((abs(v) for v in values), default=0.0)
+    if p in (1, 2):
+        total = sum(
+            (Fraction(v) ** int(p) if p == 2 else abs(Fraction(v)) for v in values), Fraction(0)
+        )
+        # exact rational root via scaling keeps 1e300 and 1e-300 inputs representable
+        if total == 0:
+            return 0.0
+        if p == 1:
+            return float(total)
+        return _sqrt_fraction(total)
+    return math.fsum(abs(v) ** p for v in values) ** (1 / p)
+
+
+def _sqrt_fraction(x: Fraction) -> float:
+    # float(x) can overflow for x ~ 1e600; take the root of a power-of-4-scaled value instead
+    shift = (x.numerator.bit_length() - x.denominator.bit_length()) // 2
+    scaled = x / Fraction(4) ** shift if shift >= 0 else x * Fraction(4) ** -shift
+    return math.ldexp(math.sqrt(float(scaled)), shift)
+
+
+@pytest.fixture(params=FORMATS)
+def fmt(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_file(tmp_path: Path) -> Callable[..., Path]:
+    """make_file(fmt, tensors, name="in") writes a real file and returns its path."""
+
+    def make(fmt: str, tensors: Tensors, name: str = "in") -> Path:
+        return write_tensors(tmp_path / f"{name}{SUFFIX[fmt]}", fmt, tensors)
+
+    return make

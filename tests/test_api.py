@@ -1,0 +1,225 @@
+import math
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import FORMATS, SUFFIX, exact_norm, read_tensors, write_tensors
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gclip_cli
+from gclip_cli import NonFiniteError, OutputError, UsageError
+
+try:
+    import torch
+except ImportError:  # the comparison tests say so when skipped
+    torch = None
+
+GRADIENT_DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+
+
+def sample_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "layer.0.weight": rng.standard_normal((64, 33)).astype(np.float32),
+        "layer.0.bias": rng.standard_normal(33).astype(np.float32) * 40,
+        "layer.1.weight": rng.standard_normal((7, 5, 3)),
+        "step": np.array(1234, dtype=np.int64),
+        "mask": rng.integers(0, 2, 10).astype(np.int32),
+    }
+
+
+def test_inspect_reports_every_tensor_and_the_exact_global_norm(make_file, fmt):
+    tensors = sample_tensors()
+    report = gclip_cli.inspect_file(make_file(fmt, tensors), max_norm=1.0)
+    gradients = [v for k, v in tensors.items() if v.dtype.kind == "f"]
+    assert report.global_norm == pytest.approx(exact_norm(gradients), rel=1e-12)
+    assert report.file_format == fmt
+    by_name = {t.name: t for t in report.tensors}
+    assert set(by_name) == set(tensors)
+    assert by_name["step"].skipped and by_name["step"].norm is None
+    weight = by_name["layer.0.weight"]
+    assert (weight.shape, weight.numel, weight.dtype) == ((64, 33), 64 * 33, "float32")
+    assert weight.norm == pytest.approx(exact_norm([tensors["layer.0.weight"]]), rel=1e-12)
+    assert sum(t.share for t in report.counted) == pytest.approx(1.0)
+    assert report.scale == pytest.approx(1.0 / report.global_norm)
+    assert report.clipped is True
+
+
+def test_rescale_scales_gradients_and_copies_the_rest(make_file, fmt, tmp_path):
+    tensors = sample_tensors()
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    report = gclip_cli.rescale_file(make_file(fmt, tensors), out, max_norm=2.0)
+    written = read_tensors(out, fmt)
+    assert report.clipped and report.scale == 2.0 / report.global_norm
+    for name, original in tensors.items():
+        assert written[name].dtype == original.dtype and written[name].shape == original.shape
+        if original.dtype.kind == "f":
+            # the float64 product rounded into the dtype (double rounding is rare, and handled)
+            expected = (original.astype(np.float64) * report.scale).astype(original.dtype)
+            assert np.array_equal(written[name], expected)
+        else:
+            assert np.array_equal(written[name], original)
+    gradients = [v for k, v in written.items() if v.dtype.kind == "f"]
+    assert report.global_norm_after == pytest.approx(exact_norm(gradients), rel=1e-12)
+    assert report.global_norm_after == pytest.approx(2.0, rel=1e-7)
+
+
+def test_within_max_norm_the_output_is_the_input_byte_for_byte(make_file, fmt, tmp_path):
+    src = make_file(fmt, sample_tensors())
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    report = gclip_cli.rescale_file(src, out, max_norm=1e6)
+    assert not report.clipped and report.scale == 1.0
+    assert report.global_norm_after == report.global_norm
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_nonfinite_values_are_refused_before_anything_is_written(make_file, fmt, tmp_path):
+    tensors = {"a": np.array([1.0, np.nan, np.inf], dtype=np.float32), "b": np.ones(3)}
+    src = make_file(fmt, tensors)
+    before = src.read_bytes()
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    with pytest.raises(NonFiniteError, match=r"'a' \(1 NaN, 1 Inf\)"):
+        gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert not out.exists() and src.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [src]
+    report = gclip_cli.inspect_file(src)
+    assert math.isnan(report.global_norm) and report.nonfinite == 2
+
+
+def test_output_may_not_be_the_input(make_file, fmt):
+    src = make_file(fmt, sample_tensors())
+    with pytest.raises(OutputError, match="is the input file"):
+        gclip_cli.rescale_file(src, src, max_norm=1.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_max_norm_must_be_finite_and_positive(make_file, bad, tmp_path):
+    with pytest.raises(UsageError):
+        gclip_cli.rescale_file(make_file("npz", sample_tensors()), tmp_path / "o.npz", max_norm=bad)
+
+
+def test_chunk_size_does_not_change_a_single_output_byte(make_file, fmt, tmp_path):
+    tensors = {
+        "w": np.random.default_rng(5).standard_normal((300, 257)).astype(np.float32),
+        "h": np.random.default_rng(6).standard_normal(1001).astype(np.float16),
+    }
+    src = make_file(fmt, tensors)
+    outputs = []
+    for chunk in (1000, 4096, 100_003, 64 << 20):
+        out = tmp_path / f"out{chunk}{SUFFIX[fmt]}"
+        report = gclip_cli.rescale_file(src, out, max_norm=0.5, chunk_size=chunk)
+        outputs.append((report.global_norm, report.global_norm_after, out.read_bytes()))
+    assert all(o == outputs[0] for o in outputs)
+
+
+# --- properties --------------------------------------------------------------------------------
+
+
+@st.composite
+def tensor_sets(draw):
+    count = draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(count):
+        shape = tuple(draw(st.lists(st.integers(0, 12), min_size=0, max_size=3)))
+        kind = draw(st.sampled_from(["float32", "float64", "float16", "int32"]))
+        scale = 10.0 ** draw(st.integers(-3, 3))
+        values = np.asarray(rng.standard_normal(shape) * scale)
+        tensors[f"t{i}"] = np.asarray((values * 100) if kind == "int32" else values, dtype=kind)
+    return tensors
+
+
+def unit_roundoff(tensors) -> float:
+    floats = [np.finfo(v.dtype).eps / 2 for v in tensors.values() if v.dtype.kind == "f"]
+    return max(floats, default=0.0)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tensors=tensor_sets(),
+    fmt=st.sampled_from(FORMATS),
+    max_norm=st.floats(1e-3, 1e3),
+    chunk=st.integers(1, 5000),
+)
+def test_rescale_properties(tmp_path_factory, tensors, fmt, max_norm, chunk):
+    folder = tmp_path_factory.mktemp("prop")
+    src = write_tensors(folder / f"in{SUFFIX[fmt]}", fmt, tensors)
+    out, again, other = (folder / f"{n}{SUFFIX[fmt]}" for n in ("out", "again", "other"))
+    report = gclip_cli.rescale_file(src, out, max_norm=max_norm, chunk_size=chunk)
+    written = read_tensors(out, fmt)
+    u = unit_roundoff(tensors)
+
+    # the norm of what was written never exceeds max_norm by more than the dtypes' rounding
+    gradients = [v for v in written.values() if v.dtype.kind == "f"]
+    assert exact_norm(gradients) <= max_norm * (1 + 2 * u) + 1e-300 or not report.clipped
+    assert report.global_norm_after == pytest.approx(exact_norm(gradients), rel=1e-12, abs=1e-300)
+    for name, original in tensors.items():
+        if original.dtype.kind != "f":
+            assert np.array_equal(written[name], original)  # not a gradient: untouched
+        else:  # direction kept: every value is its original times the one factor, rounded once
+            expected = original.astype(np.float64) * report.scale
+            assert np.allclose(
+                written[name],
+                expected,
+                rtol=np.finfo(original.dtype).eps,
+                atol=float(np.finfo(original.dtype).smallest_subnormal),
+            )
+
+    # clipping the clipped file again changes nothing at all
+    second = gclip_cli.rescale_file(out, again, max_norm=max_norm, chunk_size=chunk)
+    assert not second.clipped
+    assert again.read_bytes() == out.read_bytes()
+
+    # and the chunk size never matters
+    gclip_cli.rescale_file(src, other, max_norm=max_norm, chunk_size=chunk * 7 + 3)
+    assert other.read_bytes() == out.read_bytes()
+
+
+# --- PyTorch reference -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed: pip install torch==2.13.0")
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 3.0])
+def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_type):
+    rng = np.random.default_rng(11)
+    tensors = {
+        f"p{i}": rng.standard_normal(shape) * 3
+        for i, shape in enumerate([(40, 30), (30,), (5, 6, 7), (1,)])
+    }
+    params = [
+        torch.nn.Parameter(torch.zeros(v.shape, dtype=torch.float64)) for v in tensors.values()
+    ]
+    for param, values in zip(params, tensors.values(), strict=True):
+        param.grad = torch.from_numpy(values.copy())
+    torch_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type=norm_type))
+
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    report = gclip_cli.rescale_file(
+        make_file(fmt, tensors), out, max_norm=1.0, norm_type=norm_type, eps=1e-6
+    )
+    assert report.global_norm == pytest.approx(torch_norm, rel=1e-12)
+    written = read_tensors(out, fmt)
+    for name, param in zip(tensors, params, strict=True):
+        np.testing.assert_allclose(written[name], param.grad.numpy(), rtol=1e-14, atol=0)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def test_working_set_stays_bounded_on_a_file_far_larger_than_a_chunk(make_file, fmt, tmp_path):
+    values = np.random.default_rng(0).standard_normal(8 << 20).astype(np.float32)  # 32 MiB
+    src = make_file(fmt, {"big": values, "small": values[:1000].copy()})
+    del values
+    chunk = 1 << 20
+    tracemalloc.start()
+    try:
+        gclip_cli.inspect_file(src, chunk_size=chunk)
+        gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1.0, chunk_size=chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # one chunk plus two 512 KiB float64 blocks and bookkeeping; the file is 32x larger
+    assert peak < 4 * chunk, f"peak traced allocation {peak / 2**20:.1f} MiB"

@@ -1,0 +1,90 @@
+import math
+
+import numpy as np
+import pytest
+
+from gclip_cli.engine import (
+    RoundingBound,
+    Scaler,
+    clip_factor,
+    combine,
+    norm_share,
+    rounding_bound,
+)
+from gclip_cli.formats import TensorInfo
+from gclip_cli.norms import NormStats, measure
+
+
+@pytest.mark.parametrize(
+    ("norm", "max_norm", "eps", "expected"),
+    [
+        (5.0, 1.0, 0.0, 0.2),
+        (0.5, 1.0, 0.0, 1.0),
+        (13.0, 13.0, 0.0, 1.0),  # exactly at the threshold: unchanged (TF semantics)
+        (13.0, 13.0, 1e-6, 1.0),  # PyTorch would scale by 0.99999992 here; gclip does not
+        (0.0, 1.0, 0.0, 1.0),  # all-zero gradients: no division by zero
+        (5.0, 2.5, 0.0, 0.5),
+        (20.0, 1.0, 1e-6, 1.0 / (20.0 + 1e-6)),
+    ],
+)
+def test_clip_factor(norm, max_norm, eps, expected):
+    assert clip_factor(norm, max_norm, eps) == expected
+
+
+def test_clip_factor_is_exactly_one_when_not_clipping():
+    assert clip_factor(math.nextafter(1.0, 0), 1.0) == 1.0
+    assert clip_factor(math.nextafter(1.0, 2), 1.0) < 1.0
+    within = RoundingBound(relative=2e-8)
+    assert clip_factor(1 + 1e-8, 1.0, bound=within) == 1.0
+    assert clip_factor(1 + 3e-8, 1.0, bound=within) < 1.0
+    assert clip_factor(1.5, 1.0, bound=RoundingBound(absolute=0.6)) == 1.0
+
+
+def test_rounding_bound_weights_each_dtypes_roundoff_by_its_share():
+    f32, f64 = _tensor("a", np.float32), _tensor("b", np.float64)
+    a, b = measure(np.array([3.0])), measure(np.array([4.0]))
+    bound = rounding_bound([f32, f64], [a, b], combine([a, b], 2.0))
+    # to first order: share * u for each tensor
+    assert bound.relative == pytest.approx(9 / 25 * 2.0**-24 + 16 / 25 * 2.0**-53, rel=1e-3)
+    assert bound.absolute == pytest.approx(2.0**-150, rel=1e-9)  # half a float32 subnormal
+    only64 = rounding_bound([f64], [b], combine([b], 2.0)).relative
+    assert 2.0**-53 < only64 < 1e-14
+    inf_total = combine([measure(np.array([3.0]), math.inf)], math.inf)
+    assert rounding_bound([f32], [inf_total], inf_total).relative == pytest.approx(2.0**-24)
+
+
+def test_rounding_bound_counts_half_a_subnormal_step_per_float16_value():
+    f16 = TensorInfo("h", "float16", (100,), 200, dtype=np.dtype(np.float16))
+    stats = measure(np.full(100, 0.5, dtype=np.float16))
+    bound = rounding_bound([f16], [stats], combine([stats], 2.0))
+    assert bound.absolute == pytest.approx(math.sqrt(100) * 2.0**-25)
+
+
+def test_combine_skips_non_gradient_entries():
+    total = combine([measure(np.array([3.0])), None, measure(np.array([4.0]))], 2.0)
+    assert total.norm() == 5.0
+
+
+def test_norm_share_is_the_fraction_of_the_sum_of_powers():
+    a, b = measure(np.array([3.0])), measure(np.array([4.0]))
+    assert norm_share(a, 5.0) == pytest.approx(9 / 25)
+    assert norm_share(b, 5.0) == pytest.approx(16 / 25)
+    assert norm_share(measure(np.array([3.0]), math.inf), 4.0) is None
+    assert norm_share(NormStats(2.0), 0.0) == 0.0
+
+
+def _tensor(name: str, dtype) -> TensorInfo:
+    return TensorInfo(name, np.dtype(dtype).name, (4,), 16, dtype=np.dtype(dtype))
+
+
+def test_scaler_scales_in_place_and_measures_each_tensor_written():
+    scaler = Scaler(0.5, 2.0)
+    a, b = _tensor("a", np.float32), _tensor("b", np.float64)
+    first = np.array([3.0, 4.0], dtype=np.float32)
+    assert scaler(a, first) is first
+    scaler(a, np.array([0.0, 0.0], dtype=np.float32))
+    scaler(b, np.array([6.0, 8.0]))
+    after = scaler.finish()
+    assert first.tolist() == [1.5, 2.0]
+    assert after["a"].norm() == 2.5
+    assert after["b"].norm() == 5.0

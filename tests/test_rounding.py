@@ -1,0 +1,96 @@
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gclip_cli.rounding import round_to_odd_float32, scale_in_place
+
+NARROW = [np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
+ALPHAS = [0.3, 1 / 3, 0.7071067811865476, 0.123456789012345, 2.0**-10 * 1.1]
+
+
+def every_finite_value(dtype) -> np.ndarray:
+    bits = np.arange(2 ** (8 * np.dtype(dtype).itemsize), dtype=np.uint32)
+    uint = np.uint8 if np.dtype(dtype).itemsize == 1 else np.uint16
+    values = bits.astype(uint).view(dtype)
+    with np.errstate(invalid="ignore"):
+        return values[np.isfinite(values.astype(np.float64))]
+
+
+def nearest_by_enumeration(exact: Fraction, table: np.ndarray, dtype) -> float:
+    """Round *exact* to nearest among all finite values of *dtype*, ties to an even last bit."""
+    wide = table.astype(np.float64)
+    order = np.argsort(wide, kind="stable")
+    i = int(np.searchsorted(wide[order], float(exact)))
+    candidates = [order[j] for j in (i - 1, i, i + 1) if 0 <= j < len(order)]
+    uint = np.uint8 if np.dtype(dtype).itemsize == 1 else np.uint16
+    best = min(
+        candidates,
+        key=lambda j: (
+            abs(Fraction(float(wide[j])) - exact),
+            int(table[j : j + 1].view(uint)[0]) & 1,
+        ),
+    )
+    return float(wide[best])
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_every_value_of_a_narrow_type_is_rounded_once_to_nearest(dtype, alpha):
+    table = every_finite_value(dtype)
+    scaled = table.copy()
+    scale_in_place(scaled, alpha, np.empty(1000))
+    sample = np.random.default_rng(0).choice(table.size, size=min(table.size, 400), replace=False)
+    for i in sample:
+        exact = Fraction(float(table[i].astype(np.float64))) * Fraction(alpha)
+        assert float(scaled[i].astype(np.float64)) == nearest_by_enumeration(exact, table, dtype)
+
+
+def double_rounding_cases(count: int) -> list[tuple[np.float32, float]]:
+    """float32 v and alpha whose float64 product lands exactly on a float32 midpoint while the
+    exact product lies above it: converting the float64 product rounds the wrong way."""
+    midpoint = Fraction(1, 2) + Fraction(1, 2**25)
+    cases = []
+    for k in range(1, 5000):
+        v = np.float32(1 + k * 2.0**-23)
+        alpha = float(np.nextafter(float(midpoint / Fraction(float(v))), 1.0))
+        if float(v) * alpha == float(midpoint) and Fraction(float(v)) * Fraction(alpha) > midpoint:
+            cases.append((v, alpha))
+        if len(cases) == count:
+            break
+    return cases
+
+
+def test_float32_products_on_a_midpoint_are_rounded_from_the_exact_value():
+    cases = double_rounding_cases(20)
+    assert len(cases) == 20
+    for v, alpha in cases:
+        naive = np.float32(float(v) * alpha)
+        values = np.array([v], dtype=np.float32)
+        scale_in_place(values, alpha, np.empty(16))
+        assert values[0] == np.float32(0.5 + 2.0**-24) != naive
+
+
+def test_float32_big_endian_is_scaled_in_its_own_byte_order():
+    values = np.array([3.0, 4.0], dtype=">f4")
+    scale_in_place(values, 0.2, np.empty(4))
+    assert values.dtype == np.dtype(">f4")
+    assert values.tolist() == [np.float32(0.6), np.float32(0.8)]
+
+
+def test_float64_is_one_multiplication():
+    values = np.random.default_rng(3).standard_normal(1000)
+    expected = values * 0.37
+    scale_in_place(values, 0.37, np.empty(64))
+    assert np.array_equal(values, expected)
+
+
+def test_round_to_odd_marks_inexact_results_with_an_odd_last_bit():
+    wide = np.array([1.0, 1 + 2.0**-30, 1 - 2.0**-30, -(1 + 2.0**-30), 2.0**-140 * 1.3])
+    narrow = round_to_odd_float32(wide)
+    bits = narrow.view(np.uint32)
+    assert narrow[0] == 1.0 and bits[0] % 2 == 0
+    for w, n, b in zip(wide[1:], narrow[1:], bits[1:], strict=True):
+        assert b % 2 == 1
+        assert abs(float(n) - w) < float(np.spacing(np.abs(n)))  # one of w's two neighbours

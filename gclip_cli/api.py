@@ -14,6 +14,7 @@ from .formats import TensorFile, open_file
 from .norms import NormStats
 from .output import atomic_output, check_output_path
 from .report import Report, tensor_reports
+from .rounding import ScaleFactor
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
 
@@ -33,10 +34,9 @@ def inspect_file(
     with closing(open_file(src, file_format)) as tfile:
         before, total = _measure(tfile, norm_type, chunk_size)
         global_norm = total.norm()
-        scale = None
+        factor = None
         if max_norm is not None and math.isfinite(global_norm):
-            bound = rounding_bound(tfile.tensors, before, total)
-            scale = clip_factor(global_norm, max_norm, eps, bound)
+            factor = _factor(tfile, before, total, max_norm, eps)
         return Report(
             path=str(src),
             file_format=tfile.format_name,
@@ -45,8 +45,8 @@ def inspect_file(
             tensors=tensor_reports(list(tfile.tensors), before, global_norm),
             max_norm=max_norm,
             eps=eps,
-            scale=scale,
-            clipped=None if scale is None else scale != 1.0,
+            scale=None if factor is None else factor.hi,
+            clipped=None if factor is None else factor.exact != 1,
         )
 
 
@@ -71,13 +71,13 @@ def rescale_file(
         before, total = _measure(tfile, norm_type, chunk_size)
         _refuse_nonfinite(tfile, before)
         global_norm = total.norm()
-        bound = rounding_bound(tfile.tensors, before, total)
-        alpha = clip_factor(global_norm, max_norm, eps, bound)
-        if alpha == 1.0:
+        factor = _factor(tfile, before, total, max_norm, eps)
+        clipped = factor.exact != 1
+        if clipped:
+            after = _write(tfile, dst, factor, norm_type, chunk_size)
+        else:
             _copy_unchanged(src, dst)
             after = before
-        else:
-            after = _write(tfile, dst, alpha, norm_type, chunk_size)
         return Report(
             path=str(src),
             file_format=tfile.format_name,
@@ -86,8 +86,8 @@ def rescale_file(
             tensors=tensor_reports(list(tfile.tensors), before, global_norm, after),
             max_norm=max_norm,
             eps=eps,
-            scale=alpha,
-            clipped=alpha != 1.0,
+            scale=factor.hi,
+            clipped=clipped,
             output=str(dst),
             global_norm_after=combine(after, norm_type).norm(),
         )
@@ -111,6 +111,17 @@ def _measure(
     return before, combine(before, norm_type)
 
 
+def _factor(
+    tfile: TensorFile,
+    before: list[NormStats | None],
+    total: NormStats,
+    max_norm: float,
+    eps: float,
+) -> ScaleFactor:
+    bound = rounding_bound(tfile.tensors, before, total)
+    return clip_factor(total.norm(), max_norm, eps, bound)
+
+
 def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:
     bad = [
         (t.name, s)
@@ -125,11 +136,11 @@ def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:
 
 
 def _write(
-    tfile: TensorFile, dst: Path, alpha: float, norm_type: float, chunk_size: int
+    tfile: TensorFile, dst: Path, factor: ScaleFactor, norm_type: float, chunk_size: int
 ) -> list[NormStats | None]:
     with atomic_output(dst) as tmp:
         try:
-            return write_scaled(tfile, tmp, alpha, norm_type, chunk_size)
+            return write_scaled(tfile, tmp, factor, norm_type, chunk_size)
         except InputError:
             raise
         except OSError as exc:

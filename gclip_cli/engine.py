@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from .formats import TensorFile, TensorInfo
-from .norms import BLOCK, NormAccumulator, NormStats
-from .rounding import scale_in_place
+from .norms import NormAccumulator, NormStats
+from .rounding import ScaleFactor, ScratchBuffers, scale_in_place
 
 
 def measure_tensors(
@@ -64,15 +65,15 @@ class RoundingBound:
 
 def clip_factor(
     global_norm: float, max_norm: float, eps: float = 0.0, bound: RoundingBound = RoundingBound()
-) -> float:
-    """alpha = max_norm / (global_norm + eps) when the norm exceeds max_norm, else exactly 1.
+) -> ScaleFactor:
+    """q = max_norm / (global_norm + eps), exactly, when the norm exceeds max_norm, else 1.
 
     A norm above max_norm by no more than *bound* counts as within it: values rounded to their
     dtype can get no closer, and clipping such a file again would only re-round it.
     """
     if not global_norm > bound.limit(max_norm):
-        return 1.0
-    return max_norm / (global_norm + eps)
+        return ScaleFactor.of(1.0)
+    return ScaleFactor(Fraction(max_norm) / (Fraction(global_norm) + Fraction(eps)))
 
 
 def rounding_bound(
@@ -118,15 +119,15 @@ class Scaler:
     Chunks of one tensor must arrive one after another (every writer goes tensor by tensor).
     """
 
-    def __init__(self, alpha: float, norm_type: float) -> None:
-        self.alpha = alpha
+    def __init__(self, factor: ScaleFactor, norm_type: float) -> None:
+        self.factor = factor
         self.norm_type = norm_type
         self.after: dict[str, NormStats] = {}
         self._current: tuple[str, NormAccumulator] | None = None
-        self._wide = np.empty(BLOCK, dtype=np.float64)
+        self._scratch = ScratchBuffers()
 
     def __call__(self, tensor: TensorInfo, chunk: np.ndarray) -> np.ndarray:
-        scale_in_place(chunk, self.alpha, self._wide)
+        scale_in_place(chunk, self.factor, self._scratch)
         self._accumulator_for(tensor.name).add(chunk)
         return chunk
 
@@ -146,13 +147,13 @@ class Scaler:
 
 
 def write_scaled(
-    tfile: TensorFile, out: Path, alpha: float, norm_type: float, chunk_bytes: int
+    tfile: TensorFile, out: Path, factor: ScaleFactor, norm_type: float, chunk_bytes: int
 ) -> list[NormStats | None]:
-    """Pass 2: write *tfile* to *out* with every gradient value multiplied by *alpha*.
+    """Pass 2: write *tfile* to *out* with every gradient value multiplied by *factor*.
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
-    scaler = Scaler(alpha, norm_type)
+    scaler = Scaler(factor, norm_type)
     tfile.write_transformed(out, scaler, chunk_bytes)
     after = scaler.finish()
     return [

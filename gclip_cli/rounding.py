@@ -1,54 +1,138 @@
 """Multiplying values by the clip factor with exactly one rounding into their own dtype.
 
-float64 data: one IEEE multiplication.  Narrower data (float32, float16, bfloat16, float8) is
-multiplied in float64 and then converted, which rounds twice.  Rounding twice differs from
-rounding the exact product once only when the float64 product lies exactly on a midpoint of the
-narrow type, so those (rare) values are detected and recomputed exactly with fractions.
+Each value becomes the exact product v * q (q = max_norm / (norm + eps) as an exact fraction)
+rounded once to nearest, ties to even, in v's dtype:
+
+- float64 data: the product is computed in double-double arithmetic (q = hi + lo, Dekker's
+  exact product v * hi), so the one final addition rounds the nearly exact value.
+- narrower data (float32, float16, bfloat16, float8): v * hi in float64 is within two float64
+  units of v * q, so rounding it into the narrow type is right unless it lies within two units
+  of a rounding boundary (a midpoint) of that type.  Those rare values are recomputed exactly
+  with fractions.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
 
 _F64_MANTISSA_BITS = 52
+_SPLITTER = float(2**27 + 1)  # Veltkamp: splits a float64 into two 26-bit halves
+_SPLIT_LIMIT = 2.0**995  # beyond this v * _SPLITTER overflows: scale the block down first
+_SPLIT_SCALE = 2.0**-64
+_NEAR = 2  # float64 units around a midpoint that count as too close to call
 
 
-def scale_in_place(values: np.ndarray, alpha: float, wide: np.ndarray) -> None:
-    """``values *= alpha``, each result the exact product rounded to nearest (ties to even).
+@dataclass(frozen=True)
+class ScaleFactor:
+    """The exact factor q and its double-double form hi + lo (hi = q rounded to nearest)."""
 
-    *values* is 1-D; *wide* is a float64 scratch buffer (its size sets the block size).
-    """
-    if values.dtype.kind == "f" and values.dtype.itemsize == 8:
-        np.multiply(values, alpha, out=values)
-        return
-    info = ml_dtypes.finfo(values.dtype)
-    for start in range(0, values.size, wide.size):
-        part = values[start : start + wide.size]
-        product = wide[: part.size]
-        np.copyto(product, part, casting="unsafe")
-        np.multiply(product, alpha, out=product)
-        suspects = np.flatnonzero(_on_midpoint(product, info))
-        originals = part[suspects].astype(np.float64)
-        _store_nearest(part, product)
-        for index, value in zip(suspects, originals, strict=True):
-            part[index] = _round_exact(Fraction(float(value)) * Fraction(alpha), part.dtype)
+    exact: Fraction
+    hi: float = field(init=False)
+    lo: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        hi = float(self.exact)  # Fraction -> float is correctly rounded
+        object.__setattr__(self, "hi", hi)
+        object.__setattr__(self, "lo", float(self.exact - Fraction(hi)))
+
+    @classmethod
+    def of(cls, value: float) -> ScaleFactor:
+        return cls(Fraction(value))
 
 
-def _on_midpoint(product: np.ndarray, info: ml_dtypes.finfo) -> np.ndarray:
-    """Which float64 *product* values lie exactly halfway between two values of the narrow type."""
+class ScratchBuffers:
+    """Reused float64 work arrays of one block each, so scaling allocates nothing per chunk."""
+
+    def __init__(self, size: int = 1 << 14) -> None:
+        self.size = size
+        self._arrays = [np.empty(size, dtype=np.float64) for _ in range(6)]
+
+    def take(self, n: int) -> list[np.ndarray]:
+        return [a[:n] for a in self._arrays]
+
+
+def scale_in_place(values: np.ndarray, factor: ScaleFactor, scratch: ScratchBuffers) -> None:
+    """``values *= q``, each result the exact product rounded to nearest (ties to even)."""
+    wide = values.dtype.kind == "f" and values.dtype.itemsize == 8
+    for start in range(0, values.size, scratch.size):
+        part = values[start : start + scratch.size]
+        buffers = scratch.take(part.size)
+        if wide:
+            _scale_float64(part, factor, *buffers)
+        else:
+            _scale_narrow(part, factor, buffers[0])
+
+
+def _scale_float64(
+    v: np.ndarray,
+    factor: ScaleFactor,
+    x: np.ndarray,
+    p: np.ndarray,
+    head: np.ndarray,
+    tail: np.ndarray,
+    err: np.ndarray,
+    tmp: np.ndarray,
+) -> None:
+    np.copyto(x, v)
+    peak = float(np.max(np.abs(x, out=tmp), initial=0.0))
+    rescale = math.isfinite(peak) and peak > _SPLIT_LIMIT
+    if rescale:
+        x *= _SPLIT_SCALE  # exact: a power of two, far from underflow at this magnitude
+    hi_head, hi_tail = _split_scalar(factor.hi)
+    np.multiply(x, factor.hi, out=p)  # p = fl(v * hi)
+    np.multiply(x, _SPLITTER, out=head)  # Veltkamp: v = head + tail, 26 bits each
+    np.subtract(head, x, out=tail)
+    np.subtract(head, tail, out=head)
+    np.subtract(x, head, out=tail)
+    # Dekker: the exact error of p, then the factor's own error v * lo
+    np.multiply(head, hi_head, out=err)
+    err -= p
+    err += np.multiply(head, hi_tail, out=tmp)
+    err += np.multiply(tail, hi_head, out=tmp)
+    err += np.multiply(tail, hi_tail, out=tmp)
+    err += np.multiply(x, factor.lo, out=tmp)
+    p += err  # the one rounding of the (nearly) exact product
+    if rescale:
+        p /= _SPLIT_SCALE
+    np.copyto(v, p)
+
+
+def _split_scalar(x: float) -> tuple[float, float]:
+    head = x * _SPLITTER
+    head -= head - x
+    return head, x - head
+
+
+def _scale_narrow(v: np.ndarray, factor: ScaleFactor, product: np.ndarray) -> None:
+    info = ml_dtypes.finfo(v.dtype)
+    np.copyto(product, v, casting="unsafe")
+    np.multiply(product, factor.hi, out=product)
+    suspects = np.flatnonzero(_near_midpoint(product, info))
+    originals = v[suspects].astype(np.float64)
+    _store_nearest(v, product)
+    for index, value in zip(suspects, originals, strict=True):
+        v[index] = round_exact(Fraction(float(value)) * factor.exact, v.dtype)
+
+
+def _near_midpoint(product: np.ndarray, info: ml_dtypes.finfo) -> np.ndarray:
+    """Which float64 *product* values lie within _NEAR float64 units of a midpoint between two
+    neighbouring values of the narrow type (where v * q and v * hi may round apart)."""
     shift = _F64_MANTISSA_BITS - info.nmant
-    low_bits = product.view(np.uint64) & np.uint64((1 << shift) - 1)
-    midpoint = low_bits == np.uint64(1 << (shift - 1))
-    # Below the narrow type's normal range its spacing is fixed: halfway = an odd multiple of
-    # half the smallest subnormal.
+    low_bits = (product.view(np.uint64) & np.uint64((1 << shift) - 1)).view(np.int64)
+    near = np.abs(low_bits - (1 << (shift - 1))) <= _NEAR
+    # Below the narrow type's normal range its spacing is fixed: midpoints are the odd
+    # multiples of half the smallest subnormal.
     small = np.flatnonzero(np.abs(product) < float(info.smallest_normal))
     if small.size:
         halves = product[small] / (float(info.smallest_subnormal) / 2)
-        midpoint[small] = np.mod(halves, 2.0) == 1.0
-    return midpoint
+        odd = 2.0 * np.floor(halves / 2.0) + 1.0
+        near[small] = np.abs(halves - odd) <= _NEAR * np.spacing(np.abs(halves))
+    return near
 
 
 def _store_nearest(part: np.ndarray, product: np.ndarray) -> None:
@@ -74,7 +158,7 @@ def round_to_odd_float32(wide: np.ndarray) -> np.ndarray:
     return narrow
 
 
-def _round_exact(exact: Fraction, dtype: np.dtype) -> np.generic:
+def round_exact(exact: Fraction, dtype: np.dtype) -> np.generic:
     """The value of *dtype* nearest to *exact*, ties to the one with an even last bit."""
     guess = dtype.type(float(exact))
     info = ml_dtypes.finfo(dtype)

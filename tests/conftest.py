@@ -73,6 +73,36 @@ def exact_norm(arrays: list[np.ndarray], p: float = 2.0) -> float:
     return math.fsum(abs(v) ** p for v in values) ** (1 / p)
 
 
+def nearest(exact: Fraction, dtype) -> float:
+    """*exact* rounded to the nearest value of *dtype*, ties to an even last bit."""
+    dtype = np.dtype(dtype)
+    guess = np.array(float(exact)).astype(dtype)[()]
+    uint = np.dtype(f"u{dtype.itemsize}")
+    candidates = [np.nextafter(guess, -np.inf), guess, np.nextafter(guess, np.inf)]
+    best = min(
+        candidates,
+        key=lambda c: (
+            abs(Fraction(float(c)) - exact),
+            int(np.array(c, dtype=dtype).view(uint)) & 1,
+        ),
+    )
+    return float(best)
+
+
+def exactly_scaled(values: np.ndarray, q: Fraction) -> np.ndarray:
+    """Reference: every value times the exact fraction *q*, rounded once into its dtype."""
+    flat = [
+        nearest(Fraction(float(v)) * q, values.dtype) for v in values.astype(np.float64).ravel()
+    ]
+    return np.array(flat, dtype=np.float64).astype(values.dtype).reshape(values.shape)
+
+
+def expected_scaled(values: np.ndarray, report) -> np.ndarray:
+    """What rescale must have written for *values*, given its report."""
+    q = Fraction(report.max_norm) / (Fraction(report.global_norm) + Fraction(report.eps))
+    return exactly_scaled(values, q)
+
+
 def _sqrt_fraction(x: Fraction) -> float:
     # float(x) can overflow for x ~ 1e600; take the root of a power-of-4-scaled value instead
     shift = (x.numerator.bit_length() - x.denominator.bit_length()) // 2

@@ -4,7 +4,7 @@ import tracemalloc
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FORMATS, SUFFIX, exact_norm, read_tensors, write_tensors
+from conftest import FORMATS, SUFFIX, exact_norm, expected_scaled, read_tensors, write_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,9 +56,7 @@ def test_rescale_scales_gradients_and_copies_the_rest(make_file, fmt, tmp_path):
     for name, original in tensors.items():
         assert written[name].dtype == original.dtype and written[name].shape == original.shape
         if original.dtype.kind == "f":
-            # the float64 product rounded into the dtype (double rounding is rare, and handled)
-            expected = (original.astype(np.float64) * report.scale).astype(original.dtype)
-            assert np.array_equal(written[name], expected)
+            assert np.array_equal(written[name], expected_scaled(original, report))
         else:
             assert np.array_equal(written[name], original)
     gradients = [v for k, v in written.items() if v.dtype.kind == "f"]

@@ -1,4 +1,5 @@
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from gclip_cli.engine import (
 )
 from gclip_cli.formats import TensorInfo
 from gclip_cli.norms import NormStats, measure
+from gclip_cli.rounding import ScaleFactor
 
 
 @pytest.mark.parametrize(
@@ -24,20 +26,21 @@ from gclip_cli.norms import NormStats, measure
         (13.0, 13.0, 1e-6, 1.0),  # PyTorch would scale by 0.99999992 here; gclip does not
         (0.0, 1.0, 0.0, 1.0),  # all-zero gradients: no division by zero
         (5.0, 2.5, 0.0, 0.5),
-        (20.0, 1.0, 1e-6, 1.0 / (20.0 + 1e-6)),
+        (20.0, 1.0, 1e-6, float(1 / (20 + Fraction(1e-6)))),
     ],
 )
 def test_clip_factor(norm, max_norm, eps, expected):
-    assert clip_factor(norm, max_norm, eps) == expected
+    assert clip_factor(norm, max_norm, eps).hi == expected
 
 
-def test_clip_factor_is_exactly_one_when_not_clipping():
-    assert clip_factor(math.nextafter(1.0, 0), 1.0) == 1.0
-    assert clip_factor(math.nextafter(1.0, 2), 1.0) < 1.0
+def test_clip_factor_is_exact_and_exactly_one_when_not_clipping():
+    assert clip_factor(5.0, 1.0).exact == Fraction(1, 5)
+    assert clip_factor(math.nextafter(1.0, 0), 1.0).exact == 1
+    assert clip_factor(math.nextafter(1.0, 2), 1.0).exact < 1
     within = RoundingBound(relative=2e-8)
-    assert clip_factor(1 + 1e-8, 1.0, bound=within) == 1.0
-    assert clip_factor(1 + 3e-8, 1.0, bound=within) < 1.0
-    assert clip_factor(1.5, 1.0, bound=RoundingBound(absolute=0.6)) == 1.0
+    assert clip_factor(1 + 1e-8, 1.0, bound=within).exact == 1
+    assert clip_factor(1 + 3e-8, 1.0, bound=within).exact < 1
+    assert clip_factor(1.5, 1.0, bound=RoundingBound(absolute=0.6)).exact == 1
 
 
 def test_rounding_bound_weights_each_dtypes_roundoff_by_its_share():
@@ -78,7 +81,7 @@ def _tensor(name: str, dtype) -> TensorInfo:
 
 
 def test_scaler_scales_in_place_and_measures_each_tensor_written():
-    scaler = Scaler(0.5, 2.0)
+    scaler = Scaler(ScaleFactor.of(0.5), 2.0)
     a, b = _tensor("a", np.float32), _tensor("b", np.float64)
     first = np.array([3.0, 4.0], dtype=np.float32)
     assert scaler(a, first) is first

@@ -85,6 +85,11 @@ def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
     return items - items % BLOCK if items > BLOCK else items
 
 
+def as_bytes(values: np.ndarray) -> memoryview:
+    """The raw bytes of contiguous *values* (ml_dtypes arrays do not export a buffer format)."""
+    return memoryview(values.view(np.uint8))
+
+
 def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, path: Path) -> None:
     """Copy exactly *nbytes* from *src* to *dst* through one reused buffer.
 

@@ -20,6 +20,7 @@ from .base import (
     READ_ERRORS,
     TensorInfo,
     Transform,
+    as_bytes,
     copy_stream,
     describe_array,
     items_per_chunk,
@@ -93,7 +94,7 @@ class NpzFile:
                     else:
                         member_out.write(self._npy_header(tensor))
                         for chunk in self.read_chunks(tensor, chunk_bytes):
-                            member_out.write(memoryview(transform(tensor, chunk)).cast("B"))
+                            member_out.write(as_bytes(transform(tensor, chunk)))
 
     def close(self) -> None:
         self._zip.close()

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
-from .base import TensorInfo, Transform, copy_stream, items_per_chunk
+from .base import TensorInfo, Transform, as_bytes, copy_stream, items_per_chunk
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
@@ -97,7 +97,7 @@ class SafetensorsFile:
             for tensor in sorted(self.tensors, key=lambda t: t.location):
                 if tensor.is_gradient:
                     for chunk in self.read_chunks(tensor, chunk_bytes):
-                        dst.write(memoryview(transform(tensor, chunk)).cast("B"))
+                        dst.write(as_bytes(transform(tensor, chunk)))
                 else:
                     begin, end = tensor.location
                     self._file.seek(self._data_start + begin)

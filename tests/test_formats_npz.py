@@ -1,0 +1,120 @@
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import expected_scaled
+
+import gclip_cli
+from gclip_cli import InputError
+
+
+def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def tricky_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(4)
+    return {
+        "big_endian": rng.standard_normal(10).astype(">f4"),
+        "fortran": np.asfortranarray(rng.standard_normal((4, 3))),
+        "scalar": np.array(2.5, dtype=np.float32),
+        "empty": np.zeros((0, 5), dtype=np.float16),
+        "ints": np.arange(6, dtype=np.int16),
+        "words": np.array(["a", "bc"]),
+        "records": np.zeros(2, dtype=[("x", "<f4"), ("n", "<i4")]),
+    }
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_members_keep_order_names_compression_headers_and_layout(tmp_path, save):
+    arrays = tricky_arrays()
+    src = tmp_path / "in.npz"
+    save(src, **arrays)
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(src, out, max_norm=0.1)
+    assert report.clipped
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(out) as b:
+        assert [i.filename for i in a.infolist()] == [i.filename for i in b.infolist()]
+        for ia, ib in zip(a.infolist(), b.infolist(), strict=True):
+            assert (ia.compress_type, ia.date_time, ia.external_attr, ia.file_size) == (
+                ib.compress_type,
+                ib.date_time,
+                ib.external_attr,
+                ib.file_size,
+            )
+            header_a = a.read(ia)[:64]
+            header_b = b.read(ib)[:64]
+            assert header_a.split(b"}")[0] == header_b.split(b"}")[0]  # .npy header unchanged
+    with np.load(out) as z:
+        for name, original in arrays.items():
+            written = z[name]
+            assert written.dtype == original.dtype and written.shape == original.shape
+            if original.dtype.kind == "f":
+                assert np.array_equal(written, expected_scaled(original, report))
+            else:
+                assert np.array_equal(written, original)
+        assert z["fortran"].flags.f_contiguous
+
+
+def test_non_array_members_and_sub_directories_are_copied(tmp_path):
+    src = tmp_path / "in.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("README.txt", b"gradients of step 7\n")
+        z.writestr("model/layer.0/w.npy", npy_bytes(np.array([3.0, 4.0])))
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert [t.name for t in report.tensors] == ["model/layer.0/w"]
+    with zipfile.ZipFile(out) as z:
+        assert z.read("README.txt") == b"gradients of step 7\n"
+    with np.load(out) as z:
+        assert z["model/layer.0/w"].tolist() == [0.6, 0.8]
+
+
+def test_object_arrays_are_refused_without_unpickling(tmp_path):
+    src = tmp_path / "in.npz"
+    np.savez(src, grads=np.ones(3), obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match=r"'obj\.npy' holds Python objects"):
+        gclip_cli.inspect_file(src)
+
+
+def test_header_shape_larger_than_the_member_is_refused(tmp_path):
+    data = npy_bytes(np.zeros(4, dtype="<f4"))
+    lying = data.replace(b"(4,)", b"(9,)")
+    src = tmp_path / "in.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("a.npy", lying)
+    with pytest.raises(InputError, match=r"'a.npy' is \d+ bytes but its .npy header"):
+        gclip_cli.inspect_file(src)
+
+
+def test_corrupted_crc_is_detected(tmp_path):
+    src = tmp_path / "in.npz"
+    np.savez(src, a=np.arange(1000, dtype=np.float32))
+    raw = bytearray(src.read_bytes())
+    position = raw.rfind(np.arange(1000, dtype=np.float32)[500:501].tobytes())
+    raw[position] ^= 0xFF  # stored member: flip a data byte, the CRC no longer matches
+    src.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"CRC|Bad"):
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_repeated_member_names_are_refused(tmp_path):
+    src = tmp_path / "in.npz"
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(src, "w") as z:
+        z.writestr("a.npy", npy_bytes(np.ones(2)))
+        z.writestr("a.npy", npy_bytes(np.ones(3)))
+    with pytest.raises(InputError, match="appears more than once"):
+        gclip_cli.inspect_file(src)
+
+
+def test_npy_version_2_and_3_headers_are_read(tmp_path):
+    src = tmp_path / "in.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("v2.npy", npy_bytes(np.array([3.0]), version=(2, 0)))
+        z.writestr("v3.npy", npy_bytes(np.array([4.0]), version=(3, 0)))
+    report = gclip_cli.inspect_file(src)
+    assert report.global_norm == 5.0

@@ -1,0 +1,137 @@
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import expected_scaled
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.formats import detect_format, open_file
+
+
+def raw_file(path, header: dict | str, data: bytes = b"", pad: bool = False):
+    text = header if isinstance(header, str) else json.dumps(header)
+    blob = text.encode()
+    if pad:
+        blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def entry(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def test_header_is_copied_byte_for_byte_and_values_scaled(tmp_path):
+    values = {
+        "w": np.arange(1, 7, dtype=np.float32).reshape(2, 3),
+        "h": np.array([1.0, -2.0], dtype=np.float16),
+        "b": np.array([0.5, 0.25], dtype=ml_dtypes.bfloat16),
+        "i": np.array([7, 8], dtype=np.int64),
+        "e": np.zeros((2, 0), dtype=np.float32),
+        "s": np.array(3.0, dtype=np.float64),
+    }
+    src = tmp_path / "in.safetensors"
+    save_file(values, str(src), metadata={"step": "12", "format": "pt"})
+    out = tmp_path / "out.safetensors"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    n = struct.unpack("<Q", src.read_bytes()[:8])[0]
+    assert out.read_bytes()[: 8 + n] == src.read_bytes()[: 8 + n]
+    assert out.stat().st_size == src.stat().st_size
+    with safe_open(str(out), framework="np") as f:
+        assert f.metadata() == {"step": "12", "format": "pt"}
+        np.testing.assert_array_equal(f.get_tensor("i"), values["i"])
+        assert f.get_tensor("e").shape == (2, 0)
+        w = f.get_tensor("w")
+    assert np.array_equal(w, expected_scaled(values["w"], report))
+
+
+def test_float8_tensor_is_scaled_and_e8m0_passed_through(tmp_path):
+    f8 = np.array([1.0, -0.5, 2.0], dtype=ml_dtypes.float8_e4m3fn)
+    e8 = np.array([1, 2], dtype=np.uint8)
+    src = raw_file(
+        tmp_path / "in.safetensors",
+        {"a": entry("F8_E4M3", [3], 0, 3), "scale": entry("F8_E8M0", [2], 3, 5)},
+        f8.tobytes() + e8.tobytes(),
+    )
+    report = gclip_cli.rescale_file(src, tmp_path / "out.safetensors", max_norm=0.5)
+    by_name = {t.name: t for t in report.tensors}
+    assert by_name["scale"].skipped and by_name["a"].norm == pytest.approx(np.sqrt(5.25))
+    data = (tmp_path / "out.safetensors").read_bytes()[-5:]
+    assert data[3:] == e8.tobytes()
+    scaled = np.frombuffer(data[:3], dtype=ml_dtypes.float8_e4m3fn).astype(np.float64)
+    assert np.allclose(scaled, f8.astype(np.float64) * report.scale, rtol=2**-3)
+
+
+def test_key_order_differs_from_offset_order_and_unpadded_header(tmp_path):
+    a, b = np.array([3.0], np.float32), np.array([4.0], np.float32)
+    src = raw_file(
+        tmp_path / "in.safetensors",
+        {"second": entry("F32", [1], 4, 8), "first": entry("F32", [1], 0, 4)},
+        a.tobytes() + b.tobytes(),
+    )
+    out = tmp_path / "out.safetensors"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert [t.name for t in report.tensors] == ["second", "first"]
+    with safe_open(str(out), framework="np") as f:
+        assert f.get_tensor("first")[0] == np.float32(0.6)
+        assert f.get_tensor("second")[0] == np.float32(0.8)
+
+
+def test_empty_header_is_a_file_with_no_tensors(tmp_path):
+    src = raw_file(tmp_path / "in.safetensors", {}, pad=True)
+    report = gclip_cli.rescale_file(src, tmp_path / "out.safetensors", max_norm=1.0)
+    assert report.tensors == () and report.global_norm == 0.0 and not report.clipped
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"a": entry("F32", [1], 0, 4), "__metadata__": {"n": 1}}, b"\0" * 4, "strings to strings"),
+        ({"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}, b"\0" * 12, "hole"),
+        ({"a": entry("F32", [2], 0, 8), "b": entry("F32", [1], 4, 8)}, b"\0" * 8, "overlaps"),
+        ({"a": entry("F32", [1], 0, 4)}, b"\0" * 5, "trailing bytes"),
+        ({"a": entry("F32", [2], 0, 8)}, b"\0" * 6, "truncated"),
+        ({"a": entry("F32", [3], 0, 8)}, b"\0" * 8, "needs 12 bytes"),
+        ({"a": entry("F4", [3], 0, 2)}, b"\0" * 2, "needs 1.5 bytes"),
+        ({"a": entry("Q7", [1], 0, 1)}, b"\0", "unknown dtype"),
+        ({"a": entry("F32", [-1], 0, 4)}, b"\0" * 4, "non-negative integers"),
+        (
+            '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": '
+            '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            b"\0" * 4,
+            "repeats the key",
+        ),
+        ("[1, 2]", b"", "not a JSON object"),
+        ('{"a": ', b"", "not valid JSON"),
+    ],
+)
+def test_invalid_headers_are_refused_before_reading_data(tmp_path, header, data, message):
+    src = raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(InputError, match=message) as err:
+        gclip_cli.rescale_file(
+            src, tmp_path / "out.safetensors", max_norm=1.0, file_format="safetensors"
+        )
+    assert str(src) in str(err.value)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_header_length_limits(tmp_path):
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 100_000_001) + b"{}")
+    with pytest.raises(InputError, match="exceeds the limit"):
+        open_file(huge, "safetensors")
+    past = tmp_path / "past.safetensors"
+    past.write_bytes(struct.pack("<Q", 50) + b"{}")
+    with pytest.raises(InputError, match="runs past the end"):
+        open_file(past, "safetensors")
+
+
+def test_format_is_detected_from_content_not_extension(tmp_path):
+    src = tmp_path / "grads.bin"
+    save_file({"a": np.ones(2, np.float32)}, str(src))
+    assert detect_format(src) == "safetensors"

@@ -72,15 +72,16 @@ class Hdf5File:
 
     def _describe_tree(self) -> list[TensorInfo]:
         _refuse_external_links(self.path, self._file)
-        tensors: list[TensorInfo] = []
+        datasets: list[tuple[str, h5py.Dataset]] = []
 
-        def visit(name: str, obj: object) -> None:
+        def collect(name: str, obj: object) -> None:
             if isinstance(obj, h5py.Dataset):
-                tensors.append(self._describe_dataset(name, obj))
+                datasets.append((name, obj))
 
         # visititems sees each object once, so a dataset with two hard links is scaled once.
-        self._file.visititems(visit)
-        return tensors
+        # (Errors are raised after the visit: exceptions do not cross HDF5's C callbacks.)
+        self._file.visititems(collect)
+        return [self._describe_dataset(name, dataset) for name, dataset in datasets]
 
     def _describe_dataset(self, name: str, dataset: h5py.Dataset) -> TensorInfo:
         if dataset.is_virtual:
@@ -104,15 +105,17 @@ class Hdf5File:
 
 
 def _refuse_external_links(path: Path, root: h5py.File) -> None:
-    def visit(name: str, link: object) -> None:
-        if isinstance(link, h5py.ExternalLink):
-            raise InputError(
-                path,
-                f"{name!r} is an external link to {link.filename}:{link.path}; "
-                "gclip does not follow links into other files",
-            )
+    def first_external(name: str, link: object) -> tuple[str, h5py.ExternalLink] | None:
+        return (name, link) if isinstance(link, h5py.ExternalLink) else None
 
-    root.visititems_links(visit)
+    found = root.visititems_links(first_external)
+    if found:
+        name, link = found
+        raise InputError(
+            path,
+            f"{name!r} is an external link to {link.filename}:{link.path}; "
+            "gclip does not follow links into other files",
+        )
 
 
 def _slabs(
@@ -165,9 +168,34 @@ def _rewrite_dataset(
         result = transform(tensor, flat)
         if result is not flat:
             flat[...] = result
-        if keep_sparse and not np.any(values):
-            continue  # all zero: writing would allocate chunks that read as zero anyway
-        dataset.write_direct(values, dest_sel=selection)
+        if keep_sparse:
+            _write_nonzero_chunks(dataset, selection, values)
+        else:
+            dataset.write_direct(values, dest_sel=selection)
+
+
+def _write_nonzero_chunks(dataset: h5py.Dataset, selection: Selection, values: np.ndarray) -> None:
+    """Write the parts of *values* that fall in storage chunks holding a nonzero value.
+
+    Writing an all-zero part would allocate a chunk that reads as zero (the fill value) anyway.
+    """
+    origin = [s.start for s in selection] + [0] * (values.ndim - len(selection))
+    pieces = [
+        _chunk_pieces(start, size, chunk)
+        for start, size, chunk in zip(origin, values.shape, dataset.chunks, strict=True)
+    ]
+    for piece in itertools.product(*pieces):
+        local = tuple(slice(a - o, b - o) for (a, b), o in zip(piece, origin, strict=True))
+        part = values[local]
+        if np.any(part):
+            target = tuple(slice(a, b) for a, b in piece)
+            dataset.write_direct(np.ascontiguousarray(part), dest_sel=target)
+
+
+def _chunk_pieces(start: int, size: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, start + size) cut at multiples of *chunk*."""
+    cuts = [start, *range((start // chunk + 1) * chunk, start + size, chunk), start + size]
+    return list(itertools.pairwise(cuts))
 
 
 def _is_sparse(dataset: h5py.Dataset) -> bool:

@@ -1,0 +1,64 @@
+import os
+import stat
+
+import pytest
+
+from gclip_cli import OutputError
+from gclip_cli.output import TEMP_SUFFIX, atomic_output, check_output_path
+
+
+def test_output_appears_only_when_complete(tmp_path):
+    dst = tmp_path / "out.bin"
+    with atomic_output(dst) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(TEMP_SUFFIX)
+        tmp.write_bytes(b"data")
+        assert not dst.exists()
+    assert dst.read_bytes() == b"data"
+    assert list(tmp_path.iterdir()) == [dst]
+
+
+def test_failure_leaves_neither_output_nor_temporary_file(tmp_path):
+    dst = tmp_path / "out.bin"
+    dst.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(dst) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk on fire")
+    assert dst.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [dst]
+
+
+def test_new_file_gets_ordinary_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out.bin").stat().st_mode) == 0o644
+
+
+def test_read_only_directory_is_an_output_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions")
+        with pytest.raises(OutputError, match="cannot create"), atomic_output(locked / "o"):
+            pass
+    finally:
+        locked.chmod(0o700)
+
+
+def test_check_output_path(tmp_path):
+    src = tmp_path / "in.npz"
+    src.write_bytes(b"x")
+    with pytest.raises(OutputError, match="is the input file"):
+        check_output_path(src, tmp_path / "." / "in.npz")
+    link = tmp_path / "alias.npz"
+    link.hardlink_to(src)
+    with pytest.raises(OutputError, match="is the input file"):
+        check_output_path(src, link)
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output_path(src, tmp_path)
+    check_output_path(src, tmp_path / "new.npz")

@@ -1,0 +1,64 @@
+import io
+import json
+import math
+
+from rich.console import Console
+
+from gclip_cli.render import print_inspect, print_rescale, printable, report_json
+from gclip_cli.report import Report, TensorReport
+
+
+def sample_report(**overrides) -> Report:
+    tensors = (
+        TensorReport("w", "float32", (2, 3), 6, 24, None, norm=3.0, max_abs=2.0, share=0.36),
+        TensorReport(
+            "bad", "float16", (2,), 2, 4, None, norm=math.nan, max_abs=1.0, nan=1, share=None
+        ),
+        TensorReport("step", "int64", (), 1, 8, "int64 is not a floating-point type"),
+    )
+    fields = dict(
+        path="g.npz", file_format="npz", norm_type=2.0, global_norm=math.nan, tensors=tensors
+    )
+    return Report(**(fields | overrides))
+
+
+def render(function, report) -> str:
+    buffer = io.StringIO()
+    function(report, Console(file=buffer, width=120, color_system=None))
+    return buffer.getvalue()
+
+
+def test_printable_escapes_control_characters_only():
+    assert printable("layer.0/w") == "layer.0/w"
+    assert printable("a\x1b[31mb\nc\u200bd") == "a\\x1b[31mb\\nc\\u200bd"
+    assert printable("gewicht_ä") == "gewicht_ä"
+
+
+def test_json_has_no_nan_and_marks_skipped_tensors():
+    data = json.loads(report_json(sample_report()))
+    assert data["global_norm"] is None and data["nonfinite"] == 1
+    tensors = {t["name"]: t for t in data["tensors"]}
+    assert tensors["bad"]["norm"] is None and tensors["bad"]["nan"] == 1
+    assert tensors["step"]["skipped"] == "int64 is not a floating-point type"
+    assert data["tensor_count"] == 2 and data["skipped_count"] == 1 and data["nbytes"] == 36
+
+
+def test_inspect_table_shows_nonfinite_and_skipped_rows():
+    text = render(print_inspect, sample_report())
+    assert "skipped" in text and "2x3" in text and "scalar" in text
+    assert "non-finite values: 1 (rescale refuses this file)" in text
+
+
+def test_rescale_summary_is_labelled():
+    report = sample_report(
+        global_norm=5.0,
+        max_norm=1.0,
+        scale=0.2,
+        clipped=True,
+        output="o.npz",
+        global_norm_after=1.0,
+    )
+    text = render(print_rescale, report)
+    assert text.splitlines()[0] == "clipped: g.npz -> o.npz"
+    assert "global L2 norm before: 5" in text and "global L2 norm after:  1" in text
+    assert "2 scaled, 1 copied untouched" in text

@@ -43,9 +43,9 @@ def print_rescale(report: Report, console: Console) -> None:
 
 def _tensor_table(report: Report) -> Table:
     table = Table(title=Text(f"{report.path} ({report.file_format})"), title_justify="left")
-    for header in ("tensor", "dtype", "shape", "values"):
+    for header in ("tensor", "dtype", "shape"):
         table.add_column(header, overflow="fold")
-    for header in ("norm", "share", "max |x|", "non-finite"):
+    for header in ("values", "norm", "share", "max |x|", "non-finite"):
         table.add_column(header, justify="right")
     for t in report.tensors:
         style = "dim" if t.skipped else ("bold red" if t.nonfinite else None)

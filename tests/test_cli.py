@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,10 +166,13 @@ def test_python_dash_m_runs_the_cli(make_file, tmp_path):
     assert read_tensors(out, "hdf5")["a"].tolist() == [np.float32(0.6), np.float32(0.8)]
 
 
-@pytest.mark.skipif(shutil.which("gclip") is None, reason="the gclip entry point is not on PATH")
+GCLIP = shutil.which("gclip", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(GCLIP is None, reason="the gclip console script is not installed")
 def test_console_script_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run(
-        ["gclip", "inspect", tmp_path / "missing.npz"], capture_output=True, text=True, check=False
+        [GCLIP, "inspect", tmp_path / "missing.npz"], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 3
     assert proc.stderr == f"gclip: error: {tmp_path / 'missing.npz'}: no such file\n"

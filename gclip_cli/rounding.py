@@ -51,9 +51,13 @@ class ScratchBuffers:
     def __init__(self, size: int = 1 << 14) -> None:
         self.size = size
         self._arrays = [np.empty(size, dtype=np.float64) for _ in range(6)]
+        self._flags = [np.empty(size, dtype=bool) for _ in range(2)]
 
     def take(self, n: int) -> list[np.ndarray]:
         return [a[:n] for a in self._arrays]
+
+    def flags(self, n: int) -> list[np.ndarray]:
+        return [a[:n] for a in self._flags]
 
 
 def scale_in_place(values: np.ndarray, factor: ScaleFactor, scratch: ScratchBuffers) -> None:
@@ -65,7 +69,7 @@ def scale_in_place(values: np.ndarray, factor: ScaleFactor, scratch: ScratchBuff
         if wide:
             _scale_float64(part, factor, *buffers)
         else:
-            _scale_narrow(part, factor, buffers[0])
+            _scale_narrow(part, factor, buffers[:2], scratch.flags(part.size))
 
 
 def _scale_float64(
@@ -108,30 +112,47 @@ def _split_scalar(x: float) -> tuple[float, float]:
     return head, x - head
 
 
-def _scale_narrow(v: np.ndarray, factor: ScaleFactor, product: np.ndarray) -> None:
+def _scale_narrow(
+    v: np.ndarray, factor: ScaleFactor, wide: list[np.ndarray], flags: list[np.ndarray]
+) -> None:
+    product, work = wide
     info = ml_dtypes.finfo(v.dtype)
     np.copyto(product, v, casting="unsafe")
     np.multiply(product, factor.hi, out=product)
-    suspects = np.flatnonzero(_near_midpoint(product, info))
+    suspects = np.flatnonzero(_near_midpoint(product, info, work, *flags))
     originals = v[suspects].astype(np.float64)
     _store_nearest(v, product)
     for index, value in zip(suspects, originals, strict=True):
         v[index] = round_exact(Fraction(float(value)) * factor.exact, v.dtype)
 
 
-def _near_midpoint(product: np.ndarray, info: ml_dtypes.finfo) -> np.ndarray:
+def _near_midpoint(
+    product: np.ndarray,
+    info: ml_dtypes.finfo,
+    work: np.ndarray,
+    near: np.ndarray,
+    small: np.ndarray,
+) -> np.ndarray:
     """Which float64 *product* values lie within _NEAR float64 units of a midpoint between two
-    neighbouring values of the narrow type (where v * q and v * hi may round apart)."""
+    neighbouring values of the narrow type (where v * q and v * hi may round apart).
+
+    Works in the given buffers (*work* float64, *near* and *small* bool): no allocation.
+    """
     shift = _F64_MANTISSA_BITS - info.nmant
-    low_bits = (product.view(np.uint64) & np.uint64((1 << shift) - 1)).view(np.int64)
-    near = np.abs(low_bits - (1 << (shift - 1))) <= _NEAR
+    low_bits = work.view(np.int64)
+    np.bitwise_and(product.view(np.int64), (1 << shift) - 1, out=low_bits)
+    np.subtract(low_bits, 1 << (shift - 1), out=low_bits)
+    np.abs(low_bits, out=low_bits)
+    np.less_equal(low_bits, _NEAR, out=near)
     # Below the narrow type's normal range its spacing is fixed: midpoints are the odd
     # multiples of half the smallest subnormal.
-    small = np.flatnonzero(np.abs(product) < float(info.smallest_normal))
-    if small.size:
-        halves = product[small] / (float(info.smallest_subnormal) / 2)
+    np.abs(product, out=work)
+    np.less(work, float(info.smallest_normal), out=small)
+    if small.any():
+        index = np.flatnonzero(small)
+        halves = product[index] / (float(info.smallest_subnormal) / 2)
         odd = 2.0 * np.floor(halves / 2.0) + 1.0
-        near[small] = np.abs(halves - odd) <= _NEAR * np.spacing(np.abs(halves))
+        near[index] = np.abs(halves - odd) <= _NEAR * np.spacing(np.abs(halves))
     return near
 
 

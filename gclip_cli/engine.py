@@ -13,7 +13,7 @@ import numpy as np
 
 from .formats import TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats
-from .rounding import ScaleFactor, ScratchBuffers, scale_in_place
+from .rounding import ScaleFactor, ScratchBuffers, scale
 
 
 def measure_tensors(
@@ -126,10 +126,9 @@ class Scaler:
         self._current: tuple[str, NormAccumulator] | None = None
         self._scratch = ScratchBuffers()
 
-    def __call__(self, tensor: TensorInfo, chunk: np.ndarray) -> np.ndarray:
-        scale_in_place(chunk, self.factor, self._scratch)
-        self._accumulator_for(tensor.name).add(chunk)
-        return chunk
+    def __call__(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
+        scale(src, dst, self.factor, self._scratch)
+        self._accumulator_for(tensor.name).add(dst)
 
     def finish(self) -> dict[str, NormStats]:
         """The norms of the values written, per tensor name."""

@@ -60,20 +60,24 @@ class ScratchBuffers:
         return [a[:n] for a in self._flags]
 
 
-def scale_in_place(values: np.ndarray, factor: ScaleFactor, scratch: ScratchBuffers) -> None:
-    """``values *= q``, each result the exact product rounded to nearest (ties to even)."""
-    wide = values.dtype.kind == "f" and values.dtype.itemsize == 8
-    for start in range(0, values.size, scratch.size):
-        part = values[start : start + scratch.size]
-        buffers = scratch.take(part.size)
+def scale(src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: ScratchBuffers) -> None:
+    """``dst = src * q``, each result the exact product rounded to nearest (ties to even).
+
+    *src* and *dst* are 1-D arrays of the same dtype and size; they may be the same array.
+    """
+    wide = src.dtype.kind == "f" and src.dtype.itemsize == 8
+    for start in range(0, src.size, scratch.size):
+        part = slice(start, start + scratch.size)
+        buffers = scratch.take(src[part].size)
         if wide:
-            _scale_float64(part, factor, *buffers)
+            _scale_float64(src[part], dst[part], factor, *buffers)
         else:
-            _scale_narrow(part, factor, buffers[:2], scratch.flags(part.size))
+            _scale_narrow(src[part], dst[part], factor, buffers[:2], scratch.flags(len(buffers[0])))
 
 
 def _scale_float64(
     v: np.ndarray,
+    out: np.ndarray,
     factor: ScaleFactor,
     x: np.ndarray,
     p: np.ndarray,
@@ -103,7 +107,7 @@ def _scale_float64(
     p += err  # the one rounding of the (nearly) exact product
     if rescale:
         p /= _SPLIT_SCALE
-    np.copyto(v, p)
+    np.copyto(out, p)
 
 
 def _split_scalar(x: float) -> tuple[float, float]:
@@ -113,17 +117,20 @@ def _split_scalar(x: float) -> tuple[float, float]:
 
 
 def _scale_narrow(
-    v: np.ndarray, factor: ScaleFactor, wide: list[np.ndarray], flags: list[np.ndarray]
+    v: np.ndarray,
+    out: np.ndarray,
+    factor: ScaleFactor,
+    wide: list[np.ndarray],
+    flags: list[np.ndarray],
 ) -> None:
     product, work = wide
     info = ml_dtypes.finfo(v.dtype)
-    np.copyto(product, v, casting="unsafe")
-    np.multiply(product, factor.hi, out=product)
+    np.multiply(v, factor.hi, out=product, dtype=np.float64, casting="unsafe")
     suspects = np.flatnonzero(_near_midpoint(product, info, work, *flags))
-    originals = v[suspects].astype(np.float64)
-    _store_nearest(v, product)
+    originals = v[suspects].astype(np.float64)  # before *out*, which may be *v*, is written
+    _store_nearest(out, product)
     for index, value in zip(suspects, originals, strict=True):
-        v[index] = round_exact(Fraction(float(value)) * factor.exact, v.dtype)
+        out[index] = round_exact(Fraction(float(value)) * factor.exact, v.dtype)
 
 
 def _near_midpoint(

@@ -84,10 +84,14 @@ def test_scaler_scales_in_place_and_measures_each_tensor_written():
     scaler = Scaler(ScaleFactor.of(0.5), 2.0)
     a, b = _tensor("a", np.float32), _tensor("b", np.float64)
     first = np.array([3.0, 4.0], dtype=np.float32)
-    assert scaler(a, first) is first
-    scaler(a, np.array([0.0, 0.0], dtype=np.float32))
-    scaler(b, np.array([6.0, 8.0]))
+    written = np.empty_like(first)
+    scaler(a, first, written)
+    zeros = np.zeros(2, dtype=np.float32)
+    scaler(a, zeros, zeros)
+    in_place = np.array([6.0, 8.0])
+    scaler(b, in_place, in_place)
     after = scaler.finish()
-    assert first.tolist() == [1.5, 2.0]
+    assert first.tolist() == [3.0, 4.0] and written.tolist() == [1.5, 2.0]
+    assert in_place.tolist() == [3.0, 4.0]
     assert after["a"].norm() == 2.5
     assert after["b"].norm() == 5.0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import exactly_scaled
 
-from gclip_cli.rounding import ScaleFactor, ScratchBuffers, round_to_odd_float32, scale_in_place
+from gclip_cli.rounding import ScaleFactor, ScratchBuffers, round_to_odd_float32, scale
 
 NARROW = [np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
 ALPHAS = [0.3, 1 / 3, 0.7071067811865476, 0.123456789012345, 2.0**-10 * 1.1]
@@ -41,7 +41,7 @@ def nearest_by_enumeration(exact: Fraction, table: np.ndarray, dtype) -> float:
 def test_every_value_of_a_narrow_type_is_rounded_once_to_nearest(dtype, alpha):
     table = every_finite_value(dtype)
     scaled = table.copy()
-    scale_in_place(scaled, ScaleFactor.of(alpha), ScratchBuffers(1000))
+    scale(scaled, scaled, ScaleFactor.of(alpha), ScratchBuffers(1000))
     sample = np.random.default_rng(0).choice(table.size, size=min(table.size, 400), replace=False)
     for i in sample:
         exact = Fraction(float(table[i].astype(np.float64))) * Fraction(alpha)
@@ -69,13 +69,13 @@ def test_float32_products_on_a_midpoint_are_rounded_from_the_exact_value():
     for v, alpha in cases:
         naive = np.float32(float(v) * alpha)
         values = np.array([v], dtype=np.float32)
-        scale_in_place(values, ScaleFactor.of(alpha), ScratchBuffers(16))
+        scale(values, values, ScaleFactor.of(alpha), ScratchBuffers(16))
         assert values[0] == np.float32(0.5 + 2.0**-24) != naive
 
 
 def test_float32_big_endian_is_scaled_in_its_own_byte_order():
     values = np.array([3.0, 4.0], dtype=">f4")
-    scale_in_place(values, ScaleFactor(Fraction(1, 5)), ScratchBuffers(4))
+    scale(values, values, ScaleFactor(Fraction(1, 5)), ScratchBuffers(4))
     assert values.dtype == np.dtype(">f4")
     assert values.tolist() == [np.float32(0.6), np.float32(0.8)]
 
@@ -85,13 +85,24 @@ def test_float32_big_endian_is_scaled_in_its_own_byte_order():
 def test_products_with_an_exact_fraction_are_correctly_rounded(dtype, q):
     values = (np.random.default_rng(3).standard_normal(3000) * 10).astype(dtype)
     scaled = values.copy()
-    scale_in_place(scaled, ScaleFactor(q), ScratchBuffers(256))
+    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(256))
     assert np.array_equal(scaled, exactly_scaled(values, q))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, ml_dtypes.bfloat16])
+def test_source_is_left_alone_when_writing_elsewhere(dtype):
+    values = np.array([3.0, 4.0, 5.5], dtype=dtype)
+    read_only = values.copy()
+    read_only.flags.writeable = False
+    out = np.empty_like(values)
+    scale(read_only, out, ScaleFactor(Fraction(1, 5)), ScratchBuffers(2))
+    assert np.array_equal(read_only, values)
+    assert np.array_equal(out, exactly_scaled(values, Fraction(1, 5)))
 
 
 def test_float64_worked_example_is_exact():
     values = np.array([3.0, 4.0, 0.0])
-    scale_in_place(values, ScaleFactor(Fraction(1, 5)), ScratchBuffers())
+    scale(values, values, ScaleFactor(Fraction(1, 5)), ScratchBuffers())
     assert values.tolist() == [0.6, 0.8, 0.0]  # where fl(3 * fl(1/5)) is 0.6000000000000001
 
 
@@ -100,7 +111,7 @@ def test_float64_extremes_are_correctly_rounded(magnitude):
     values = np.random.default_rng(8).standard_normal(500) * magnitude
     q = Fraction(3, 7)
     scaled = values.copy()
-    scale_in_place(scaled, ScaleFactor(q), ScratchBuffers(64))
+    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(64))
     assert np.isfinite(scaled).all()
     assert np.array_equal(scaled, exactly_scaled(values, q))
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -19,9 +22,9 @@ from ..norms import BLOCK
 # What reading a damaged or truncated input raises, from the OS, zipfile, zlib or numpy.
 READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile, zlib.error)
 
-# Called with each chunk of a gradient tensor (1-D, writable, the file's dtype) and returns the
-# values to write in its place: the same array modified in place, or another of equal dtype/size.
-Transform = Callable[["TensorInfo", np.ndarray], np.ndarray]
+# Called with each chunk of a gradient tensor as *src* (1-D, the file's dtype, maybe read-only)
+# and *dst*, where the values to write go (same dtype and size; may be the same array as src).
+Transform = Callable[["TensorInfo", np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,37 @@ def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
     """How many items of *itemsize* bytes one chunk holds: at least one, whole blocks if it can."""
     items = max(1, chunk_bytes // itemsize)
     return items - items % BLOCK if items > BLOCK else items
+
+
+@contextmanager
+def mapped(fd: int, start: int, length: int, writable: bool = False) -> Iterator[np.ndarray]:
+    """Bytes [start, start + length) of the open file *fd* as a uint8 array, memory-mapped.
+
+    Mapping avoids copying through a read buffer; mapping one window at a time keeps the pages
+    counted in RSS bounded.  (A view still alive at exit keeps its window until it dies.)
+    """
+    if length == 0:
+        yield np.empty(0, dtype=np.uint8)
+        return
+    skip = start % mmap.ALLOCATIONGRANULARITY
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    flags = mmap.MAP_SHARED | (0 if writable else mmap.MAP_POPULATE)
+    window = mmap.mmap(fd, length + skip, flags=flags, prot=prot, offset=start - skip)
+    try:
+        yield np.frombuffer(window, dtype=np.uint8, count=length, offset=skip)
+    finally:
+        with suppress(BufferError):
+            window.close()
+
+
+def reserve(file: BinaryIO, size: int) -> None:
+    """Give *file* its final *size* with its blocks allocated now.
+
+    Writing through a memory map into blocks the disk cannot provide kills the process with
+    SIGBUS; allocating them first turns a full disk into an ordinary OSError (ENOSPC) here.
+    """
+    file.flush()
+    os.posix_fallocate(file.fileno(), 0, size)
 
 
 def as_bytes(values: np.ndarray) -> memoryview:

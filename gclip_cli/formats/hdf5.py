@@ -165,9 +165,7 @@ def _rewrite_dataset(
     keep_sparse = _is_sparse(dataset) and not np.any(dataset.fillvalue)
     for selection, values in _slabs(path, dataset, chunk_bytes):
         flat = values.reshape(-1)
-        result = transform(tensor, flat)
-        if result is not flat:
-            flat[...] = result
+        transform(tensor, flat, flat)
         if keep_sparse:
             _write_nonzero_chunks(dataset, selection, values)
         else:

@@ -94,7 +94,8 @@ class NpzFile:
                     else:
                         member_out.write(self._npy_header(tensor))
                         for chunk in self.read_chunks(tensor, chunk_bytes):
-                            member_out.write(as_bytes(transform(tensor, chunk)))
+                            transform(tensor, chunk, chunk)
+                            member_out.write(as_bytes(chunk))
 
     def close(self) -> None:
         self._zip.close()

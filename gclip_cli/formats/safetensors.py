@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
-from .base import TensorInfo, Transform, as_bytes, copy_stream, items_per_chunk
+from .base import TensorInfo, Transform, items_per_chunk, mapped, reserve
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
@@ -76,32 +77,35 @@ class SafetensorsFile:
         return len(self._header_bytes)
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
-        begin, _ = tensor.location
-        dtype = tensor.dtype
-        step = items_per_chunk(dtype.itemsize, chunk_bytes)
-        buffer = np.empty(min(step, tensor.numel), dtype=dtype)
-        raw = buffer.view(np.uint8)
-        self._file.seek(self._data_start + begin)
-        left = tensor.numel
-        while left:
-            count = min(step, left)
-            nbytes = count * dtype.itemsize
-            if self._file.readinto(memoryview(raw)[:nbytes]) != nbytes:
-                raise InputError(self.path, f"tensor {tensor.name!r}: file ends early")
-            left -= count
-            yield buffer[:count]
+        for start, nbytes in self._pieces(tensor, chunk_bytes):
+            with mapped(self._file.fileno(), start, nbytes) as raw:
+                yield raw.view(tensor.dtype)
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
-        with open(out, "wb") as dst:
+        with open(out, "w+b") as dst:
             dst.write(self._header_bytes)
+            reserve(dst, os.fstat(self._file.fileno()).st_size)
             for tensor in sorted(self.tensors, key=lambda t: t.location):
-                if tensor.is_gradient:
-                    for chunk in self.read_chunks(tensor, chunk_bytes):
-                        dst.write(as_bytes(transform(tensor, chunk)))
-                else:
-                    begin, end = tensor.location
-                    self._file.seek(self._data_start + begin)
-                    copy_stream(self._file, dst, end - begin, chunk_bytes, self.path)
+                for start, nbytes in self._pieces(tensor, chunk_bytes):
+                    with (
+                        mapped(self._file.fileno(), start, nbytes) as src,
+                        mapped(dst.fileno(), start, nbytes, writable=True) as target,
+                    ):
+                        if tensor.is_gradient:
+                            transform(tensor, src.view(tensor.dtype), target.view(tensor.dtype))
+                        else:
+                            np.copyto(target, src)
+
+    def _pieces(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+        """(file offset, length) of the pieces of *tensor*'s data: whole items, <= chunk_bytes.
+
+        The header was validated against the file size, so no piece runs past the end.
+        """
+        begin, end = tensor.location
+        itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
+        step = items_per_chunk(itemsize, chunk_bytes) * itemsize
+        for offset in range(begin, end, step):
+            yield self._data_start + offset, min(step, end - offset)
 
     def close(self) -> None:
         self._file.close()

@@ -1,0 +1,237 @@
+"""Time gclip against cp/cat and against load-everything scripts, side by side in one run.
+
+    python benchmarks/bench.py --size 1G                      # all three formats
+    python benchmarks/bench.py --size 1G --formats safetensors --repeat 7
+    python benchmarks/bench.py --size 1G --compressed         # deflated .npz and gzip HDF5
+    python benchmarks/bench.py --memory 1G,4G                 # peak RSS flat in file size?
+
+Every command runs as its own process; commands are interleaved and repeated, and each table
+shows medians, the ratio to the floor measured in the same rounds, and the peak RSS of the
+process (from wait4).  The machine is shared and noisy: only ratios from one run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_dump import parse_size
+
+PY = shlex.quote(sys.executable)
+GCLIP = f"{PY} -m gclip_cli"
+SUFFIX = {"safetensors": ".safetensors", "npz": ".npz", "hdf5": ".h5"}
+
+# The throw-away scripts gclip replaces: load everything, clip in float64, save everything.
+LOAD_ALL_RESCALE = {
+    "safetensors": """
+import numpy as np, sys
+from safetensors.numpy import load_file, save_file
+t = load_file(sys.argv[1])
+n = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in t.values()))
+a = min(1.0, 1.0 / n)
+save_file({k: (v * a).astype(v.dtype) for k, v in t.items()}, sys.argv[2])
+""",
+    "npz": """
+import numpy as np, sys
+with np.load(sys.argv[1]) as z:
+    t = {k: z[k] for k in z.files}
+n = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in t.values()))
+a = min(1.0, 1.0 / n)
+save = np.savez_compressed if sys.argv[3] == "1" else np.savez
+save(sys.argv[2], **{k: (v * a).astype(v.dtype) for k, v in t.items()})
+""",
+    "hdf5": """
+import numpy as np, sys, h5py
+with h5py.File(sys.argv[1]) as f:
+    t = {k: f[k][()] for k in f}
+    opts = {"compression": f[next(iter(f))].compression}
+n = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in t.values()))
+a = min(1.0, 1.0 / n)
+with h5py.File(sys.argv[2], "w") as g:
+    for k, v in t.items():
+        g.create_dataset(k, data=(v * a).astype(v.dtype), **opts)
+""",
+}
+LOAD_ALL_INSPECT = {
+    "safetensors": "from safetensors.numpy import load_file as load\nt = load(sys.argv[1])",
+    "npz": "z = np.load(sys.argv[1])\nt = {k: z[k] for k in z.files}",
+    "hdf5": "import h5py\nf = h5py.File(sys.argv[1])\nt = {k: f[k][()] for k in f}",
+}
+INSPECT_TAIL = "\nprint(np.sqrt(sum(float(np.sum(v.astype(np.float64)**2)) for v in t.values())))"
+
+
+@dataclass
+class Case:
+    label: str
+    command: str
+    walls: list[float] = field(default_factory=list)
+    rss_kib: list[int] = field(default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def rss_mib(self) -> float:
+        return max(self.rss_kib) / 1024
+
+
+def run_once(command: str, rss_file: Path) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of *command* run by sh, output discarded.
+
+    The RSS comes from /usr/bin/time: a child forked from this process would inherit (and
+    report) this process's own peak.
+    """
+    start = time.perf_counter()
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), "sh", "-c", command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {command}\n{proc.stderr.decode()}")
+    return wall, int(rss_file.read_text().split()[-1])
+
+
+def measure(cases: list[Case], repeat: int, work: Path) -> None:
+    for _ in range(repeat):
+        for case in cases:  # interleaved, so a noisy minute hits every case alike
+            wall, rss = run_once(case.command, work / "rss.txt")
+            case.walls.append(wall)
+            case.rss_kib.append(rss)
+
+
+def python_script(code: str) -> str:
+    return f"{PY} -c {shlex.quote('import numpy as np, sys' + chr(10) + code)}"
+
+
+def format_cases(fmt: str, dump: Path, work: Path, compressed: bool) -> list[Case]:
+    out = work / f"out{SUFFIX[fmt]}"
+    q = shlex.quote
+    flag = "1" if compressed else "0"
+    return [
+        Case("cp", f"cp {q(str(dump))} {q(str(work / 'cp.tmp'))}"),
+        Case("cat", f"cat {q(str(dump))} > /dev/null"),
+        Case("python -c 'import numpy'", f"{PY} -c 'import numpy'"),
+        Case("gclip rescale", f"{GCLIP} rescale {q(str(dump))} {q(str(out))} --max-norm 1"),
+        Case("gclip inspect", f"{GCLIP} inspect {q(str(dump))} --json"),
+        Case(
+            "load-all rescale",
+            python_script(LOAD_ALL_RESCALE[fmt])
+            + f" {q(str(dump))} {q(str(work / ('base' + SUFFIX[fmt])))} {flag}",
+        ),
+        Case(
+            "load-all inspect",
+            python_script(LOAD_ALL_INSPECT[fmt] + INSPECT_TAIL) + f" {q(str(dump))}",
+        ),
+    ]
+
+
+def report(fmt: str, cases: list[Case], compressed: bool) -> list[tuple[str, float, float]]:
+    by = {c.label: c for c in cases}
+    floor_inspect = by["cat"].wall + by["python -c 'import numpy'"].wall
+    print(f"\n## {fmt}{' (compressed)' if compressed else ''}\n")
+    print("| command | median wall (s) | vs cp | vs cat+import | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
+    for c in cases:
+        print(
+            f"| {c.label} | {c.wall:.2f} | {c.wall / by['cp'].wall:.2f}x | "
+            f"{c.wall / floor_inspect:.2f}x | {c.rss_mib:.0f} |"
+        )
+    rescale, inspect = by["gclip rescale"], by["gclip inspect"]
+    checks = []
+    if compressed:
+        checks.append(
+            ("rescale: load-all / gclip (>= 3)", by["load-all rescale"].wall / rescale.wall, 3.0)
+        )
+    else:
+        limit = 3.0 if fmt == "npz" else 2.0
+        checks.append((f"rescale / cp (<= {limit:g})", rescale.wall / by["cp"].wall, limit))
+        limit = 3.0 if fmt == "npz" else 2.0
+        checks.append(
+            (f"inspect / (cat + import numpy) (<= {limit:g})", inspect.wall / floor_inspect, limit)
+        )
+    checks.append(("rescale peak RSS MiB (<= 128)", rescale.rss_mib, 128))
+    checks.append(("inspect peak RSS MiB (<= 128)", inspect.rss_mib, 128))
+    return [(f"{fmt}: {name}", value, limit) for name, value, limit in checks]
+
+
+def verdicts(checks: list[tuple[str, float, float]]) -> None:
+    print("\n## targets\n")
+    for name, value, limit in checks:
+        ok = value >= limit if ">=" in name else value <= limit
+        print(f"- {'PASS' if ok else 'FAIL'} {name}: {value:.2f}")
+
+
+def memory_check(sizes: list[int], work: Path, repeat: int) -> None:
+    print("\n## peak RSS against file size (safetensors)\n")
+    print("| size (GiB) | rescale RSS (MiB) | inspect RSS (MiB) |")
+    print("|---|---|---|")
+    rows = []
+    for size in sizes:
+        dump = work / f"mem{size >> 20}M.safetensors"
+        make_dump(dump, size, compressed=False)
+        cases = format_cases("safetensors", dump, work, False)[3:5]
+        measure(cases, repeat, work)
+        rows.append((cases[0].rss_mib, cases[1].rss_mib))
+        print(f"| {dump.stat().st_size / 2**30:.2f} | {rows[-1][0]:.0f} | {rows[-1][1]:.0f} |")
+    spread = max(max(r) - min(r) for r in zip(*rows, strict=True))
+    print(
+        f"\n- {'PASS' if spread <= 16 else 'FAIL'} RSS spread across sizes (<= 16 MiB): "
+        f"{spread:.1f}"
+    )
+
+
+def make_dump(path: Path, size: int, compressed: bool) -> None:
+    """Write the dump in a child process (once), keeping this process small."""
+    if path.exists():
+        return
+    script = Path(__file__).resolve().parent / "make_dump.py"
+    flags = ["--compressed"] if compressed else []
+    subprocess.run(
+        [sys.executable, str(script), str(path), "--size", str(size), *flags],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--formats", default="safetensors,npz,hdf5")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--compressed", action="store_true")
+    parser.add_argument("--memory", help="comma-separated sizes for the RSS check, e.g. 1G,4G")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/gclip-bench"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"# gclip benchmark: {args.size} float32 dumps with GPT-2-medium shapes, "
+        f"{args.repeat} interleaved rounds, {os.cpu_count()} cores"
+    )
+    if args.memory:
+        memory_check([parse_size(s) for s in args.memory.split(",")], args.workdir, args.repeat)
+        return
+    checks = []
+    for fmt in args.formats.split(","):
+        tag = "z" if args.compressed else ""
+        dump = args.workdir / f"dump{args.size}{tag}{SUFFIX[fmt]}"
+        make_dump(dump, parse_size(args.size), args.compressed)
+        cases = format_cases(fmt, dump, args.workdir, args.compressed)
+        measure(cases, args.repeat, args.workdir)
+        checks += report(fmt, cases, args.compressed)
+    verdicts(checks)
+
+
+if __name__ == "__main__":
+    main()

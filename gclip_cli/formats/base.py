@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -89,8 +88,8 @@ def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
 
 
 @contextmanager
-def mapped(fd: int, start: int, length: int, writable: bool = False) -> Iterator[np.ndarray]:
-    """Bytes [start, start + length) of the open file *fd* as a uint8 array, memory-mapped.
+def mapped(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
+    """Bytes [start, start + length) of the open file *fd* as a read-only uint8 array.
 
     Mapping avoids copying through a read buffer; mapping one window at a time keeps the pages
     counted in RSS bounded.  (A view still alive at exit keeps its window until it dies.)
@@ -99,24 +98,13 @@ def mapped(fd: int, start: int, length: int, writable: bool = False) -> Iterator
         yield np.empty(0, dtype=np.uint8)
         return
     skip = start % mmap.ALLOCATIONGRANULARITY
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    flags = mmap.MAP_SHARED | (0 if writable else mmap.MAP_POPULATE)
-    window = mmap.mmap(fd, length + skip, flags=flags, prot=prot, offset=start - skip)
+    flags = mmap.MAP_SHARED | mmap.MAP_POPULATE  # populate: one call instead of page faults
+    window = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
     try:
         yield np.frombuffer(window, dtype=np.uint8, count=length, offset=skip)
     finally:
         with suppress(BufferError):
             window.close()
-
-
-def reserve(file: BinaryIO, size: int) -> None:
-    """Give *file* its final *size* with its blocks allocated now.
-
-    Writing through a memory map into blocks the disk cannot provide kills the process with
-    SIGBUS; allocating them first turns a full disk into an ordinary OSError (ENOSPC) here.
-    """
-    file.flush()
-    os.posix_fallocate(file.fileno(), 0, size)
 
 
 def as_bytes(values: np.ndarray) -> memoryview:

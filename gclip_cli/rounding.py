@@ -25,6 +25,7 @@ _SPLITTER = float(2**27 + 1)  # Veltkamp: splits a float64 into two 26-bit halve
 _SPLIT_LIMIT = 2.0**995  # beyond this v * _SPLITTER overflows: scale the block down first
 _SPLIT_SCALE = 2.0**-64
 _NEAR = 2  # float64 units around a midpoint that count as too close to call
+_MAGNITUDE_BITS = (1 << 63) - 1  # all but the sign bit: the bits of |x|, ordered like |x|
 
 
 @dataclass(frozen=True)
@@ -146,21 +147,25 @@ def _near_midpoint(
     Works in the given buffers (*work* float64, *near* and *small* bool): no allocation.
     """
     shift = _F64_MANTISSA_BITS - info.nmant
-    low_bits = work.view(np.int64)
-    np.bitwise_and(product.view(np.int64), (1 << shift) - 1, out=low_bits)
-    np.subtract(low_bits, 1 << (shift - 1), out=low_bits)
-    np.abs(low_bits, out=low_bits)
-    np.less_equal(low_bits, _NEAR, out=near)
-    # Below the narrow type's normal range its spacing is fixed: midpoints are the odd
-    # multiples of half the smallest subnormal.
-    np.abs(product, out=work)
-    np.less(work, float(info.smallest_normal), out=small)
+    bits = work.view(np.int64)
+    np.bitwise_and(product.view(np.int64), _MAGNITUDE_BITS, out=bits)
+    np.less(bits, _float_bits(float(info.smallest_normal)), out=small)
+    # the low bits lie within _NEAR of the midpoint pattern 100..0 (one add and mask, no abs)
+    np.add(bits, _NEAR - (1 << (shift - 1)), out=bits)
+    np.bitwise_and(bits, (1 << shift) - 1, out=bits)
+    np.less_equal(bits, 2 * _NEAR, out=near)
     if small.any():
+        # Below the narrow type's normal range its spacing is fixed: midpoints are the odd
+        # multiples of half the smallest subnormal.
         index = np.flatnonzero(small)
         halves = product[index] / (float(info.smallest_subnormal) / 2)
         odd = 2.0 * np.floor(halves / 2.0) + 1.0
         near[index] = np.abs(halves - odd) <= _NEAR * np.spacing(np.abs(halves))
     return near
+
+
+def _float_bits(value: float) -> int:
+    return int(np.array(value, dtype=np.float64).view(np.int64))
 
 
 def _store_nearest(part: np.ndarray, product: np.ndarray) -> None:

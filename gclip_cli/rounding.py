@@ -49,7 +49,7 @@ class ScaleFactor:
 class ScratchBuffers:
     """Reused float64 work arrays of one block each, so scaling allocates nothing per chunk."""
 
-    def __init__(self, size: int = 1 << 14) -> None:
+    def __init__(self, size: int = 1 << 16) -> None:
         self.size = size
         self._arrays = [np.empty(size, dtype=np.float64) for _ in range(6)]
         self._flags = [np.empty(size, dtype=bool) for _ in range(2)]

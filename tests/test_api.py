@@ -207,17 +207,26 @@ def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_
 # --- memory ------------------------------------------------------------------------------------
 
 
-def test_working_set_stays_bounded_on_a_file_far_larger_than_a_chunk(make_file, fmt, tmp_path):
-    values = np.random.default_rng(0).standard_normal(8 << 20).astype(np.float32)  # 32 MiB
-    src = make_file(fmt, {"big": values, "small": values[:1000].copy()})
-    del values
-    chunk = 1 << 20
+def peak_traced_memory(fmt, src, out, chunk) -> int:
     tracemalloc.start()
     try:
         gclip_cli.inspect_file(src, chunk_size=chunk)
-        gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1.0, chunk_size=chunk)
-        _, peak = tracemalloc.get_traced_memory()
+        gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=chunk)
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # one chunk plus two 512 KiB float64 blocks and bookkeeping; the file is 32x larger
-    assert peak < 4 * chunk, f"peak traced allocation {peak / 2**20:.1f} MiB"
+
+
+def test_working_set_does_not_grow_with_the_file(make_file, fmt, tmp_path):
+    values = np.random.default_rng(0).standard_normal(8 << 20).astype(np.float32)  # 32 MiB
+    small = make_file(fmt, {"big": values[: 4 << 20], "tail": values[:1000].copy()}, "small")
+    large = make_file(fmt, {"big": values, "tail": values[:1000].copy()}, "large")
+    del values
+    chunk = 1 << 20
+    peaks = [
+        peak_traced_memory(fmt, src, tmp_path / f"out{SUFFIX[fmt]}", chunk)
+        for src in (small, large)
+    ]
+    # a chunk, the float64 work blocks and bookkeeping, the same for 16 and 32 MiB of data
+    assert peaks[1] < 8 * chunk, f"peak traced allocation {peaks[1] / 2**20:.1f} MiB"
+    assert peaks[1] < peaks[0] + chunk / 4, peaks  # twice the data, no more memory

@@ -7,6 +7,7 @@ import mmap
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,44 @@ def mapped(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
     finally:
         with suppress(BufferError):
             window.close()
+
+
+class PipelinedWriter:
+    """Double-buffered output: *write* runs on a background thread while the caller fills the
+    next buffer.  write() releases the GIL, so copying into the page cache overlaps with the
+    computing of the next piece.  Use as a context manager; write errors surface in the caller.
+    """
+
+    def __init__(self, write: Callable[[memoryview], object], size: int, count: int = 2) -> None:
+        self._write = write
+        self._buffers = [np.empty(size, dtype=np.uint8) for _ in range(count)]
+        self._pending: list[Future[object] | None] = [None] * count
+        self._turn = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gclip-writer")
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        """The next free buffer, *nbytes* long, once its previous write has finished."""
+        pending = self._pending[self._turn]
+        if pending is not None:
+            pending.result()
+            self._pending[self._turn] = None
+        return self._buffers[self._turn][:nbytes]
+
+    def submit(self, filled: np.ndarray) -> None:
+        """Write *filled* (the array buffer() returned) in the background."""
+        self._pending[self._turn] = self._pool.submit(self._write, memoryview(filled))
+        self._turn = (self._turn + 1) % len(self._buffers)
+
+    def __enter__(self) -> PipelinedWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            for pending in self._pending:
+                if pending is not None:
+                    pending.result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def as_bytes(values: np.ndarray) -> memoryview:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
-from .base import TensorInfo, Transform, items_per_chunk, mapped
+from .base import PipelinedWriter, TensorInfo, Transform, items_per_chunk, mapped
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
@@ -83,20 +83,21 @@ class SafetensorsFile:
                 yield raw.view(tensor.dtype)
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
-        # write() from one reused buffer: as fast here as writing through a mapping, and a full
+        # write() from reused buffers: as fast here as writing through a mapping, and a full
         # disk is an OSError rather than SIGBUS.
-        buffer = np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)  # >= one item
+        size = max(min(chunk_bytes, MAX_WINDOW), 8)  # at least one item
         with open(out, "wb") as dst:
             dst.write(self._header_bytes)
-            for tensor in sorted(self.tensors, key=lambda t: t.location):
-                for start, nbytes in self._pieces(tensor, chunk_bytes):
-                    target = buffer[:nbytes]
-                    with mapped(self._file.fileno(), start, nbytes) as src:
-                        if tensor.is_gradient:
-                            transform(tensor, src.view(tensor.dtype), target.view(tensor.dtype))
-                        else:
-                            np.copyto(target, src)
-                    dst.write(memoryview(target))
+            with PipelinedWriter(dst.write, size) as writer:
+                for tensor in sorted(self.tensors, key=lambda t: t.location):
+                    for start, nbytes in self._pieces(tensor, chunk_bytes):
+                        target = writer.buffer(nbytes)
+                        with mapped(self._file.fileno(), start, nbytes) as src:
+                            if tensor.is_gradient:
+                                transform(tensor, src.view(tensor.dtype), target.view(tensor.dtype))
+                            else:
+                                np.copyto(target, src)
+                        writer.submit(target)
 
     def _pieces(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[tuple[int, int]]:
         """(file offset, length) of the pieces of *tensor*'s data: whole items, <= chunk_bytes.

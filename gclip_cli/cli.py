@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import click
 
 from . import __version__
+
+# gclip makes no BLAS calls: spare the start-up and the spinning of OpenBLAS helper threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 if TYPE_CHECKING:
     from .report import Report

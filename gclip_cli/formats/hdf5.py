@@ -23,19 +23,8 @@ from ..errors import InputError
 from .base import READ_ERRORS, TensorInfo, Transform, describe_array, items_per_chunk
 
 FORMAT_NAME = "hdf5"
-SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 Selection = tuple[slice, ...]
-
-
-def sniff(head: bytes) -> bool:
-    """Whether *head* (the file's first bytes) starts with the HDF5 signature."""
-    return head.startswith(SIGNATURE)
-
-
-def sniff_file(path: Path) -> bool:
-    """Whether *path* is HDF5, allowing for a user block before the signature."""
-    return h5py.is_hdf5(path)
 
 
 class Hdf5File:

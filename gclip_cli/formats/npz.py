@@ -37,11 +37,6 @@ _HEADER_READERS = {
 }
 
 
-def sniff(head: bytes) -> bool:
-    """Whether *head* (the file's first bytes) looks like a zip archive."""
-    return head[:4] in (b"PK\x03\x04", b"PK\x05\x06")
-
-
 class NpzFile:
     format_name = FORMAT_NAME
 

@@ -56,11 +56,6 @@ _DTYPES: dict[str, tuple[int, np.dtype]] = {
 }
 
 
-def sniff(head: bytes) -> bool:
-    """Whether *head* (the file's first bytes) looks like safetensors."""
-    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] >= 2
-
-
 class SafetensorsFile:
     format_name = FORMAT_NAME
 

@@ -19,8 +19,30 @@ from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
 from ..norms import BLOCK
 
-# What reading a damaged or truncated input raises, from the OS, zipfile, zlib or numpy.
-READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile, zlib.error)
+# What reading a damaged or truncated input raises, from the OS, zipfile, zlib, numpy or h5py.
+READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    TypeError,
+    IndexError,
+    NotImplementedError,
+    SystemError,  # how h5py reports an error inside one of HDF5's callbacks (visits)
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+@contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """Report a failure to read *what* of the input *path* as one InputError."""
+    try:
+        yield
+    except READ_ERRORS as exc:
+        raise InputError(path, f"{what}: {exc}") from None
+
 
 # Called with each chunk of a gradient tensor as *src* (1-D, the file's dtype, maybe read-only)
 # and *dst*, where the values to write go (same dtype and size; may be the same array as src).

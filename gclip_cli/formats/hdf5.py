@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
-from .base import READ_ERRORS, TensorInfo, Transform, describe_array, items_per_chunk
+from .base import TensorInfo, Transform, describe_array, items_per_chunk, reading
 
 FORMAT_NAME = "hdf5"
 
@@ -32,12 +32,11 @@ class Hdf5File:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
+        with reading(path, "HDF5 cannot open it"):
             self._file = h5py.File(path, "r")
-        except READ_ERRORS as exc:
-            raise InputError(path, f"HDF5 cannot open it: {exc}") from None
         try:
-            self.tensors = self._describe_tree()
+            with reading(path, "damaged HDF5 structure"):
+                self.tensors = self._describe_tree()
         except BaseException:
             self._file.close()
             raise
@@ -117,10 +116,8 @@ def _slabs(
     for selection in _c_order_slabs(shape, dataset.chunks, max_items):
         slab_shape = tuple(s.stop - s.start for s in selection) + shape[len(selection) :]
         values = buffer[: math.prod(slab_shape)].reshape(slab_shape)
-        try:
+        with reading(path, f"dataset {dataset.name!r}"):
             dataset.read_direct(values, source_sel=selection)
-        except READ_ERRORS as exc:
-            raise InputError(path, f"dataset {dataset.name!r}: {exc}") from None
         yield selection, values
 
 

@@ -24,9 +24,12 @@ from .base import (
     copy_stream,
     describe_array,
     items_per_chunk,
+    reading,
 )
 
 FORMAT_NAME = "npz"
+_ENCRYPTED = 0x1  # general purpose flag bit 0
+_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _NPY_SUFFIX = ".npy"
 _HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
@@ -47,7 +50,7 @@ class NpzFile:
         except READ_ERRORS as exc:
             raise InputError(path, f"not a readable .npz (zip) file: {exc}") from None
         try:
-            self._check_names()
+            self._check_members()
             self.tensors = [
                 self._describe_member(info)
                 for info in self._zip.infolist()
@@ -95,10 +98,20 @@ class NpzFile:
     def close(self) -> None:
         self._zip.close()
 
-    def _check_names(self) -> None:
+    def _check_members(self) -> None:
+        """Refuse what could not be copied faithfully, before anything is read or written."""
         repeated = [name for name, n in Counter(self._zip.namelist()).items() if n > 1]
         if repeated:
             raise InputError(self.path, f"zip member {repeated[0]!r} appears more than once")
+        for info in self._zip.infolist():
+            if info.flag_bits & _ENCRYPTED:
+                raise InputError(self.path, f"zip member {info.filename!r} is encrypted")
+            if info.compress_type not in _COMPRESSIONS:
+                raise InputError(
+                    self.path,
+                    f"zip member {info.filename!r} uses compression method "
+                    f"{info.compress_type}, which gclip cannot read",
+                )
 
     def _describe_member(self, info: zipfile.ZipInfo) -> TensorInfo:
         name = info.filename[: -len(_NPY_SUFFIX)]
@@ -128,11 +141,13 @@ class NpzFile:
 
     def _npy_header(self, tensor: TensorInfo) -> bytes:
         info, data_offset = tensor.location
-        with self._zip.open(info) as member:
+        with reading(self.path, f"member {info.filename!r}"), self._zip.open(info) as member:
             return member.read(data_offset)
 
     def _copy_member(self, info: zipfile.ZipInfo, dst: BinaryIO, chunk_bytes: int) -> None:
-        with self._zip.open(info) as member:
+        with reading(self.path, f"member {info.filename!r}"):
+            member = self._zip.open(info)
+        with member:
             copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
 
 

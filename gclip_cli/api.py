@@ -5,18 +5,29 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import clip_factor, combine, measure_tensors, rounding_bound, write_scaled
-from .errors import InputError, NonFiniteError, OutputError, UsageError
-from .formats import TensorFile, open_file
+from .errors import NonFiniteError, OutputError, UsageError
+from .formats import TensorFile, crashes_on_damage, detect_format, open_file
+from .isolation import run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
 from .report import Report, tensor_reports
 from .rounding import ScaleFactor
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
+
+
+@dataclass(frozen=True)
+class _Options:
+    norm_type: float
+    max_norm: float | None
+    eps: float
+    chunk_size: int
 
 
 def inspect_file(
@@ -29,25 +40,11 @@ def inspect_file(
     file_format: str | None = None,
 ) -> Report:
     """Measure every tensor of *path*; with *max_norm*, also the factor rescale would apply."""
-    _check_options(norm_type, max_norm, eps, chunk_size)
+    options = _Options(norm_type, max_norm, eps, chunk_size)
+    _check_options(options)
     src = Path(path)
-    with closing(open_file(src, file_format)) as tfile:
-        before, total = _measure(tfile, norm_type, chunk_size)
-        global_norm = total.norm()
-        factor = None
-        if max_norm is not None and math.isfinite(global_norm):
-            factor = _factor(tfile, before, total, max_norm, eps)
-        return Report(
-            path=str(src),
-            file_format=tfile.format_name,
-            norm_type=norm_type,
-            global_norm=global_norm,
-            tensors=tensor_reports(list(tfile.tensors), before, global_norm),
-            max_norm=max_norm,
-            eps=eps,
-            scale=None if factor is None else factor.hi,
-            clipped=None if factor is None else factor.exact != 1,
-        )
+    file_format = file_format or detect_format(src)
+    return _contained(file_format, src, _inspect, src, file_format, options)
 
 
 def rescale_file(
@@ -62,64 +59,95 @@ def rescale_file(
 ) -> Report:
     """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
 
-    Raises NonFiniteError, before writing anything, when *src* holds NaN or Inf values.
+    *dst* appears only when complete.  Raises NonFiniteError, before writing anything, when
+    *src* holds NaN or Inf values.
     """
-    _check_options(norm_type, max_norm, eps, chunk_size)
+    options = _Options(norm_type, max_norm, eps, chunk_size)
+    _check_options(options)
     src, dst = Path(src), Path(dst)
     check_output_path(src, dst)
+    file_format = file_format or detect_format(src)
+    with atomic_output(dst) as tmp:
+        return _contained(file_format, src, _rescale, src, dst, tmp, file_format, options)
+
+
+def _contained(file_format: str, src: Path, work: Callable[..., Report], *args: object) -> Report:
+    """Run *work* in a child process for formats whose library can crash on damaged files."""
+    if crashes_on_damage(file_format):
+        return run_isolated(src, work, *args)
+    return work(*args)
+
+
+def _inspect(src: Path, file_format: str, options: _Options) -> Report:
     with closing(open_file(src, file_format)) as tfile:
-        before, total = _measure(tfile, norm_type, chunk_size)
-        _refuse_nonfinite(tfile, before)
+        before, total = _measure(tfile, options)
         global_norm = total.norm()
-        factor = _factor(tfile, before, total, max_norm, eps)
-        clipped = factor.exact != 1
-        if clipped:
-            after = _write(tfile, dst, factor, norm_type, chunk_size)
-        else:
-            _copy_unchanged(src, dst)
-            after = before
+        factor = None
+        if options.max_norm is not None and math.isfinite(global_norm):
+            factor = _factor(tfile, before, total, options)
         return Report(
             path=str(src),
             file_format=tfile.format_name,
-            norm_type=norm_type,
+            norm_type=options.norm_type,
             global_norm=global_norm,
-            tensors=tensor_reports(list(tfile.tensors), before, global_norm, after),
-            max_norm=max_norm,
-            eps=eps,
-            scale=factor.hi,
-            clipped=clipped,
-            output=str(dst),
-            global_norm_after=combine(after, norm_type).norm(),
+            tensors=tensor_reports(list(tfile.tensors), before, global_norm),
+            max_norm=options.max_norm,
+            eps=options.eps,
+            scale=None if factor is None else factor.hi,
+            clipped=None if factor is None else factor.exact != 1,
         )
 
 
-def _check_options(norm_type: float, max_norm: float | None, eps: float, chunk_size: int) -> None:
-    if not (norm_type > 0):
-        raise UsageError(None, f"norm type must be a number > 0 or inf, not {norm_type}")
-    if max_norm is not None and not (0 < max_norm < math.inf):
-        raise UsageError(None, f"max norm must be a finite number > 0, not {max_norm}")
-    if not (0 <= eps < math.inf):
-        raise UsageError(None, f"eps must be a finite number >= 0, not {eps}")
-    if chunk_size < 1:
-        raise UsageError(None, f"chunk size must be at least 1 byte, not {chunk_size}")
+def _rescale(src: Path, dst: Path, tmp: Path, file_format: str, options: _Options) -> Report:
+    """Pass 1, the decision, then pass 2 (or a plain copy) into *tmp*."""
+    with closing(open_file(src, file_format)) as tfile:
+        before, total = _measure(tfile, options)
+        _refuse_nonfinite(tfile, before)
+        global_norm = total.norm()
+        factor = _factor(tfile, before, total, options)
+        clipped = factor.exact != 1
+        with _output_errors(dst):
+            if clipped:
+                after = write_scaled(tfile, tmp, factor, options.norm_type, options.chunk_size)
+            else:  # within max_norm: the output is the input, byte for byte
+                shutil.copyfile(src, tmp)
+                after = before
+        return Report(
+            path=str(src),
+            file_format=tfile.format_name,
+            norm_type=options.norm_type,
+            global_norm=global_norm,
+            tensors=tensor_reports(list(tfile.tensors), before, global_norm, after),
+            max_norm=options.max_norm,
+            eps=options.eps,
+            scale=factor.hi,
+            clipped=clipped,
+            output=str(dst),
+            global_norm_after=combine(after, options.norm_type).norm(),
+        )
 
 
-def _measure(
-    tfile: TensorFile, norm_type: float, chunk_size: int
-) -> tuple[list[NormStats | None], NormStats]:
-    before = measure_tensors(tfile, norm_type, chunk_size)
-    return before, combine(before, norm_type)
+def _check_options(options: _Options) -> None:
+    if not (options.norm_type > 0):
+        raise UsageError(None, f"norm type must be a number > 0 or inf, not {options.norm_type}")
+    if options.max_norm is not None and not (0 < options.max_norm < math.inf):
+        raise UsageError(None, f"max norm must be a finite number > 0, not {options.max_norm}")
+    if not (0 <= options.eps < math.inf):
+        raise UsageError(None, f"eps must be a finite number >= 0, not {options.eps}")
+    if options.chunk_size < 1:
+        raise UsageError(None, f"chunk size must be at least 1 byte, not {options.chunk_size}")
+
+
+def _measure(tfile: TensorFile, options: _Options) -> tuple[list[NormStats | None], NormStats]:
+    before = measure_tensors(tfile, options.norm_type, options.chunk_size)
+    return before, combine(before, options.norm_type)
 
 
 def _factor(
-    tfile: TensorFile,
-    before: list[NormStats | None],
-    total: NormStats,
-    max_norm: float,
-    eps: float,
+    tfile: TensorFile, before: list[NormStats | None], total: NormStats, options: _Options
 ) -> ScaleFactor:
     bound = rounding_bound(tfile.tensors, before, total)
-    return clip_factor(total.norm(), max_norm, eps, bound)
+    return clip_factor(total.norm(), options.max_norm, options.eps, bound)
 
 
 def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:
@@ -135,22 +163,10 @@ def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:
     raise NonFiniteError(tfile.path, f"non-finite values in {listed}{more}; nothing written")
 
 
-def _write(
-    tfile: TensorFile, dst: Path, factor: ScaleFactor, norm_type: float, chunk_size: int
-) -> list[NormStats | None]:
-    with atomic_output(dst) as tmp:
-        try:
-            return write_scaled(tfile, tmp, factor, norm_type, chunk_size)
-        except InputError:
-            raise
-        except OSError as exc:
-            raise OutputError(dst, f"cannot write: {exc.strerror or exc}") from None
-
-
-def _copy_unchanged(src: Path, dst: Path) -> None:
-    """Within max_norm: the output is the input, byte for byte."""
-    with atomic_output(dst) as tmp:
-        try:
-            shutil.copyfile(src, tmp)
-        except OSError as exc:
-            raise OutputError(dst, f"cannot write: {exc.strerror or exc}") from None
+@contextmanager
+def _output_errors(dst: Path) -> Iterator[None]:
+    """OS errors while writing are the output's (input errors are raised as InputError)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(dst, f"cannot write: {exc.strerror or exc}") from None

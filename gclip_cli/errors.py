@@ -25,6 +25,10 @@ class GclipError(Exception):
         self.message = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
+    def __reduce__(self) -> tuple[type, tuple[str | None, str]]:
+        # picklable, so that an error raised in a child process (isolation.py) comes back whole
+        return type(self), (self.path, self.message)
+
 
 class InputError(GclipError):
     """The input file is missing, unreadable, malformed or of an unsupported kind."""

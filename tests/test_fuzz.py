@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import FORMATS, SUFFIX, read_tensors, write_tensors
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import gclip_cli
@@ -115,7 +115,7 @@ def test_mutated_files_never_crash(fmt, tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("fuzz")
     seed = seed_file(fmt, folder)
     steps = data.draw(mutations(len(seed)))
-    check_one(fmt, mutate(seed, steps), folder)
+    event(check_one(fmt, mutate(seed, steps), folder))
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -135,4 +135,4 @@ def test_random_safetensors_headers_never_crash(tmp_path_factory, header, data):
 
     folder = tmp_path_factory.mktemp("hdr")
     blob = json.dumps({"t": header} if not isinstance(header, dict) else header).encode()
-    check_one("safetensors", struct.pack("<Q", len(blob)) + blob + data, folder)
+    event(check_one("safetensors", struct.pack("<Q", len(blob)) + blob + data, folder))

@@ -16,7 +16,15 @@ from ..errors import InputError
 from . import signatures
 from .base import TensorFile, TensorInfo, Transform
 
-__all__ = ["FORMAT_NAMES", "TensorFile", "TensorInfo", "Transform", "detect_format", "open_file"]
+__all__ = [
+    "FORMAT_NAMES",
+    "TensorFile",
+    "TensorInfo",
+    "Transform",
+    "crashes_on_damage",
+    "detect_format",
+    "open_file",
+]
 
 # name -> (signature test, module, class)
 _FORMATS: dict[str, tuple[Callable[[bytes, BinaryIO], bool], str, str]] = {
@@ -24,6 +32,8 @@ _FORMATS: dict[str, tuple[Callable[[bytes, BinaryIO], bool], str, str]] = {
     "npz": (signatures.is_zip, "npz", "NpzFile"),
     "hdf5": (signatures.is_hdf5, "hdf5", "Hdf5File"),
 }
+# Formats whose C library can crash (not raise) on a damaged file: worked on in a child process.
+_CRASH_PRONE = frozenset({"hdf5"})
 FORMAT_NAMES = tuple(_FORMATS)
 
 
@@ -46,6 +56,10 @@ def detect_format(path: Path) -> str:
     if not head:
         raise InputError(path, "is empty")
     raise InputError(path, "is not a safetensors, .npz or HDF5 file (unrecognised content)")
+
+
+def crashes_on_damage(name: str) -> bool:
+    return name in _CRASH_PRONE
 
 
 def open_file(path: Path, file_format: str | None = None) -> TensorFile:

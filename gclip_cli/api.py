@@ -10,7 +10,15 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import clip_factor, combine, measure_tensors, rounding_bound, write_scaled
+from .engine import (
+    NonFinite,
+    Scaler,
+    clip_factor,
+    combine,
+    measure_tensors,
+    rounding_bound,
+    write_scaled,
+)
 from .errors import NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, crashes_on_damage, detect_format, open_file
 from .isolation import run_isolated
@@ -28,6 +36,11 @@ class _Options:
     max_norm: float | None
     eps: float
     chunk_size: int
+    nonfinite: NonFinite
+
+    def norm(self, stats: NormStats) -> float:
+        """The norm that counts: NaN/Inf propagate unless a policy says how to treat them."""
+        return stats.norm() if self.nonfinite is NonFinite.ERROR else stats.finite_norm()
 
 
 def inspect_file(
@@ -38,10 +51,14 @@ def inspect_file(
     eps: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     file_format: str | None = None,
+    nonfinite: str = "error",
 ) -> Report:
-    """Measure every tensor of *path*; with *max_norm*, also the factor rescale would apply."""
-    options = _Options(norm_type, max_norm, eps, chunk_size)
-    _check_options(options)
+    """Measure every tensor of *path*; with *max_norm*, also the factor rescale would apply.
+
+    NaN/Inf values are counted per tensor; with *nonfinite* "zero" or "keep" the global norm
+    is that of the finite values (as rescale would use), else it is NaN/inf.
+    """
+    options = _options(norm_type, max_norm, eps, chunk_size, nonfinite)
     src = Path(path)
     file_format = file_format or detect_format(src)
     return _contained(file_format, src, _inspect, src, file_format, options)
@@ -56,14 +73,15 @@ def rescale_file(
     eps: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     file_format: str | None = None,
+    nonfinite: str = "error",
 ) -> Report:
     """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
 
-    *dst* appears only when complete.  Raises NonFiniteError, before writing anything, when
-    *src* holds NaN or Inf values.
+    *dst* appears only when complete.  NaN/Inf values: *nonfinite* "error" raises
+    NonFiniteError before anything is written; "zero" counts them as 0 and writes 0; "keep"
+    clips by the norm of the finite values and writes NaN/Inf back unchanged.
     """
-    options = _Options(norm_type, max_norm, eps, chunk_size)
-    _check_options(options)
+    options = _options(norm_type, max_norm, eps, chunk_size, nonfinite)
     src, dst = Path(src), Path(dst)
     check_output_path(src, dst)
     file_format = file_format or detect_format(src)
@@ -81,7 +99,7 @@ def _contained(file_format: str, src: Path, work: Callable[..., Report], *args: 
 def _inspect(src: Path, file_format: str, options: _Options) -> Report:
     with closing(open_file(src, file_format)) as tfile:
         before, total = _measure(tfile, options)
-        global_norm = total.norm()
+        global_norm = options.norm(total)
         factor = None
         if options.max_norm is not None and math.isfinite(global_norm):
             factor = _factor(tfile, before, total, options)
@@ -90,9 +108,10 @@ def _inspect(src: Path, file_format: str, options: _Options) -> Report:
             file_format=tfile.format_name,
             norm_type=options.norm_type,
             global_norm=global_norm,
-            tensors=tensor_reports(list(tfile.tensors), before, global_norm),
+            tensors=tensor_reports(list(tfile.tensors), before, global_norm, options.norm),
             max_norm=options.max_norm,
             eps=options.eps,
+            nonfinite_policy=options.nonfinite.value,
             scale=None if factor is None else factor.hi,
             clipped=None if factor is None else factor.exact != 1,
         )
@@ -102,14 +121,19 @@ def _rescale(src: Path, dst: Path, tmp: Path, file_format: str, options: _Option
     """Pass 1, the decision, then pass 2 (or a plain copy) into *tmp*."""
     with closing(open_file(src, file_format)) as tfile:
         before, total = _measure(tfile, options)
-        _refuse_nonfinite(tfile, before)
-        global_norm = total.norm()
+        if options.nonfinite is NonFinite.ERROR:
+            _refuse_nonfinite(tfile, before)
+        global_norm = options.norm(total)
         factor = _factor(tfile, before, total, options)
         clipped = factor.exact != 1
+        with_nonfinite = frozenset(
+            t.name for t, s in zip(tfile.tensors, before, strict=True) if s and s.nonfinite
+        )
         with _output_errors(dst):
-            if clipped:
-                after = write_scaled(tfile, tmp, factor, options.norm_type, options.chunk_size)
-            else:  # within max_norm: the output is the input, byte for byte
+            if clipped or (with_nonfinite and options.nonfinite is NonFinite.ZERO):
+                scaler = Scaler(factor, options.norm_type, options.nonfinite, with_nonfinite)
+                after = write_scaled(tfile, tmp, scaler, options.chunk_size)
+            else:  # nothing to change: the output is the input, byte for byte
                 shutil.copyfile(src, tmp)
                 after = before
         return Report(
@@ -117,14 +141,29 @@ def _rescale(src: Path, dst: Path, tmp: Path, file_format: str, options: _Option
             file_format=tfile.format_name,
             norm_type=options.norm_type,
             global_norm=global_norm,
-            tensors=tensor_reports(list(tfile.tensors), before, global_norm, after),
+            tensors=tensor_reports(list(tfile.tensors), before, global_norm, options.norm, after),
             max_norm=options.max_norm,
             eps=options.eps,
+            nonfinite_policy=options.nonfinite.value,
             scale=factor.hi,
             clipped=clipped,
             output=str(dst),
-            global_norm_after=combine(after, options.norm_type).norm(),
+            global_norm_after=options.norm(combine(after, options.norm_type)),
         )
+
+
+def _options(
+    norm_type: float, max_norm: float | None, eps: float, chunk_size: int, nonfinite: str
+) -> _Options:
+    try:
+        policy = NonFinite(nonfinite)
+    except ValueError:
+        raise UsageError(
+            None, f"nonfinite must be error, zero or keep, not {nonfinite!r}"
+        ) from None
+    options = _Options(norm_type, max_norm, eps, chunk_size, policy)
+    _check_options(options)
+    return options
 
 
 def _check_options(options: _Options) -> None:
@@ -147,7 +186,7 @@ def _factor(
     tfile: TensorFile, before: list[NormStats | None], total: NormStats, options: _Options
 ) -> ScaleFactor:
     bound = rounding_bound(tfile.tensors, before, total)
-    return clip_factor(total.norm(), options.max_norm, options.eps, bound)
+    return clip_factor(options.norm(total), options.max_norm, options.eps, bound)
 
 
 def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:

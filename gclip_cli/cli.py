@@ -131,6 +131,14 @@ def _common_options(command: Callable[..., None]) -> Callable[..., None]:
             help="Bytes read per chunk: bounds the memory used.",
         ),
         click.option(
+            "--nonfinite",
+            type=click.Choice(["error", "zero", "keep"]),
+            default="error",
+            show_default=True,
+            help="NaN/Inf values: refuse the file, count and write them as 0, or keep them "
+            "as they are (the norm is then that of the finite values).",
+        ),
+        click.option(
             "--json",
             "as_json",
             is_flag=True,
@@ -173,13 +181,19 @@ def inspect(
     norm_type: float,
     eps: float,
     chunk_size: int,
+    nonfinite: str,
     as_json: bool,
 ) -> None:
     """Show every tensor's norm, share, max |x| and non-finite count, and the global norm."""
     from .api import inspect_file
 
     report = inspect_file(
-        file, norm_type=norm_type, max_norm=max_norm, eps=eps, chunk_size=chunk_size
+        file,
+        norm_type=norm_type,
+        max_norm=max_norm,
+        eps=eps,
+        chunk_size=chunk_size,
+        nonfinite=nonfinite,
     )
     _emit(report, as_json, human=_print_inspect)
 
@@ -202,6 +216,7 @@ def rescale(
     norm_type: float,
     eps: float,
     chunk_size: int,
+    nonfinite: str,
     as_json: bool,
 ) -> None:
     """Write IN to OUT with every gradient scaled by max_norm / global_norm, if that is < 1.
@@ -218,6 +233,7 @@ def rescale(
         norm_type=norm_type,
         eps=eps,
         chunk_size=chunk_size,
+        nonfinite=nonfinite,
     )
     _emit(report, as_json, human=_print_rescale)
 

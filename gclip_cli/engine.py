@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from fractions import Fraction
 from pathlib import Path
 
@@ -113,22 +114,54 @@ def _p_norm_of_steps(steps: list[tuple[int, float]], p: float) -> float:
     return top * math.fsum(count * (step / top) ** p for count, step in steps) ** (1.0 / p)
 
 
+class NonFinite(str, Enum):
+    """What to do with NaN and Inf values."""
+
+    ERROR = "error"  # refuse the file
+    ZERO = "zero"  # count them as 0 in the norm and write 0 in their place
+    KEEP = "keep"  # norm of the finite values; write NaN/Inf back exactly as they were
+
+
 class Scaler:
     """The pass-2 transform: multiplies chunks by alpha and measures what it writes.
 
     Chunks of one tensor must arrive one after another (every writer goes tensor by tensor).
+    *with_nonfinite* names the tensors holding NaN/Inf, treated as *policy* says.
     """
 
-    def __init__(self, factor: ScaleFactor, norm_type: float) -> None:
+    def __init__(
+        self,
+        factor: ScaleFactor,
+        norm_type: float,
+        policy: NonFinite = NonFinite.ERROR,
+        with_nonfinite: frozenset[str] = frozenset(),
+    ) -> None:
         self.factor = factor
         self.norm_type = norm_type
+        self.policy = policy
+        self.with_nonfinite = with_nonfinite
         self.after: dict[str, NormStats] = {}
         self._current: tuple[str, NormAccumulator] | None = None
         self._scratch = ScratchBuffers()
 
     def __call__(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
-        scale(src, dst, self.factor, self._scratch)
+        if tensor.name in self.with_nonfinite:
+            self._scale_around_nonfinite(src, dst)
+        else:
+            scale(src, dst, self.factor, self._scratch)
         self._accumulator_for(tensor.name).add(dst)
+
+    def _scale_around_nonfinite(self, src: np.ndarray, dst: np.ndarray) -> None:
+        bad = ~np.isfinite(src)
+        if self.policy is NonFinite.ZERO:
+            np.copyto(dst, src)
+            dst[bad] = 0
+            scale(dst, dst, self.factor, self._scratch)
+            return
+        kept = src[bad]  # copied first: src and dst may be the same array
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale(src, dst, self.factor, self._scratch)
+        dst[bad] = kept  # exactly the original bits
 
     def finish(self) -> dict[str, NormStats]:
         """The norms of the values written, per tensor name."""
@@ -146,25 +179,24 @@ class Scaler:
 
 
 def write_scaled(
-    tfile: TensorFile, out: Path, factor: ScaleFactor, norm_type: float, chunk_bytes: int
+    tfile: TensorFile, out: Path, scaler: Scaler, chunk_bytes: int
 ) -> list[NormStats | None]:
-    """Pass 2: write *tfile* to *out* with every gradient value multiplied by *factor*.
+    """Pass 2: write *tfile* to *out*, every gradient chunk passed through *scaler*.
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
-    scaler = Scaler(factor, norm_type)
     tfile.write_transformed(out, scaler, chunk_bytes)
     after = scaler.finish()
     return [
-        after.get(tensor.name, NormStats(norm_type)) if tensor.is_gradient else None
+        after.get(tensor.name, NormStats(scaler.norm_type)) if tensor.is_gradient else None
         for tensor in tfile.tensors
     ]
 
 
 def norm_share(part: NormStats, total_norm: float) -> float | None:
-    """The tensor's share of the global sum of |x|**p (None when undefined)."""
+    """The tensor's finite values' share of the global sum of |x|**p (None when undefined)."""
     p = part.norm_type
-    if math.isinf(p) or not math.isfinite(total_norm) or part.nonfinite:
+    if math.isinf(p) or not math.isfinite(total_norm):
         return None
     if total_norm == 0.0:
         return 0.0

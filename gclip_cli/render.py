@@ -71,7 +71,11 @@ def _summary(report: Report) -> Text:
         f"{report.total_numel:,} values; {_bytes(report.total_bytes)}",
     ]
     if report.nonfinite:
-        lines.append(f"non-finite values: {report.nonfinite:,} (rescale refuses this file)")
+        if report.nonfinite_policy == "error":
+            treatment = "rescale refuses this file; see --nonfinite"
+        else:
+            treatment = f"--nonfinite {report.nonfinite_policy}: the norm counts finite values"
+        lines.append(f"non-finite values: {report.nonfinite:,} ({treatment})")
     if report.max_norm is not None:
         factor = "n/a (non-finite norm)" if report.scale is None else _number(report.scale)
         verdict = "would clip" if report.clipped else "within max norm, would not clip"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .engine import norm_share
@@ -39,6 +40,7 @@ class Report:
     tensors: tuple[TensorReport, ...]
     max_norm: float | None = None
     eps: float = 0.0
+    nonfinite_policy: str = "error"
     scale: float | None = None  # the clip factor (applied by rescale, prospective for inspect)
     clipped: bool | None = None
     output: str | None = None
@@ -72,6 +74,7 @@ class Report:
             "numel": self.total_numel,
             "nbytes": self.total_bytes,
             "nonfinite": self.nonfinite,
+            "nonfinite_policy": self.nonfinite_policy,
         }
         if self.max_norm is not None:
             fields |= {
@@ -120,18 +123,26 @@ def tensor_reports(
     tensors: list[TensorInfo],
     before: list[NormStats | None],
     global_norm: float,
+    norm_of: Callable[[NormStats], float],
     after: list[NormStats | None] | None = None,
 ) -> tuple[TensorReport, ...]:
-    """One TensorReport per tensor from the pass-1 (and pass-2) statistics."""
+    """One TensorReport per tensor from the pass-1 (and pass-2) statistics.
+
+    *norm_of* turns statistics into the norm reported (finite values only, or NaN/inf).
+    """
     after = after or [None] * len(tensors)
     return tuple(
-        _tensor_report(info, stats, global_norm, written)
+        _tensor_report(info, stats, global_norm, norm_of, written)
         for info, stats, written in zip(tensors, before, after, strict=True)
     )
 
 
 def _tensor_report(
-    info: TensorInfo, stats: NormStats | None, global_norm: float, after: NormStats | None
+    info: TensorInfo,
+    stats: NormStats | None,
+    global_norm: float,
+    norm_of: Callable[[NormStats], float],
+    after: NormStats | None,
 ) -> TensorReport:
     base = TensorReport(
         info.name, info.dtype_name, info.shape, info.numel, info.nbytes, skipped=info.skip_reason
@@ -140,10 +151,10 @@ def _tensor_report(
         return base
     return replace(
         base,
-        norm=stats.norm(),
+        norm=norm_of(stats),
         max_abs=stats.max_abs,
         nan=stats.nan,
         inf=stats.inf,
         share=norm_share(stats, global_norm),
-        norm_after=None if after is None else after.norm(),
+        norm_after=None if after is None else norm_of(after),
     )

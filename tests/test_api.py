@@ -230,3 +230,62 @@ def test_working_set_does_not_grow_with_the_file(make_file, fmt, tmp_path):
     # a chunk, the float64 work blocks and bookkeeping, the same for 16 and 32 MiB of data
     assert peaks[1] < 8 * chunk, f"peak traced allocation {peaks[1] / 2**20:.1f} MiB"
     assert peaks[1] < peaks[0] + chunk / 4, peaks  # twice the data, no more memory
+
+
+# --- non-finite values -------------------------------------------------------------------------
+
+
+def nonfinite_tensors() -> dict[str, np.ndarray]:
+    return {
+        "a": np.array([3.0, np.nan, 4.0, -np.inf], dtype=np.float32),
+        "b": np.array([np.inf, 12.0]),
+        "c": np.array([1.0, 2.0], dtype=np.float16),
+    }
+
+
+def test_nonfinite_zero_counts_them_as_zero_and_writes_zero(make_file, fmt, tmp_path):
+    tensors = nonfinite_tensors()
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    report = gclip_cli.rescale_file(make_file(fmt, tensors), out, max_norm=1.0, nonfinite="zero")
+    zeroed = {k: np.where(np.isfinite(v), v, 0).astype(v.dtype) for k, v in tensors.items()}
+    assert report.global_norm == pytest.approx(exact_norm(list(zeroed.values())), rel=1e-12)
+    assert {t.name: (t.nan, t.inf) for t in report.tensors} == {
+        "a": (1, 1),
+        "b": (0, 1),
+        "c": (0, 0),
+    }
+    written = read_tensors(out, fmt)
+    for name, values in zeroed.items():
+        assert np.array_equal(written[name], expected_scaled(values, report))
+    assert report.global_norm_after == pytest.approx(1.0, rel=1e-3)
+
+
+def test_nonfinite_zero_rewrites_even_when_within_max_norm(make_file, tmp_path):
+    src = make_file("npz", {"a": np.array([0.1, np.nan])})
+    report = gclip_cli.rescale_file(src, tmp_path / "o.npz", max_norm=10.0, nonfinite="zero")
+    assert not report.clipped
+    assert read_tensors(tmp_path / "o.npz", "npz")["a"].tolist() == [0.1, 0.0]
+
+
+def test_nonfinite_keep_writes_them_back_bit_for_bit(make_file, fmt, tmp_path):
+    tensors = nonfinite_tensors()
+    tensors["a"][1] = np.frombuffer(np.uint32(0x7FC0_1234).tobytes(), np.float32)[0]  # payload
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    report = gclip_cli.rescale_file(make_file(fmt, tensors), out, max_norm=1.0, nonfinite="keep")
+    finite = [v[np.isfinite(v)] for v in tensors.values()]
+    assert report.global_norm == pytest.approx(exact_norm(finite), rel=1e-12)
+    written = read_tensors(out, fmt)
+    for name, original in tensors.items():
+        bad = ~np.isfinite(original)
+        uint = f"u{original.dtype.itemsize}"
+        assert np.array_equal(written[name][bad].view(uint), original[bad].view(uint))
+        expected = expected_scaled(np.where(bad, 0, original).astype(original.dtype), report)
+        assert np.array_equal(written[name][~bad], expected[~bad])
+
+
+def test_inspect_with_a_policy_reports_the_finite_norm(make_file):
+    src = make_file("safetensors", nonfinite_tensors())
+    assert math.isnan(gclip_cli.inspect_file(src).global_norm)
+    report = gclip_cli.inspect_file(src, nonfinite="keep", max_norm=1.0)
+    assert report.global_norm == pytest.approx(math.sqrt(9 + 16 + 144 + 1 + 4))
+    assert report.clipped and report.nonfinite == 3

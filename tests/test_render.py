@@ -46,7 +46,7 @@ def test_json_has_no_nan_and_marks_skipped_tensors():
 def test_inspect_table_shows_nonfinite_and_skipped_rows():
     text = render(print_inspect, sample_report())
     assert "skipped" in text and "2x3" in text and "scalar" in text
-    assert "non-finite values: 1 (rescale refuses this file)" in text
+    assert "non-finite values: 1 (rescale refuses this file; see --nonfinite)" in text
 
 
 def test_rescale_summary_is_labelled():

@@ -74,18 +74,20 @@ def rescale_file(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     file_format: str | None = None,
     nonfinite: str = "error",
+    clobber: bool = True,
 ) -> Report:
     """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
 
     *dst* appears only when complete.  NaN/Inf values: *nonfinite* "error" raises
     NonFiniteError before anything is written; "zero" counts them as 0 and writes 0; "keep"
-    clips by the norm of the finite values and writes NaN/Inf back unchanged.
+    clips by the norm of the finite values and writes NaN/Inf back unchanged.  With
+    *clobber* off an existing *dst* is never replaced.
     """
     options = _options(norm_type, max_norm, eps, chunk_size, nonfinite)
     src, dst = Path(src), Path(dst)
-    check_output_path(src, dst)
+    check_output_path(src, dst, clobber)
     file_format = file_format or detect_format(src)
-    with atomic_output(dst) as tmp:
+    with atomic_output(dst, clobber) as tmp:
         return _contained(file_format, src, _rescale, src, dst, tmp, file_format, options)
 
 

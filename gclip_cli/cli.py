@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -28,7 +29,8 @@ Exit codes:
   3    bad input (missing, unreadable, malformed or unsupported file)
   4    input holds NaN/Inf values (rescale refuses them)
   5    output cannot be written
-  130  interrupted
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
 """
 
 
@@ -89,18 +91,24 @@ def _reports_errors(command: Callable[..., None]) -> Callable[..., None]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
-        from .errors import ExitCode, GclipError, UsageError
+        from .errors import ExitCode, GclipError, Terminated, UsageError
 
+        debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             command(*args, **kwargs)
         except UsageError as exc:
             raise click.UsageError(exc.message) from None
         except GclipError as exc:
+            if debug:
+                raise
             click.echo(f"gclip: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("gclip: interrupted", err=True)
             sys.exit(ExitCode.INTERRUPTED)
+        except Terminated:
+            click.echo("gclip: terminated", err=True)
+            sys.exit(ExitCode.TERMINATED)
 
     return run
 
@@ -155,7 +163,8 @@ def _common_options(command: Callable[..., None]) -> Callable[..., None]:
     epilog=EXIT_CODES_HELP,
 )
 @click.version_option(__version__, "-V", "--version", prog_name="gclip")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+def main(debug: bool) -> None:
     """Inspect and clip gradient dumps in .npz, safetensors and HDF5 files, streaming.
 
     \b
@@ -164,6 +173,14 @@ def main() -> None:
       gclip inspect grads.h5 --max-norm 1.0 --json
       gclip rescale grads.npz clipped.npz --max-norm 1.0
     """
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C does, so temporary files are removed on the way out."""
+    from .errors import Terminated
+
+    raise Terminated
 
 
 @main.command()
@@ -207,6 +224,7 @@ def inspect(
     required=True,
     help="Clip so that the global norm is at most this.",
 )
+@click.option("--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT.")
 @_common_options
 @_reports_errors
 def rescale(
@@ -218,6 +236,7 @@ def rescale(
     chunk_size: int,
     nonfinite: str,
     as_json: bool,
+    no_clobber: bool,
 ) -> None:
     """Write IN to OUT with every gradient scaled by max_norm / global_norm, if that is < 1.
 
@@ -234,6 +253,7 @@ def rescale(
         eps=eps,
         chunk_size=chunk_size,
         nonfinite=nonfinite,
+        clobber=not no_clobber,
     )
     _emit(report, as_json, human=_print_rescale)
 

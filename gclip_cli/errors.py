@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     NONFINITE = 4
     OUTPUT = 5
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 class GclipError(Exception):
@@ -50,3 +51,7 @@ class UsageError(GclipError):
     """An option value that makes no sense (the CLI reports these as usage errors)."""
 
     exit_code = ExitCode.USAGE
+
+
+class Terminated(BaseException):
+    """Raised by the CLI's SIGTERM handler, so that cleanup runs as for Ctrl-C."""

@@ -35,6 +35,9 @@ def run_isolated(path: Path, work: Callable[..., T], *args: object) -> T:
         outcome = receiver.recv()
     except EOFError:  # the child died without answering
         outcome = None
+    except BaseException:  # interrupted here: stop the child too
+        child.terminate()
+        raise
     finally:
         child.join()
         receiver.close()

@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,94 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     )
     assert proc.returncode == 3
     assert proc.stderr == f"gclip: error: {tmp_path / 'missing.npz'}: no such file\n"
+
+
+# --- faults, as real processes -----------------------------------------------------------------
+
+
+def gclip_process(*args, limit_file_size: int | None = None, **popen) -> subprocess.Popen:
+    def limit() -> None:  # writes past the limit fail with EFBIG, as on a full disk
+        import resource
+        import signal as sig
+
+        sig.signal(sig.SIGXFSZ, sig.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "gclip_cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit if limit_file_size else None,
+        **popen,
+    )
+
+
+def big_tensors(megabytes: int) -> dict[str, np.ndarray]:
+    values = np.random.default_rng(2).standard_normal(megabytes << 18).astype(np.float32)
+    return {"w": values, "n": np.arange(4)}
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".gclip-tmp"))
+
+
+def test_disk_full_while_writing_leaves_nothing_behind(make_file, fmt, tmp_path):
+    src = make_file(fmt, big_tensors(2))
+    before = src.read_bytes()
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    proc = gclip_process("rescale", src, out, "--max-norm", "1", limit_file_size=1 << 20)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 5, stderr
+    assert stderr.startswith(f"gclip: error: {out}: cannot write") and stderr.count("\n") == 1
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert src.read_bytes() == before
+
+
+def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path):
+    src = make_file("npz", big_tensors(64))
+    out = tmp_path / "out.npz"
+    proc = gclip_process("rescale", src, out, "--max-norm", "1", "--chunk-size", "1M")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.stat().st_size for p in tmp_path.glob("*.gclip-tmp")):
+            break  # pass 2 is writing
+        time.sleep(0.005)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the machine finished the rescale before the signal arrived")
+    assert proc.returncode == 143 and stderr == "gclip: terminated\n"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_two_writers_of_one_output_end_with_one_complete_file(make_file, fmt, tmp_path):
+    src = make_file(fmt, big_tensors(8))
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    procs = [gclip_process("rescale", src, out, "--max-norm", "1") for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    reference = tmp_path / f"reference{SUFFIX[fmt]}"
+    run("rescale", src, reference, "--max-norm", "1")
+    if fmt != "hdf5":  # HDF5 files carry timestamps of their own
+        assert out.read_bytes() == reference.read_bytes()
+    np.testing.assert_array_equal(read_tensors(out, fmt)["w"], read_tensors(reference, fmt)["w"])
+    assert leftovers(tmp_path) == []
+
+
+def test_no_clobber_keeps_an_existing_output(make_file, tmp_path):
+    src = make_file("safetensors", {"a": np.array([3.0, 4.0])})
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    result = run("rescale", src, out, "--max-norm", "1", "--no-clobber")
+    assert result.exit_code == 5 and "exists and --no-clobber was given" in result.stderr
+    assert out.read_bytes() == b"precious" and leftovers(tmp_path) == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gclip_cli", "--debug", "inspect", tmp_path / "missing.npz"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "no such file" in proc.stderr

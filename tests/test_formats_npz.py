@@ -118,3 +118,19 @@ def test_npy_version_2_and_3_headers_are_read(tmp_path):
         z.writestr("v3.npy", npy_bytes(np.array([4.0]), version=(3, 0)))
     report = gclip_cli.inspect_file(src)
     assert report.global_norm == 5.0
+
+
+def test_member_inflating_beyond_its_declared_size_is_refused(tmp_path):
+    """A zip bomb: the deflate stream holds far more than the sizes in the zip headers say."""
+    declared = npy_bytes(np.zeros(16, dtype="<f4"))
+    bomb = declared + b"\0" * (8 << 20)  # 8 MiB more in the stream than declared
+    src = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(src, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.npy", bomb)
+    raw = bytearray(src.read_bytes())
+    size = len(bomb).to_bytes(4, "little")
+    assert raw.count(size) == 2  # local header and central directory
+    src.write_bytes(bytes(raw).replace(size, len(declared).to_bytes(4, "little")))
+    with pytest.raises(InputError, match=r"'a\.npy'"):
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1e-9)
+    assert not (tmp_path / "out.npz").exists()

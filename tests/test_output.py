@@ -1,4 +1,5 @@
 import os
+import shutil
 import stat
 
 import pytest
@@ -62,3 +63,20 @@ def test_check_output_path(tmp_path):
     with pytest.raises(OutputError, match="is a directory"):
         check_output_path(src, tmp_path)
     check_output_path(src, tmp_path / "new.npz")
+
+
+def test_no_clobber_refuses_a_file_that_appears_meanwhile(tmp_path):
+    dst = tmp_path / "out.bin"
+    with pytest.raises(OutputError, match="exists"), atomic_output(dst, clobber=False) as tmp:
+        tmp.write_bytes(b"new")
+        dst.write_bytes(b"someone else's")  # a concurrent writer got there first
+    assert dst.read_bytes() == b"someone else's"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_output_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch):
+    src = tmp_path / "in.npz"
+    src.write_bytes(b"x" * 1000)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 999))
+    with pytest.raises(OutputError, match="needs 1,000 bytes but only 999 are free"):
+        check_output_path(src, tmp_path / "out.npz")

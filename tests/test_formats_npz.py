@@ -134,3 +134,15 @@ def test_member_inflating_beyond_its_declared_size_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"'a\.npy'"):
         gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1e-9)
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_directory_entry_pointing_past_the_end_is_refused(tmp_path):
+    src = tmp_path / "in.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("notes.txt", b"hello")
+    raw = bytearray(src.read_bytes())
+    central = raw.rfind(b"PK\x01\x02")
+    raw[central + 42 : central + 46] = (1 << 24).to_bytes(4, "little")  # local header offset
+    src.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"'notes\.txt'"):
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)

@@ -112,6 +112,10 @@ class NpzFile:
                     f"zip member {info.filename!r} uses compression method "
                     f"{info.compress_type}, which gclip cannot read",
                 )
+            # opening checks the member's local header against the directory (signature,
+            # name), even for members that would otherwise only be copied
+            with reading(self.path, f"zip member {info.filename!r}"), self._zip.open(info):
+                pass
 
     def _describe_member(self, info: zipfile.ZipInfo) -> TensorInfo:
         name = info.filename[: -len(_NPY_SUFFIX)]

@@ -168,3 +168,17 @@ def test_user_block_files_are_detected(tmp_path):
         assert f.userblock_size == 512
         assert f["a"][()].tolist() == [0.6, 0.8]
     assert report.global_norm == 5.0
+
+
+def test_unavailable_filters_are_refused(tmp_path):
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w") as f:  # 32001 is Blosc, a plugin this machine does not have
+        f.create_dataset(
+            "x",
+            data=np.ones(10, np.float32),
+            chunks=(5,),
+            compression=32001,
+            allow_unknown_filter=True,
+        )
+    with pytest.raises(InputError, match="filter 32001, which is not available"):
+        gclip_cli.inspect_file(src)

@@ -80,6 +80,13 @@ class Hdf5File:
             raise InputError(
                 self.path, f"dataset {name!r} keeps its data in external files; refused"
             )
+        missing = _unavailable_filters(dataset)
+        if missing:
+            raise InputError(
+                self.path,
+                f"dataset {name!r} uses HDF5 filter {missing[0]}, which "
+                "is not available here (is its plugin installed?); refused",
+            )
         if dataset.shape is None:
             return TensorInfo(
                 name,
@@ -90,6 +97,12 @@ class Hdf5File:
                 location=name,
             )
         return describe_array(name, dataset.dtype, dataset.shape, location=name)
+
+
+def _unavailable_filters(dataset: h5py.Dataset) -> list[int]:
+    plist = dataset.id.get_create_plist()
+    codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    return [code for code in codes if not h5py.h5z.filter_avail(code)]
 
 
 def _refuse_external_links(path: Path, root: h5py.File) -> None:

@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "inspect_file": "api",
+    "inspect_files": "api",
+    "Options": "api",
     "rescale_file": "api",
     "DEFAULT_CHUNK_SIZE": "api",
     "Report": "report",
@@ -29,7 +31,9 @@ _EXPORTS = {
 }
 __all__ = [  # noqa: RUF022 - grouped as in _EXPORTS
     "inspect_file",
+    "inspect_files",
     "rescale_file",
+    "Options",
     "DEFAULT_CHUNK_SIZE",
     "Report",
     "TensorReport",
@@ -43,7 +47,7 @@ __all__ = [  # noqa: RUF022 - grouped as in _EXPORTS
 ]
 
 if TYPE_CHECKING:
-    from .api import DEFAULT_CHUNK_SIZE, inspect_file, rescale_file
+    from .api import DEFAULT_CHUNK_SIZE, Options, inspect_file, inspect_files, rescale_file
     from .errors import (
         ExitCode,
         GclipError,

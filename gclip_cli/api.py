@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from .engine import (
     NonFinite,
@@ -20,120 +21,172 @@ from .engine import (
     write_scaled,
 )
 from .errors import NonFiniteError, OutputError, UsageError
-from .formats import TensorFile, crashes_on_damage, detect_format, open_file
+from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
 from .isolation import run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
 from .report import Report, tensor_reports
 from .rounding import ScaleFactor
+from .selection import expand_inputs, select
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
+T = TypeVar("T")
+PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
-class _Options:
-    norm_type: float
-    max_norm: float | None
-    eps: float
-    chunk_size: int
-    nonfinite: NonFinite
+class Options:
+    """How to measure and clip: the options every command shares."""
+
+    norm_type: float = 2.0
+    max_norm: float | None = None
+    eps: float = 0.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    nonfinite: str = "error"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in {p.value for p in NonFinite}:
+            raise UsageError(None, f"nonfinite must be error, zero or keep, not {self.nonfinite!r}")
+        if not (self.norm_type > 0):
+            raise UsageError(None, f"norm type must be a number > 0 or inf, not {self.norm_type}")
+        if self.max_norm is not None and not (0 < self.max_norm < math.inf):
+            raise UsageError(None, f"max norm must be a finite number > 0, not {self.max_norm}")
+        if not (0 <= self.eps < math.inf):
+            raise UsageError(None, f"eps must be a finite number >= 0, not {self.eps}")
+        if self.chunk_size < 1:
+            raise UsageError(None, f"chunk size must be at least 1 byte, not {self.chunk_size}")
+
+    @property
+    def policy(self) -> NonFinite:
+        return NonFinite(self.nonfinite)
 
     def norm(self, stats: NormStats) -> float:
         """The norm that counts: NaN/Inf propagate unless a policy says how to treat them."""
-        return stats.norm() if self.nonfinite is NonFinite.ERROR else stats.finite_norm()
+        return stats.norm() if self.policy is NonFinite.ERROR else stats.finite_norm()
 
 
-def inspect_file(
-    path: str | os.PathLike[str],
-    *,
-    norm_type: float = 2.0,
-    max_norm: float | None = None,
-    eps: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    file_format: str | None = None,
-    nonfinite: str = "error",
-) -> Report:
-    """Measure every tensor of *path*; with *max_norm*, also the factor rescale would apply.
+@dataclass(frozen=True)
+class _Measured:
+    """Pass 1 of one file: its tensors (after selection) and their statistics."""
 
-    NaN/Inf values are counted per tensor; with *nonfinite* "zero" or "keep" the global norm
-    is that of the finite values (as rescale would use), else it is NaN/inf.
+    path: Path
+    file_format: str
+    tensors: list[TensorInfo]
+    stats: list[NormStats | None]
+
+
+def inspect_file(path: PathLike, *, file_format: str | None = None, **options: object) -> Report:
+    """Measure every tensor of *path*; with max_norm, also the factor rescale would apply.
+
+    *options* are those of :class:`Options`.  NaN/Inf values are counted per tensor; with
+    nonfinite "zero" or "keep" the global norm is that of the finite values (as rescale would
+    use), else it is NaN/inf.
     """
-    options = _options(norm_type, max_norm, eps, chunk_size, nonfinite)
-    src = Path(path)
-    file_format = file_format or detect_format(src)
-    return _contained(file_format, src, _inspect, src, file_format, options)
+    return inspect_files([path], file_format=file_format, **options)
+
+
+def inspect_files(
+    paths: Sequence[PathLike], *, file_format: str | None = None, **options: object
+) -> Report:
+    """One report, and one global norm, over several files: paths may also be directories
+    or sharded-checkpoint ``*.index.json`` files."""
+    settings = Options(**options)
+    measured = [
+        _in_child_if_fragile(src, file_format, _measure_file, settings)
+        for src in expand_inputs(paths)
+    ]
+    tensors = [t for m in measured for t in m.tensors]
+    before = [s for m in measured for s in m.stats]
+    total = combine(before, settings.norm_type)
+    global_norm = settings.norm(total)
+    factor = None
+    if settings.max_norm is not None and math.isfinite(global_norm):
+        factor = _factor(tensors, before, total, settings)
+    files = [str(m.path) for m in measured for _ in m.tensors]
+    return Report(
+        path=str(measured[0].path) if len(measured) == 1 else f"{len(measured)} files",
+        file_format=",".join(dict.fromkeys(m.file_format for m in measured)),
+        norm_type=settings.norm_type,
+        global_norm=global_norm,
+        tensors=tensor_reports(tensors, before, global_norm, settings.norm, files=files),
+        files=tuple(str(m.path) for m in measured),
+        max_norm=settings.max_norm,
+        eps=settings.eps,
+        nonfinite_policy=settings.nonfinite,
+        scale=None if factor is None else factor.hi,
+        clipped=None if factor is None else factor.exact != 1,
+    )
 
 
 def rescale_file(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
+    src: PathLike,
+    dst: PathLike,
     *,
     max_norm: float,
-    norm_type: float = 2.0,
-    eps: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
     file_format: str | None = None,
-    nonfinite: str = "error",
     clobber: bool = True,
+    **options: object,
 ) -> Report:
     """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
 
-    *dst* appears only when complete.  NaN/Inf values: *nonfinite* "error" raises
+    *dst* appears only when complete.  NaN/Inf values: nonfinite "error" raises
     NonFiniteError before anything is written; "zero" counts them as 0 and writes 0; "keep"
-    clips by the norm of the finite values and writes NaN/Inf back unchanged.  With
-    *clobber* off an existing *dst* is never replaced.
+    clips by the norm of the finite values and writes NaN/Inf back unchanged.  With *clobber*
+    off an existing *dst* is never replaced.  Other *options* are those of :class:`Options`.
     """
-    options = _options(norm_type, max_norm, eps, chunk_size, nonfinite)
+    settings = Options(max_norm=max_norm, **options)
     src, dst = Path(src), Path(dst)
     check_output_path(src, dst, clobber)
-    file_format = file_format or detect_format(src)
     with atomic_output(dst, clobber) as tmp:
-        return _contained(file_format, src, _rescale, src, dst, tmp, file_format, options)
+        return _in_child_if_fragile(src, file_format, _rescale, dst, tmp, settings)
 
 
-def _contained(file_format: str, src: Path, work: Callable[..., Report], *args: object) -> Report:
-    """Run *work* in a child process for formats whose library can crash on damaged files."""
+def _in_child_if_fragile(
+    src: PathLike, file_format: str | None, work: Callable[..., T], *args: object
+) -> T:
+    """*work*(src, format, *args), in a child process for formats whose library can crash
+    (not raise) on damaged files."""
+    src = Path(src)
+    file_format = file_format or detect_format(src)
     if crashes_on_damage(file_format):
-        return run_isolated(src, work, *args)
-    return work(*args)
+        return run_isolated(src, work, src, file_format, *args)
+    return work(src, file_format, *args)
 
 
-def _inspect(src: Path, file_format: str, options: _Options) -> Report:
+@contextmanager
+def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile]:
+    """The file, with the tensors *options* do not select marked skipped."""
     with closing(open_file(src, file_format)) as tfile:
-        before, total = _measure(tfile, options)
-        global_norm = options.norm(total)
-        factor = None
-        if options.max_norm is not None and math.isfinite(global_norm):
-            factor = _factor(tfile, before, total, options)
-        return Report(
-            path=str(src),
-            file_format=tfile.format_name,
-            norm_type=options.norm_type,
-            global_norm=global_norm,
-            tensors=tensor_reports(list(tfile.tensors), before, global_norm, options.norm),
-            max_norm=options.max_norm,
-            eps=options.eps,
-            nonfinite_policy=options.nonfinite.value,
-            scale=None if factor is None else factor.hi,
-            clipped=None if factor is None else factor.exact != 1,
-        )
+        tfile.tensors = select(tfile.tensors, options.include, options.exclude)
+        yield tfile
 
 
-def _rescale(src: Path, dst: Path, tmp: Path, file_format: str, options: _Options) -> Report:
+def _measure_file(src: Path, file_format: str, options: Options) -> _Measured:
+    with _opened(src, file_format, options) as tfile:
+        stats = measure_tensors(tfile, options.norm_type, options.chunk_size)
+        # locations are the format's handles: not needed by reports, and may not pickle
+        tensors = [replace(t, location=None) for t in tfile.tensors]
+        return _Measured(src, tfile.format_name, tensors, stats)
+
+
+def _rescale(src: Path, file_format: str, dst: Path, tmp: Path, options: Options) -> Report:
     """Pass 1, the decision, then pass 2 (or a plain copy) into *tmp*."""
-    with closing(open_file(src, file_format)) as tfile:
-        before, total = _measure(tfile, options)
-        if options.nonfinite is NonFinite.ERROR:
+    with _opened(src, file_format, options) as tfile:
+        before = measure_tensors(tfile, options.norm_type, options.chunk_size)
+        total = combine(before, options.norm_type)
+        if options.policy is NonFinite.ERROR:
             _refuse_nonfinite(tfile, before)
         global_norm = options.norm(total)
-        factor = _factor(tfile, before, total, options)
+        factor = _factor(tfile.tensors, before, total, options)
         clipped = factor.exact != 1
         with_nonfinite = frozenset(
             t.name for t, s in zip(tfile.tensors, before, strict=True) if s and s.nonfinite
         )
         with _output_errors(dst):
-            if clipped or (with_nonfinite and options.nonfinite is NonFinite.ZERO):
-                scaler = Scaler(factor, options.norm_type, options.nonfinite, with_nonfinite)
+            if clipped or (with_nonfinite and options.policy is NonFinite.ZERO):
+                scaler = Scaler(factor, options.norm_type, options.policy, with_nonfinite)
                 after = write_scaled(tfile, tmp, scaler, options.chunk_size)
             else:  # nothing to change: the output is the input, byte for byte
                 shutil.copyfile(src, tmp)
@@ -143,10 +196,18 @@ def _rescale(src: Path, dst: Path, tmp: Path, file_format: str, options: _Option
             file_format=tfile.format_name,
             norm_type=options.norm_type,
             global_norm=global_norm,
-            tensors=tensor_reports(list(tfile.tensors), before, global_norm, options.norm, after),
+            tensors=tensor_reports(
+                list(tfile.tensors),
+                before,
+                global_norm,
+                options.norm,
+                after,
+                files=[str(src)] * len(tfile.tensors),
+            ),
+            files=(str(src),),
             max_norm=options.max_norm,
             eps=options.eps,
-            nonfinite_policy=options.nonfinite.value,
+            nonfinite_policy=options.nonfinite,
             scale=factor.hi,
             clipped=clipped,
             output=str(dst),
@@ -154,40 +215,13 @@ def _rescale(src: Path, dst: Path, tmp: Path, file_format: str, options: _Option
         )
 
 
-def _options(
-    norm_type: float, max_norm: float | None, eps: float, chunk_size: int, nonfinite: str
-) -> _Options:
-    try:
-        policy = NonFinite(nonfinite)
-    except ValueError:
-        raise UsageError(
-            None, f"nonfinite must be error, zero or keep, not {nonfinite!r}"
-        ) from None
-    options = _Options(norm_type, max_norm, eps, chunk_size, policy)
-    _check_options(options)
-    return options
-
-
-def _check_options(options: _Options) -> None:
-    if not (options.norm_type > 0):
-        raise UsageError(None, f"norm type must be a number > 0 or inf, not {options.norm_type}")
-    if options.max_norm is not None and not (0 < options.max_norm < math.inf):
-        raise UsageError(None, f"max norm must be a finite number > 0, not {options.max_norm}")
-    if not (0 <= options.eps < math.inf):
-        raise UsageError(None, f"eps must be a finite number >= 0, not {options.eps}")
-    if options.chunk_size < 1:
-        raise UsageError(None, f"chunk size must be at least 1 byte, not {options.chunk_size}")
-
-
-def _measure(tfile: TensorFile, options: _Options) -> tuple[list[NormStats | None], NormStats]:
-    before = measure_tensors(tfile, options.norm_type, options.chunk_size)
-    return before, combine(before, options.norm_type)
-
-
 def _factor(
-    tfile: TensorFile, before: list[NormStats | None], total: NormStats, options: _Options
+    tensors: Sequence[TensorInfo],
+    before: Sequence[NormStats | None],
+    total: NormStats,
+    options: Options,
 ) -> ScaleFactor:
-    bound = rounding_bound(tfile.tensors, before, total)
+    bound = rounding_bound(tensors, before, total)
     return clip_factor(options.norm(total), options.max_norm, options.eps, bound)
 
 

@@ -1,25 +1,88 @@
-"""Turning reports into text: a Rich table for people, JSON for programs."""
+"""Turning reports into output: Rich tables for people; JSON, JSON Lines and CSV for programs.
+
+JSON is written with the json module, never through Rich (which would wrap or colour it).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import unicodedata
+from dataclasses import asdict
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report
+from .report import SCHEMA_VERSION, Report, TensorReport
+from .views import LayerReport, View, by_layer, sort_tensors
+
+OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
+PLAIN = View()
+_BAR_WIDTH = 5
+_NAME_MIN_WIDTH = 14  # names stay readable when a narrow terminal squeezes the table
+_CSV_TENSOR_FIELDS = (
+    "file",
+    "name",
+    "dtype",
+    "shape",
+    "numel",
+    "nbytes",
+    "norm",
+    "share",
+    "max_abs",
+    "nan",
+    "inf",
+    "skipped",
+    "norm_after",
+)
 
 
-def report_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, allow_nan=False)
+def report_json(report: Report, view: View = PLAIN) -> str:
+    data = report.to_dict()
+    data["tensors"] = [_tensor_dict(report, t) for t in sort_tensors(report, view.sort, view.top)]
+    if view.by_layer:
+        data["layers"] = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
+    return json.dumps(data, indent=2, allow_nan=False)
 
 
-def print_inspect(report: Report, console: Console) -> None:
-    """The per-tensor table, then the totals and (with --max-norm) the factor rescale would use."""
-    console.print(_tensor_table(report))
+def report_jsonl(report: Report, view: View = PLAIN) -> str:
+    """One record a line: every tensor (or layer), then a summary."""
+    if view.by_layer:
+        rows = [{"kind": "layer", **_layer_dict(layer)} for layer in by_layer(report, view.depth)]
+    else:
+        rows = [
+            {"kind": "tensor", **_tensor_dict(report, t)}
+            for t in sort_tensors(report, view.sort, view.top)
+        ]
+    summary = {k: v for k, v in report.to_dict().items() if k != "tensors"}
+    rows.append({"kind": "summary", **summary})
+    return "\n".join(json.dumps(row, allow_nan=False) for row in rows)
+
+
+def report_csv(report: Report, view: View = PLAIN) -> str:
+    buffer = io.StringIO()
+    if view.by_layer:
+        rows = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
+        fields = list(asdict(LayerReport("", 0, 0, None, None)))
+    else:
+        rows = [_tensor_dict(report, t) for t in sort_tensors(report, view.sort, view.top)]
+        for row in rows:
+            row["shape"] = "x".join(map(str, row["shape"]))
+        fields = [f for f in _CSV_TENSOR_FIELDS if f != "norm_after" or report.output]
+    writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().rstrip("\n")
+
+
+def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
+    """The per-tensor (or per-layer) table, then the totals and the clip factor if asked."""
+    table = _layer_table(report, view) if view.by_layer else _tensor_table(report, view)
+    console.print(table)
     console.print(_summary(report))
 
 
@@ -41,33 +104,117 @@ def print_rescale(report: Report, console: Console) -> None:
     console.print(Text("\n".join(lines)))
 
 
-def _tensor_table(report: Report) -> Table:
-    table = Table(title=Text(f"{report.path} ({report.file_format})"), title_justify="left")
-    for header in ("tensor", "dtype", "shape"):
-        table.add_column(header, overflow="fold")
-    for header in ("values", "norm", "share", "max |x|", "non-finite"):
-        table.add_column(header, justify="right")
-    for t in report.tensors:
+def check_line(report: Report) -> str:
+    """One line saying whether the global norm is within max_norm."""
+    norm = f"global {_norm_label(report.norm_type)} {_number(report.global_norm)}"
+    files = f" ({len(report.files)} files)" if len(report.files) > 1 else ""
+    if report.nonfinite and report.nonfinite_policy == "error":
+        return f"non-finite: {report.nonfinite:,} NaN/Inf values{files}"
+    if report.clipped:
+        return f"exceeds: {norm} > max norm {_number(report.max_norm)}{files}"
+    return f"ok: {norm} <= max norm {_number(report.max_norm)}{files}"
+
+
+def _tensor_dict(report: Report, tensor: TensorReport) -> dict:
+    fields = asdict(tensor)
+    fields["shape"] = list(tensor.shape)
+    for key in ("norm", "max_abs", "norm_after"):
+        fields[key] = _json_number(fields[key])
+    if report.output is None:
+        del fields["norm_after"]
+    return fields
+
+
+def _layer_dict(layer: LayerReport) -> dict:
+    return asdict(layer) | {"norm": _json_number(layer.norm)}
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
+
+
+def _tensor_table(report: Report, view: View) -> Table:
+    several = len(report.files) > 1
+    nonfinite = report.nonfinite > 0
+    headers = [
+        "file / tensor" if several else "tensor",
+        "dtype",
+        "shape",
+        "values",
+        "norm",
+        "share",
+        "max |x|",
+    ] + (["NaN/Inf"] if nonfinite else [])
+    table = _table(report, headers)
+    for t in sort_tensors(report, view.sort, view.top):
         style = "dim" if t.skipped else ("bold red" if t.nonfinite else None)
-        table.add_row(
-            Text(printable(t.name)),
+        name = f"{t.file}: {t.name}" if several else t.name
+        cells = [
+            Text(printable(name)),
             t.dtype,
             "x".join(map(str, t.shape)) or "scalar",
             f"{t.numel:,}",
             "skipped" if t.skipped else _number(t.norm),
-            "" if t.share is None else f"{t.share:.1%}",
+            _share(t.share),
             "" if t.max_abs is None else _number(t.max_abs),
-            "" if t.skipped else f"{t.nonfinite:,}",
-            style=style,
+        ]
+        if nonfinite:
+            cells.append("" if t.skipped else f"{t.nonfinite:,}")
+        table.add_row(*cells, style=style)
+    return table
+
+
+def _layer_table(report: Report, view: View) -> Table:
+    table = _table(report, ["layer", "tensors", "values", "norm", "share"])
+    for layer in by_layer(report, view.depth):
+        table.add_row(
+            Text(printable(layer.name)),
+            str(layer.tensors),
+            f"{layer.numel:,}",
+            _number(layer.norm),
+            _share(layer.share),
         )
     return table
 
 
+def _table(report: Report, headers: list[str]) -> Table:
+    title = f"{report.path} ({report.file_format})"
+    table = Table(
+        title=Text(printable(title)),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for i, header in enumerate(headers):
+        left = i == 0 or header in ("dtype", "shape")
+        table.add_column(
+            header,
+            justify="left" if left else "right",
+            overflow="fold",
+            no_wrap=i != 0,  # numbers stay whole; only names fold
+            min_width=_NAME_MIN_WIDTH if i == 0 else None,
+        )
+    return table
+
+
+def _share(share: float | None) -> Text:
+    """The share of the global norm (squared), with a bar so that the outlier stands out."""
+    if share is None:
+        return Text("")
+    eighths = round(max(0.0, min(1.0, share)) * _BAR_WIDTH * 8)
+    full, part = divmod(eighths, 8)
+    bar = ("█" * full + (" ▏▎▍▌▋▊▉"[part] if part else "")).ljust(_BAR_WIDTH)
+    return Text(f"{share:6.1%} ").append(bar, style="cyan")
+
+
 def _summary(report: Report) -> Text:
     skipped = len(report.tensors) - len(report.counted)
+    files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     lines = [
         f"global {_norm_label(report.norm_type)}: {_number(report.global_norm)}",
-        f"{len(report.counted)} tensors counted, {skipped} skipped; "
+        f"{len(report.counted)} tensors counted, {skipped} skipped{files}; "
         f"{report.total_numel:,} values; {_bytes(report.total_bytes)}",
     ]
     if report.nonfinite:
@@ -108,3 +255,16 @@ def _bytes(n: int) -> str:
         return f"{n:,} B"
     exponent = min(3, int(math.log(n, 1024)))
     return f"{n / 1024**exponent:.2f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
+
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "SCHEMA_VERSION",
+    "check_line",
+    "print_inspect",
+    "print_rescale",
+    "printable",
+    "report_csv",
+    "report_json",
+    "report_jsonl",
+]

@@ -10,6 +10,8 @@ from .engine import norm_share
 from .formats import TensorInfo
 from .norms import NormStats
 
+SCHEMA_VERSION = 1  # of the JSON: raised when a field changes meaning or goes away
+
 
 @dataclass(frozen=True)
 class TensorReport:
@@ -25,6 +27,7 @@ class TensorReport:
     inf: int = 0
     share: float | None = None  # of the global sum of |x|**p
     norm_after: float | None = None  # rescale: the norm of the values written
+    file: str | None = None
 
     @property
     def nonfinite(self) -> int:
@@ -38,6 +41,7 @@ class Report:
     norm_type: float
     global_norm: float
     tensors: tuple[TensorReport, ...]
+    files: tuple[str, ...] = ()
     max_norm: float | None = None
     eps: float = 0.0
     nonfinite_policy: str = "error"
@@ -65,7 +69,9 @@ class Report:
     def to_dict(self) -> dict:
         """A JSON-ready dict: non-finite numbers become None (JSON has no NaN)."""
         fields = {
+            "schema_version": SCHEMA_VERSION,
             "file": self.path,
+            "files": list(self.files),
             "format": self.file_format,
             "norm_type": _json_number(self.norm_type, inf_as="inf"),
             "global_norm": _json_number(self.global_norm),
@@ -94,6 +100,7 @@ class Report:
 
 def _tensor_dict(tensor: TensorReport, rescaled: bool) -> dict:
     fields = {
+        "file": tensor.file,
         "name": tensor.name,
         "dtype": tensor.dtype,
         "shape": list(tensor.shape),
@@ -125,15 +132,18 @@ def tensor_reports(
     global_norm: float,
     norm_of: Callable[[NormStats], float],
     after: list[NormStats | None] | None = None,
+    files: list[str] | None = None,
 ) -> tuple[TensorReport, ...]:
     """One TensorReport per tensor from the pass-1 (and pass-2) statistics.
 
-    *norm_of* turns statistics into the norm reported (finite values only, or NaN/inf).
+    *norm_of* turns statistics into the norm reported (finite values only, or NaN/inf);
+    *files* names each tensor's file.
     """
     after = after or [None] * len(tensors)
+    files = files or [None] * len(tensors)
     return tuple(
-        _tensor_report(info, stats, global_norm, norm_of, written)
-        for info, stats, written in zip(tensors, before, after, strict=True)
+        replace(_tensor_report(info, stats, global_norm, norm_of, written), file=file)
+        for info, stats, written, file in zip(tensors, before, after, files, strict=True)
     )
 
 

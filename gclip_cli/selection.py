@@ -1,0 +1,68 @@
+"""Which tensors count: --include/--exclude globs, and which files an input names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from .errors import InputError
+from .formats import TensorInfo
+
+INDEX_SUFFIX = ".index.json"
+
+
+def select(
+    tensors: Sequence[TensorInfo], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[TensorInfo]:
+    """*tensors* with those not selected marked skipped: not counted, copied untouched.
+
+    A tensor is selected when it matches some *include* glob (or there are none) and no
+    *exclude* glob.
+    """
+    return [_apply(t, include, exclude) for t in tensors]
+
+
+def _apply(tensor: TensorInfo, include: Sequence[str], exclude: Sequence[str]) -> TensorInfo:
+    if not tensor.is_gradient:
+        return tensor
+    if include and not any(fnmatchcase(tensor.name, glob) for glob in include):
+        return replace(tensor, dtype=None, skip_reason="not matched by --include")
+    matched = next((glob for glob in exclude if fnmatchcase(tensor.name, glob)), None)
+    if matched is not None:
+        return replace(tensor, dtype=None, skip_reason=f"excluded by --exclude {matched}")
+    return tensor
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """The files that *paths* name: files as given, a directory's files in name order (hidden
+    files and index files left out), and the shards of a ``*.index.json`` in order."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if _is_data_file(p))
+        elif path.name.endswith(INDEX_SUFFIX):
+            files += index_shards(path)
+        else:
+            files.append(path)
+    if not files:
+        raise InputError(", ".join(map(str, paths)), "no files to read")
+    return list(dict.fromkeys(files))  # each file once
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files of a sharded checkpoint's index, in the order they first appear."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = dict.fromkeys(weight_map.values())
+    except FileNotFoundError:
+        raise InputError(index, "no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(index, f"not a sharded checkpoint index ({exc})") from None
+    return [index.parent / shard for shard in shards]
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and not path.name.endswith(INDEX_SUFFIX)

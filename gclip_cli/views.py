@@ -1,0 +1,103 @@
+"""Ways to look at a report: sorted, the top N, or aggregated per layer."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .report import Report, TensorReport
+
+SORT_KEYS = ("name", "norm", "size", "file")
+_SEPARATORS = re.compile(r"[./]")
+_NUMBER = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class View:
+    """How to present a report's tensors."""
+
+    sort: str | None = None  # one of SORT_KEYS; None keeps file order
+    top: int | None = None
+    by_layer: bool = False
+    depth: int | None = None  # with by_layer: group by the first N name components
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    tensors: int
+    numel: int
+    norm: float | None
+    share: float | None
+
+
+def natural_key(text: str) -> tuple[object, ...]:
+    """Sort key in which numbers compare as numbers: h.2 before h.10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def sort_tensors(report: Report, key: str | None, top: int | None) -> list[TensorReport]:
+    """The report's tensors in file order, or sorted by *key*, cut to the *top* N."""
+    tensors = list(report.tensors)
+    if key == "name":
+        tensors.sort(key=lambda t: natural_key(t.name))
+    elif key == "norm":
+        tensors.sort(
+            key=lambda t: -1.0 if t.norm is None or math.isnan(t.norm) else t.norm, reverse=True
+        )
+    elif key == "size":
+        tensors.sort(key=lambda t: t.nbytes, reverse=True)
+    elif key == "file":
+        tensors.sort(key=lambda t: natural_key(t.file or ""))
+    return tensors if top is None else tensors[:top]
+
+
+def layer_of(name: str, depth: int | None = None) -> str:
+    """The layer a tensor belongs to, as a prefix of its name.
+
+    By default: up to and including the first numeric component (``h.3.mlp.c_fc.bias`` ->
+    ``h.3``), or the first component when there is none.  With *depth*: the first *depth*
+    components.  ``.`` and ``/`` both separate components.
+    """
+    bounds = [m.end() for m in _SEPARATORS.finditer(name)] + [len(name) + 1]
+    parts = _SEPARATORS.split(name)
+    if depth is None:
+        numeric = next((i for i, part in enumerate(parts) if _NUMBER.fullmatch(part)), 0)
+        count = numeric + 1
+    else:
+        count = max(1, depth)
+    count = min(count, len(parts))
+    return name[: bounds[count - 1] - 1]
+
+
+def by_layer(report: Report, depth: int | None = None) -> list[LayerReport]:
+    """Counted tensors grouped by layer, in natural order of the layer names."""
+    groups: dict[str, list[TensorReport]] = {}
+    for tensor in report.counted:
+        groups.setdefault(layer_of(tensor.name, depth), []).append(tensor)
+    return [
+        LayerReport(
+            name=name,
+            tensors=len(members),
+            numel=sum(t.numel for t in members),
+            norm=_combined_norm([t.norm for t in members], report.norm_type),
+            share=None
+            if any(t.share is None for t in members)
+            else math.fsum(t.share for t in members),
+        )
+        for name, members in sorted(groups.items(), key=lambda item: natural_key(item[0]))
+    ]
+
+
+def _combined_norm(norms: Sequence[float | None], p: float) -> float | None:
+    """The p-norm of tensors taken together, from their norms (scaled: no overflow)."""
+    if any(n is None for n in norms):
+        return None
+    if any(math.isnan(n) for n in norms):
+        return math.nan
+    top = max(norms, default=0.0)
+    if math.isinf(p) or top == 0.0 or math.isinf(top):
+        return top
+    return top * math.fsum((n / top) ** p for n in norms) ** (1.0 / p)

@@ -7,7 +7,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,12 +22,16 @@ from . import __version__
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from .report import Report
+    from .views import View
 
 EXIT_CODES_HELP = """\b
 Exit codes:
-  0    success
-  2    usage error (bad option or argument)
+  0    success (check: the norm is within --max-norm)
+  1    check: the norm exceeds --max-norm, or the files hold NaN/Inf
+  2    usage error (bad option or argument); any error of check
   3    bad input (missing, unreadable, malformed or unsupported file)
   4    input holds NaN/Inf values (rescale refuses them)
   5    output cannot be written
@@ -86,76 +92,157 @@ def _float_or_none(text: str) -> float | None:
         return None
 
 
-def _reports_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn library errors into one ``gclip: error:`` line on stderr and their exit code."""
+@dataclass(frozen=True)
+class _Settings:
+    """The group's options, for every command."""
 
-    @wraps(command)
-    def run(*args: Any, **kwargs: Any) -> None:
-        from .errors import ExitCode, GclipError, Terminated, UsageError
-
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            command(*args, **kwargs)
-        except UsageError as exc:
-            raise click.UsageError(exc.message) from None
-        except GclipError as exc:
-            if debug:
-                raise
-            click.echo(f"gclip: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("gclip: interrupted", err=True)
-            sys.exit(ExitCode.INTERRUPTED)
-        except Terminated:
-            click.echo("gclip: terminated", err=True)
-            sys.exit(ExitCode.TERMINATED)
-
-    return run
+    debug: bool = False
+    color: str = "auto"
 
 
-def _common_options(command: Callable[..., None]) -> Callable[..., None]:
-    options = [
-        click.option(
-            "--norm-type",
-            "-p",
-            type=NormTypeParam(),
-            default="2",
-            show_default=True,
-            help="p of the p-norm: any number > 0, or inf.",
-        ),
-        click.option(
-            "--eps",
-            type=PositiveFiniteParam(allow_zero=True),
-            default=0.0,
-            show_default=True,
-            help="Added to the norm in the factor max_norm / (norm + eps); "
-            "1e-6 reproduces PyTorch.",
-        ),
-        click.option(
-            "--chunk-size",
-            type=ByteSizeParam(),
-            default="64M",
-            show_default=True,
-            help="Bytes read per chunk: bounds the memory used.",
-        ),
-        click.option(
-            "--nonfinite",
-            type=click.Choice(["error", "zero", "keep"]),
-            default="error",
-            show_default=True,
-            help="NaN/Inf values: refuse the file, count and write them as 0, or keep them "
-            "as they are (the norm is then that of the finite values).",
-        ),
-        click.option(
-            "--json",
-            "as_json",
-            is_flag=True,
-            help="Print one JSON object on stdout instead of text.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _settings() -> _Settings:
+    return click.get_current_context().find_object(_Settings) or _Settings()
+
+
+def _reports_errors(
+    error_code: int | None = None,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Turn library errors into one ``gclip: error:`` line on stderr and an exit code (their
+    own, or *error_code* for every error, as check's 2)."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @wraps(command)
+        def run(*args: Any, **kwargs: Any) -> None:
+            from .errors import ExitCode, GclipError, Terminated, UsageError
+
+            try:
+                command(*args, **kwargs)
+            except UsageError as exc:
+                raise click.UsageError(exc.message) from None
+            except GclipError as exc:
+                if _settings().debug:
+                    raise
+                click.echo(f"gclip: error: {exc}", err=True)
+                sys.exit(error_code or exc.exit_code)
+            except BrokenPipeError:  # the reader went away (| head): stop quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(error_code or 141)
+            except KeyboardInterrupt:
+                click.echo("gclip: interrupted", err=True)
+                sys.exit(error_code or ExitCode.INTERRUPTED)
+            except Terminated:
+                click.echo("gclip: terminated", err=True)
+                sys.exit(error_code or ExitCode.TERMINATED)
+
+        return run
+
+    return decorate
+
+
+def _options(*decorators: Callable[[Callable[..., None]], Callable[..., None]]):
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+_measure_options = _options(
+    click.option(
+        "--norm-type",
+        "-p",
+        type=NormTypeParam(),
+        default="2",
+        show_default=True,
+        envvar="GCLIP_NORM_TYPE",
+        help="p of the p-norm: any number > 0, or inf.",
+    ),
+    click.option(
+        "--eps",
+        type=PositiveFiniteParam(allow_zero=True),
+        default=0.0,
+        show_default=True,
+        envvar="GCLIP_EPS",
+        help="Added to the norm in the factor max_norm / (norm + eps); 1e-6 reproduces PyTorch.",
+    ),
+    click.option(
+        "--nonfinite",
+        type=click.Choice(["error", "zero", "keep"]),
+        default="error",
+        show_default=True,
+        envvar="GCLIP_NONFINITE",
+        help="NaN/Inf values: refuse the file, count and write them as 0, or keep "
+        "them as they are (the norm is then that of the finite values).",
+    ),
+    click.option(
+        "--include",
+        multiple=True,
+        metavar="GLOB",
+        help="Count only tensors whose name matches (repeatable).",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="GLOB",
+        help="Do not count (and do not scale) tensors whose name matches (repeatable).",
+    ),
+    click.option(
+        "--chunk-size",
+        type=ByteSizeParam(),
+        default="64M",
+        show_default=True,
+        envvar="GCLIP_CHUNK_SIZE",
+        help="Bytes read per chunk: bounds the memory used.",
+    ),
+    click.option(
+        "--file-format",
+        type=click.Choice(["safetensors", "npz", "hdf5"]),
+        help="The input's format, instead of detecting it from its first bytes.",
+    ),
+)
+_view_options = _options(
+    click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(["table", "json", "jsonl", "csv"]),
+        default="table",
+        show_default=True,
+        envvar="GCLIP_FORMAT",
+        help="Report as a table (for people), JSON, JSON Lines or CSV.",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Short for --format json."),
+    click.option(
+        "--sort",
+        type=click.Choice(["name", "norm", "size", "file"]),
+        help="Order the tensors (default: as in the file).",
+    ),
+    click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show the first N only."),
+    click.option(
+        "--by-layer",
+        is_flag=True,
+        help="One row per layer: the name up to its first number (h.3, encoder.layer.5).",
+    ),
+    click.option(
+        "--depth",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --by-layer: a layer is the first N name components.",
+    ),
+)
+
+
+def _max_norm_option(
+    required: bool, help_text: str
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return click.option(
+        "--max-norm",
+        type=PositiveFiniteParam(),
+        required=required,
+        envvar="GCLIP_MAX_NORM",
+        show_envvar=True,
+        help=help_text,
+    )
 
 
 @click.group(
@@ -164,15 +251,28 @@ def _common_options(command: Callable[..., None]) -> Callable[..., None]:
 )
 @click.version_option(__version__, "-V", "--version", prog_name="gclip")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
-def main(debug: bool) -> None:
+@click.option(
+    "--color",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    envvar="GCLIP_COLOR",
+    help="Colour in tables; auto: when writing to a terminal and NO_COLOR is unset.",
+)
+@click.pass_context
+def main(ctx: click.Context, debug: bool, color: str) -> None:
     """Inspect and clip gradient dumps in .npz, safetensors and HDF5 files, streaming.
 
     \b
     Examples:
-      gclip inspect grads.safetensors
-      gclip inspect grads.h5 --max-norm 1.0 --json
+      gclip inspect grads.safetensors --sort norm --top 10
+      gclip inspect shards/model.safetensors.index.json --by-layer
+      gclip norm grads.h5
+      gclip check grads.npz --max-norm 1.0 || echo "exploding"
       gclip rescale grads.npz clipped.npz --max-norm 1.0
+      cat g.safetensors | gclip rescale - - --max-norm 1 | gclip norm -
     """
+    ctx.obj = _Settings(debug, color)
     signal.signal(signal.SIGTERM, _terminate)
 
 
@@ -184,100 +284,167 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=True))
-@click.option(
-    "--max-norm",
-    type=PositiveFiniteParam(),
-    help="Also show the factor 'rescale --max-norm' would apply.",
-)
-@_common_options
-@_reports_errors
-def inspect(
-    file: Path,
-    max_norm: float | None,
-    norm_type: float,
-    eps: float,
-    chunk_size: int,
-    nonfinite: str,
-    as_json: bool,
-) -> None:
-    """Show every tensor's norm, share, max |x| and non-finite count, and the global norm."""
-    from .api import inspect_file
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@_max_norm_option(False, "Also show the factor 'rescale --max-norm' would apply.")
+@_measure_options
+@_view_options
+@_reports_errors()
+def inspect(files: tuple[str, ...], output_format: str, as_json: bool, **options: Any) -> None:
+    """Show every tensor's norm, share, max |x| and NaN/Inf count, and the global norm.
 
-    report = inspect_file(
-        file,
-        norm_type=norm_type,
-        max_norm=max_norm,
-        eps=eps,
-        chunk_size=chunk_size,
-        nonfinite=nonfinite,
-    )
-    _emit(report, as_json, human=_print_inspect)
+    FILE may be several files, a directory, a sharded checkpoint's *.index.json, or - for
+    standard input: one global norm is taken over all of them.
+    """
+    view = _view(options)
+    report = _inspect(files, options)
+    _emit(report, "json" if as_json else output_format, view, human=_print_inspect)
 
 
 @main.command()
-@click.argument("input_file", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("output_file", metavar="OUT", type=click.Path(path_type=Path))
-@click.option(
-    "--max-norm",
-    type=PositiveFiniteParam(),
-    required=True,
-    help="Clip so that the global norm is at most this.",
-)
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@_measure_options
+@_reports_errors()
+def norm(files: tuple[str, ...], **options: Any) -> None:
+    """Print the global norm of FILE... (a number and a newline), for $(...).
+
+    Exits with 4 when the files hold NaN/Inf (the norm printed is then nan or inf) unless
+    --nonfinite zero or keep says how to count them.
+    """
+    from .errors import ExitCode
+
+    report = _inspect(files, options)
+    click.echo(repr(report.global_norm))
+    if report.nonfinite and report.nonfinite_policy == "error":
+        sys.exit(ExitCode.NONFINITE)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@_max_norm_option(True, "The threshold the global norm must stay within.")
+@_measure_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_reports_errors(error_code=2)
+def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Exit 0 when the global norm of FILE... is within --max-norm, 1 when it exceeds it or the
+    files hold NaN/Inf, 2 on any error.  Prints one summary line (or JSON)."""
+    from .render import check_line, report_json
+
+    report = _inspect(files, options)
+    failed = report.clipped or (report.nonfinite and report.nonfinite_policy == "error")
+    if as_json:
+        click.echo(report_json(report))
+    else:
+        click.echo(check_line(report))
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("input_file", metavar="IN")
+@click.argument("output_file", metavar="OUT")
+@_max_norm_option(True, "Clip so that the global norm is at most this.")
 @click.option("--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT.")
-@_common_options
-@_reports_errors
+@click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors.")
+@_measure_options
+@_view_options
+@_reports_errors()
 def rescale(
-    input_file: Path,
-    output_file: Path,
-    max_norm: float,
-    norm_type: float,
-    eps: float,
-    chunk_size: int,
-    nonfinite: str,
-    as_json: bool,
+    input_file: str,
+    output_file: str,
     no_clobber: bool,
+    quiet: bool,
+    output_format: str,
+    as_json: bool,
+    **options: Any,
 ) -> None:
     """Write IN to OUT with every gradient scaled by max_norm / global_norm, if that is < 1.
 
-    OUT has IN's format; non-float tensors and all other content are copied untouched. The
-    output appears only when complete; IN is never modified.
+    OUT has IN's format; non-float (and --exclude'd) tensors and all other content are copied
+    untouched. OUT appears only when complete; IN is never modified. Either may be - (standard
+    input or output); the report then goes to stderr.
     """
     from .api import rescale_file
+    from .streams import STDIO, local_inputs
 
-    report = rescale_file(
-        input_file,
-        output_file,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        eps=eps,
-        chunk_size=chunk_size,
-        nonfinite=nonfinite,
-        clobber=not no_clobber,
-    )
-    _emit(report, as_json, human=_print_rescale)
-
-
-def _emit(report: Report, as_json: bool, human: Callable[[Report], None]) -> None:
+    view = _view(options)
+    file_format = options.pop("file_format")
+    with local_inputs([input_file]) as (src,), _destination(output_file) as dst:
+        report = rescale_file(src, dst, file_format=file_format, clobber=not no_clobber, **options)
+    report = replace(report, path=input_file, output=output_file)
     if as_json:
-        from .render import report_json
+        output_format = "json"
+    to_stderr = output_file == STDIO or output_format == "table"
+    if output_format == "table" and quiet:
+        return
+    _emit(report, output_format, view, human=_print_rescale, to_stderr=to_stderr)
 
-        click.echo(report_json(report))
-    else:
-        human(report)
+
+@contextmanager
+def _destination(output_file: str) -> Iterator[Path]:
+    from .streams import STDIO, stdout_file
+
+    if output_file != STDIO:
+        yield Path(output_file)
+        return
+    with stdout_file() as path:
+        yield path
 
 
-def _print_inspect(report: Report) -> None:
+def _inspect(files: tuple[str, ...], options: dict[str, Any]) -> Report:
+    from .api import inspect_files
+    from .streams import local_inputs
+
+    file_format = options.pop("file_format")
+    with local_inputs(list(files)) as paths:
+        report = inspect_files(paths, file_format=file_format, **options)
+    return report
+
+
+def _view(options: dict[str, Any]) -> View:
+    """Take the view options out of *options* (the rest are the library's)."""
+    from .views import View
+
+    return View(
+        sort=options.pop("sort"),
+        top=options.pop("top"),
+        by_layer=options.pop("by_layer"),
+        depth=options.pop("depth"),
+    )
+
+
+def _emit(
+    report: Report,
+    output_format: str,
+    view: View,
+    human: Callable[[Report, Console, View], None],
+    to_stderr: bool = False,
+) -> None:
+    if output_format == "table":
+        human(report, _console(to_stderr), view)
+        return
+    from .render import report_csv, report_json, report_jsonl
+
+    text = {"json": report_json, "jsonl": report_jsonl, "csv": report_csv}[output_format]
+    click.echo(text(report, view), err=to_stderr)
+
+
+def _console(stderr: bool) -> Console:
     from rich.console import Console
 
+    color = _settings().color
+    if color == "always":
+        return Console(stderr=stderr, force_terminal=True, highlight=False)
+    if color == "never":
+        return Console(stderr=stderr, no_color=True, color_system=None, highlight=False)
+    return Console(stderr=stderr, highlight=False)  # Rich honours NO_COLOR and TERM=dumb
+
+
+def _print_inspect(report: Report, console: Console, view: View) -> None:
     from .render import print_inspect
 
-    print_inspect(report, Console(highlight=False))
+    print_inspect(report, console, view)
 
 
-def _print_rescale(report: Report) -> None:
-    from rich.console import Console
-
+def _print_rescale(report: Report, console: Console, view: View) -> None:
     from .render import print_rescale
 
-    print_rescale(report, Console(stderr=True, highlight=False))
+    print_rescale(report, console)

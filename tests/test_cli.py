@@ -1,3 +1,5 @@
+import csv
+import io
 import json
 import shutil
 import subprocess
@@ -268,3 +270,136 @@ def test_debug_shows_the_traceback(tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "no such file" in proc.stderr
+
+
+# --- scripts and pipelines ---------------------------------------------------------------------
+
+
+def sample(make_file, fmt="safetensors"):
+    return make_file(
+        fmt, {"h.0.w": np.array([3.0, 4.0]), "h.10.w": np.array([12.0]), "step": np.array(3)}
+    )
+
+
+def test_norm_prints_just_the_number(make_file):
+    src = sample(make_file)
+    result = run("norm", src)
+    assert result.exit_code == 0 and result.stdout == "13.0\n" and result.stderr == ""
+    other = make_file("npz", {"x": np.array([84.0])}, "other")
+    assert run("norm", src, other).stdout == "85.0\n"  # one norm over both files
+    assert run("norm", src, src).stdout == "13.0\n"  # a file named twice counts once
+
+
+def test_norm_of_nonfinite_values_exits_4(make_file):
+    src = make_file("npz", {"a": np.array([1.0, np.nan])})
+    result = run("norm", src)
+    assert (result.exit_code, result.stdout) == (4, "nan\n")
+    assert run("norm", src, "--nonfinite", "zero").stdout == "1.0\n"
+
+
+def test_check_exit_codes(make_file, tmp_path):
+    src = sample(make_file)
+    within = run("check", src, "--max-norm", "13")
+    assert (within.exit_code, within.stdout) == (0, "ok: global L2 norm 13 <= max norm 13\n")
+    over = run("check", src, "--max-norm", "1")
+    assert (over.exit_code, over.stdout) == (1, "exceeds: global L2 norm 13 > max norm 1\n")
+    bad = make_file("npz", {"a": np.array([np.inf])}, "bad")
+    assert run("check", bad, "--max-norm", "1").exit_code == 1
+    missing = run("check", tmp_path / "missing.npz", "--max-norm", "1")
+    assert missing.exit_code == 2 and missing.stderr.startswith("gclip: error:")
+    assert json.loads(run("check", src, "--max-norm", "1", "--json").stdout)["clipped"] is True
+
+
+def test_check_passes_on_what_rescale_wrote(make_file, fmt, tmp_path):
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    assert run("rescale", sample(make_file, fmt), out, "--max-norm", "0.7").exit_code == 0
+    assert run("check", out, "--max-norm", "0.7").exit_code == 0
+
+
+def test_max_norm_from_the_environment(make_file):
+    result = run("check", sample(make_file), env={"GCLIP_MAX_NORM": "20"})
+    assert result.exit_code == 0
+
+
+@pytest.mark.parametrize("output_format", ["json", "jsonl", "csv"])
+def test_machine_formats_go_to_stdout_only(make_file, output_format):
+    result = run("inspect", sample(make_file), "--format", output_format, "--sort", "norm")
+    assert result.exit_code == 0 and result.stderr == ""
+    if output_format == "json":
+        data = json.loads(result.stdout)
+        assert data["schema_version"] == 1
+        assert [t["name"] for t in data["tensors"]] == ["h.10.w", "h.0.w", "step"]
+    elif output_format == "jsonl":
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [r["kind"] for r in rows] == ["tensor"] * 3 + ["summary"]
+        assert rows[-1]["global_norm"] == 13.0
+    else:
+        rows = list(csv.DictReader(io.StringIO(result.stdout)))
+        assert rows[0]["name"] == "h.10.w" and float(rows[0]["norm"]) == 12.0
+
+
+def test_by_layer_and_top(make_file):
+    result = run("inspect", sample(make_file), "--by-layer", "--json")
+    layers = json.loads(result.stdout)["layers"]
+    assert [(layer["name"], layer["norm"]) for layer in layers] == [("h.0", 5.0), ("h.10", 12.0)]
+    table = run("inspect", sample(make_file), "--sort", "norm", "--top", "1").stdout
+    assert "h.10.w" in table and "h.0.w" not in table
+
+
+def test_rescale_json_report_goes_to_stderr_when_the_data_goes_to_stdout(make_file, tmp_path):
+    src = sample(make_file)
+    result = CliRunner().invoke(
+        main,
+        ["rescale", "-", "-", "--max-norm", "1", "--json"],
+        input=src.read_bytes(),
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0
+    assert json.loads(result.stderr)["clipped"] is True
+    assert result.stdout_bytes[:8] == src.read_bytes()[:8]  # the same header
+
+
+def test_colour_follows_the_option_and_no_color(make_file):
+    src = sample(make_file)
+    assert "\x1b[" in run("--color", "always", "inspect", src).stdout
+    assert "\x1b[" not in run("--color", "never", "inspect", src).stdout
+    assert "\x1b[" not in run("inspect", src, env={"NO_COLOR": "1", "FORCE_COLOR": None}).stdout
+
+
+def test_binary_output_to_a_terminal_is_refused(make_file, monkeypatch):
+    from gclip_cli import streams
+
+    monkeypatch.setattr(streams, "is_terminal", lambda stream: stream is sys.stdout)
+    result = run("rescale", sample(make_file), "-", "--max-norm", "1")
+    assert (
+        result.exit_code == 2 and "refusing to write a binary file to a terminal" in result.stderr
+    )
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "hdf5"])
+def test_pipeline_through_stdin_and_stdout(make_file, fmt):
+    src = sample(make_file, fmt)
+    gclip = f"{sys.executable} -m gclip_cli"
+    proc = subprocess.run(
+        f"cat {src} | {gclip} rescale - - --max-norm 1 | {gclip} norm -",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == pytest.approx(1.0, rel=1e-6)
+    assert "clipped: - -> -" in proc.stderr
+
+
+def test_a_closed_pipe_stops_quietly(make_file):
+    tensors = {f"t{i}": np.ones(3) for i in range(2000)}
+    src = make_file("npz", tensors)
+    proc = subprocess.run(
+        f"{sys.executable} -m gclip_cli inspect {src} --format jsonl | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.stdout.startswith('{"kind": "tensor"') and proc.stderr == ""

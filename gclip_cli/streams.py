@@ -1,0 +1,75 @@
+"""Standard input and output as files: every format needs seeking, so streams are spooled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from .errors import GclipError, InputError, UsageError
+
+STDIO = "-"
+STDIN_NAME = "<stdin>"  # how errors name standard input
+
+
+@contextmanager
+def local_inputs(paths: Sequence[str]) -> Iterator[list[str]]:
+    """*paths* with ``-`` replaced by a temporary copy of standard input (removed afterwards)."""
+    if paths.count(STDIO) > 1:
+        raise UsageError(None, "standard input (-) can be read only once")
+    with ExitStack() as stack:
+        local = [stack.enter_context(spooled_stdin()) if p == STDIO else p for p in paths]
+        try:
+            yield local
+        except GclipError as exc:
+            if exc.path not in local or exc.path in paths:
+                raise
+            raise type(exc)(STDIN_NAME, exc.message) from None  # not the spool's name
+
+
+@contextmanager
+def spooled_stdin() -> Iterator[str]:
+    if is_terminal(sys.stdin):
+        raise UsageError(None, "input '-' is a terminal: pipe a file in, e.g. < grads.safetensors")
+    with _temporary("gclip-stdin-") as path:
+        try:
+            with open(path, "wb") as spool:
+                shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        except OSError as exc:
+            raise InputError(STDIN_NAME, f"cannot spool it: {exc.strerror or exc}") from None
+        yield str(path)
+
+
+@contextmanager
+def stdout_file() -> Iterator[Path]:
+    """A path to write to; once written, its bytes are copied to standard output."""
+    if is_terminal(sys.stdout):
+        raise UsageError(
+            None,
+            "refusing to write a binary file to a terminal: redirect stdout "
+            "or give an output file name",
+        )
+    with _temporary("gclip-stdout-") as path:
+        path.unlink()  # the writer creates it, atomically
+        yield path
+        with open(path, "rb") as written:
+            shutil.copyfileobj(written, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+
+
+def is_terminal(stream: object) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+@contextmanager
+def _temporary(prefix: str) -> Iterator[Path]:
+    fd, name = tempfile.mkstemp(prefix=prefix)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)

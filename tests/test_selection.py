@@ -1,0 +1,61 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import SUFFIX, read_tensors
+
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.selection import expand_inputs
+
+
+def test_excluded_tensors_are_not_counted_and_copied_untouched(make_file, fmt, tmp_path):
+    tensors = {"enc.0.w": np.array([3.0, 4.0]), "dec.0.w": np.array([12.0]), "dec.1.b": np.ones(2)}
+    src = make_file(fmt, tensors)
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0, exclude=("dec.*",))
+    assert report.global_norm == 5.0
+    skipped = {t.name: t.skipped for t in report.tensors if t.skipped}
+    assert skipped == {
+        "dec.0.w": "excluded by --exclude dec.*",
+        "dec.1.b": "excluded by --exclude dec.*",
+    }
+    written = read_tensors(out, fmt)
+    assert written["dec.0.w"].tolist() == [12.0] and written["dec.1.b"].tolist() == [1.0, 1.0]
+    assert written["enc.0.w"].tolist() == [0.6, 0.8]
+
+
+def test_include_keeps_only_matching_tensors(make_file):
+    src = make_file("npz", {"a.w": np.array([3.0]), "a.b": np.array([4.0]), "b.w": np.ones(1)})
+    report = gclip_cli.inspect_file(src, include=("a.*",), exclude=("*.b",))
+    assert report.global_norm == 3.0 and len(report.counted) == 1
+
+
+def test_directories_and_index_files_expand_to_their_shards(tmp_path):
+    shards = tmp_path / "ckpt"
+    shards.mkdir()
+    for name in ("b.safetensors", "a.npz", ".hidden", "model.safetensors.index.json"):
+        (shards / name).write_bytes(b"x")
+    assert [p.name for p in expand_inputs([shards])] == ["a.npz", "b.safetensors"]
+    index = shards / "model.safetensors.index.json"
+    index.write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"x": "b.safetensors", "y": "a.npz", "z": "b.safetensors"},
+            }
+        )
+    )
+    assert expand_inputs([index]) == [shards / "b.safetensors", shards / "a.npz"]
+    index.write_text("{}")
+    with pytest.raises(InputError, match="not a sharded checkpoint index"):
+        expand_inputs([index])
+
+
+def test_one_global_norm_over_files_of_mixed_formats(make_file, tmp_path):
+    a = make_file("safetensors", {"w": np.array([3.0])}, "a")
+    b = make_file("hdf5", {"w": np.array([4.0])}, "b")
+    report = gclip_cli.inspect_files([a, b], max_norm=1.0)
+    assert report.global_norm == 5.0 and report.files == (str(a), str(b))
+    assert [t.file for t in report.tensors] == [str(a), str(b)]
+    assert report.file_format == "safetensors,hdf5"

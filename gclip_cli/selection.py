@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .errors import InputError
-from .formats import TensorInfo
+from .formats import TensorInfo, detect_format
 
 INDEX_SUFFIX = ".index.json"
 
@@ -37,8 +37,9 @@ def _apply(tensor: TensorInfo, include: Sequence[str], exclude: Sequence[str]) -
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """The files that *paths* name: files as given, a directory's files in name order (hidden
-    files and index files left out), and the shards of a ``*.index.json`` in order."""
+    """The files that *paths* name: files as given, a directory's files of a known format in
+    name order (others, such as READMEs and scripts, left out), and the shards of a
+    ``*.index.json`` in order."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -65,4 +66,10 @@ def index_shards(index: Path) -> list[Path]:
 
 
 def _is_data_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and not path.name.endswith(INDEX_SUFFIX)
+    if not path.is_file() or path.name.startswith(".") or path.name.endswith(INDEX_SUFFIX):
+        return False
+    try:
+        detect_format(path)
+    except InputError:
+        return False
+    return True

@@ -34,8 +34,10 @@ def test_include_keeps_only_matching_tensors(make_file):
 def test_directories_and_index_files_expand_to_their_shards(tmp_path):
     shards = tmp_path / "ckpt"
     shards.mkdir()
-    for name in ("b.safetensors", "a.npz", ".hidden", "model.safetensors.index.json"):
-        (shards / name).write_bytes(b"x")
+    for name in ("b.safetensors", "a.npz", ".hidden.npz"):
+        (shards / name).write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    (shards / "README.txt").write_text("not data")
+    (shards / "model.safetensors.index.json").write_text("{}")
     assert [p.name for p in expand_inputs([shards])] == ["a.npz", "b.safetensors"]
     index = shards / "model.safetensors.index.json"
     index.write_text(

@@ -36,6 +36,7 @@ Exit codes:
   4    input holds NaN/Inf values (rescale refuses them)
   5    output cannot be written
   130  interrupted (Ctrl-C)
+  141  standard output closed early (| head): stopped quietly
   143  terminated (SIGTERM)
 """
 

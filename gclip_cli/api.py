@@ -12,22 +12,34 @@ from pathlib import Path
 from typing import TypeVar
 
 from .engine import (
+    Clamper,
     NonFinite,
+    Rewriter,
     Scaler,
     clip_factor,
     combine,
     measure_tensors,
+    rewrite,
     rounding_bound,
-    write_scaled,
 )
 from .errors import NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
 from .isolation import run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
-from .report import Report, tensor_reports
+from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
 from .selection import expand_inputs, select
+from .strategies import (
+    ClipValue,
+    GlobalNorm,
+    Groups,
+    Normalize,
+    PerTensor,
+    Plan,
+    Strategy,
+    plan,
+)
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
 T = TypeVar("T")
@@ -124,23 +136,83 @@ def rescale_file(
     src: PathLike,
     dst: PathLike,
     *,
-    max_norm: float,
+    max_norm: float | None = None,
+    per_tensor: bool = False,
+    groups: Sequence[tuple[str, float]] = (),
     file_format: str | None = None,
     clobber: bool = True,
     **options: object,
 ) -> Report:
     """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
 
+    With *per_tensor*, each tensor is clipped by its own norm instead; with *groups*
+    ((glob, max_norm) pairs, first match wins) each group by its own norm, the tensors no glob
+    matches by *max_norm* (or not at all without it).
+
     *dst* appears only when complete.  NaN/Inf values: nonfinite "error" raises
     NonFiniteError before anything is written; "zero" counts them as 0 and writes 0; "keep"
     clips by the norm of the finite values and writes NaN/Inf back unchanged.  With *clobber*
     off an existing *dst* is never replaced.  Other *options* are those of :class:`Options`.
     """
-    settings = Options(max_norm=max_norm, **options)
+    if groups:
+        for glob, limit in groups:
+            if not 0 < limit < math.inf:
+                raise UsageError(None, f"group {glob!r}: max norm must be a finite number > 0")
+        strategy: Strategy = Groups(tuple((g, float(c)) for g, c in groups), max_norm)
+    elif max_norm is None:
+        raise UsageError(None, "give a max norm, or groups with their own max norms")
+    else:
+        strategy = PerTensor(max_norm) if per_tensor else GlobalNorm(max_norm)
+    return _rewrite_file(src, dst, strategy, file_format, clobber, max_norm=max_norm, **options)
+
+
+def normalize_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    target_norm: float,
+    file_format: str | None = None,
+    clobber: bool = True,
+    **options: object,
+) -> Report:
+    """Scale *src* so that its global norm becomes *target_norm* (up or down) into *dst*.
+
+    The factor is target_norm / (norm + eps); a zero gradient stays zero.  Refused when a
+    value would overflow its dtype.
+    """
+    if not 0 < target_norm < math.inf:
+        raise UsageError(None, f"target norm must be a finite number > 0, not {target_norm}")
+    return _rewrite_file(src, dst, Normalize(target_norm), file_format, clobber, **options)
+
+
+def clip_value_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    max_value: float,
+    file_format: str | None = None,
+    clobber: bool = True,
+    **options: object,
+) -> Report:
+    """Clamp every gradient value of *src* to [-max_value, max_value] into *dst*."""
+    if not 0 < max_value < math.inf:
+        raise UsageError(None, f"max value must be a finite number > 0, not {max_value}")
+    return _rewrite_file(src, dst, ClipValue(max_value), file_format, clobber, **options)
+
+
+def _rewrite_file(
+    src: PathLike,
+    dst: PathLike,
+    strategy: Strategy,
+    file_format: str | None,
+    clobber: bool,
+    **options: object,
+) -> Report:
+    settings = Options(**options)
     src, dst = Path(src), Path(dst)
     check_output_path(src, dst, clobber)
     with atomic_output(dst, clobber) as tmp:
-        return _in_child_if_fragile(src, file_format, _rescale, dst, tmp, settings)
+        return _in_child_if_fragile(src, file_format, _rewrite, dst, tmp, strategy, settings)
 
 
 def _in_child_if_fragile(
@@ -171,48 +243,68 @@ def _measure_file(src: Path, file_format: str, options: Options) -> _Measured:
         return _Measured(src, tfile.format_name, tensors, stats)
 
 
-def _rescale(src: Path, file_format: str, dst: Path, tmp: Path, options: Options) -> Report:
-    """Pass 1, the decision, then pass 2 (or a plain copy) into *tmp*."""
+def _rewrite(
+    src: Path, file_format: str, dst: Path, tmp: Path, strategy: Strategy, options: Options
+) -> Report:
+    """Pass 1, the plan, then pass 2 (or a plain copy when nothing changes) into *tmp*."""
     with _opened(src, file_format, options) as tfile:
+        tensors = list(tfile.tensors)
         before = measure_tensors(tfile, options.norm_type, options.chunk_size)
         total = combine(before, options.norm_type)
         if options.policy is NonFinite.ERROR:
             _refuse_nonfinite(tfile, before)
         global_norm = options.norm(total)
-        factor = _factor(tfile.tensors, before, total, options)
-        clipped = factor.exact != 1
         with_nonfinite = frozenset(
-            t.name for t, s in zip(tfile.tensors, before, strict=True) if s and s.nonfinite
+            t.name for t, s in zip(tensors, before, strict=True) if s and s.nonfinite
         )
+        must_zero = bool(with_nonfinite) and options.policy is NonFinite.ZERO
+        if isinstance(strategy, ClipValue):
+            rewriter: Rewriter = Clamper(strategy.max_value, options.norm_type, options.policy)
+            changes = any(s.max_abs > strategy.max_value for s in before if s)
+            planned = Plan({}, ())
+        else:
+            planned = plan(strategy, tensors, before, options.norm, options.eps)
+            rewriter = Scaler(planned.factors, options.norm_type, options.policy, with_nonfinite)
+            changes = planned.changes_anything
         with _output_errors(dst):
-            if clipped or (with_nonfinite and options.policy is NonFinite.ZERO):
-                scaler = Scaler(factor, options.norm_type, options.policy, with_nonfinite)
-                after = write_scaled(tfile, tmp, scaler, options.chunk_size)
+            if changes or must_zero:
+                after = rewrite(tfile, tmp, rewriter, options.chunk_size)
             else:  # nothing to change: the output is the input, byte for byte
                 shutil.copyfile(src, tmp)
                 after = before
+        reports = tensor_reports(
+            tensors, before, global_norm, options.norm, after, files=[str(src)] * len(tensors)
+        )
+        reports = tuple(_with_changes(t, planned, rewriter) for t in reports)
+        scales = {f.hi for f in planned.factors.values()}
         return Report(
             path=str(src),
             file_format=tfile.format_name,
             norm_type=options.norm_type,
             global_norm=global_norm,
-            tensors=tensor_reports(
-                list(tfile.tensors),
-                before,
-                global_norm,
-                options.norm,
-                after,
-                files=[str(src)] * len(tfile.tensors),
-            ),
+            tensors=reports,
             files=(str(src),),
-            max_norm=options.max_norm,
+            max_norm=getattr(strategy, "max_norm", None),
             eps=options.eps,
             nonfinite_policy=options.nonfinite,
-            scale=factor.hi,
-            clipped=clipped,
+            scale=scales.pop() if len(scales) == 1 else None,
+            clipped=changes,
             output=str(dst),
             global_norm_after=options.norm(combine(after, options.norm_type)),
+            strategy=strategy.name,
+            groups=planned.groups if isinstance(strategy, (PerTensor, Groups)) else (),
+            max_value=getattr(strategy, "max_value", None),
+            target_norm=getattr(strategy, "target_norm", None),
         )
+
+
+def _with_changes(tensor: TensorReport, planned: Plan, rewriter: Rewriter) -> TensorReport:
+    """*tensor* with the factor it was multiplied by, or the count of values clamped."""
+    if tensor.skipped:
+        return tensor
+    if isinstance(rewriter, Clamper):
+        return replace(tensor, clamped=rewriter.clamped.get(tensor.name, 0))
+    return replace(tensor, scale=planned.factors[tensor.name].hi)
 
 
 def _factor(

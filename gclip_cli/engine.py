@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from fractions import Fraction
@@ -122,46 +122,23 @@ class NonFinite(str, Enum):
     KEEP = "keep"  # norm of the finite values; write NaN/Inf back exactly as they were
 
 
-class Scaler:
-    """The pass-2 transform: multiplies chunks by alpha and measures what it writes.
+class Rewriter:
+    """A pass-2 transform that measures what it writes, tensor by tensor.
 
     Chunks of one tensor must arrive one after another (every writer goes tensor by tensor).
-    *with_nonfinite* names the tensors holding NaN/Inf, treated as *policy* says.
     """
 
-    def __init__(
-        self,
-        factor: ScaleFactor,
-        norm_type: float,
-        policy: NonFinite = NonFinite.ERROR,
-        with_nonfinite: frozenset[str] = frozenset(),
-    ) -> None:
-        self.factor = factor
+    def __init__(self, norm_type: float) -> None:
         self.norm_type = norm_type
-        self.policy = policy
-        self.with_nonfinite = with_nonfinite
         self.after: dict[str, NormStats] = {}
         self._current: tuple[str, NormAccumulator] | None = None
-        self._scratch = ScratchBuffers()
 
     def __call__(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
-        if tensor.name in self.with_nonfinite:
-            self._scale_around_nonfinite(src, dst)
-        else:
-            scale(src, dst, self.factor, self._scratch)
+        self.rewrite(tensor, src, dst)
         self._accumulator_for(tensor.name).add(dst)
 
-    def _scale_around_nonfinite(self, src: np.ndarray, dst: np.ndarray) -> None:
-        bad = ~np.isfinite(src)
-        if self.policy is NonFinite.ZERO:
-            np.copyto(dst, src)
-            dst[bad] = 0
-            scale(dst, dst, self.factor, self._scratch)
-            return
-        kept = src[bad]  # copied first: src and dst may be the same array
-        with np.errstate(invalid="ignore", over="ignore"):
-            scale(src, dst, self.factor, self._scratch)
-        dst[bad] = kept  # exactly the original bits
+    def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
+        raise NotImplementedError
 
     def finish(self) -> dict[str, NormStats]:
         """The norms of the values written, per tensor name."""
@@ -178,17 +155,87 @@ class Scaler:
         return self._current[1]
 
 
-def write_scaled(
-    tfile: TensorFile, out: Path, scaler: Scaler, chunk_bytes: int
+class Scaler(Rewriter):
+    """Multiplies each tensor by its factor, rounding once (see rounding.py).
+
+    *with_nonfinite* names the tensors holding NaN/Inf, treated as *policy* says.
+    """
+
+    def __init__(
+        self,
+        factors: Mapping[str, ScaleFactor],
+        norm_type: float,
+        policy: NonFinite = NonFinite.ERROR,
+        with_nonfinite: frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__(norm_type)
+        self.factors = factors
+        self.policy = policy
+        self.with_nonfinite = with_nonfinite
+        self._scratch = ScratchBuffers()
+
+    def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
+        factor = self.factors[tensor.name]
+        if tensor.name in self.with_nonfinite:
+            self._scale_around_nonfinite(src, dst, factor)
+        else:
+            scale(src, dst, factor, self._scratch)
+
+    def _scale_around_nonfinite(
+        self, src: np.ndarray, dst: np.ndarray, factor: ScaleFactor
+    ) -> None:
+        bad = ~np.isfinite(src)
+        if self.policy is NonFinite.ZERO:
+            np.copyto(dst, src)
+            dst[bad] = 0
+            scale(dst, dst, factor, self._scratch)
+            return
+        kept = src[bad]  # copied first: src and dst may be the same array
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale(src, dst, factor, self._scratch)
+        dst[bad] = kept  # exactly the original bits
+
+
+class Clamper(Rewriter):
+    """Clips every value to [-V, V], V rounded toward zero into each tensor's dtype, and counts
+    the values it changed.  NaN/Inf: 0 with policy ZERO, untouched with KEEP."""
+
+    def __init__(
+        self, max_value: float, norm_type: float, policy: NonFinite = NonFinite.ERROR
+    ) -> None:
+        super().__init__(norm_type)
+        self.max_value = max_value
+        self.policy = policy
+        self.clamped: dict[str, int] = {}
+
+    def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
+        bound = self.bound(src.dtype)
+        finite = np.isfinite(src)
+        changed = int(np.count_nonzero((np.abs(src) > bound) & finite))
+        kept = src[~finite]  # copied first: src and dst may be the same array
+        np.clip(src, -bound, bound, out=dst)
+        dst[~finite] = 0 if self.policy is NonFinite.ZERO else kept
+        self.clamped[tensor.name] = self.clamped.get(tensor.name, 0) + changed
+
+    def bound(self, dtype: np.dtype) -> np.generic:
+        """The largest value of *dtype* not above max_value."""
+        value = dtype.type(self.max_value)
+        if float(value) > self.max_value:
+            value = np.nextafter(value, dtype.type(0))
+        return value
+
+
+def rewrite(
+    tfile: TensorFile, out: Path, rewriter: Rewriter, chunk_bytes: int
 ) -> list[NormStats | None]:
-    """Pass 2: write *tfile* to *out*, every gradient chunk passed through *scaler*.
+    """Pass 2: write *tfile* to *out*, every gradient chunk passed through *rewriter*.
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
-    tfile.write_transformed(out, scaler, chunk_bytes)
-    after = scaler.finish()
+    tfile.write_transformed(out, rewriter, chunk_bytes)
+    after = rewriter.finish()
     return [
-        after.get(tensor.name, NormStats(scaler.norm_type)) if tensor.is_gradient else None
+        after.get(tensor.name, NormStats(rewriter.norm_type)) if tensor.is_gradient else None
         for tensor in tfile.tensors
     ]
 

@@ -17,33 +17,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import SCHEMA_VERSION, Report, TensorReport
+from .report import SCHEMA_VERSION, Report
 from .views import LayerReport, View, by_layer, sort_tensors
 
 OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
 PLAIN = View()
 _BAR_WIDTH = 5
 _NAME_MIN_WIDTH = 14  # names stay readable when a narrow terminal squeezes the table
-_CSV_TENSOR_FIELDS = (
-    "file",
-    "name",
-    "dtype",
-    "shape",
-    "numel",
-    "nbytes",
-    "norm",
-    "share",
-    "max_abs",
-    "nan",
-    "inf",
-    "skipped",
-    "norm_after",
-)
 
 
 def report_json(report: Report, view: View = PLAIN) -> str:
     data = report.to_dict()
-    data["tensors"] = [_tensor_dict(report, t) for t in sort_tensors(report, view.sort, view.top)]
+    data["tensors"] = [report.tensor_dict(t) for t in sort_tensors(report, view.sort, view.top)]
     if view.by_layer:
         data["layers"] = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
     return json.dumps(data, indent=2, allow_nan=False)
@@ -55,7 +40,7 @@ def report_jsonl(report: Report, view: View = PLAIN) -> str:
         rows = [{"kind": "layer", **_layer_dict(layer)} for layer in by_layer(report, view.depth)]
     else:
         rows = [
-            {"kind": "tensor", **_tensor_dict(report, t)}
+            {"kind": "tensor", **report.tensor_dict(t)}
             for t in sort_tensors(report, view.sort, view.top)
         ]
     summary = {k: v for k, v in report.to_dict().items() if k != "tensors"}
@@ -69,10 +54,10 @@ def report_csv(report: Report, view: View = PLAIN) -> str:
         rows = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
         fields = list(asdict(LayerReport("", 0, 0, None, None)))
     else:
-        rows = [_tensor_dict(report, t) for t in sort_tensors(report, view.sort, view.top)]
+        rows = [report.tensor_dict(t) for t in sort_tensors(report, view.sort, view.top)]
         for row in rows:
             row["shape"] = "x".join(map(str, row["shape"]))
-        fields = [f for f in _CSV_TENSOR_FIELDS if f != "norm_after" or report.output]
+        fields = list(rows[0]) if rows else ["file", "name"]
     writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -113,16 +98,6 @@ def check_line(report: Report) -> str:
     if report.clipped:
         return f"exceeds: {norm} > max norm {_number(report.max_norm)}{files}"
     return f"ok: {norm} <= max norm {_number(report.max_norm)}{files}"
-
-
-def _tensor_dict(report: Report, tensor: TensorReport) -> dict:
-    fields = asdict(tensor)
-    fields["shape"] = list(tensor.shape)
-    for key in ("norm", "max_abs", "norm_after"):
-        fields[key] = _json_number(fields[key])
-    if report.output is None:
-        del fields["norm_after"]
-    return fields
 
 
 def _layer_dict(layer: LayerReport) -> dict:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from .engine import norm_share
 from .formats import TensorInfo
 from .norms import NormStats
+from .strategies import GroupReport
 
 SCHEMA_VERSION = 1  # of the JSON: raised when a field changes meaning or goes away
 
@@ -28,6 +29,8 @@ class TensorReport:
     share: float | None = None  # of the global sum of |x|**p
     norm_after: float | None = None  # rescale: the norm of the values written
     file: str | None = None
+    scale: float | None = None  # rescale: the factor this tensor was multiplied by
+    clamped: int | None = None  # clip-value: how many values were clamped
 
     @property
     def nonfinite(self) -> int:
@@ -49,6 +52,10 @@ class Report:
     clipped: bool | None = None
     output: str | None = None
     global_norm_after: float | None = None
+    strategy: str = "global-norm"
+    groups: tuple[GroupReport, ...] = ()  # per-tensor and group clipping: each group's result
+    max_value: float | None = None  # clip-value
+    target_norm: float | None = None  # normalize
 
     @property
     def counted(self) -> tuple[TensorReport, ...]:
@@ -94,28 +101,30 @@ class Report:
                 "output": self.output,
                 "global_norm_after": _json_number(self.global_norm_after),
             }
-        fields["tensors"] = [_tensor_dict(t, self.output is not None) for t in self.tensors]
+        if self.output is not None:
+            fields["strategy"] = self.strategy
+            fields |= {
+                k: v
+                for k, v in (("max_value", self.max_value), ("target_norm", self.target_norm))
+                if v is not None
+            }
+        if self.groups:
+            fields["groups"] = [asdict(g) | {"norm": _json_number(g.norm)} for g in self.groups]
+        fields["tensors"] = [self.tensor_dict(t) for t in self.tensors]
         return fields
 
-
-def _tensor_dict(tensor: TensorReport, rescaled: bool) -> dict:
-    fields = {
-        "file": tensor.file,
-        "name": tensor.name,
-        "dtype": tensor.dtype,
-        "shape": list(tensor.shape),
-        "numel": tensor.numel,
-        "nbytes": tensor.nbytes,
-        "skipped": tensor.skipped,
-        "norm": _json_number(tensor.norm),
-        "max_abs": _json_number(tensor.max_abs),
-        "nan": tensor.nan,
-        "inf": tensor.inf,
-        "share": tensor.share,
-    }
-    if rescaled:
-        fields["norm_after"] = _json_number(tensor.norm_after)
-    return fields
+    def tensor_dict(self, tensor: TensorReport) -> dict:
+        """One tensor as JSON-ready data (fields of rescale only when this is a rescale)."""
+        fields = asdict(tensor)
+        fields["shape"] = list(tensor.shape)
+        for key in ("norm", "max_abs", "norm_after"):
+            fields[key] = _json_number(fields[key])
+        if self.output is None:
+            for key in ("norm_after", "scale", "clamped"):
+                del fields[key]
+        elif self.strategy != "clip-value":
+            del fields["clamped"]
+        return fields
 
 
 def _json_number(value: float | None, inf_as: str | None = None) -> float | str | None:

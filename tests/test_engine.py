@@ -81,7 +81,7 @@ def _tensor(name: str, dtype) -> TensorInfo:
 
 
 def test_scaler_scales_in_place_and_measures_each_tensor_written():
-    scaler = Scaler(ScaleFactor.of(0.5), 2.0)
+    scaler = Scaler(dict.fromkeys(("a", "b"), ScaleFactor.of(0.5)), 2.0)
     a, b = _tensor("a", np.float32), _tensor("b", np.float64)
     first = np.array([3.0, 4.0], dtype=np.float32)
     written = np.empty_like(first)

@@ -86,6 +86,23 @@ class ByteSizeParam(click.ParamType):
         return int(match[1]) * self._UNITS[match[2].lower()]
 
 
+class GroupParam(click.ParamType):
+    name = "GLOB=C"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        glob, _, limit = str(value).rpartition("=")
+        number = _float_or_none(limit)
+        if not glob or number is None or not 0 < number < math.inf:
+            self.fail(
+                f"{value!r} is not GLOB=C with C a finite number > 0, e.g. 'h.*=0.5'", param, ctx
+            )
+        return glob, number
+
+
 def _float_or_none(text: str) -> float | None:
     try:
         return float(text)
@@ -339,43 +356,104 @@ def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
     sys.exit(1 if failed else 0)
 
 
+_rewrite_options = _options(
+    click.argument("input_file", metavar="IN"),
+    click.argument("output_file", metavar="OUT"),
+    click.option("--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT."),
+    click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors."),
+    _measure_options,
+    _view_options,
+    _reports_errors(),
+)
+
+
 @main.command()
-@click.argument("input_file", metavar="IN")
-@click.argument("output_file", metavar="OUT")
-@_max_norm_option(True, "Clip so that the global norm is at most this.")
-@click.option("--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT.")
-@click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors.")
-@_measure_options
-@_view_options
-@_reports_errors()
-def rescale(
-    input_file: str,
-    output_file: str,
-    no_clobber: bool,
-    quiet: bool,
-    output_format: str,
-    as_json: bool,
-    **options: Any,
-) -> None:
+@_max_norm_option(
+    False,
+    "Clip so that the global norm is at most this (with --group: the "
+    "limit of the tensors no group matches).",
+)
+@click.option("--per-tensor", is_flag=True, help="Clip each tensor by its own norm instead.")
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    type=GroupParam(),
+    help="Clip the tensors matching GLOB by their own norm, at most C (repeatable; the "
+    "first match wins).",
+)
+@_rewrite_options
+def rescale(per_tensor: bool, groups: tuple[tuple[str, float], ...], **arguments: Any) -> None:
     """Write IN to OUT with every gradient scaled by max_norm / global_norm, if that is < 1.
 
     OUT has IN's format; non-float (and --exclude'd) tensors and all other content are copied
     untouched. OUT appears only when complete; IN is never modified. Either may be - (standard
     input or output); the report then goes to stderr.
+
+    \b
+    Other strategies:
+      --per-tensor              each tensor clipped by its own norm (Keras clipnorm)
+      --group 'h.*=0.5' ...     each group by its own norm; the rest by --max-norm, if given
     """
     from .api import rescale_file
+
+    if arguments["max_norm"] is None and not groups:
+        raise click.UsageError("give --max-norm, or --group GLOB=C")
+    _rewrite(rescale_file, arguments, per_tensor=per_tensor, groups=groups)
+
+
+@main.command("clip-value")
+@click.option(
+    "--max-value", type=PositiveFiniteParam(), required=True, help="Clamp every value to [-V, V]."
+)
+@_rewrite_options
+def clip_value(max_value: float, **arguments: Any) -> None:
+    """Write IN to OUT with every gradient value clamped to [-V, V] (clipping by value).
+
+    The report counts the values clamped per tensor. Clipping by value changes the gradient's
+    direction; rescale keeps it.
+    """
+    from .api import clip_value_file
+
+    _rewrite(clip_value_file, arguments, max_value=max_value)
+
+
+@main.command()
+@click.option(
+    "--target-norm",
+    type=PositiveFiniteParam(),
+    required=True,
+    help="The global norm OUT will have.",
+)
+@_rewrite_options
+def normalize(target_norm: float, **arguments: Any) -> None:
+    """Write IN to OUT scaled to global norm R, up or down: R / (norm + eps).
+
+    A zero gradient stays zero; a value that would overflow its dtype is refused.
+    """
+    from .api import normalize_file
+
+    _rewrite(normalize_file, arguments, target_norm=target_norm)
+
+
+def _rewrite(call: Callable[..., Report], arguments: dict[str, Any], **strategy: Any) -> None:
+    """Run a rewriting command: IN/OUT (incl. -), then the report (to stderr unless data)."""
     from .streams import STDIO, local_inputs
 
-    view = _view(options)
-    file_format = options.pop("file_format")
+    input_file, output_file = arguments.pop("input_file"), arguments.pop("output_file")
+    no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
+    output_format = "json" if arguments.pop("as_json") else arguments.pop("output_format")
+    arguments.pop("output_format", None)
+    view = _view(arguments)
+    file_format = arguments.pop("file_format")
     with local_inputs([input_file]) as (src,), _destination(output_file) as dst:
-        report = rescale_file(src, dst, file_format=file_format, clobber=not no_clobber, **options)
+        report = call(
+            src, dst, file_format=file_format, clobber=not no_clobber, **strategy, **arguments
+        )
     report = replace(report, path=input_file, output=output_file)
-    if as_json:
-        output_format = "json"
-    to_stderr = output_file == STDIO or output_format == "table"
     if output_format == "table" and quiet:
         return
+    to_stderr = output_file == STDIO or output_format == "table"
     _emit(report, output_format, view, human=_print_rescale, to_stderr=to_stderr)
 
 

@@ -74,19 +74,54 @@ def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
 def print_rescale(report: Report, console: Console) -> None:
     """Before and after, each labelled: users easily mistake the pre-clip norm for the result."""
     norm = _norm_label(report.norm_type)
-    verdict = "clipped" if report.clipped else "unchanged (within max norm, copied as is)"
+    verdict = "clipped" if report.clipped else "unchanged (copied as is)"
+    if report.strategy != "global-norm":
+        verdict = f"{report.strategy} {'applied' if report.clipped else verdict}"
     skipped = len(report.tensors) - len(report.counted)
-    rows = [
-        (f"global {norm} before", _number(report.global_norm)),
-        ("max norm", _number(report.max_norm)),
-        ("scale factor", _number(report.scale)),
+    rows = [(f"global {norm} before", _number(report.global_norm))]
+    rows += _strategy_rows(report)
+    rows += [
         (f"global {norm} after", _number(report.global_norm_after)),
-        ("tensors", f"{len(report.counted)} scaled, {skipped} copied untouched"),
+        ("tensors", f"{len(report.counted)} rewritten, {skipped} copied untouched"),
     ]
     width = max(len(label) for label, _ in rows) + 1
     lines = [f"{verdict}: {report.path} -> {report.output}"]
     lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
     console.print(Text("\n".join(lines)))
+    if report.strategy in ("per-tensor", "groups") and report.groups:
+        console.print(_groups_table(report))
+
+
+def _strategy_rows(report: Report) -> list[tuple[str, str]]:
+    if report.strategy == "clip-value":
+        clamped = [t for t in report.counted if t.clamped]
+        total = sum(t.clamped for t in clamped)
+        return [
+            ("max value", _number(report.max_value)),
+            ("values clamped", f"{total:,} in {len(clamped)} tensors"),
+        ]
+    if report.strategy == "normalize":
+        return [
+            ("target norm", _number(report.target_norm)),
+            ("scale factor", _number(report.scale)),
+        ]
+    if report.strategy == "global-norm":
+        return [("max norm", _number(report.max_norm)), ("scale factor", _number(report.scale))]
+    scaled = sum(1 for g in report.groups if g.scale != 1.0)
+    return [("groups clipped", f"{scaled} of {len(report.groups)}")]
+
+
+def _groups_table(report: Report) -> Table:
+    table = _table(report, ["group", "tensors", "max norm", "norm", "scale factor"])
+    for group in report.groups:
+        table.add_row(
+            Text(printable(group.name)),
+            str(group.tensors),
+            _number(group.max_norm),
+            _number(group.norm),
+            _number(group.scale),
+        )
+    return table
 
 
 def check_line(report: Report) -> str:

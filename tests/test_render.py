@@ -61,4 +61,4 @@ def test_rescale_summary_is_labelled():
     text = render(print_rescale, report)
     assert text.splitlines()[0] == "clipped: g.npz -> o.npz"
     assert "global L2 norm before: 5" in text and "global L2 norm after:  1" in text
-    assert "2 scaled, 1 copied untouched" in text
+    assert "2 rewritten, 1 copied untouched" in text

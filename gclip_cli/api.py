@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+from .compare import Diff, compare
 from .engine import (
     Clamper,
     NonFinite,
@@ -24,6 +25,7 @@ from .engine import (
 )
 from .errors import NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
+from .history import History, Step, in_step_order, step_number, summarise
 from .isolation import run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
@@ -130,6 +132,47 @@ def inspect_files(
         scale=None if factor is None else factor.hi,
         clipped=None if factor is None else factor.exact != 1,
     )
+
+
+def diff_files(
+    path_a: PathLike, path_b: PathLike, *, file_format: str | None = None, **options: object
+) -> Diff:
+    """Per-tensor L2 norms of two dumps side by side, their ratio and cosine similarity."""
+    settings = Options(**options)
+    a, b = Path(path_a), Path(path_b)
+    format_a, format_b = file_format or detect_format(a), file_format or detect_format(b)
+    if crashes_on_damage(format_a) or crashes_on_damage(format_b):
+        return run_isolated(a, _diff, a, format_a, b, format_b, settings)
+    return _diff(a, format_a, b, format_b, settings)
+
+
+def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> Diff:
+    with _opened(a, format_a, options) as file_a, _opened(b, format_b, options) as file_b:
+        return compare(file_a, file_b, options.chunk_size)
+
+
+def history_of(
+    paths: Sequence[PathLike],
+    *,
+    percentile: float = 95.0,
+    max_norm: float | None = None,
+    as_given: bool = False,
+    file_format: str | None = None,
+    **options: object,
+) -> History:
+    """The global norm of each file (one training step each), in step order (the number in the
+    file names) unless *as_given*, with percentiles and a suggested max norm (the
+    *percentile*-th); with *max_norm*, how many steps it would clip."""
+    if not 0 <= percentile <= 100:
+        raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
+    settings = Options(max_norm=max_norm, **options)
+    files = expand_inputs(paths)
+    steps = []
+    for src in files if as_given else in_step_order(files):
+        measured = _in_child_if_fragile(src, file_format, _measure_file, settings)
+        total = combine(measured.stats, settings.norm_type)
+        steps.append(Step(str(src), step_number(src), settings.norm(total), total.nonfinite))
+    return summarise(steps, settings.norm_type, percentile, max_norm)
 
 
 def rescale_file(

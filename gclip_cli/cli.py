@@ -356,6 +356,86 @@ def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option(
+    "--percentile",
+    type=click.FloatRange(0, 100),
+    default=95.0,
+    show_default=True,
+    help="The percentile of the norms suggested as --max-norm.",
+)
+@_max_norm_option(False, "Also count the steps this threshold would clip.")
+@click.option(
+    "--as-given",
+    is_flag=True,
+    help="Keep the files' order (default: by the number in their names).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PNG",
+    help="Also draw the norms to this image (needs matplotlib: gclip[plot]).",
+)
+@_measure_options
+@_reports_errors()
+def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options: Any) -> None:
+    """The global norm of each step's dump, a sparkline, percentiles and a suggested
+    --max-norm, to choose a threshold from the history of norms."""
+    import json
+
+    from . import history as chart
+    from .api import history_of
+    from .render import print_history
+
+    file_format = options.pop("file_format")
+    with _local(files) as paths:
+        result = history_of(paths, file_format=file_format, **options)
+    if plot is not None:
+        chart.plot(result, plot)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    else:
+        print_history(result, _console(stderr=False))
+
+
+@main.command()
+@click.argument("file_a", metavar="A")
+@click.argument("file_b", metavar="B")
+@click.option("--include", multiple=True, metavar="GLOB", help="Compare only these tensors.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave these tensors out.")
+@click.option(
+    "--chunk-size",
+    type=ByteSizeParam(),
+    default="64M",
+    show_default=True,
+    envvar="GCLIP_CHUNK_SIZE",
+    help="Bytes read per chunk: bounds the memory used.",
+)
+@click.option(
+    "--file-format",
+    type=click.Choice(["safetensors", "npz", "hdf5"]),
+    help="The inputs' format, instead of detecting it from their first bytes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@_reports_errors()
+def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **options: Any) -> None:
+    """Per-tensor L2 norms of A and B side by side, B / A and the cosine similarity: after a
+    rescale every cosine is 1 and every ratio the same factor."""
+    import json
+
+    from .api import diff_files
+    from .render import print_diff
+
+    with _local((file_a, file_b)) as (path_a, path_b):
+        result = diff_files(path_a, path_b, file_format=file_format, **options)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    else:
+        print_diff(result, _console(stderr=False))
+
+
 _rewrite_options = _options(
     click.argument("input_file", metavar="IN"),
     click.argument("output_file", metavar="OUT"),
@@ -470,12 +550,18 @@ def _destination(output_file: str) -> Iterator[Path]:
 
 def _inspect(files: tuple[str, ...], options: dict[str, Any]) -> Report:
     from .api import inspect_files
-    from .streams import local_inputs
 
     file_format = options.pop("file_format")
+    with _local(files) as paths:
+        return inspect_files(paths, file_format=file_format, **options)
+
+
+@contextmanager
+def _local(files: tuple[str, ...]) -> Iterator[list[str]]:
+    from .streams import local_inputs
+
     with local_inputs(list(files)) as paths:
-        report = inspect_files(paths, file_format=file_format, **options)
-    return report
+        yield paths
 
 
 def _view(options: dict[str, Any]) -> View:

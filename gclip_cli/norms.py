@@ -38,6 +38,20 @@ def _add_exact(partials: list[float], x: float) -> None:
     partials[i:] = [x]
 
 
+class ExactSum:
+    """A float sum that is exact until its final rounding, whatever the order of its terms."""
+
+    def __init__(self) -> None:
+        self._partials: list[float] = []
+
+    def add(self, value: float) -> None:
+        _add_exact(self._partials, value)
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self._partials)
+
+
 @dataclass
 class NormStats:
     """Mergeable statistics of a set of values for one norm type.

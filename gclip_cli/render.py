@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .compare import Diff
+from .history import History, sparkline
 from .report import SCHEMA_VERSION, Report
 from .views import LayerReport, View, by_layer, sort_tensors
 
@@ -124,6 +126,61 @@ def _groups_table(report: Report) -> Table:
     return table
 
 
+def print_history(history: History, console: Console) -> None:
+    nonfinite = any(s.nonfinite for s in history.steps)
+    headers = ["step", "file", "global norm"] + (["NaN/Inf"] if nonfinite else [])
+    table = _plain_table(f"global {_norm_label(history.norm_type)} per step", headers)
+    for step in history.steps:
+        cells = [
+            "-" if step.step is None else str(step.step),
+            Text(printable(step.file)),
+            _number(step.global_norm),
+        ]
+        table.add_row(*cells, *([f"{step.nonfinite:,}"] if nonfinite else []))
+    console.print(table)
+    norms = [s.global_norm for s in history.steps]
+    marks = ", ".join(f"{k} {_number(v)}" for k, v in history.percentiles.items())
+    lines = [f"norms:   {sparkline(norms)}", f"percentiles: {marks or '-'}"]
+    if history.max_norm is not None:
+        lines.append(
+            f"--max-norm {_number(history.max_norm)} would clip {history.would_clip} of "
+            f"{len(history.steps)} steps"
+        )
+    lines.append(
+        f"suggested --max-norm (p{history.percentile:g}): {_number(history.suggested_max_norm)}"
+    )
+    console.print(Text("\n".join(lines)))
+
+
+def print_diff(diff: Diff, console: Console) -> None:
+    table = _plain_table(
+        f"{diff.file_a} (A) vs {diff.file_b} (B)",
+        ["tensor", "norm A", "norm B", "B / A", "cosine", "note"],
+    )
+    for t in diff.tensors:
+        note = "" if t.status == "compared" else t.status
+        table.add_row(
+            Text(printable(t.name)),
+            _number(t.norm_a),
+            _number(t.norm_b),
+            _number(t.ratio),
+            _cosine(t.cosine),
+            note,
+            style=None if t.status == "compared" else "dim",
+        )
+    console.print(table)
+    console.print(
+        Text(
+            f"global L2 norm: A {_number(diff.global_norm_a)}, B {_number(diff.global_norm_b)}; "
+            f"B / A {_number(diff.ratio)}; cosine {_cosine(diff.cosine)}"
+        )
+    )
+
+
+def _cosine(value: float | None) -> str:
+    return "-" if value is None else f"{value:.9f}"
+
+
 def check_line(report: Report) -> str:
     """One line saying whether the global norm is within max_norm."""
     norm = f"global {_norm_label(report.norm_type)} {_number(report.global_norm)}"
@@ -188,7 +245,10 @@ def _layer_table(report: Report, view: View) -> Table:
 
 
 def _table(report: Report, headers: list[str]) -> Table:
-    title = f"{report.path} ({report.file_format})"
+    return _plain_table(f"{report.path} ({report.file_format})", headers)
+
+
+def _plain_table(title: str, headers: list[str]) -> Table:
     table = Table(
         title=Text(printable(title)),
         title_justify="left",
@@ -198,7 +258,7 @@ def _table(report: Report, headers: list[str]) -> Table:
         collapse_padding=True,
     )
     for i, header in enumerate(headers):
-        left = i == 0 or header in ("dtype", "shape")
+        left = i == 0 or header in ("dtype", "shape", "file")
         table.add_column(
             header,
             justify="left" if left else "right",

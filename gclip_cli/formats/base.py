@@ -60,6 +60,7 @@ class TensorInfo:
     dtype: np.dtype | None = None  # set only when the values are gradients gclip scales
     skip_reason: str | None = None  # why the values are copied through untouched
     location: object = field(default=None, repr=False, compare=False)  # the format's own handle
+    fortran_order: bool = False  # values stored column-major (npz); else in C order
 
     @property
     def numel(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -124,7 +125,7 @@ class NpzFile:
                 version = np.lib.format.read_magic(member)
                 if version not in _HEADER_READERS:
                     raise ValueError(f"unsupported .npy format version {version}")
-                shape, _, dtype = _HEADER_READERS[version](member)
+                shape, fortran_order, dtype = _HEADER_READERS[version](member)
                 data_offset = member.tell()
         except READ_ERRORS as exc:
             raise InputError(
@@ -134,7 +135,10 @@ class NpzFile:
             raise InputError(
                 self.path, f"member {info.filename!r} holds Python objects (a pickle); refused"
             )
-        tensor = describe_array(name, dtype, tuple(shape), location=(info, data_offset))
+        tensor = replace(
+            describe_array(name, dtype, tuple(shape), location=(info, data_offset)),
+            fortran_order=bool(fortran_order) and len(shape) > 1,
+        )
         if info.file_size != data_offset + tensor.nbytes:
             raise InputError(
                 self.path,

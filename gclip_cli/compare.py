@@ -95,7 +95,7 @@ def _incomparable(a: TensorInfo, b: TensorInfo | None) -> str | None:
     if b is None:
         return "only in A"
     if not (a.is_gradient and b.is_gradient):
-        return "not gradients"
+        return a.skip_reason or b.skip_reason
     if a.shape != b.shape:
         return "shapes differ"
     if a.fortran_order != b.fortran_order:

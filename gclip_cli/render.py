@@ -258,7 +258,7 @@ def _plain_table(title: str, headers: list[str]) -> Table:
         collapse_padding=True,
     )
     for i, header in enumerate(headers):
-        left = i == 0 or header in ("dtype", "shape", "file")
+        left = i == 0 or header in ("dtype", "shape", "file", "note")
         table.add_column(
             header,
             justify="left" if left else "right",

@@ -208,7 +208,8 @@ def test_diff_after_rescale_has_cosine_one_and_one_ratio(make_file, fmt, tmp_pat
     diff = diff_files(src, out, chunk_size=1000)
     compared = [t for t in diff.tensors if t.status == "compared"]
     assert (
-        len(compared) == 4 and {t.name: t.status for t in diff.tensors}["step"] == "not gradients"
+        len(compared) == 4
+        and "not a" in {t.name: t.status for t in diff.tensors}["step"]  # the skip reason
     )
     for t in compared:
         assert t.cosine == pytest.approx(1.0, abs=1e-6)

@@ -65,8 +65,8 @@ class Options:
             raise UsageError(None, f"nonfinite must be error, zero or keep, not {self.nonfinite!r}")
         if not (self.norm_type > 0):
             raise UsageError(None, f"norm type must be a number > 0 or inf, not {self.norm_type}")
-        if self.max_norm is not None and not (0 < self.max_norm < math.inf):
-            raise UsageError(None, f"max norm must be a finite number > 0, not {self.max_norm}")
+        if self.max_norm is not None:
+            _require_positive("max norm", self.max_norm)
         if not (0 <= self.eps < math.inf):
             raise UsageError(None, f"eps must be a finite number >= 0, not {self.eps}")
         if self.chunk_size < 1:
@@ -79,6 +79,11 @@ class Options:
     def norm(self, stats: NormStats) -> float:
         """The norm that counts: NaN/Inf propagate unless a policy says how to treat them."""
         return stats.norm() if self.policy is NonFinite.ERROR else stats.finite_norm()
+
+
+def _require_positive(what: str, value: float) -> None:
+    if not 0 < value < math.inf:
+        raise UsageError(None, f"{what} must be a finite number > 0, not {value}")
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,7 @@ def rescale_file(
     """
     if groups:
         for glob, limit in groups:
-            if not 0 < limit < math.inf:
-                raise UsageError(None, f"group {glob!r}: max norm must be a finite number > 0")
+            _require_positive(f"group {glob!r}: max norm", limit)
         strategy: Strategy = Groups(tuple((g, float(c)) for g, c in groups), max_norm)
     elif max_norm is None:
         raise UsageError(None, "give a max norm, or groups with their own max norms")
@@ -223,8 +227,7 @@ def normalize_file(
     The factor is target_norm / (norm + eps); a zero gradient stays zero.  Refused when a
     value would overflow its dtype.
     """
-    if not 0 < target_norm < math.inf:
-        raise UsageError(None, f"target norm must be a finite number > 0, not {target_norm}")
+    _require_positive("target norm", target_norm)
     return _rewrite_file(src, dst, Normalize(target_norm), file_format, clobber, **options)
 
 
@@ -238,8 +241,7 @@ def clip_value_file(
     **options: object,
 ) -> Report:
     """Clamp every gradient value of *src* to [-max_value, max_value] into *dst*."""
-    if not 0 < max_value < math.inf:
-        raise UsageError(None, f"max value must be a finite number > 0, not {max_value}")
+    _require_positive("max value", max_value)
     return _rewrite_file(src, dst, ClipValue(max_value), file_format, clobber, **options)
 
 

@@ -166,7 +166,7 @@ def _options(*decorators: Callable[[Callable[..., None]], Callable[..., None]]):
     return apply
 
 
-_measure_options = _options(
+_norm_options = _options(
     click.option(
         "--norm-type",
         "-p",
@@ -193,6 +193,9 @@ _measure_options = _options(
         help="NaN/Inf values: refuse the file, count and write them as 0, or keep "
         "them as they are (the norm is then that of the finite values).",
     ),
+)
+
+_selection_options = _options(
     click.option(
         "--include",
         multiple=True,
@@ -219,6 +222,8 @@ _measure_options = _options(
         help="The input's format, instead of detecting it from its first bytes.",
     ),
 )
+
+_measure_options = _options(_norm_options, _selection_options)
 _view_options = _options(
     click.option(
         "--format",
@@ -403,21 +408,7 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
 @main.command()
 @click.argument("file_a", metavar="A")
 @click.argument("file_b", metavar="B")
-@click.option("--include", multiple=True, metavar="GLOB", help="Compare only these tensors.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave these tensors out.")
-@click.option(
-    "--chunk-size",
-    type=ByteSizeParam(),
-    default="64M",
-    show_default=True,
-    envvar="GCLIP_CHUNK_SIZE",
-    help="Bytes read per chunk: bounds the memory used.",
-)
-@click.option(
-    "--file-format",
-    type=click.Choice(["safetensors", "npz", "hdf5"]),
-    help="The inputs' format, instead of detecting it from their first bytes.",
-)
+@_selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_reports_errors()
 def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **options: Any) -> None:

@@ -403,3 +403,21 @@ def test_a_closed_pipe_stops_quietly(make_file):
         check=False,
     )
     assert proc.stdout.startswith('{"kind": "tensor"') and proc.stderr == ""
+
+
+def test_option_choices_match_the_library():
+    # the CLI spells them out so that --help need not import numpy; they must not drift
+    from gclip_cli.formats import FORMAT_NAMES
+    from gclip_cli.render import OUTPUT_FORMATS
+    from gclip_cli.views import SORT_KEYS
+
+    params = {p.name: p for p in main.commands["inspect"].params}
+    assert tuple(params["file_format"].type.choices) == FORMAT_NAMES
+    assert tuple(params["output_format"].type.choices) == OUTPUT_FORMATS
+    assert tuple(params["sort"].type.choices) == SORT_KEYS
+
+
+def test_every_command_is_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in main.commands:
+        assert f"gclip {name}" in readme, name

@@ -31,7 +31,8 @@ from .norms import NormStats
 from .output import atomic_output, check_output_path
 from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
-from .selection import expand_inputs, select
+from .selection import INDEX_SUFFIX, expand_inputs, select
+from .sharded import copy_index, executor_for, run_all
 from .strategies import (
     ClipValue,
     GlobalNorm,
@@ -213,6 +214,128 @@ def rescale_file(
     return _rewrite_file(src, dst, strategy, file_format, clobber, max_norm=max_norm, **options)
 
 
+def rescale_files(
+    paths: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    max_norm: float,
+    jobs: int | None = None,
+    scheduler: str | None = None,
+    file_format: str | None = None,
+    clobber: bool = True,
+    **options: object,
+) -> Report:
+    """Clip the shards *paths* (files, directories, ``*.index.json``) by their one global norm
+    into *out_dir*, each under its own name (an index file is copied unchanged).
+
+    The two phases run as tasks on threads (default), a process pool of *jobs* processes, or
+    the Dask cluster *scheduler* (``local[:N]`` starts one here); the result is identical to
+    the last bit whichever.
+    """
+    settings = Options(max_norm=max_norm, **options)
+    files, out_dir = expand_inputs(paths), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [out_dir / src.name for src in files]
+    for src, dst in zip(files, targets, strict=True):
+        check_output_path(src, dst, clobber)
+    with executor_for(jobs, scheduler) as executor:
+        measured = run_all(executor, _measure_task, [(src, file_format, settings) for src in files])
+        tensors = [t for m in measured for t in m.tensors]
+        before = [s for m in measured for s in m.stats]
+        total = combine(before, settings.norm_type)
+        bad = [
+            (f"{m.path.name}: {t.name}", s)
+            for m in measured
+            for t, s in zip(m.tensors, m.stats, strict=True)
+            if s is not None and s.nonfinite
+        ]
+        if bad and settings.policy is NonFinite.ERROR:
+            raise NonFiniteError(measured[0].path.parent, _nonfinite_message(bad))
+        factor = _factor(tensors, before, total, settings)
+        after = run_all(
+            executor,
+            _write_task,
+            [
+                (
+                    m.path,
+                    m.file_format,
+                    dst,
+                    factor,
+                    settings,
+                    clobber,
+                    frozenset(
+                        t.name for t, s in zip(m.tensors, m.stats, strict=True) if s and s.nonfinite
+                    ),
+                )
+                for m, dst in zip(measured, targets, strict=True)
+            ],
+        )
+    for index in (Path(p) for p in paths if str(p).endswith(INDEX_SUFFIX)):
+        copy_index(index, out_dir)
+    global_norm = settings.norm(total)
+    written = [s for m, shard in zip(measured, after, strict=True) for s in (shard or m.stats)]
+    return Report(
+        path=f"{len(files)} files" if len(files) > 1 else str(files[0]),
+        file_format=",".join(dict.fromkeys(m.file_format for m in measured)),
+        norm_type=settings.norm_type,
+        global_norm=global_norm,
+        tensors=tensor_reports(
+            tensors,
+            before,
+            global_norm,
+            settings.norm,
+            written,
+            files=[str(m.path) for m in measured for _ in m.tensors],
+        ),
+        files=tuple(str(m.path) for m in measured),
+        max_norm=max_norm,
+        eps=settings.eps,
+        nonfinite_policy=settings.nonfinite,
+        scale=factor.hi,
+        clipped=factor.exact != 1,
+        output=str(out_dir),
+        global_norm_after=settings.norm(combine(written, settings.norm_type)),
+    )
+
+
+def _measure_task(src: Path, file_format: str | None, options: Options) -> _Measured:
+    return _in_child_if_fragile(src, file_format, _measure_file, options)
+
+
+def _write_task(
+    src: Path,
+    file_format: str,
+    dst: Path,
+    factor: ScaleFactor,
+    options: Options,
+    clobber: bool,
+    with_nonfinite: frozenset[str],
+) -> list[NormStats | None]:
+    """Phase 2 for one shard: its own temporary file, renamed into place when complete."""
+    with atomic_output(dst, clobber) as tmp:
+        return _in_child_if_fragile(
+            src, file_format, _write_shard, tmp, dst, factor, options, with_nonfinite
+        )
+
+
+def _write_shard(
+    src: Path,
+    file_format: str,
+    tmp: Path,
+    dst: Path,
+    factor: ScaleFactor,
+    options: Options,
+    with_nonfinite: frozenset[str],
+) -> list[NormStats | None] | None:
+    with _opened(src, file_format, options) as tfile, _output_errors(dst):
+        if factor.exact == 1 and not (with_nonfinite and options.policy is NonFinite.ZERO):
+            shutil.copyfile(src, tmp)
+            return None  # unchanged: the values written are those phase 1 measured
+        gradients = dict.fromkeys((t.name for t in tfile.tensors if t.is_gradient), factor)
+        scaler = Scaler(gradients, options.norm_type, options.policy, with_nonfinite)
+        return rewrite(tfile, tmp, scaler, options.chunk_size)
+
+
 def normalize_file(
     src: PathLike,
     dst: PathLike,
@@ -370,9 +493,13 @@ def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:
     ]
     if not bad:
         return
+    raise NonFiniteError(tfile.path, _nonfinite_message(bad))
+
+
+def _nonfinite_message(bad: list[tuple[str, NormStats]]) -> str:
     listed = ", ".join(f"{name!r} ({s.nan} NaN, {s.inf} Inf)" for name, s in bad[:5])
     more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
-    raise NonFiniteError(tfile.path, f"non-finite values in {listed}{more}; nothing written")
+    return f"non-finite values in {listed}{more}; nothing written"
 
 
 @contextmanager

@@ -427,14 +427,17 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
         print_diff(result, _console(stderr=False))
 
 
-_rewrite_options = _options(
-    click.argument("input_file", metavar="IN"),
-    click.argument("output_file", metavar="OUT"),
+_rewrite_common = _options(
     click.option("--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT."),
     click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors."),
     _measure_options,
     _view_options,
     _reports_errors(),
+)
+_rewrite_options = _options(
+    click.argument("input_file", metavar="IN"),
+    click.argument("output_file", metavar="OUT"),
+    _rewrite_common,
 )
 
 
@@ -453,8 +456,36 @@ _rewrite_options = _options(
     help="Clip the tensors matching GLOB by their own norm, at most C (repeatable; the "
     "first match wins).",
 )
-@_rewrite_options
-def rescale(per_tensor: bool, groups: tuple[tuple[str, float], ...], **arguments: Any) -> None:
+@click.argument("paths", nargs=-1, required=True, metavar="IN [IN...] OUT|--out-dir DIR")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each of several inputs (files, a directory, an *.index.json) under "
+    "its own name here, all clipped by their one global norm.",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    envvar="GCLIP_JOBS",
+    help="With --out-dir: work on N shards at once in a process pool.",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="With --out-dir: run on a Dask cluster (ADDRESS), or 'local[:N]' for N "
+    "worker processes here. Needs gclip[dask].",
+)
+@_rewrite_common
+def rescale(
+    paths: tuple[str, ...],
+    per_tensor: bool,
+    groups: tuple[tuple[str, float], ...],
+    out_dir: Path | None,
+    jobs: int | None,
+    scheduler: str | None,
+    **arguments: Any,
+) -> None:
     """Write IN to OUT with every gradient scaled by max_norm / global_norm, if that is < 1.
 
     OUT has IN's format; non-float (and --exclude'd) tensors and all other content are copied
@@ -465,12 +496,24 @@ def rescale(per_tensor: bool, groups: tuple[tuple[str, float], ...], **arguments
     Other strategies:
       --per-tensor              each tensor clipped by its own norm (Keras clipnorm)
       --group 'h.*=0.5' ...     each group by its own norm; the rest by --max-norm, if given
+    Sharded checkpoints:
+      gclip rescale ckpt/model.safetensors.index.json --out-dir clipped --max-norm 1 -j 2
     """
-    from .api import rescale_file
+    from .api import rescale_file, rescale_files
 
     if arguments["max_norm"] is None and not groups:
         raise click.UsageError("give --max-norm, or --group GLOB=C")
-    _rewrite(rescale_file, arguments, per_tensor=per_tensor, groups=groups)
+    if out_dir is None:
+        if len(paths) != 2:
+            raise click.UsageError("give IN and OUT, or several inputs with --out-dir DIR")
+        if jobs or scheduler:
+            raise click.UsageError("--jobs and --scheduler go with --out-dir")
+        arguments["input_file"], arguments["output_file"] = paths
+        _rewrite(rescale_file, arguments, per_tensor=per_tensor, groups=groups)
+        return
+    if per_tensor or groups:
+        raise click.UsageError("--out-dir clips several files by their global norm only")
+    _rewrite_many(rescale_files, paths, out_dir, arguments, jobs=jobs, scheduler=scheduler)
 
 
 @main.command("clip-value")
@@ -526,6 +569,28 @@ def _rewrite(call: Callable[..., Report], arguments: dict[str, Any], **strategy:
         return
     to_stderr = output_file == STDIO or output_format == "table"
     _emit(report, output_format, view, human=_print_rescale, to_stderr=to_stderr)
+
+
+def _rewrite_many(
+    call: Callable[..., Report],
+    paths: tuple[str, ...],
+    out_dir: Path,
+    arguments: dict[str, Any],
+    **executor: Any,
+) -> None:
+    """Rewrite several files into *out_dir*; the report as for one file."""
+    if "-" in paths:
+        raise click.UsageError("standard input (-) cannot be one of several shards")
+    no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
+    output_format = "json" if arguments.pop("as_json") else arguments.pop("output_format")
+    arguments.pop("output_format", None)
+    view = _view(arguments)
+    file_format = arguments.pop("file_format")
+    report = call(
+        paths, out_dir, file_format=file_format, clobber=not no_clobber, **executor, **arguments
+    )
+    if not (output_format == "table" and quiet):
+        _emit(report, output_format, view, human=_print_rescale, to_stderr=output_format == "table")
 
 
 @contextmanager

@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 def run_isolated(path: Path, work: Callable[..., T], *args: object) -> T:
     """*work*(*args) in a forked child; its exceptions are re-raised here."""
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if "fork" not in multiprocessing.get_all_start_methods() or _daemonic():
         return work(*args)
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
@@ -50,6 +50,11 @@ def run_isolated(path: Path, work: Callable[..., T], *args: object) -> T:
     if succeeded:
         return value
     raise value
+
+
+def _daemonic() -> bool:
+    """Daemonic processes (a Dask worker, for one) may not start children: work in place."""
+    return multiprocessing.current_process().daemon
 
 
 def _child(sender: Connection, work: Callable[..., object], args: tuple[object, ...]) -> None:

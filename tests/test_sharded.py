@@ -1,0 +1,93 @@
+"""Sharded checkpoints: one global norm over every shard, the same on any executor."""
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import exact_norm, exactly_scaled, read_tensors, write_tensors
+
+from gclip_cli.api import rescale_files
+from gclip_cli.cli import main
+
+SHARDS = {  # file -> (format, tensors)
+    "model-00001-of-00003.safetensors": ("safetensors", {"a.w": (40, 30), "a.b": (30,)}),
+    "model-00002-of-00003.npz": ("npz", {"b.w": (25, 12)}),
+    "model-00003-of-00003.h5": ("hdf5", {"c.w": (64,), "c.b": (8,)}),
+}
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    rng = np.random.default_rng(17)
+    values, weight_map = {}, {}
+    for file, (fmt, shapes) in SHARDS.items():
+        tensors = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        write_tensors(folder / file, fmt, tensors)
+        values |= tensors
+        weight_map |= dict.fromkeys(tensors, file)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    return index, values
+
+
+def outputs(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {file: read_tensors(folder / file, fmt) for file, (fmt, _) in SHARDS.items()}
+
+
+def test_one_global_norm_over_all_shards(checkpoint, tmp_path):
+    index, values = checkpoint
+    out = tmp_path / "clipped"
+    report = rescale_files([index], out, max_norm=1.0)
+    assert report.global_norm == pytest.approx(exact_norm(list(values.values())), rel=1e-12)
+    assert (out / index.name).read_bytes() == index.read_bytes()
+    q = Fraction(1.0) / Fraction(report.global_norm)
+    for shard in outputs(out).values():
+        for name, written in shard.items():
+            assert np.array_equal(written, exactly_scaled(values[name], q))
+    assert report.global_norm_after == pytest.approx(1.0, rel=1e-6)
+
+
+def executors() -> list[dict]:
+    found = [{}, {"jobs": 2}]
+    try:
+        import distributed  # noqa: F401
+
+        found.append({"scheduler": "local:2"})
+    except ImportError:
+        pass
+    return found
+
+
+def test_every_executor_gives_the_same_bytes(checkpoint, tmp_path):
+    index, _ = checkpoint
+    results = []
+    for i, executor in enumerate(executors()):
+        out = tmp_path / f"out{i}"
+        report = rescale_files([index], out, max_norm=0.5, chunk_size=1000 * (i + 1), **executor)
+        raw = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".h5"}
+        results.append((report.global_norm, report.global_norm_after, raw, outputs(out)))
+    first = results[0]
+    for other in results[1:]:
+        assert other[:3] == first[:3]
+        for file in SHARDS:
+            for name, written in first[3][file].items():
+                assert np.array_equal(other[3][file][name], written)
+    assert len(results) == len(executors())
+
+
+def test_out_dir_from_the_command_line(checkpoint, tmp_path):
+    index, _ = checkpoint
+    out = tmp_path / "clipped"
+    result = CliRunner().invoke(
+        main, ["rescale", str(index.parent), "--out-dir", str(out), "--max-norm", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(SHARDS)  # a directory: no index
+    assert json.loads(result.stdout)["files"] == [str(index.parent / f) for f in sorted(SHARDS)]
+    usage = CliRunner().invoke(main, ["rescale", str(index), "a", "b", "--max-norm", "1"])
+    assert usage.exit_code == 2 and "--out-dir" in usage.stderr

@@ -32,7 +32,7 @@ from .output import atomic_output, check_output_path
 from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
 from .selection import INDEX_SUFFIX, expand_inputs, select
-from .sharded import copy_index, executor_for, run_all
+from .sharded import copy_index, executor_for, run_all, staging
 from .strategies import (
     ClipValue,
     GlobalNorm,
@@ -252,24 +252,21 @@ def rescale_files(
         if bad and settings.policy is NonFinite.ERROR:
             raise NonFiniteError(measured[0].path.parent, _nonfinite_message(bad))
         factor = _factor(tensors, before, total, settings)
-        after = run_all(
-            executor,
-            _write_task,
-            [
+        with staging(out_dir) as temp_dir:
+            jobs = [
                 (
                     m.path,
                     m.file_format,
                     dst,
+                    temp_dir,
                     factor,
                     settings,
                     clobber,
-                    frozenset(
-                        t.name for t, s in zip(m.tensors, m.stats, strict=True) if s and s.nonfinite
-                    ),
+                    _with_nonfinite(m),
                 )
                 for m, dst in zip(measured, targets, strict=True)
-            ],
-        )
+            ]
+            after = run_all(executor, _write_task, jobs)
     for index in (Path(p) for p in paths if str(p).endswith(INDEX_SUFFIX)):
         copy_index(index, out_dir)
     global_norm = settings.norm(total)
@@ -302,17 +299,25 @@ def _measure_task(src: Path, file_format: str | None, options: Options) -> _Meas
     return _in_child_if_fragile(src, file_format, _measure_file, options)
 
 
+def _with_nonfinite(measured: _Measured) -> frozenset[str]:
+    return frozenset(
+        t.name for t, s in zip(measured.tensors, measured.stats, strict=True) if s and s.nonfinite
+    )
+
+
 def _write_task(
     src: Path,
     file_format: str,
     dst: Path,
+    temp_dir: Path,
     factor: ScaleFactor,
     options: Options,
     clobber: bool,
     with_nonfinite: frozenset[str],
-) -> list[NormStats | None]:
-    """Phase 2 for one shard: its own temporary file, renamed into place when complete."""
-    with atomic_output(dst, clobber) as tmp:
+) -> list[NormStats | None] | None:
+    """Phase 2 for one shard: a temporary file in *temp_dir*, renamed into place when
+    complete (so a task tried again, or killed, leaves nothing half-written at *dst*)."""
+    with atomic_output(dst, clobber, temp_dir) as tmp:
         return _in_child_if_fragile(
             src, file_format, _write_shard, tmp, dst, factor, options, with_nonfinite
         )

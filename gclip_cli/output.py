@@ -36,14 +36,17 @@ def check_output_path(src: Path, dst: Path, clobber: bool = True) -> None:
 
 
 @contextmanager
-def atomic_output(dst: Path, clobber: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside *dst*; on success it becomes *dst*, on failure it vanishes.
+def atomic_output(dst: Path, clobber: bool = True, temp_dir: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside *dst* (or in *temp_dir*, on the same filesystem); on
+    success it becomes *dst*, on failure it vanishes.
 
     With *clobber* off the temporary file is linked to *dst*, which fails if *dst* has appeared
     meanwhile, so an existing file is never replaced, even by a concurrent writer.
     """
     try:
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=TEMP_SUFFIX)
+        fd, name = tempfile.mkstemp(
+            dir=temp_dir or dst.parent, prefix=f".{dst.name}.", suffix=TEMP_SUFFIX
+        )
     except OSError as exc:
         raise OutputError(dst, f"cannot create a file here: {exc.strerror or exc}") from None
     os.close(fd)

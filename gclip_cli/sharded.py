@@ -29,10 +29,7 @@ def executor_for(jobs: int | None = None, scheduler: str | None = None) -> Itera
         with _dask_executor(scheduler) as executor:
             yield executor
     elif jobs and jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as executor:
+        with RestartingProcessPool(jobs) as executor:
             yield executor
     else:
         with ThreadPoolExecutor(max_workers=1) as executor:
@@ -55,6 +52,48 @@ def _dask_executor(scheduler: str) -> Iterator[Executor]:
     else:
         with Client(scheduler) as client:
             yield client.get_executor(retries=RETRIES, pure=False)
+
+
+class RestartingProcessPool(Executor):
+    """A process pool that replaces itself when a worker dies (which breaks a pool for good),
+    so that the tasks lost with it can be submitted again."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> Executor:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        # spawn, not fork: the parent may run threads
+        return ProcessPoolExecutor(self._workers, mp_context=get_context("spawn"))
+
+    def submit(self, fn: Callable[..., object], /, *args: object, **kwargs: object):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A private directory in *out_dir* for the shards' temporary files, removed at the end
+    whatever happened: a worker killed mid-write leaves no partial file in *out_dir*."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(dir=out_dir, prefix=".gclip-staging-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_all(executor: Executor, task: Callable[..., object], jobs: Sequence[tuple]) -> list:

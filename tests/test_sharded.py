@@ -1,6 +1,7 @@
 """Sharded checkpoints: one global norm over every shard, the same on any executor."""
 
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import exact_norm, exactly_scaled, read_tensors, write_tensors
 
+from gclip_cli import api
 from gclip_cli.api import rescale_files
 from gclip_cli.cli import main
+from gclip_cli.sharded import RETRIES, executor_for, run_all
 
 SHARDS = {  # file -> (format, tensors)
     "model-00001-of-00003.safetensors": ("safetensors", {"a.w": (40, 30), "a.b": (30,)}),
@@ -91,3 +94,41 @@ def test_out_dir_from_the_command_line(checkpoint, tmp_path):
     assert json.loads(result.stdout)["files"] == [str(index.parent / f) for f in sorted(SHARDS)]
     usage = CliRunner().invoke(main, ["rescale", str(index), "a", "b", "--max-norm", "1"])
     assert usage.exit_code == 2 and "--out-dir" in usage.stderr
+
+
+def die_once(marker: str) -> int:
+    """A task whose first run kills its worker process outright (as an OOM killer would)."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(9)
+    return 42
+
+
+def test_a_killed_worker_is_replaced_and_its_task_run_again(tmp_path):
+    with executor_for(jobs=2) as executor:
+        assert run_all(executor, die_once, [(str(tmp_path / "marker"),)]) == [42]
+
+
+def test_a_failing_write_leaves_nothing_partial_in_the_output_directory(
+    checkpoint, tmp_path, monkeypatch
+):
+    index, _ = checkpoint
+    out = tmp_path / "clipped"
+    attempts = []
+
+    def write_half_then_fail(src, file_format, tmp, *args):
+        attempts.append(src.name)
+        tmp.write_bytes(b"half a shard")
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(api, "_write_shard", write_half_then_fail)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        rescale_files([index], out, max_norm=1.0)
+    assert len(attempts) >= RETRIES + 1  # tried again before giving up
+    assert list(out.iterdir()) == []  # no shard, no temporary file, no staging directory
+
+
+def test_a_killed_dask_worker_is_replaced_and_its_task_run_again(tmp_path):
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    with executor_for(scheduler="local:2") as executor:
+        assert run_all(executor, die_once, [(str(tmp_path / "marker"),)]) == [42]

@@ -4,6 +4,7 @@
     python benchmarks/bench.py --size 1G --formats safetensors --repeat 7
     python benchmarks/bench.py --size 1G --compressed         # deflated .npz and gzip HDF5
     python benchmarks/bench.py --memory 1G,4G                 # peak RSS flat in file size?
+    python benchmarks/bench.py --sharded 8 --size 128M        # serial vs --jobs vs Dask
 
 Every command runs as its own process; commands are interleaved and repeated, and each table
 shows medians, the ratio to the floor measured in the same rounds, and the peak RSS of the
@@ -13,6 +14,7 @@ process (from wait4).  The machine is shared and noisy: only ratios from one run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -205,6 +207,36 @@ def make_dump(path: Path, size: int, compressed: bool) -> None:
     )
 
 
+def sharded_check(shards: int, size: int, work: Path, repeat: int) -> None:
+    """Serial, --jobs 2 and --scheduler local:2 on a sharded checkpoint, side by side."""
+    folder = work / f"shards{shards}x{size >> 20}M"
+    folder.mkdir(exist_ok=True)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        make_dump(folder / name, size, compressed=False)  # seeded alike; sizes are what matter
+        weight_map[f"shard{i}"] = name
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    q = shlex.quote
+    base = f"{GCLIP} rescale {q(str(index))} --out-dir {q(str(work / 'sharded-out'))} --max-norm 1"
+    cases = [
+        Case("serial", base),
+        Case("--jobs 2", f"{base} --jobs 2"),
+        Case("--scheduler local:2", f"{base} --scheduler local:2"),
+    ]
+    measure(cases, repeat, work)
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    print(f"\n## sharded: {shards} shards, {total / 2**30:.2f} GiB\n")
+    print("| run | median wall (s) | speed-up | peak RSS (MiB) |")
+    print("|---|---|---|---|")
+    for case in cases:
+        print(
+            f"| {case.label} | {case.wall:.2f} | {cases[0].wall / case.wall:.2f}x | "
+            f"{case.rss_mib:.0f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
@@ -212,6 +244,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compressed", action="store_true")
     parser.add_argument("--memory", help="comma-separated sizes for the RSS check, e.g. 1G,4G")
+    parser.add_argument(
+        "--sharded",
+        type=int,
+        metavar="N",
+        help="time a checkpoint of N shards of --size each instead",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gclip-bench"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +257,9 @@ def main() -> None:
         f"# gclip benchmark: {args.size} float32 dumps with GPT-2-medium shapes, "
         f"{args.repeat} interleaved rounds, {os.cpu_count()} cores"
     )
+    if args.sharded:
+        sharded_check(args.sharded, parse_size(args.size), args.workdir, args.repeat)
+        return
     if args.memory:
         memory_check([parse_size(s) for s in args.memory.split(",")], args.workdir, args.repeat)
         return

@@ -223,6 +223,7 @@ def rescale_files(
     scheduler: str | None = None,
     file_format: str | None = None,
     clobber: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
     **options: object,
 ) -> Report:
     """Clip the shards *paths* (files, directories, ``*.index.json``) by their one global norm
@@ -230,7 +231,7 @@ def rescale_files(
 
     The two phases run as tasks on threads (default), a process pool of *jobs* processes, or
     the Dask cluster *scheduler* (``local[:N]`` starts one here); the result is identical to
-    the last bit whichever.
+    the last bit whichever.  *progress*(phase, shards done, shards) is called as shards finish.
     """
     settings = Options(max_norm=max_norm, **options)
     files, out_dir = expand_inputs(paths), Path(out_dir)
@@ -239,7 +240,12 @@ def rescale_files(
     for src, dst in zip(files, targets, strict=True):
         check_output_path(src, dst, clobber)
     with executor_for(jobs, scheduler) as executor:
-        measured = run_all(executor, _measure_task, [(src, file_format, settings) for src in files])
+        measured = run_all(
+            executor,
+            _measure_task,
+            [(src, file_format, settings) for src in files],
+            _counter("measuring", len(files), progress),
+        )
         tensors = [t for m in measured for t in m.tensors]
         before = [s for m in measured for s in m.stats]
         total = combine(before, settings.norm_type)
@@ -266,7 +272,7 @@ def rescale_files(
                 )
                 for m, dst in zip(measured, targets, strict=True)
             ]
-            after = run_all(executor, _write_task, jobs)
+            after = run_all(executor, _write_task, jobs, _counter("writing", len(jobs), progress))
     for index in (Path(p) for p in paths if str(p).endswith(INDEX_SUFFIX)):
         copy_index(index, out_dir)
     global_norm = settings.norm(total)
@@ -293,6 +299,16 @@ def rescale_files(
         output=str(out_dir),
         global_norm_after=settings.norm(combine(written, settings.norm_type)),
     )
+
+
+def _counter(
+    phase: str, total: int, progress: Callable[[str, int, int], None] | None
+) -> Callable[[], None] | None:
+    if progress is None:
+        return None
+    count = iter(range(1, total + 1))
+    progress(phase, 0, total)
+    return lambda: progress(phase, next(count), total)
 
 
 def _measure_task(src: Path, file_format: str | None, options: Options) -> _Measured:

@@ -586,11 +586,39 @@ def _rewrite_many(
     arguments.pop("output_format", None)
     view = _view(arguments)
     file_format = arguments.pop("file_format")
-    report = call(
-        paths, out_dir, file_format=file_format, clobber=not no_clobber, **executor, **arguments
-    )
+    with _shard_progress(enabled=not quiet) as progress:
+        report = call(
+            paths,
+            out_dir,
+            file_format=file_format,
+            clobber=not no_clobber,
+            progress=progress,
+            **executor,
+            **arguments,
+        )
     if not (output_format == "table" and quiet):
         _emit(report, output_format, view, human=_print_rescale, to_stderr=output_format == "table")
+
+
+@contextmanager
+def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress bar of shards on stderr, when stderr is a terminal."""
+    from .streams import is_terminal
+
+    if not (enabled and is_terminal(sys.stderr)):
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=_console(stderr=True), transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"{phase} shards", total=total)
+            bar.update(tasks[phase], completed=done)
+
+        yield update
 
 
 @contextmanager

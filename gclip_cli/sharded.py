@@ -96,9 +96,15 @@ def staging(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_all(executor: Executor, task: Callable[..., object], jobs: Sequence[tuple]) -> list:
+def run_all(
+    executor: Executor,
+    task: Callable[..., object],
+    jobs: Sequence[tuple],
+    done: Callable[[], None] | None = None,
+) -> list:
     """task(*args) for every args in *jobs*, results in order; a task that fails for another
-    reason than the input (a worker that died, say) is tried again, RETRIES times."""
+    reason than the input (a worker that died, say) is tried again, RETRIES times.  *done* is
+    called as each result arrives (for progress)."""
     from .errors import GclipError
 
     futures = [executor.submit(task, *args) for args in jobs]
@@ -107,6 +113,8 @@ def run_all(executor: Executor, task: Callable[..., object], jobs: Sequence[tupl
         for attempt in range(RETRIES + 1):
             try:
                 results.append(future.result())
+                if done:
+                    done()
                 break
             except GclipError:
                 raise

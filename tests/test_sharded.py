@@ -132,3 +132,15 @@ def test_a_killed_dask_worker_is_replaced_and_its_task_run_again(tmp_path):
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     with executor_for(scheduler="local:2") as executor:
         assert run_all(executor, die_once, [(str(tmp_path / "marker"),)]) == [42]
+
+
+def test_progress_is_reported_per_shard_and_phase(checkpoint, tmp_path):
+    index, _ = checkpoint
+    seen = []
+    rescale_files(
+        [index],
+        tmp_path / "out",
+        max_norm=1.0,
+        progress=lambda phase, done, total: seen.append((phase, done, total)),
+    )
+    assert seen == [("measuring", i, 3) for i in range(4)] + [("writing", i, 3) for i in range(4)]

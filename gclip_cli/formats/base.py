@@ -105,6 +105,20 @@ class TensorFile(Protocol):
     def close(self) -> None: ...
 
 
+# Mapped pages count in RSS while mapped: keep windows small (mapping more often costs little).
+MAX_WINDOW = 16 << 20
+
+
+def window_pieces(
+    start: int, nbytes: int, itemsize: int, chunk_bytes: int
+) -> Iterator[tuple[int, int]]:
+    """(file offset, length) of the pieces of the byte range [start, start + nbytes) to map:
+    whole items, at most *chunk_bytes* and MAX_WINDOW long."""
+    step = items_per_chunk(itemsize, min(chunk_bytes, MAX_WINDOW)) * itemsize
+    for offset in range(0, nbytes, step):
+        yield start + offset, min(step, nbytes - offset)
+
+
 def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
     """How many items of *itemsize* bytes one chunk holds: at least one, whole blocks if it can."""
     items = max(1, chunk_bytes // itemsize)
@@ -129,6 +143,19 @@ def mapped(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
     finally:
         with suppress(BufferError):
             window.close()
+
+
+class ReusedBuffer:
+    """One buffer that grows as needed and is handed out again and again."""
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, dtype=np.uint8)
+
+    def like(self, values: np.ndarray) -> np.ndarray:
+        """An uninitialised array of *values*' dtype and size, in the reused memory."""
+        if self._buffer.size < values.nbytes:
+            self._buffer = np.empty(values.nbytes, dtype=np.uint8)
+        return self._buffer[: values.nbytes].view(values.dtype)
 
 
 class PipelinedWriter:

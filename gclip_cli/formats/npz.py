@@ -7,7 +7,10 @@ its gradient values are replaced.  Pickled (object) arrays are refused without b
 
 from __future__ import annotations
 
+import os
+import struct
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,17 +22,21 @@ import numpy as np
 from ..errors import InputError
 from .base import (
     READ_ERRORS,
+    ReusedBuffer,
     TensorInfo,
     Transform,
     as_bytes,
     copy_stream,
     describe_array,
     items_per_chunk,
+    mapped,
     reading,
+    window_pieces,
 )
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
+_LOCAL_HEADER_SIZE = 30  # fixed part of a zip local file header
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _NPY_SUFFIX = ".npy"
 _HEADER_READERS = {
@@ -50,6 +57,8 @@ class NpzFile:
             self._zip = zipfile.ZipFile(path)
         except READ_ERRORS as exc:
             raise InputError(path, f"not a readable .npz (zip) file: {exc}") from None
+        self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._size = os.fstat(self._raw.fileno()).st_size
         try:
             self._check_members()
             self.tensors = [
@@ -58,10 +67,48 @@ class NpzFile:
                 if info.filename.endswith(_NPY_SUFFIX)
             ]
         except BaseException:
-            self._zip.close()
+            self.close()
             raise
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        info, _ = tensor.location
+        if info.compress_type == zipfile.ZIP_STORED:
+            return self._mapped_chunks(tensor, chunk_bytes)
+        return self._inflated_chunks(tensor, chunk_bytes)
+
+    def _mapped_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """A stored member's values straight from the archive's pages (no copy), its CRC
+        checked on the way as zipfile would."""
+        info, data_offset = tensor.location
+        start = self._stored_start(info)
+        with reading(self.path, f"member {info.filename!r}"):
+            self._raw.seek(start)
+            crc = zlib.crc32(self._raw.read(data_offset))
+        pieces = window_pieces(
+            start + data_offset, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes
+        )
+        for offset, nbytes in pieces:
+            with mapped(self._raw.fileno(), offset, nbytes) as raw:
+                crc = zlib.crc32(raw, crc)
+                yield raw.view(tensor.dtype)
+        if crc != info.CRC:
+            raise InputError(self.path, f"member {info.filename!r}: bad CRC-32 (damaged data)")
+
+    def _stored_start(self, info: zipfile.ZipInfo) -> int:
+        """Where a stored member's bytes begin: after its local header, whose name and extra
+        field lengths may differ from the central directory's."""
+        with reading(self.path, f"member {info.filename!r}"):
+            self._raw.seek(info.header_offset)
+            header = self._raw.read(_LOCAL_HEADER_SIZE)
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
+        if start + info.file_size > self._size:
+            raise InputError(
+                self.path, f"member {info.filename!r} runs past the end of the file (truncated?)"
+            )
+        return start
+
+    def _inflated_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         info, data_offset = tensor.location
         dtype = tensor.dtype
         step = items_per_chunk(dtype.itemsize, chunk_bytes)
@@ -83,6 +130,7 @@ class NpzFile:
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
         tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
+        scratch = ReusedBuffer()
         with zipfile.ZipFile(out, "w") as dst:
             dst.comment = self._zip.comment
             for info in self._zip.infolist():
@@ -93,11 +141,14 @@ class NpzFile:
                     else:
                         member_out.write(self._npy_header(tensor))
                         for chunk in self.read_chunks(tensor, chunk_bytes):
-                            transform(tensor, chunk, chunk)
-                            member_out.write(as_bytes(chunk))
+                            # stored members come as read-only mapped views
+                            target = chunk if chunk.flags.writeable else scratch.like(chunk)
+                            transform(tensor, chunk, target)
+                            member_out.write(as_bytes(target))
 
     def close(self) -> None:
         self._zip.close()
+        self._raw.close()
 
     def _check_members(self) -> None:
         """Refuse what could not be copied faithfully, before anything is read or written."""

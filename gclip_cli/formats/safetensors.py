@@ -19,12 +19,10 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
-from .base import PipelinedWriter, TensorInfo, Transform, items_per_chunk, mapped
+from .base import MAX_WINDOW, PipelinedWriter, TensorInfo, Transform, mapped, window_pieces
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
-# Mapped pages count in RSS while mapped: keep windows small (mapping more often costs little).
-MAX_WINDOW = 16 << 20
 
 # dtype code -> (bits per value, numpy dtype)
 _DTYPES: dict[str, tuple[int, np.dtype]] = {
@@ -95,15 +93,11 @@ class SafetensorsFile:
                         writer.submit(target)
 
     def _pieces(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-        """(file offset, length) of the pieces of *tensor*'s data: whole items, <= chunk_bytes.
-
-        The header was validated against the file size, so no piece runs past the end.
-        """
+        """The pieces of *tensor*'s data to map (the header was validated against the file
+        size, so no piece runs past the end)."""
         begin, end = tensor.location
         itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
-        step = items_per_chunk(itemsize, min(chunk_bytes, MAX_WINDOW)) * itemsize
-        for offset in range(begin, end, step):
-            yield self._data_start + offset, min(step, end - offset)
+        return window_pieces(self._data_start + begin, end - begin, itemsize, chunk_bytes)
 
     def close(self) -> None:
         self._file.close()

@@ -145,19 +145,6 @@ def mapped(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
             window.close()
 
 
-class ReusedBuffer:
-    """One buffer that grows as needed and is handed out again and again."""
-
-    def __init__(self) -> None:
-        self._buffer = np.empty(0, dtype=np.uint8)
-
-    def like(self, values: np.ndarray) -> np.ndarray:
-        """An uninitialised array of *values*' dtype and size, in the reused memory."""
-        if self._buffer.size < values.nbytes:
-            self._buffer = np.empty(values.nbytes, dtype=np.uint8)
-        return self._buffer[: values.nbytes].view(values.dtype)
-
-
 class PipelinedWriter:
     """Double-buffered output: *write* runs on a background thread while the caller fills the
     next buffer.  write() releases the GIL, so copying into the page cache overlaps with the
@@ -194,11 +181,6 @@ class PipelinedWriter:
                     pending.result()
         finally:
             self._pool.shutdown(wait=True)
-
-
-def as_bytes(values: np.ndarray) -> memoryview:
-    """The raw bytes of contiguous *values* (ml_dtypes arrays do not export a buffer format)."""
-    return memoryview(values.view(np.uint8))
 
 
 def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, path: Path) -> None:

@@ -21,11 +21,11 @@ import numpy as np
 
 from ..errors import InputError
 from .base import (
+    MAX_WINDOW,
     READ_ERRORS,
-    ReusedBuffer,
+    PipelinedWriter,
     TensorInfo,
     Transform,
-    as_bytes,
     copy_stream,
     describe_array,
     items_per_chunk,
@@ -111,7 +111,7 @@ class NpzFile:
     def _inflated_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         info, data_offset = tensor.location
         dtype = tensor.dtype
-        step = items_per_chunk(dtype.itemsize, chunk_bytes)
+        step = items_per_chunk(dtype.itemsize, min(chunk_bytes, MAX_WINDOW))
         buffer = np.empty(min(step, tensor.numel), dtype=dtype)
         raw = memoryview(buffer.view(np.uint8))
         try:
@@ -130,7 +130,6 @@ class NpzFile:
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
         tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
-        scratch = ReusedBuffer()
         with zipfile.ZipFile(out, "w") as dst:
             dst.comment = self._zip.comment
             for info in self._zip.infolist():
@@ -140,11 +139,19 @@ class NpzFile:
                         self._copy_member(info, member_out, chunk_bytes)
                     else:
                         member_out.write(self._npy_header(tensor))
-                        for chunk in self.read_chunks(tensor, chunk_bytes):
-                            # stored members come as read-only mapped views
-                            target = chunk if chunk.flags.writeable else scratch.like(chunk)
-                            transform(tensor, chunk, target)
-                            member_out.write(as_bytes(target))
+                        self._write_values(tensor, transform, member_out, chunk_bytes)
+
+    def _write_values(
+        self, tensor: TensorInfo, transform: Transform, member_out: BinaryIO, chunk_bytes: int
+    ) -> None:
+        """Transformed chunks into *member_out*, written (and CRC'd by zipfile) on a background
+        thread while the next chunk is transformed."""
+        size = max(min(chunk_bytes, MAX_WINDOW), tensor.dtype.itemsize)
+        with PipelinedWriter(member_out.write, size) as writer:
+            for chunk in self.read_chunks(tensor, chunk_bytes):
+                target = writer.buffer(chunk.nbytes).view(chunk.dtype)
+                transform(tensor, chunk, target)
+                writer.submit(target)
 
     def close(self) -> None:
         self._zip.close()

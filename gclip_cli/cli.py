@@ -560,7 +560,11 @@ def _rewrite(call: Callable[..., Report], arguments: dict[str, Any], **strategy:
     arguments.pop("output_format", None)
     view = _view(arguments)
     file_format = arguments.pop("file_format")
-    with local_inputs([input_file]) as (src,), _destination(output_file) as dst:
+    with (
+        local_inputs([input_file]) as (src,),
+        _destination(output_file) as dst,
+        _byte_progress(enabled=not quiet),
+    ):
         report = call(
             src, dst, file_format=file_format, clobber=not no_clobber, **strategy, **arguments
         )
@@ -601,6 +605,43 @@ def _rewrite_many(
 
 
 @contextmanager
+def _byte_progress(enabled: bool = True) -> Iterator[None]:
+    """Bytes done and throughput on stderr, for work that takes more than about a second,
+    when stderr is a terminal."""
+    from .streams import is_terminal
+
+    if not (enabled and is_terminal(sys.stderr)):
+        yield
+        return
+    import time
+
+    from rich.progress import DownloadColumn, Progress, SpinnerColumn, TransferSpeedColumn
+
+    from .progress import listening
+
+    bar = Progress(
+        SpinnerColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("", total=None)
+    start = time.monotonic()
+
+    def advance(nbytes: int) -> None:
+        if not bar.live.is_started and time.monotonic() - start > 1.0:
+            bar.start()
+        bar.advance(task, nbytes)
+
+    try:
+        with listening(advance):
+            yield
+    finally:
+        bar.stop()
+
+
+@contextmanager
 def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     """A progress bar of shards on stderr, when stderr is a terminal."""
     from .streams import is_terminal
@@ -636,7 +677,7 @@ def _inspect(files: tuple[str, ...], options: dict[str, Any]) -> Report:
     from .api import inspect_files
 
     file_format = options.pop("file_format")
-    with _local(files) as paths:
+    with _local(files) as paths, _byte_progress():
         return inspect_files(paths, file_format=file_format, **options)
 
 

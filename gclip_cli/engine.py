@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from . import progress
 from .formats import TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats
 from .rounding import ScaleFactor, ScratchBuffers, scale
@@ -33,6 +34,7 @@ def _measure_tensor(
     accumulator = NormAccumulator(norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
         accumulator.add(chunk)
+        progress.advance(chunk.nbytes)
     return accumulator.finish()
 
 
@@ -136,6 +138,7 @@ class Rewriter:
     def __call__(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
         self.rewrite(tensor, src, dst)
         self._accumulator_for(tensor.name).add(dst)
+        progress.advance(dst.nbytes)
 
     def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
         raise NotImplementedError

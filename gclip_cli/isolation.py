@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
+from . import progress
 from .errors import InputError
 
 T = TypeVar("T")
@@ -58,6 +59,7 @@ def _daemonic() -> bool:
 
 
 def _child(sender: Connection, work: Callable[..., object], args: tuple[object, ...]) -> None:
+    progress.silence()  # the parent owns the terminal
     try:
         outcome = (True, work(*args))
     except BaseException as exc:  # everything goes back to the parent, which decides

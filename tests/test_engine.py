@@ -95,3 +95,17 @@ def test_scaler_scales_in_place_and_measures_each_tensor_written():
     assert in_place.tolist() == [3.0, 4.0]
     assert after["a"].norm() == 2.5
     assert after["b"].norm() == 5.0
+
+
+def test_progress_reports_the_bytes_of_both_passes(make_file, tmp_path):
+    import gclip_cli
+    from gclip_cli.progress import listening
+
+    values = {"w": np.ones(1000, np.float32), "n": np.arange(10)}
+    src = make_file("safetensors", values)
+    seen = []
+    with listening(seen.append):
+        gclip_cli.inspect_file(src, chunk_size=1024)
+        assert sum(seen) == 4000 and len(seen) == 4  # only the gradient, chunk by chunk
+        gclip_cli.rescale_file(src, tmp_path / "o.safetensors", max_norm=1.0)
+    assert sum(seen) == 4000 + 2 * 4000  # rescale: pass 1 and pass 2

@@ -146,3 +146,23 @@ def test_directory_entry_pointing_past_the_end_is_refused(tmp_path):
     src.write_bytes(bytes(raw))
     with pytest.raises(InputError, match=r"'notes\.txt'"):
         gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)
+
+
+def test_faster_deflate_is_ordinary_deflate_and_restores_zipfile(tmp_path):
+    pytest.importorskip("isal", reason="the fast extra is not installed")
+    from gclip_cli.formats.deflate import faster_deflate
+
+    original = zipfile._get_compressor
+    values = np.random.default_rng(0).standard_normal(50_000).astype(np.float32)
+    src = tmp_path / "in.npz"
+    np.savez_compressed(src, g=values)
+    with faster_deflate():
+        assert zipfile._get_compressor is not original
+    assert zipfile._get_compressor is original
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    with zipfile.ZipFile(out) as z:  # inflated here by the standard library's zlib
+        assert z.getinfo("g.npy").compress_type == zipfile.ZIP_DEFLATED
+        assert z.testzip() is None
+    with np.load(out) as z:
+        assert np.array_equal(z["g"], expected_scaled(values, report))

@@ -18,6 +18,7 @@ import numpy as np
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
 from ..norms import BLOCK
+from .deflate import ERRORS as DEFLATE_ERRORS
 
 # What reading a damaged or truncated input raises, from the OS, zipfile, zlib, numpy or h5py.
 READ_ERRORS = (
@@ -32,6 +33,7 @@ READ_ERRORS = (
     SystemError,  # how h5py reports an error inside one of HDF5's callbacks (visits)
     zipfile.BadZipFile,
     zlib.error,
+    *DEFLATE_ERRORS,
 )
 
 

@@ -33,6 +33,7 @@ from .base import (
     reading,
     window_pieces,
 )
+from .deflate import faster_deflate
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -109,6 +110,10 @@ class NpzFile:
         return start
 
     def _inflated_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        with faster_deflate():
+            yield from self._zipfile_chunks(tensor, chunk_bytes)
+
+    def _zipfile_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         info, data_offset = tensor.location
         dtype = tensor.dtype
         step = items_per_chunk(dtype.itemsize, min(chunk_bytes, MAX_WINDOW))
@@ -130,7 +135,7 @@ class NpzFile:
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
         tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
-        with zipfile.ZipFile(out, "w") as dst:
+        with faster_deflate(), zipfile.ZipFile(out, "w") as dst:
             dst.comment = self._zip.comment
             for info in self._zip.infolist():
                 with dst.open(_copy_info(info), "w") as member_out:

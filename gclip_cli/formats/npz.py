@@ -38,6 +38,8 @@ from .deflate import faster_deflate
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _LOCAL_HEADER_SIZE = 30  # fixed part of a zip local file header
+# zipfile allocates every read afresh (and keeps the compressed input besides): small reads.
+_INFLATE_WINDOW = 4 << 20
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _NPY_SUFFIX = ".npy"
 _HEADER_READERS = {
@@ -116,7 +118,7 @@ class NpzFile:
     def _zipfile_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         info, data_offset = tensor.location
         dtype = tensor.dtype
-        step = items_per_chunk(dtype.itemsize, min(chunk_bytes, MAX_WINDOW))
+        step = items_per_chunk(dtype.itemsize, min(chunk_bytes, _INFLATE_WINDOW))
         buffer = np.empty(min(step, tensor.numel), dtype=dtype)
         raw = memoryview(buffer.view(np.uint8))
         try:

@@ -11,7 +11,7 @@ Clipping by value is not a factor; see :class:`ClipValue` and ``engine.Clamper``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from fractions import Fraction
@@ -89,7 +89,7 @@ def plan(
     strategy: Strategy,
     tensors: Sequence[TensorInfo],
     stats: Sequence[NormStats | None],
-    norm_of: callable,
+    norm_of: Callable[[NormStats], float],
     eps: float,
 ) -> Plan:
     """The factors *strategy* gives *tensors*, from their pass-1 *stats*.
@@ -125,7 +125,7 @@ def _assign_groups(
 
 def _clip_groups(
     assigned: dict[str, tuple[float | None, list[tuple[TensorInfo, NormStats]]]],
-    norm_of: callable,
+    norm_of: Callable[[NormStats], float],
     eps: float,
 ) -> Plan:
     factors: dict[str, ScaleFactor] = {}
@@ -148,7 +148,7 @@ def _clip_groups(
 def _normalize(
     strategy: Normalize,
     members: list[tuple[TensorInfo, NormStats]],
-    norm_of: callable,
+    norm_of: Callable[[NormStats], float],
     eps: float,
 ) -> Plan:
     total = combine([s for _, s in members], members[0][1].norm_type if members else 2.0)

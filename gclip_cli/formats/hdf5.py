@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
 
 from ..errors import InputError
-from .base import TensorInfo, Transform, describe_array, items_per_chunk, reading
+from .base import (
+    TensorInfo,
+    Transform,
+    describe_array,
+    items_per_chunk,
+    mapped,
+    reading,
+    window_pieces,
+)
 
 FORMAT_NAME = "hdf5"
 
@@ -34,17 +44,42 @@ class Hdf5File:
         self.path = path
         with reading(path, "HDF5 cannot open it"):
             self._file = h5py.File(path, "r")
+        self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._size = os.fstat(self._raw.fileno()).st_size
         try:
             with reading(path, "damaged HDF5 structure"):
                 self.tensors = self._describe_tree()
         except BaseException:
-            self._file.close()
+            self.close()
             raise
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         dataset = self._file[tensor.location]
-        for _, values in _slabs(self.path, dataset, chunk_bytes):
-            yield values.reshape(-1)
+        start = self._contiguous_start(dataset, tensor)
+        if start is not None:  # one plain block of values: map it, as for safetensors
+            return self._mapped_chunks(start, tensor, chunk_bytes)
+        return (values.reshape(-1) for _, values in _slabs(self.path, dataset, chunk_bytes))
+
+    def _mapped_chunks(
+        self, start: int, tensor: TensorInfo, chunk_bytes: int
+    ) -> Iterator[np.ndarray]:
+        for offset, nbytes in window_pieces(
+            start, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes
+        ):
+            with mapped(self._raw.fileno(), offset, nbytes) as raw:
+                yield raw.view(tensor.dtype)
+
+    def _contiguous_start(self, dataset: h5py.Dataset, tensor: TensorInfo) -> int | None:
+        """Where a dataset's values lie in the file as one plain block (contiguous layout, no
+        filters, allocated, inside the file), else None: then HDF5 itself reads them."""
+        plist = dataset.id.get_create_plist()
+        if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
+            return None
+        address = dataset.id.get_offset()
+        if address is None or dataset.id.get_storage_size() != tensor.nbytes:
+            return None
+        start = address + self._file.userblock_size  # HDF5 addresses follow the user block
+        return start if start + tensor.nbytes <= self._size else None
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
         shutil.copyfile(self.path, out)
@@ -57,6 +92,7 @@ class Hdf5File:
 
     def close(self) -> None:
         self._file.close()
+        self._raw.close()
 
     def _describe_tree(self) -> list[TensorInfo]:
         _refuse_external_links(self.path, self._file)

@@ -83,12 +83,38 @@ class Hdf5File:
 
     def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
         shutil.copyfile(self.path, out)
-        with h5py.File(out, "r+") as copy:
-            for tensor in self.tensors:
-                if tensor.is_gradient:
+        gradients = [t for t in self.tensors if t.is_gradient]
+        starts = {t.name: self._contiguous_start(self._file[t.location], t) for t in gradients}
+        # plain blocks sit at the same place in the byte copy: overwrite them there directly
+        with open(out, "r+b") as copy:
+            for tensor in gradients:
+                if starts[tensor.name] is not None:
+                    self._rewrite_plain(copy, starts[tensor.name], tensor, transform, chunk_bytes)
+        through_hdf5 = [t for t in gradients if starts[t.name] is None]
+        if through_hdf5:
+            with h5py.File(out, "r+") as copy:
+                for tensor in through_hdf5:
                     _rewrite_dataset(
                         self.path, copy[tensor.location], tensor, transform, chunk_bytes
                     )
+
+    def _rewrite_plain(
+        self,
+        copy: BinaryIO,
+        start: int,
+        tensor: TensorInfo,
+        transform: Transform,
+        chunk_bytes: int,
+    ) -> None:
+        buffer = np.empty(0, dtype=np.uint8)
+        pieces = window_pieces(start, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes)
+        for offset, nbytes in pieces:
+            if buffer.size < nbytes:
+                buffer = np.empty(nbytes, dtype=np.uint8)
+            target = buffer[:nbytes].view(tensor.dtype)
+            with mapped(self._raw.fileno(), offset, nbytes) as raw:
+                transform(tensor, raw.view(tensor.dtype), target)
+            _write_all_at(copy.fileno(), memoryview(target.view(np.uint8)), offset)
 
     def close(self) -> None:
         self._file.close()
@@ -139,6 +165,13 @@ def _unavailable_filters(dataset: h5py.Dataset) -> list[int]:
     plist = dataset.id.get_create_plist()
     codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
     return [code for code in codes if not h5py.h5z.filter_avail(code)]
+
+
+def _write_all_at(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite() until every byte is written (it may write fewer than asked)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _refuse_external_links(path: Path, root: h5py.File) -> None:

@@ -276,7 +276,11 @@ def rescale_files(
     for index in (Path(p) for p in paths if str(p).endswith(INDEX_SUFFIX)):
         copy_index(index, out_dir)
     global_norm = settings.norm(total)
-    written = [s for m, shard in zip(measured, after, strict=True) for s in (shard or m.stats)]
+    written = [
+        s
+        for m, shard in zip(measured, after, strict=True)
+        for s in (m.stats if shard is None else shard)
+    ]
     return Report(
         path=f"{len(files)} files" if len(files) > 1 else str(files[0]),
         file_format=",".join(dict.fromkeys(m.file_format for m in measured)),
@@ -348,13 +352,28 @@ def _write_shard(
     options: Options,
     with_nonfinite: frozenset[str],
 ) -> list[NormStats | None] | None:
-    with _opened(src, file_format, options) as tfile, _output_errors(dst):
-        if factor.exact == 1 and not (with_nonfinite and options.policy is NonFinite.ZERO):
-            shutil.copyfile(src, tmp)
-            return None  # unchanged: the values written are those phase 1 measured
+    with _opened(src, file_format, options) as tfile:
         gradients = dict.fromkeys((t.name for t in tfile.tensors if t.is_gradient), factor)
         scaler = Scaler(gradients, options.norm_type, options.policy, with_nonfinite)
-        return rewrite(tfile, tmp, scaler, options.chunk_size)
+        return _write_or_copy(tfile, tmp, dst, scaler, factor.exact != 1, with_nonfinite, options)
+
+
+def _write_or_copy(
+    tfile: TensorFile,
+    tmp: Path,
+    dst: Path,
+    rewriter: Rewriter,
+    changes: bool,
+    with_nonfinite: frozenset[str],
+    options: Options,
+) -> list[NormStats | None] | None:
+    """Pass 2 into *tmp*, or, when no value would change, a byte copy (None: the values
+    written are those pass 1 measured).  Zeroing NaN/Inf is a change too."""
+    with _output_errors(dst):
+        if changes or (with_nonfinite and options.policy is NonFinite.ZERO):
+            return rewrite(tfile, tmp, rewriter, options.chunk_size)
+        shutil.copyfile(tfile.path, tmp)
+        return None
 
 
 def normalize_file(
@@ -446,7 +465,6 @@ def _rewrite(
         with_nonfinite = frozenset(
             t.name for t, s in zip(tensors, before, strict=True) if s and s.nonfinite
         )
-        must_zero = bool(with_nonfinite) and options.policy is NonFinite.ZERO
         if isinstance(strategy, ClipValue):
             rewriter: Rewriter = Clamper(strategy.max_value, options.norm_type, options.policy)
             changes = any(s.max_abs > strategy.max_value for s in before if s)
@@ -455,12 +473,8 @@ def _rewrite(
             planned = plan(strategy, tensors, before, options.norm, options.eps)
             rewriter = Scaler(planned.factors, options.norm_type, options.policy, with_nonfinite)
             changes = planned.changes_anything
-        with _output_errors(dst):
-            if changes or must_zero:
-                after = rewrite(tfile, tmp, rewriter, options.chunk_size)
-            else:  # nothing to change: the output is the input, byte for byte
-                shutil.copyfile(src, tmp)
-                after = before
+        written = _write_or_copy(tfile, tmp, dst, rewriter, changes, with_nonfinite, options)
+        after = before if written is None else written
         reports = tensor_reports(
             tensors, before, global_norm, options.norm, after, files=[str(src)] * len(tensors)
         )

@@ -555,11 +555,7 @@ def _rewrite(call: Callable[..., Report], arguments: dict[str, Any], **strategy:
     from .streams import STDIO, local_inputs
 
     input_file, output_file = arguments.pop("input_file"), arguments.pop("output_file")
-    no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
-    output_format = "json" if arguments.pop("as_json") else arguments.pop("output_format")
-    arguments.pop("output_format", None)
-    view = _view(arguments)
-    file_format = arguments.pop("file_format")
+    no_clobber, quiet, output_format, view, file_format = _rewrite_settings(arguments)
     with (
         local_inputs([input_file]) as (src,),
         _destination(output_file) as dst,
@@ -575,6 +571,16 @@ def _rewrite(call: Callable[..., Report], arguments: dict[str, Any], **strategy:
     _emit(report, output_format, view, human=_print_rescale, to_stderr=to_stderr)
 
 
+def _rewrite_settings(arguments: dict[str, Any]) -> tuple[bool, bool, str, View, str | None]:
+    """Take the CLI's own options out of *arguments* (the rest are the library's): no-clobber,
+    quiet, the report format, the view and the input's format."""
+    no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
+    output_format = arguments.pop("output_format")
+    if arguments.pop("as_json"):
+        output_format = "json"
+    return no_clobber, quiet, output_format, _view(arguments), arguments.pop("file_format")
+
+
 def _rewrite_many(
     call: Callable[..., Report],
     paths: tuple[str, ...],
@@ -585,11 +591,7 @@ def _rewrite_many(
     """Rewrite several files into *out_dir*; the report as for one file."""
     if "-" in paths:
         raise click.UsageError("standard input (-) cannot be one of several shards")
-    no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
-    output_format = "json" if arguments.pop("as_json") else arguments.pop("output_format")
-    arguments.pop("output_format", None)
-    view = _view(arguments)
-    file_format = arguments.pop("file_format")
+    no_clobber, quiet, output_format, view, file_format = _rewrite_settings(arguments)
     with _shard_progress(enabled=not quiet) as progress:
         report = call(
             paths,

@@ -29,6 +29,7 @@ from .history import History, Step, in_step_order, step_number, summarise
 from .isolation import run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
+from .parallel import available_cores
 from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
 from .selection import INDEX_SUFFIX, expand_inputs, select
@@ -57,6 +58,7 @@ class Options:
     max_norm: float | None = None
     eps: float = 0.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    jobs: int | None = None  # worker processes for one large file (None: every core)
     nonfinite: str = "error"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -72,6 +74,12 @@ class Options:
             raise UsageError(None, f"eps must be a finite number >= 0, not {self.eps}")
         if self.chunk_size < 1:
             raise UsageError(None, f"chunk size must be at least 1 byte, not {self.chunk_size}")
+        if self.jobs is not None and self.jobs < 1:
+            raise UsageError(None, f"jobs must be at least 1, not {self.jobs}")
+
+    @property
+    def workers(self) -> int:
+        return self.jobs or available_cores()
 
     @property
     def policy(self) -> NonFinite:
@@ -229,17 +237,22 @@ def rescale_files(
     """Clip the shards *paths* (files, directories, ``*.index.json``) by their one global norm
     into *out_dir*, each under its own name (an index file is copied unchanged).
 
-    The two phases run as tasks on threads (default), a process pool of *jobs* processes, or
-    the Dask cluster *scheduler* (``local[:N]`` starts one here); the result is identical to
-    the last bit whichever.  *progress*(phase, shards done, shards) is called as shards finish.
+    The two phases run shard by shard here (each large shard cut into parts for every core),
+    as tasks on a process pool of *jobs* processes (*jobs* shards at once), or on the Dask
+    cluster *scheduler* (``local[:N]`` starts one here); the result is identical to the last
+    bit whichever.  *progress*(phase, shards done, shards) is called as shards finish.
     """
-    settings = Options(max_norm=max_norm, **options)
     files, out_dir = expand_inputs(paths), Path(out_dir)
+    if scheduler or ((jobs or 1) > 1 and len(files) > 1):
+        pool, jobs = jobs, 1  # shards at once, each in one process
+    else:
+        pool = None
+    settings = Options(max_norm=max_norm, jobs=jobs, **options)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [out_dir / src.name for src in files]
     for src, dst in zip(files, targets, strict=True):
         check_output_path(src, dst, clobber)
-    with executor_for(jobs, scheduler) as executor:
+    with executor_for(pool, scheduler) as executor:
         measured = run_all(
             executor,
             _measure_task,
@@ -259,7 +272,7 @@ def rescale_files(
             raise NonFiniteError(measured[0].path.parent, _nonfinite_message(bad))
         factor = _factor(tensors, before, total, settings)
         with staging(out_dir) as temp_dir:
-            jobs = [
+            tasks = [
                 (
                     m.path,
                     m.file_format,
@@ -272,7 +285,7 @@ def rescale_files(
                 )
                 for m, dst in zip(measured, targets, strict=True)
             ]
-            after = run_all(executor, _write_task, jobs, _counter("writing", len(jobs), progress))
+            after = run_all(executor, _write_task, tasks, _counter("writing", len(tasks), progress))
     for index in (Path(p) for p in paths if str(p).endswith(INDEX_SUFFIX)):
         copy_index(index, out_dir)
     global_norm = settings.norm(total)
@@ -371,7 +384,7 @@ def _write_or_copy(
     written are those pass 1 measured).  Zeroing NaN/Inf is a change too."""
     with _output_errors(dst):
         if changes or (with_nonfinite and options.policy is NonFinite.ZERO):
-            return rewrite(tfile, tmp, rewriter, options.chunk_size)
+            return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers)
         shutil.copyfile(tfile.path, tmp)
         return None
 
@@ -445,7 +458,7 @@ def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFil
 
 def _measure_file(src: Path, file_format: str, options: Options) -> _Measured:
     with _opened(src, file_format, options) as tfile:
-        stats = measure_tensors(tfile, options.norm_type, options.chunk_size)
+        stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
         # locations are the format's handles: not needed by reports, and may not pickle
         tensors = [replace(t, location=None) for t in tfile.tensors]
         return _Measured(src, tfile.format_name, tensors, stats)
@@ -457,7 +470,7 @@ def _rewrite(
     """Pass 1, the plan, then pass 2 (or a plain copy when nothing changes) into *tmp*."""
     with _opened(src, file_format, options) as tfile:
         tensors = list(tfile.tensors)
-        before = measure_tensors(tfile, options.norm_type, options.chunk_size)
+        before = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
         total = combine(before, options.norm_type)
         if options.policy is NonFinite.ERROR:
             _refuse_nonfinite(tfile, before)

@@ -223,7 +223,18 @@ _selection_options = _options(
     ),
 )
 
-_measure_options = _options(_norm_options, _selection_options)
+_measure_options = _options(
+    _norm_options,
+    _selection_options,
+    click.option(
+        "--jobs",
+        "-j",
+        type=click.IntRange(min=1),
+        envvar="GCLIP_JOBS",
+        help="Processes to use [default: all cores]: a large file is cut into N parts; "
+        "with --out-dir, N shards at once.",
+    ),
+)
 _view_options = _options(
     click.option(
         "--format",
@@ -464,13 +475,6 @@ _rewrite_options = _options(
     "its own name here, all clipped by their one global norm.",
 )
 @click.option(
-    "--jobs",
-    "-j",
-    type=click.IntRange(min=1),
-    envvar="GCLIP_JOBS",
-    help="With --out-dir: work on N shards at once in a process pool.",
-)
-@click.option(
     "--scheduler",
     metavar="ADDRESS",
     help="With --out-dir: run on a Dask cluster (ADDRESS), or 'local[:N]' for N "
@@ -482,7 +486,6 @@ def rescale(
     per_tensor: bool,
     groups: tuple[tuple[str, float], ...],
     out_dir: Path | None,
-    jobs: int | None,
     scheduler: str | None,
     **arguments: Any,
 ) -> None:
@@ -506,14 +509,14 @@ def rescale(
     if out_dir is None:
         if len(paths) != 2:
             raise click.UsageError("give IN and OUT, or several inputs with --out-dir DIR")
-        if jobs or scheduler:
-            raise click.UsageError("--jobs and --scheduler go with --out-dir")
+        if scheduler:
+            raise click.UsageError("--scheduler goes with --out-dir")
         arguments["input_file"], arguments["output_file"] = paths
         _rewrite(rescale_file, arguments, per_tensor=per_tensor, groups=groups)
         return
     if per_tensor or groups:
         raise click.UsageError("--out-dir clips several files by their global norm only")
-    _rewrite_many(rescale_files, paths, out_dir, arguments, jobs=jobs, scheduler=scheduler)
+    _rewrite_many(rescale_files, paths, out_dir, arguments, scheduler=scheduler)
 
 
 @main.command("clip-value")

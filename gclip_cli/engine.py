@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,19 +13,26 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from . import progress
+from . import parallel, progress
 from .formats import TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats
 from .rounding import ScaleFactor, ScratchBuffers, scale
 
 
 def measure_tensors(
-    tfile: TensorFile, norm_type: float, chunk_bytes: int
+    tfile: TensorFile, norm_type: float, chunk_bytes: int, jobs: int = 1
 ) -> list[NormStats | None]:
-    """Pass 1: NormStats of every gradient tensor of *tfile* (None for skipped tensors)."""
+    """Pass 1: NormStats of every gradient tensor of *tfile* (None for skipped tensors), the
+    plain stored ones by *jobs* worker processes when that pays."""
+    spans = parallel.parallel_spans(tfile, jobs)
+    measured = parallel.measure_spans(tfile.path, spans, norm_type, chunk_bytes, jobs)
     return [
-        _measure_tensor(tfile, tensor, norm_type, chunk_bytes) if tensor.is_gradient else None
-        for tensor in tfile.tensors
+        None
+        if not t.is_gradient
+        else measured[t.name]
+        if t.name in measured
+        else _measure_tensor(tfile, t, norm_type, chunk_bytes)
+        for t in tfile.tensors
     ]
 
 
@@ -143,6 +151,17 @@ class Rewriter:
     def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
         raise NotImplementedError
 
+    def blank(self) -> Rewriter:
+        """A rewriter like this one that has written nothing yet."""
+        fresh = copy.copy(self)
+        fresh.after, fresh._current = {}, None
+        return fresh
+
+    def merge(self, other: Rewriter) -> None:
+        """Take in what *other* (a blank() copy that worked elsewhere) wrote."""
+        for name, stats in other.finish().items():
+            self.after.setdefault(name, NormStats(self.norm_type)).merge(stats)
+
     def finish(self) -> dict[str, NormStats]:
         """The norms of the values written, per tensor name."""
         if self._current is not None:
@@ -211,6 +230,16 @@ class Clamper(Rewriter):
         self.policy = policy
         self.clamped: dict[str, int] = {}
 
+    def blank(self) -> Clamper:
+        fresh = super().blank()
+        fresh.clamped = {}
+        return fresh
+
+    def merge(self, other: Rewriter) -> None:
+        super().merge(other)
+        for name, count in other.clamped.items():
+            self.clamped[name] = self.clamped.get(name, 0) + count
+
     def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
         bound = self.bound(src.dtype)
         finite = np.isfinite(src)
@@ -229,14 +258,19 @@ class Clamper(Rewriter):
 
 
 def rewrite(
-    tfile: TensorFile, out: Path, rewriter: Rewriter, chunk_bytes: int
+    tfile: TensorFile, out: Path, rewriter: Rewriter, chunk_bytes: int, jobs: int = 1
 ) -> list[NormStats | None]:
-    """Pass 2: write *tfile* to *out*, every gradient chunk passed through *rewriter*.
+    """Pass 2: write *tfile* to *out*, every gradient chunk passed through *rewriter*; the
+    plain stored tensors by *jobs* worker processes when that pays.
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
-    tfile.write_transformed(out, rewriter, chunk_bytes)
-    after = rewriter.finish()
+    spans = parallel.parallel_spans(tfile, jobs)
+    tfile.write_transformed(out, rewriter, chunk_bytes, leave={s.tensor.name for s in spans})
+    rewriter.finish()
+    if spans:
+        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs)
+    after = rewriter.after
     return [
         after.get(tensor.name, NormStats(rewriter.norm_type)) if tensor.is_gradient else None
         for tensor in tfile.tensors

@@ -1,10 +1,13 @@
-"""Running work in a forked child, so that a crash inside a C library becomes an error.
+"""Work in forked children: so that a crash inside a C library becomes an error, and so that
+one file can keep several cores busy.
 
 The HDF5 library can crash (SIGSEGV) on a damaged file, which no exception handler can catch;
 gclip's fuzz tests found such files.  Work on HDF5 files therefore runs in a child process:
 its result (or exception) comes back through a pipe, and a child killed by a signal becomes an
 InputError naming the file.  Forking a process that has already imported its libraries takes
 milliseconds.  Where fork is not available the work simply runs in this process.
+
+Children pass the progress they make back to this process, which owns the display.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,49 +26,101 @@ from . import progress
 from .errors import InputError
 
 T = TypeVar("T")
+Task = tuple[Callable[..., object], tuple[object, ...]]
+
+HDF5_CRASH = "the HDF5 library crashed reading it ({how}); the file is damaged"
+WORKER_CRASH = "a worker process died ({how}) while working on it"
 
 
 def run_isolated(path: Path, work: Callable[..., T], *args: object) -> T:
     """*work*(*args) in a forked child; its exceptions are re-raised here."""
-    if "fork" not in multiprocessing.get_all_start_methods() or _daemonic():
-        return work(*args)
+    return run_forked(path, [(work, args)], HDF5_CRASH)[0]
+
+
+def can_fork() -> bool:
+    """Daemonic processes (a Dask worker, for one) may not start children."""
+    return (
+        "fork" in multiprocessing.get_all_start_methods()
+        and not multiprocessing.current_process().daemon
+    )
+
+
+def run_forked(path: Path, tasks: Sequence[Task], crash: str = WORKER_CRASH) -> list:
+    """Each task's work(*args), all at once, each in its own forked child; results in order.
+
+    The first exception raised in a child is raised here, and the other children are stopped.
+    A child killed by a signal becomes an InputError on *path* with the message *crash*
+    (``{how}`` names the signal).  Without fork the tasks run here, one after another.
+    """
+    if not can_fork():
+        return [work(*args) for work, args in tasks]
     context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child, args=(sender, work, args), daemon=True)
-    child.start()
-    sender.close()
+    children: list[tuple[BaseProcess, Connection]] = []
     try:
-        outcome = receiver.recv()
-    except EOFError:  # the child died without answering
-        outcome = None
-    except BaseException:  # interrupted here: stop the child too
-        child.terminate()
+        for work, args in tasks:
+            receiver, sender = context.Pipe(duplex=False)
+            # not daemonic: a child may fork workers of its own (HDF5 work on several cores)
+            child = context.Process(target=_child, args=(sender, work, args))
+            with _signals_held():
+                child.start()
+            sender.close()
+            children.append((child, receiver))
+        return _collect(path, children, crash)
+    except BaseException:  # an error or an interruption here: stop every child too
+        for child, _ in children:
+            child.terminate()
         raise
     finally:
-        child.join()
-        receiver.close()
-    if outcome is None:
-        raise InputError(
-            path,
-            f"the HDF5 library crashed reading it ({_how(child.exitcode)}); the file is damaged",
-        )
-    succeeded, value = outcome
-    if succeeded:
-        return value
-    raise value
+        for child, receiver in children:
+            child.join()
+            receiver.close()
 
 
-def _daemonic() -> bool:
-    """Daemonic processes (a Dask worker, for one) may not start children: work in place."""
-    return multiprocessing.current_process().daemon
+def _collect(path: Path, children: list[tuple[BaseProcess, Connection]], crash: str) -> list:
+    """Wait for every child's result, passing their progress on as it arrives."""
+    results: dict[int, object] = {}
+    pending = {receiver: index for index, (_, receiver) in enumerate(children)}
+    while pending:
+        for receiver in wait(list(pending)):
+            index = pending[receiver]
+            try:
+                kind, value = receiver.recv()
+            except EOFError:  # the child died without answering
+                child = children[index][0]
+                child.join()
+                raise InputError(path, crash.format(how=_how(child.exitcode))) from None
+            if kind == "progress":
+                progress.advance(value)
+            elif kind == "error":
+                raise value
+            else:
+                results[index] = value
+                del pending[receiver]
+    return [results[index] for index in range(len(children))]
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while forking: their handlers would otherwise run inside
+    fork's callbacks, which swallow the exceptions the handlers raise to stop gclip."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_STOPPING = {signal.SIGINT, signal.SIGTERM}
 
 
 def _child(sender: Connection, work: Callable[..., object], args: tuple[object, ...]) -> None:
-    progress.silence()  # the parent owns the terminal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops a child with SIGTERM
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPPING)
+    progress.relay(lambda nbytes: sender.send(("progress", nbytes)))
     try:
-        outcome = (True, work(*args))
+        outcome = ("result", work(*args))
     except BaseException as exc:  # everything goes back to the parent, which decides
-        outcome = (False, exc)
+        outcome = ("error", exc)
     try:
         sender.send(outcome)
     finally:

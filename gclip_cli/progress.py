@@ -25,7 +25,9 @@ def listening(listener: Callable[[int], None] | None) -> Iterator[None]:
         _listener = before
 
 
-def silence() -> None:
-    """Stop reporting here (in a child process, whose parent owns the display)."""
+def relay(send: Callable[[int], None]) -> None:
+    """Report to *send* instead (in a child process, whose parent owns the display), if
+    anyone was listening."""
     global _listener
-    _listener = None
+    if _listener is not None:
+        _listener = send

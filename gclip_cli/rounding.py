@@ -54,6 +54,9 @@ class ScratchBuffers:
         self._arrays = [np.empty(size, dtype=np.float64) for _ in range(6)]
         self._flags = [np.empty(size, dtype=bool) for _ in range(2)]
 
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return type(self), (self.size,)  # scratch contents never need to travel
+
     def take(self, n: int) -> list[np.ndarray]:
         return [a[:n] for a in self._arrays]
 
@@ -126,7 +129,8 @@ def _scale_narrow(
 ) -> None:
     product, work = wide
     info = ml_dtypes.finfo(v.dtype)
-    np.multiply(v, factor.hi, out=product, dtype=np.float64, casting="unsafe")
+    np.copyto(product, v, casting="unsafe")  # one plain cast: faster than casting inside *
+    product *= factor.hi
     suspects = np.flatnonzero(_near_midpoint(product, info, work, *flags))
     originals = v[suspects].astype(np.float64)  # before *out*, which may be *v*, is written
     _store_nearest(out, product)

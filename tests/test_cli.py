@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -223,10 +224,15 @@ def test_disk_full_while_writing_leaves_nothing_behind(make_file, fmt, tmp_path)
     assert src.read_bytes() == before
 
 
-def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path):
-    src = make_file("npz", big_tensors(64))
-    out = tmp_path / "out.npz"
-    proc = gclip_process("rescale", src, out, "--max-norm", "1", "--chunk-size", "1M")
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("npz", ["--chunk-size", "1M"]), ("safetensors", ["-j", "2"])],  # one process; workers
+)
+def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path, fmt, options):
+    src = make_file(fmt, big_tensors(160))
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    # in a session of its own, so that its worker processes can be found afterwards
+    proc = gclip_process("rescale", src, out, "--max-norm", "1", *options, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if any(p.stat().st_size for p in tmp_path.glob("*.gclip-tmp")):
@@ -238,6 +244,20 @@ def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path):
         pytest.skip("the machine finished the rescale before the signal arrived")
     assert proc.returncode == 143 and stderr == "gclip: terminated\n"
     assert not out.exists() and leftovers(tmp_path) == []
+    assert not processes_in_group(proc.pid)
+
+
+def processes_in_group(group: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[2]) == group:
+                found.append(int(entry.name))
+    return found
 
 
 def test_two_writers_of_one_output_end_with_one_complete_file(make_file, fmt, tmp_path):

@@ -3,8 +3,8 @@ import signal
 
 import pytest
 
-from gclip_cli import InputError, OutputError
-from gclip_cli.isolation import run_isolated
+from gclip_cli import InputError, OutputError, progress
+from gclip_cli.isolation import run_forked, run_isolated
 
 
 def crash() -> None:
@@ -28,3 +28,38 @@ def test_errors_in_the_child_come_back_whole(tmp_path):
     with pytest.raises(OutputError) as err:
         run_isolated(tmp_path, fail)
     assert (err.value.path, err.value.message) == ("/x/out.h5", "disk full")
+
+
+def report_progress(nbytes: int, result: str) -> str:
+    progress.advance(nbytes)
+    return result
+
+
+def test_several_children_return_their_results_in_order_and_their_progress(tmp_path):
+    seen = []
+    with progress.listening(seen.append):
+        results = run_forked(tmp_path, [(report_progress, (n, f"r{n}")) for n in (3, 5, 7)])
+    assert results == ["r3", "r5", "r7"] and sorted(seen) == [3, 5, 7]
+
+
+def test_children_report_progress_only_when_someone_listens(tmp_path):
+    assert run_forked(tmp_path, [(report_progress, (1, "quiet"))]) == ["quiet"]
+
+
+def sleep_then(seconds: float, marker: str) -> None:
+    import time
+
+    time.sleep(seconds)
+    open(marker, "w").close()
+
+
+def test_the_first_failure_stops_the_other_children(tmp_path):
+    marker = tmp_path / "finished"
+    with pytest.raises(OutputError):
+        run_forked(tmp_path, [(sleep_then, (2.0, str(marker))), (fail, ())])
+    assert not marker.exists()  # the sleeping child was stopped, not waited for
+
+
+def test_a_child_killed_by_a_signal_names_the_signal(tmp_path):
+    with pytest.raises(InputError, match=r"a worker process died \(SIGSEGV\)"):
+        run_forked(tmp_path / "x.safetensors", [(crash, ())])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
+import os
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -100,8 +102,19 @@ class TensorFile(Protocol):
         """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_bytes* bytes."""
         ...
 
-    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
-        """Copy the file to *out*, every gradient chunk passed through *transform*."""
+    def plain_offsets(self) -> dict[str, int]:
+        """Where gradient tensors stored as plain bytes begin, in this file and in what
+        write_transformed writes (by name; tensors stored otherwise are not listed)."""
+        ...
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+    ) -> None:
+        """Copy the file to *out*, every gradient chunk passed through *transform*.
+
+        The values of the tensors named in *leave* (some of plain_offsets()) are not written:
+        their bytes are left for the caller to fill in.
+        """
         ...
 
     def close(self) -> None: ...
@@ -153,7 +166,7 @@ class PipelinedWriter:
     computing of the next piece.  Use as a context manager; write errors surface in the caller.
     """
 
-    def __init__(self, write: Callable[[memoryview], object], size: int, count: int = 2) -> None:
+    def __init__(self, write: Callable[..., object], size: int, count: int = 2) -> None:
         self._write = write
         self._buffers = [np.empty(size, dtype=np.uint8) for _ in range(count)]
         self._pending: list[Future[object] | None] = [None] * count
@@ -168,9 +181,9 @@ class PipelinedWriter:
             self._pending[self._turn] = None
         return self._buffers[self._turn][:nbytes]
 
-    def submit(self, filled: np.ndarray) -> None:
-        """Write *filled* (the array buffer() returned) in the background."""
-        self._pending[self._turn] = self._pool.submit(self._write, memoryview(filled))
+    def submit(self, filled: np.ndarray, *where: object) -> None:
+        """write(*filled*, *where) in the background (*filled*: the array buffer() returned)."""
+        self._pending[self._turn] = self._pool.submit(self._write, memoryview(filled), *where)
         self._turn = (self._turn + 1) % len(self._buffers)
 
     def __enter__(self) -> PipelinedWriter:
@@ -202,3 +215,50 @@ def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, pat
             raise InputError(path, f"file ends {left} bytes early")
         dst.write(view[:got])
         left -= got
+
+
+def write_all_at(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite() until every byte is written (it may write fewer than asked)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def reserve(fd: int, size: int) -> None:
+    """Make the open file *fd* *size* bytes long, its blocks allocated where the file system
+    can (so a full disk fails here, before any work, and writes need not allocate), else as
+    a sparse file."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _NO_FALLOCATE:
+            raise
+        os.ftruncate(fd, size)
+
+
+_NO_FALLOCATE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def copy_range(src: int, dst: int, start: int, nbytes: int) -> None:
+    """Copy bytes [start, start + nbytes) of file *src* to the same place in file *dst*,
+    inside the kernel where it can (sendfile), else through a buffer."""
+    end = start + nbytes
+    try:
+        os.lseek(dst, start, os.SEEK_SET)  # sendfile writes at dst's position
+        while start < end:
+            sent = os.sendfile(dst, src, start, end - start)
+            if not sent:
+                raise EOFError(f"file ends at byte {start}, before {end}")
+            start += sent
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _NO_SENDFILE:
+            raise
+        while start < end:
+            data = os.pread(src, min(end - start, MAX_WINDOW), start)
+            if not data:
+                raise EOFError(f"file ends at byte {start}, before {end}") from None
+            write_all_at(dst, memoryview(data), start)
+            start += len(data)
+
+
+_NO_SENDFILE = _NO_FALLOCATE

@@ -13,8 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,11 +24,14 @@ from ..errors import InputError
 from .base import (
     TensorInfo,
     Transform,
+    copy_range,
     describe_array,
     items_per_chunk,
     mapped,
     reading,
+    reserve,
     window_pieces,
+    write_all_at,
 )
 
 FORMAT_NAME = "hdf5"
@@ -46,6 +48,7 @@ class Hdf5File:
             self._file = h5py.File(path, "r")
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._size = os.fstat(self._raw.fileno()).st_size
+        self._plain: dict[str, int] | None = None
         try:
             with reading(path, "damaged HDF5 structure"):
                 self.tensors = self._describe_tree()
@@ -81,16 +84,32 @@ class Hdf5File:
         start = address + self._file.userblock_size  # HDF5 addresses follow the user block
         return start if start + tensor.nbytes <= self._size else None
 
-    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
-        shutil.copyfile(self.path, out)
-        gradients = [t for t in self.tensors if t.is_gradient]
-        starts = {t.name: self._contiguous_start(self._file[t.location], t) for t in gradients}
-        # plain blocks sit at the same place in the byte copy: overwrite them there directly
-        with open(out, "r+b") as copy:
-            for tensor in gradients:
-                if starts[tensor.name] is not None:
-                    self._rewrite_plain(copy, starts[tensor.name], tensor, transform, chunk_bytes)
-        through_hdf5 = [t for t in gradients if starts[t.name] is None]
+    def plain_offsets(self) -> dict[str, int]:
+        if self._plain is None:
+            starts = {
+                t.name: self._contiguous_start(self._file[t.location], t)
+                for t in self.tensors
+                if t.is_gradient
+            }
+            self._plain = {name: start for name, start in starts.items() if start is not None}
+        selected = {t.name for t in self.tensors if t.is_gradient}  # tensors may be deselected
+        return {name: start for name, start in self._plain.items() if name in selected}
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+    ) -> None:
+        plain = self.plain_offsets()
+        by_name = {t.name: t for t in self.tensors}
+        with open(out, "wb") as copy:
+            # every byte but the plain values, which are written (or left) at the same place
+            blocks = sorted((start, by_name[name].nbytes) for name, start in plain.items())
+            reserve(copy.fileno(), self._size)
+            for start, nbytes in _gaps(blocks, self._size):
+                copy_range(self._raw.fileno(), copy.fileno(), start, nbytes)
+            for name, start in plain.items():
+                if name not in leave:
+                    self._rewrite_plain(copy, start, by_name[name], transform, chunk_bytes)
+        through_hdf5 = [t for t in self.tensors if t.is_gradient and t.name not in plain]
         if through_hdf5:
             with h5py.File(out, "r+") as copy:
                 for tensor in through_hdf5:
@@ -114,7 +133,7 @@ class Hdf5File:
             target = buffer[:nbytes].view(tensor.dtype)
             with mapped(self._raw.fileno(), offset, nbytes) as raw:
                 transform(tensor, raw.view(tensor.dtype), target)
-            _write_all_at(copy.fileno(), memoryview(target.view(np.uint8)), offset)
+            write_all_at(copy.fileno(), memoryview(target.view(np.uint8)), offset)
 
     def close(self) -> None:
         self._file.close()
@@ -161,17 +180,20 @@ class Hdf5File:
         return describe_array(name, dataset.dtype, dataset.shape, location=name)
 
 
+def _gaps(blocks: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of the bytes of a *size*-byte file outside the sorted, disjoint
+    (start, length) *blocks*."""
+    position = 0
+    for start, nbytes in [*blocks, (size, 0)]:
+        if start > position:
+            yield position, start - position
+        position = max(position, start + nbytes)
+
+
 def _unavailable_filters(dataset: h5py.Dataset) -> list[int]:
     plist = dataset.id.get_create_plist()
     codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
     return [code for code in codes if not h5py.h5z.filter_avail(code)]
-
-
-def _write_all_at(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite() until every byte is written (it may write fewer than asked)."""
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
 
 
 def _refuse_external_links(path: Path, root: h5py.File) -> None:

@@ -12,7 +12,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -135,7 +135,12 @@ class NpzFile:
         except READ_ERRORS as exc:
             raise InputError(self.path, f"member {info.filename!r}: {exc}") from None
 
-    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
+    def plain_offsets(self) -> dict[str, int]:
+        return {}  # zipfile lays the output out anew: values move
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+    ) -> None:
         tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
         with faster_deflate(), zipfile.ZipFile(out, "w") as dst:
             dst.comment = self._zip.comment

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,7 +21,16 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
-from .base import MAX_WINDOW, PipelinedWriter, TensorInfo, Transform, mapped, window_pieces
+from .base import (
+    MAX_WINDOW,
+    PipelinedWriter,
+    TensorInfo,
+    Transform,
+    mapped,
+    reserve,
+    window_pieces,
+    write_all_at,
+)
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
@@ -75,14 +86,22 @@ class SafetensorsFile:
             with mapped(self._file.fileno(), start, nbytes) as raw:
                 yield raw.view(tensor.dtype)
 
-    def write_transformed(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
+    def plain_offsets(self) -> dict[str, int]:
+        return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+    ) -> None:
         # write() from reused buffers: as fast here as writing through a mapping, and a full
         # disk is an OSError rather than SIGBUS.
         size = max(min(chunk_bytes, MAX_WINDOW), 8)  # at least one item
         with open(out, "wb") as dst:
+            reserve(dst.fileno(), os.fstat(self._file.fileno()).st_size)
             dst.write(self._header_bytes)
-            with PipelinedWriter(dst.write, size) as writer:
+            with PipelinedWriter(partial(write_all_at, dst.fileno()), size) as writer:
                 for tensor in sorted(self.tensors, key=lambda t: t.location):
+                    if tensor.name in leave:
+                        continue
                     for start, nbytes in self._pieces(tensor, chunk_bytes):
                         target = writer.buffer(nbytes)
                         with mapped(self._file.fileno(), start, nbytes) as src:
@@ -90,7 +109,7 @@ class SafetensorsFile:
                                 transform(tensor, src.view(tensor.dtype), target.view(tensor.dtype))
                             else:
                                 np.copyto(target, src)
-                        writer.submit(target)
+                        writer.submit(target, start)
 
     def _pieces(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[tuple[int, int]]:
         """The pieces of *tensor*'s data to map (the header was validated against the file

@@ -1,0 +1,154 @@
+"""One file on several cores: values stored as plain bytes are cut into shares, which forked
+worker processes measure (pass 1) and rewrite in place with pwrite (pass 2).
+
+Processes, not threads: the numpy calls on cache-sized blocks are too short to give up the GIL
+for long, and two threads ran slower than one here.  Shares are cut at whole blocks of values
+(``norms.BLOCK``) counted from each tensor's start, so every block sum is the same as in one
+process and the exact merged norm is identical to the last bit whatever the number of jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import progress
+from .formats import TensorFile, TensorInfo
+from .formats.base import MAX_WINDOW, mapped, window_pieces, write_all_at
+from .isolation import can_fork, run_forked
+from .norms import BLOCK, NormAccumulator, NormStats
+
+if TYPE_CHECKING:
+    from .engine import Rewriter
+
+# Below this many bytes of values, forking workers costs more than it saves.
+MIN_PARALLEL_BYTES = 64 << 20
+# Each worker maps and buffers this much at a time: workers together stay within one window.
+_WORKER_WINDOW = MAX_WINDOW // 4
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Span:
+    """Values [first, first + count) of a gradient tensor, stored as plain bytes from *offset*
+    in the input and at the same offset in the output."""
+
+    tensor: TensorInfo
+    offset: int
+    first: int
+    count: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.tensor.dtype.itemsize
+
+    def part(self, start: int, stop: int) -> Span:
+        """Values [start, stop) of this span (counted from the span's first value)."""
+        offset = self.offset + start * self.tensor.dtype.itemsize
+        return replace(self, offset=offset, first=self.first + start, count=stop - start)
+
+
+def parallel_spans(tfile: TensorFile, jobs: int) -> list[Span]:
+    """The spans worth handing to *jobs* workers: every gradient tensor the format stores as
+    plain bytes (none when one process would do as well)."""
+    if jobs < 2 or not can_fork():
+        return []
+    offsets = tfile.plain_offsets()
+    spans = [
+        Span(replace(t, location=None), offsets[t.name], 0, t.numel)
+        for t in tfile.tensors
+        if t.is_gradient and t.name in offsets
+    ]
+    return spans if sum(s.nbytes for s in spans) >= MIN_PARALLEL_BYTES else []
+
+
+def cut(spans: Sequence[Span], parts: int) -> list[list[Span]]:
+    """*spans* in order, cut into at most *parts* shares of about equal bytes; cuts fall on
+    whole blocks of values."""
+    total = sum(s.nbytes for s in spans)
+    shares: list[list[Span]] = [[] for _ in range(parts)]
+    position = 0  # bytes of the spans before this one
+    for span in spans:
+        itemsize, start = span.tensor.dtype.itemsize, 0
+        while start < span.count:
+            share = min(parts - 1, (position + start * itemsize) * parts // total)
+            stop = span.count
+            if share < parts - 1:
+                boundary = -(-(share + 1) * total // parts)  # where the share ends, in bytes
+                wanted = -(-(boundary - position) // itemsize)
+                stop = min(stop, -(-wanted // BLOCK) * BLOCK)
+            shares[share].append(span.part(start, stop))
+            start = stop
+        position += span.nbytes
+    return [share for share in shares if share]
+
+
+def measure_spans(
+    path: Path, spans: Sequence[Span], norm_type: float, chunk_bytes: int, jobs: int
+) -> dict[str, NormStats]:
+    """The NormStats of the values *spans* cover, per tensor name, measured by *jobs* workers."""
+    window = min(chunk_bytes, _WORKER_WINDOW)
+    tasks = [(_measure_share, (path, share, norm_type, window)) for share in cut(spans, jobs)]
+    merged: dict[str, NormStats] = {}
+    for results in run_forked(path, tasks):
+        for name, stats in results:
+            merged.setdefault(name, NormStats(norm_type)).merge(stats)
+    return merged
+
+
+def rewrite_spans(
+    path: Path, out: Path, spans: Sequence[Span], rewriter: Rewriter, chunk_bytes: int, jobs: int
+) -> None:
+    """Write *spans* of *path* through *rewriter* into the same places of *out*, by *jobs*
+    workers; what they measured is merged into *rewriter*."""
+    window = min(chunk_bytes, _WORKER_WINDOW)
+    tasks = [(_rewrite_share, (path, out, share, rewriter, window)) for share in cut(spans, jobs)]
+    for done in run_forked(path, tasks):
+        rewriter.merge(done)
+
+
+def _measure_share(
+    path: Path, spans: Sequence[Span], norm_type: float, window: int
+) -> list[tuple[str, NormStats]]:
+    with open(path, "rb") as src:
+        return [(s.tensor.name, _measure_span(src.fileno(), s, norm_type, window)) for s in spans]
+
+
+def _measure_span(fd: int, span: Span, norm_type: float, window: int) -> NormStats:
+    accumulator = NormAccumulator(norm_type)
+    for offset, nbytes in _pieces(span, window):
+        with mapped(fd, offset, nbytes) as raw:
+            accumulator.add(raw.view(span.tensor.dtype))
+        progress.advance(nbytes)
+    return accumulator.finish()
+
+
+def _rewrite_share(
+    path: Path, out: Path, spans: Sequence[Span], template: Rewriter, window: int
+) -> Rewriter:
+    rewriter = template.blank()
+    buffer = np.empty(0, dtype=np.uint8)
+    with open(path, "rb") as src, open(out, "r+b") as dst:
+        for span in spans:
+            dtype = span.tensor.dtype
+            for offset, nbytes in _pieces(span, window):
+                if buffer.size < nbytes:  # a piece is one window, or one item if that is larger
+                    buffer = np.empty(nbytes, dtype=np.uint8)
+                target = buffer[:nbytes]
+                with mapped(src.fileno(), offset, nbytes) as raw:
+                    rewriter(span.tensor, raw.view(dtype), target.view(dtype))
+                write_all_at(dst.fileno(), memoryview(target), offset)
+    rewriter.finish()
+    return rewriter
+
+
+def _pieces(span: Span, window: int) -> Iterator[tuple[int, int]]:
+    return window_pieces(span.offset, span.nbytes, span.tensor.dtype.itemsize, window)

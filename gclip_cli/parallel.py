@@ -15,11 +15,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from . import progress
 from .formats import TensorFile, TensorInfo
-from .formats.base import MAX_WINDOW, mapped, window_pieces, write_all_at
+from .formats.base import MAX_WINDOW, mapped, rewrite_at, window_buffer, window_pieces
 from .isolation import can_fork, run_forked
 from .norms import BLOCK, NormAccumulator, NormStats
 
@@ -135,17 +133,11 @@ def _rewrite_share(
     path: Path, out: Path, spans: Sequence[Span], template: Rewriter, window: int
 ) -> Rewriter:
     rewriter = template.blank()
-    buffer = np.empty(0, dtype=np.uint8)
+    buffer = window_buffer(window)
     with open(path, "rb") as src, open(out, "r+b") as dst:
         for span in spans:
-            dtype = span.tensor.dtype
-            for offset, nbytes in _pieces(span, window):
-                if buffer.size < nbytes:  # a piece is one window, or one item if that is larger
-                    buffer = np.empty(nbytes, dtype=np.uint8)
-                target = buffer[:nbytes]
-                with mapped(src.fileno(), offset, nbytes) as raw:
-                    rewriter(span.tensor, raw.view(dtype), target.view(dtype))
-                write_all_at(dst.fileno(), memoryview(target), offset)
+            where = (span.tensor, span.offset, span.nbytes)
+            rewrite_at(src.fileno(), dst.fileno(), *where, rewriter, window, buffer)
     rewriter.finish()
     return rewriter
 

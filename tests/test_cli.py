@@ -242,7 +242,7 @@ def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path, fmt, optio
     _, stderr = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the machine finished the rescale before the signal arrived")
-    assert proc.returncode == 143 and stderr == "gclip: terminated\n"
+    assert proc.returncode == 143 and stderr == "gclip: terminated\n", stderr
     assert not out.exists() and leftovers(tmp_path) == []
     assert not processes_in_group(proc.pid)
 

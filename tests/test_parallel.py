@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gclip_cli import InputError, OutputError, api, parallel
-from gclip_cli.formats import TensorInfo
+from gclip_cli.formats import TensorInfo, base
 from gclip_cli.norms import BLOCK
 from gclip_cli.parallel import Span, cut
 
@@ -209,7 +209,7 @@ def test_a_write_error_in_a_worker_fails_the_whole_rescale(tmp_path, always_para
     def disk_full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(parallel, "write_all_at", disk_full)
+    monkeypatch.setattr(base, "write_all_at", disk_full)
     out = tmp_path / "out.safetensors"
     with pytest.raises(OutputError, match="No space left on device"):
         api.rescale_file(src, out, max_norm=1.0, jobs=2)

@@ -186,14 +186,31 @@ class PipelinedWriter:
         self._pending[self._turn] = self._pool.submit(self._write, memoryview(filled), *where)
         self._turn = (self._turn + 1) % len(self._buffers)
 
+    @contextmanager
+    def drained(self) -> Iterator[None]:
+        """On leaving the block, wait until every write submitted has finished (when the
+        block fails, its error is the one raised, not a write's)."""
+        try:
+            yield
+        except BaseException:
+            self._wait(raise_errors=False)
+            raise
+        self._wait(raise_errors=True)
+
+    def _wait(self, raise_errors: bool) -> None:
+        for turn, pending in enumerate(self._pending):
+            if pending is not None:
+                self._pending[turn] = None
+                error = pending.exception()
+                if error is not None and raise_errors:
+                    raise error
+
     def __enter__(self) -> PipelinedWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
-            for pending in self._pending:
-                if pending is not None:
-                    pending.result()
+            self._wait(raise_errors=exc_type is None)
         finally:
             self._pool.shutdown(wait=True)
 
@@ -215,6 +232,32 @@ def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, pat
             raise InputError(path, f"file ends {left} bytes early")
         dst.write(view[:got])
         left -= got
+
+
+def rewrite_at(
+    src: int,
+    dst: int,
+    tensor: TensorInfo,
+    start: int,
+    nbytes: int,
+    transform: Transform,
+    chunk_bytes: int,
+    buffer: np.ndarray,
+) -> None:
+    """Pass the values of *tensor* at bytes [start, start + nbytes) of file *src* through
+    *transform* into the same place of file *dst*, a window at a time through *buffer*
+    (uint8, at least one window or one item long)."""
+    dtype = tensor.dtype
+    for offset, length in window_pieces(start, nbytes, dtype.itemsize, chunk_bytes):
+        target = buffer[:length]
+        with mapped(src, offset, length) as raw:
+            transform(tensor, raw.view(dtype), target.view(dtype))
+        write_all_at(dst, memoryview(target), offset)
+
+
+def window_buffer(chunk_bytes: int) -> np.ndarray:
+    """A buffer for rewrite_at with windows of at most *chunk_bytes*."""
+    return np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)
 
 
 def write_all_at(fd: int, data: memoryview, offset: int) -> None:

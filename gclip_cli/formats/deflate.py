@@ -1,14 +1,18 @@
-"""Faster deflate for .npz members, when python-isal is installed (``pip install 'gclip[fast]'``).
+"""Faster deflate and CRC-32 for .npz members, when python-isal is installed
+(``pip install 'gclip[fast]'``).
 
 Deflate dominates the time of compressed .npz files: zlib runs at about 30 MB/s on float data,
 ISA-L at about 600 MB/s for the same ratio (measured), and its streams are ordinary deflate
-that any zip reader inflates.  zipfile offers no way to choose the implementation, so while
-gclip reads or writes an archive its two factories for deflate (de)compressors are swapped.
+that any zip reader inflates.  Even stored members pay for CRC-32, checked on reading and
+computed on writing: zlib's runs at 2.5 GB/s here, ISA-L's (the same checksum) at 20 GB/s.
+zipfile offers no way to choose the implementation, so while gclip reads or writes an archive
+its factories for deflate (de)compressors and its crc32 are swapped.
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,11 +23,12 @@ except ImportError:  # the plain zlib path is the same, only slower
 
 ISAL_LEVEL = 1  # ISA-L's fastest level; on gradients it compresses as well as zlib's default
 ERRORS: tuple[type[Exception], ...] = (isal_zlib.error,) if isal_zlib else ()
+crc32 = isal_zlib.crc32 if isal_zlib else zlib.crc32
 
 
 @contextmanager
 def faster_deflate() -> Iterator[None]:
-    """zipfile deflates and inflates with ISA-L inside the block (if available)."""
+    """zipfile deflates, inflates and checksums with ISA-L inside the block (if available)."""
     if isal_zlib is None:
         yield
         return
@@ -39,8 +44,11 @@ def faster_deflate() -> Iterator[None]:
             return isal_zlib.decompressobj(-15)
         return get_decompressor(compress_type)
 
+    plain_crc32 = zipfile.crc32
     zipfile._get_compressor, zipfile._get_decompressor = compressor, decompressor
+    zipfile.crc32 = crc32
     try:
         yield
     finally:
         zipfile._get_compressor, zipfile._get_decompressor = get_compressor, get_decompressor
+        zipfile.crc32 = plain_crc32

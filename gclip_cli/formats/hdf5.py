@@ -30,8 +30,9 @@ from .base import (
     mapped,
     reading,
     reserve,
+    rewrite_at,
+    window_buffer,
     window_pieces,
-    write_all_at,
 )
 
 FORMAT_NAME = "hdf5"
@@ -106,9 +107,20 @@ class Hdf5File:
             reserve(copy.fileno(), self._size)
             for start, nbytes in _gaps(blocks, self._size):
                 copy_range(self._raw.fileno(), copy.fileno(), start, nbytes)
+            buffer = window_buffer(chunk_bytes)
             for name, start in plain.items():
                 if name not in leave:
-                    self._rewrite_plain(copy, start, by_name[name], transform, chunk_bytes)
+                    tensor = by_name[name]
+                    rewrite_at(
+                        self._raw.fileno(),
+                        copy.fileno(),
+                        tensor,
+                        start,
+                        tensor.nbytes,
+                        transform,
+                        chunk_bytes,
+                        buffer,
+                    )
         through_hdf5 = [t for t in self.tensors if t.is_gradient and t.name not in plain]
         if through_hdf5:
             with h5py.File(out, "r+") as copy:
@@ -116,24 +128,6 @@ class Hdf5File:
                     _rewrite_dataset(
                         self.path, copy[tensor.location], tensor, transform, chunk_bytes
                     )
-
-    def _rewrite_plain(
-        self,
-        copy: BinaryIO,
-        start: int,
-        tensor: TensorInfo,
-        transform: Transform,
-        chunk_bytes: int,
-    ) -> None:
-        buffer = np.empty(0, dtype=np.uint8)
-        pieces = window_pieces(start, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes)
-        for offset, nbytes in pieces:
-            if buffer.size < nbytes:
-                buffer = np.empty(nbytes, dtype=np.uint8)
-            target = buffer[:nbytes].view(tensor.dtype)
-            with mapped(self._raw.fileno(), offset, nbytes) as raw:
-                transform(tensor, raw.view(tensor.dtype), target)
-            write_all_at(copy.fileno(), memoryview(target.view(np.uint8)), offset)
 
     def close(self) -> None:
         self._file.close()

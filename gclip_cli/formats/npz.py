@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Iterator, Set
 from dataclasses import replace
@@ -33,7 +32,7 @@ from .base import (
     reading,
     window_pieces,
 )
-from .deflate import faster_deflate
+from .deflate import crc32, faster_deflate
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -86,13 +85,13 @@ class NpzFile:
         start = self._stored_start(info)
         with reading(self.path, f"member {info.filename!r}"):
             self._raw.seek(start)
-            crc = zlib.crc32(self._raw.read(data_offset))
+            crc = crc32(self._raw.read(data_offset))
         pieces = window_pieces(
             start + data_offset, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes
         )
         for offset, nbytes in pieces:
             with mapped(self._raw.fileno(), offset, nbytes) as raw:
-                crc = zlib.crc32(raw, crc)
+                crc = crc32(raw, crc)
                 yield raw.view(tensor.dtype)
         if crc != info.CRC:
             raise InputError(self.path, f"member {info.filename!r}: bad CRC-32 (damaged data)")
@@ -142,28 +141,37 @@ class NpzFile:
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
     ) -> None:
         tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
-        with faster_deflate(), zipfile.ZipFile(out, "w") as dst:
+        size = max(min(chunk_bytes, MAX_WINDOW), 8)  # at least one item
+        with (
+            faster_deflate(),
+            zipfile.ZipFile(out, "w") as dst,
+            PipelinedWriter(lambda data, member: member.write(data), size) as writer,
+        ):
             dst.comment = self._zip.comment
             for info in self._zip.infolist():
-                with dst.open(_copy_info(info), "w") as member_out:
+                # every byte written before zipfile closes the member
+                with dst.open(_copy_info(info), "w") as member_out, writer.drained():
                     tensor = tensors.get(info.filename)
                     if tensor is None:
                         self._copy_member(info, member_out, chunk_bytes)
                     else:
                         member_out.write(self._npy_header(tensor))
-                        self._write_values(tensor, transform, member_out, chunk_bytes)
+                        self._write_values(tensor, transform, member_out, writer, chunk_bytes)
 
     def _write_values(
-        self, tensor: TensorInfo, transform: Transform, member_out: BinaryIO, chunk_bytes: int
+        self,
+        tensor: TensorInfo,
+        transform: Transform,
+        member_out: BinaryIO,
+        writer: PipelinedWriter,
+        chunk_bytes: int,
     ) -> None:
-        """Transformed chunks into *member_out*, written (and CRC'd by zipfile) on a background
+        """Transformed chunks into *member_out*, written (and CRC'd by zipfile) on the writer's
         thread while the next chunk is transformed."""
-        size = max(min(chunk_bytes, MAX_WINDOW), tensor.dtype.itemsize)
-        with PipelinedWriter(member_out.write, size) as writer:
-            for chunk in self.read_chunks(tensor, chunk_bytes):
-                target = writer.buffer(chunk.nbytes).view(chunk.dtype)
-                transform(tensor, chunk, target)
-                writer.submit(target)
+        for chunk in self.read_chunks(tensor, chunk_bytes):
+            target = writer.buffer(chunk.nbytes).view(chunk.dtype)
+            transform(tensor, chunk, target)
+            writer.submit(target, member_out)
 
     def close(self) -> None:
         self._zip.close()

@@ -1,0 +1,101 @@
+"""The helpers the formats share: pipelined writes, positional copies and rewrites."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from gclip_cli.formats.base import (
+    PipelinedWriter,
+    TensorInfo,
+    copy_range,
+    reserve,
+    rewrite_at,
+    window_buffer,
+)
+
+
+def test_pipelined_writes_arrive_in_order():
+    written = []
+    with PipelinedWriter(lambda data, tag: written.append((tag, bytes(data))), 4) as writer:
+        for i in range(5):
+            target = writer.buffer(3)
+            target[:] = i
+            writer.submit(target, i)
+    assert written == [(i, bytes([i] * 3)) for i in range(5)]
+
+
+def test_a_failing_block_keeps_its_own_error_over_a_failed_write():
+    def broken(data):
+        raise OSError(errno.ENOSPC, "disk full")
+
+    writer = PipelinedWriter(broken, 4)
+    with pytest.raises(KeyError), writer, writer.drained():
+        writer.submit(writer.buffer(2))
+        raise KeyError("interrupted")
+
+
+def test_a_failed_write_surfaces_when_the_writes_are_drained():
+    def broken(data):
+        raise OSError(errno.ENOSPC, "disk full")
+
+    writer = PipelinedWriter(broken, 4)
+    with pytest.raises(OSError, match="disk full"), writer, writer.drained():
+        writer.submit(writer.buffer(2))
+
+
+def test_copy_range_puts_bytes_at_the_same_place(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(bytes(range(256)) * 40)
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        reserve(b.fileno(), src.stat().st_size)
+        copy_range(a.fileno(), b.fileno(), 1000, 3000)
+    data = dst.read_bytes()
+    assert data[1000:4000] == src.read_bytes()[1000:4000]
+    assert data[:1000] == bytes(1000) and data[4000:] == bytes(len(data) - 4000)
+
+
+def test_copy_range_falls_back_to_reading_and_writing(tmp_path, monkeypatch):
+    def unsupported(*args):
+        raise OSError(errno.EINVAL, "sendfile not supported here")
+
+    monkeypatch.setattr(os, "sendfile", unsupported)
+    test_copy_range_puts_bytes_at_the_same_place(tmp_path)
+
+
+def test_copy_range_past_the_end_of_the_input_fails(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 10)
+    with open(src, "rb") as a, open(tmp_path / "dst", "wb") as b, pytest.raises(EOFError):
+        copy_range(a.fileno(), b.fileno(), 5, 10)
+
+
+def test_rewrite_at_transforms_values_in_place_window_by_window(tmp_path):
+    values = np.arange(1000, dtype=np.float32)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"head" + values.tobytes())
+    dst.write_bytes(bytes(4 + values.nbytes))
+    tensor = TensorInfo("t", "float32", (1000,), values.nbytes, dtype=np.dtype(np.float32))
+    windows = []
+
+    def double(t, s, d):
+        windows.append(s.size)
+        np.multiply(s, 2, out=d)
+
+    with open(src, "rb") as a, open(dst, "r+b") as b:
+        rewrite_at(
+            a.fileno(), b.fileno(), tensor, 4, values.nbytes, double, 400, window_buffer(400)
+        )
+    assert np.array_equal(np.frombuffer(dst.read_bytes()[4:], np.float32), values * 2)
+    assert windows == [100] * 10
+
+
+def test_reserve_without_fallocate_makes_a_sparse_file(tmp_path, monkeypatch):
+    def unsupported(*args):
+        raise OSError(errno.EOPNOTSUPP, "not here")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    with open(tmp_path / "f", "wb") as f:
+        reserve(f.fileno(), 12345)
+    assert (tmp_path / "f").stat().st_size == 12345

@@ -270,6 +270,7 @@ def rewrite(
     rewriter.finish()
     if spans:
         parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs)
+    tfile.finish_output(out)
     after = rewriter.after
     return [
         after.get(tensor.name, NormStats(rewriter.norm_type)) if tensor.is_gradient else None

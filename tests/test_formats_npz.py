@@ -1,4 +1,5 @@
 import io
+import struct
 import zipfile
 
 import numpy as np
@@ -163,6 +164,67 @@ def test_faster_deflate_is_ordinary_deflate_and_restores_zipfile(tmp_path):
     report = gclip_cli.rescale_file(src, out, max_norm=1.0)
     with zipfile.ZipFile(out) as z:  # inflated here by the standard library's zlib
         assert z.getinfo("g.npy").compress_type == zipfile.ZIP_DEFLATED
+        assert z.testzip() is None
+    with np.load(out) as z:
+        assert np.array_equal(z["g"], expected_scaled(values, report))
+
+
+def test_stored_archives_are_copied_byte_for_byte_but_values_and_crcs(tmp_path):
+    rng = np.random.default_rng(8)
+    arrays = {"w": rng.standard_normal(5000).astype(np.float32), "n": np.arange(9)}
+    src = tmp_path / "in.npz"
+    with zipfile.ZipFile(src, "w") as z:  # a comment, extra fields, a deflated non-array
+        z.comment = b"made by hand"
+        for name, values in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(2020, 1, 2, 3, 4, 6))
+            info.extra = b"\xca\xfe\x04\x00abcd"  # an unknown extra field
+            z.writestr(info, npy_bytes(values))
+        z.writestr("notes.txt", "deflated words " * 100, compress_type=zipfile.ZIP_DEFLATED)
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    before, after = src.read_bytes(), out.read_bytes()
+    with zipfile.ZipFile(src) as z:
+        info, start_dir = z.getinfo("w.npy"), z.start_dir
+    name_length, extra_length = struct.unpack("<HH", before[info.header_offset + 26 :][:4])
+    data = info.header_offset + 30 + name_length + extra_length
+    values = data + info.file_size - arrays["w"].nbytes
+    central = before.index(b"PK\x01\x02", start_dir)  # w.npy's entry comes first
+    allowed = np.zeros(len(before), dtype=bool)  # the bytes that may change
+    allowed[values : values + arrays["w"].nbytes] = True
+    allowed[info.header_offset + 14 : info.header_offset + 18] = True  # local CRC-32
+    allowed[central + 16 : central + 20] = True  # central directory CRC-32
+    assert len(after) == len(before)
+    changed = np.frombuffer(before, np.uint8) != np.frombuffer(after, np.uint8)
+    assert not np.any(changed & ~allowed)
+    assert np.any(changed[values:]) and np.any(changed[central + 16 : central + 20])
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None and z.comment == b"made by hand"
+        assert z.getinfo("w.npy").extra == b"\xca\xfe\x04\x00abcd"
+    with np.load(out) as z:
+        assert np.array_equal(z["w"], expected_scaled(arrays["w"], report))
+        assert np.array_equal(z["n"], arrays["n"])
+
+
+def test_members_with_data_descriptors_go_through_zipfile(tmp_path):
+    values = np.random.default_rng(9).standard_normal(3000).astype(np.float32)
+    buffer = io.BytesIO()
+
+    class Unseekable(io.RawIOBase):  # zipfile then writes a data descriptor after each member
+        def writable(self):
+            return True
+
+        def write(self, data):
+            return buffer.write(data)
+
+    with zipfile.ZipFile(Unseekable(), "w") as z:
+        z.writestr("g.npy", npy_bytes(values))
+    src = tmp_path / "in.npz"
+    src.write_bytes(buffer.getvalue())
+    with zipfile.ZipFile(src) as z:
+        assert z.getinfo("g.npy").flag_bits & 0x08
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    with zipfile.ZipFile(out) as z:
         assert z.testzip() is None
     with np.load(out) as z:
         assert np.array_equal(z["g"], expected_scaled(values, report))

@@ -8,7 +8,7 @@ import mmap
 import os
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -115,6 +115,10 @@ class TensorFile(Protocol):
         The values of the tensors named in *leave* (some of plain_offsets()) are not written:
         their bytes are left for the caller to fill in.
         """
+        ...
+
+    def finish_output(self, out: Path) -> None:
+        """Complete *out* once every value is in place (e.g. checksums over the values)."""
         ...
 
     def close(self) -> None: ...
@@ -232,6 +236,39 @@ def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, pat
             raise InputError(path, f"file ends {left} bytes early")
         dst.write(view[:got])
         left -= got
+
+
+def rewrite_in_place(
+    src: int,
+    out: Path,
+    plain: Mapping[TensorInfo, int],
+    transform: Transform,
+    chunk_bytes: int,
+    leave: Set[str] = frozenset(),
+) -> None:
+    """Write *out* as a byte copy of file *src* in which the values of the *plain* tensors
+    (each at its offset) are passed through *transform*; those of the tensors named in *leave*
+    are not written (the caller fills them in)."""
+    size = os.fstat(src).st_size
+    with open(out, "wb") as copy:
+        reserve(copy.fileno(), size)
+        for start, nbytes in _gaps(sorted((s, t.nbytes) for t, s in plain.items()), size):
+            copy_range(src, copy.fileno(), start, nbytes)
+        buffer = window_buffer(chunk_bytes)
+        for tensor, start in plain.items():
+            if tensor.name not in leave:
+                where = (tensor, start, tensor.nbytes)
+                rewrite_at(src, copy.fileno(), *where, transform, chunk_bytes, buffer)
+
+
+def _gaps(blocks: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of the bytes of a *size*-byte file outside the sorted (start, length)
+    *blocks*."""
+    position = 0
+    for start, nbytes in [*blocks, (size, 0)]:
+        if start > position:
+            yield position, start - position
+        position = max(position, start + nbytes)
 
 
 def rewrite_at(

@@ -24,14 +24,11 @@ from ..errors import InputError
 from .base import (
     TensorInfo,
     Transform,
-    copy_range,
     describe_array,
     items_per_chunk,
     mapped,
     reading,
-    reserve,
-    rewrite_at,
-    window_buffer,
+    rewrite_in_place,
     window_pieces,
 )
 
@@ -101,26 +98,8 @@ class Hdf5File:
     ) -> None:
         plain = self.plain_offsets()
         by_name = {t.name: t for t in self.tensors}
-        with open(out, "wb") as copy:
-            # every byte but the plain values, which are written (or left) at the same place
-            blocks = sorted((start, by_name[name].nbytes) for name, start in plain.items())
-            reserve(copy.fileno(), self._size)
-            for start, nbytes in _gaps(blocks, self._size):
-                copy_range(self._raw.fileno(), copy.fileno(), start, nbytes)
-            buffer = window_buffer(chunk_bytes)
-            for name, start in plain.items():
-                if name not in leave:
-                    tensor = by_name[name]
-                    rewrite_at(
-                        self._raw.fileno(),
-                        copy.fileno(),
-                        tensor,
-                        start,
-                        tensor.nbytes,
-                        transform,
-                        chunk_bytes,
-                        buffer,
-                    )
+        placed = {by_name[name]: start for name, start in plain.items()}
+        rewrite_in_place(self._raw.fileno(), out, placed, transform, chunk_bytes, leave)
         through_hdf5 = [t for t in self.tensors if t.is_gradient and t.name not in plain]
         if through_hdf5:
             with h5py.File(out, "r+") as copy:
@@ -128,6 +107,9 @@ class Hdf5File:
                     _rewrite_dataset(
                         self.path, copy[tensor.location], tensor, transform, chunk_bytes
                     )
+
+    def finish_output(self, out: Path) -> None:
+        pass  # nothing outside the values depends on them
 
     def close(self) -> None:
         self._file.close()
@@ -172,16 +154,6 @@ class Hdf5File:
                 location=name,
             )
         return describe_array(name, dataset.dtype, dataset.shape, location=name)
-
-
-def _gaps(blocks: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
-    """(start, length) of the bytes of a *size*-byte file outside the sorted, disjoint
-    (start, length) *blocks*."""
-    position = 0
-    for start, nbytes in [*blocks, (size, 0)]:
-        if start > position:
-            yield position, start - position
-        position = max(position, start + nbytes)
 
 
 def _unavailable_filters(dataset: h5py.Dataset) -> list[int]:

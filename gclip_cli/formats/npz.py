@@ -1,8 +1,11 @@
-""".npz: a zip archive of ``.npy`` members, streamed member by member with :mod:`zipfile`.
+""".npz: a zip archive of ``.npy`` members.
 
-Every member is rewritten in order with its name, compression, date and attributes; each ``.npy``
-member keeps its original header bytes (descr incl. byte order, fortran_order, shape) and only
-its gradient values are replaced.  Pickled (object) arrays are refused without being unpickled.
+When every member to rewrite is stored (``np.savez``), the output is a byte copy of the archive
+with only those members' values and their CRC-32s replaced: all else stays as it was, and the
+values sit at known offsets, where worker processes can write them.  Otherwise every member is
+rewritten in order through :mod:`zipfile`, with its name, compression, date and attributes.
+Either way each ``.npy`` member keeps its original header bytes (descr incl. byte order,
+fortran_order, shape).  Pickled (object) arrays are refused without being unpickled.
 """
 
 from __future__ import annotations
@@ -30,13 +33,18 @@ from .base import (
     items_per_chunk,
     mapped,
     reading,
+    rewrite_in_place,
     window_pieces,
+    write_all_at,
 )
 from .deflate import crc32, faster_deflate
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
+_DATA_DESCRIPTOR = 0x8  # general purpose flag bit 3: CRC and sizes also follow the data
 _LOCAL_HEADER_SIZE = 30  # fixed part of a zip local file header
+_CENTRAL_HEADER_SIZE = 46  # fixed part of a central directory file header
+_LOCAL_CRC, _CENTRAL_CRC = 14, 16  # where the CRC-32 lies in each header
 # zipfile allocates every read afresh (and keeps the compressed input besides): small reads.
 _INFLATE_WINDOW = 4 << 20
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
@@ -61,6 +69,7 @@ class NpzFile:
             raise InputError(path, f"not a readable .npz (zip) file: {exc}") from None
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._size = os.fstat(self._raw.fileno()).st_size
+        self._checked: set[str] = set()  # members whose CRC-32 plain_offsets() checked
         try:
             self._check_members()
             self.tensors = [
@@ -82,7 +91,7 @@ class NpzFile:
         """A stored member's values straight from the archive's pages (no copy), its CRC
         checked on the way as zipfile would."""
         info, data_offset = tensor.location
-        start = self._stored_start(info)
+        start = self._data_start(info)
         with reading(self.path, f"member {info.filename!r}"):
             self._raw.seek(start)
             crc = crc32(self._raw.read(data_offset))
@@ -94,17 +103,21 @@ class NpzFile:
                 crc = crc32(raw, crc)
                 yield raw.view(tensor.dtype)
         if crc != info.CRC:
-            raise InputError(self.path, f"member {info.filename!r}: bad CRC-32 (damaged data)")
+            raise self._bad_crc(info)
 
-    def _stored_start(self, info: zipfile.ZipInfo) -> int:
-        """Where a stored member's bytes begin: after its local header, whose name and extra
-        field lengths may differ from the central directory's."""
+    def _bad_crc(self, info: zipfile.ZipInfo) -> InputError:
+        return InputError(self.path, f"member {info.filename!r}: bad CRC-32 (damaged data)")
+
+    def _data_start(self, info: zipfile.ZipInfo) -> int:
+        """Where a member's (stored or compressed) bytes begin: after its local header, whose
+        name and extra field lengths may differ from the central directory's."""
         with reading(self.path, f"member {info.filename!r}"):
             self._raw.seek(info.header_offset)
             header = self._raw.read(_LOCAL_HEADER_SIZE)
             name_length, extra_length = struct.unpack("<HH", header[26:30])
         start = info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
-        if start + info.file_size > self._size:
+        stored = info.compress_type == zipfile.ZIP_STORED  # then read as file_size bytes
+        if start + (info.file_size if stored else info.compress_size) > self._size:
             raise InputError(
                 self.path, f"member {info.filename!r} runs past the end of the file (truncated?)"
             )
@@ -135,11 +148,75 @@ class NpzFile:
             raise InputError(self.path, f"member {info.filename!r}: {exc}") from None
 
     def plain_offsets(self) -> dict[str, int]:
-        return {}  # zipfile lays the output out anew: values move
+        """Where the values of the gradient members lie, when the output can keep the archive's
+        layout (every one of them stored, members apart); else none.  Their CRC-32s are checked
+        here, since whoever reads values by offset does not."""
+        members = [t for t in self.tensors if t.is_gradient]
+        if not members or not self._layout_is_plain(members):
+            return {}
+        offsets = {}
+        for tensor in members:
+            info, data_offset = tensor.location
+            if info.filename not in self._checked:
+                if _member_crc(self._raw.fileno(), self._data_start(info), info) != info.CRC:
+                    raise self._bad_crc(info)
+                self._checked.add(info.filename)
+            offsets[tensor.name] = self._data_start(info) + data_offset
+        return offsets
+
+    def _layout_is_plain(self, members: list[TensorInfo]) -> bool:
+        """Whether *members* are stored, without data descriptors after them (which would hold
+        their CRC-32 a second time), and all members lie apart before the central directory."""
+        for tensor in members:
+            info = tensor.location[0]
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & _DATA_DESCRIPTOR:
+                return False
+        position = 0
+        for info in sorted(self._zip.infolist(), key=lambda i: i.header_offset):
+            if info.header_offset < position:
+                return False
+            position = self._data_start(info) + info.compress_size
+        return position <= self._zip.start_dir
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
     ) -> None:
+        plain = self.plain_offsets()
+        if plain:
+            placed = {t: plain[t.name] for t in self.tensors if t.name in plain}
+            rewrite_in_place(self._raw.fileno(), out, placed, transform, chunk_bytes, leave)
+        else:
+            self._write_through_zipfile(out, transform, chunk_bytes)
+
+    def finish_output(self, out: Path) -> None:
+        """A byte copy with new values needs their new CRC-32s, in the members' local headers
+        and in the central directory."""
+        plain = self.plain_offsets()
+        if not plain:
+            return
+        central = self._central_headers()
+        with open(out, "r+b") as copy:
+            for tensor in self.tensors:
+                if tensor.name in plain:
+                    info = tensor.location[0]
+                    crc = _member_crc(copy.fileno(), self._data_start(info), info)
+                    field = memoryview(struct.pack("<I", crc))
+                    write_all_at(copy.fileno(), field, info.header_offset + _LOCAL_CRC)
+                    write_all_at(copy.fileno(), field, central[info.filename] + _CENTRAL_CRC)
+
+    def _central_headers(self) -> dict[str, int]:
+        """Where each member's central directory header begins."""
+        offsets, position = {}, self._zip.start_dir
+        for info in self._zip.infolist():
+            with reading(self.path, "zip central directory"):
+                header = os.pread(self._raw.fileno(), _CENTRAL_HEADER_SIZE, position)
+            if header[:4] != zipfile.stringCentralDir:
+                raise InputError(self.path, "zip central directory is damaged")
+            offsets[info.filename] = position
+            position += _CENTRAL_HEADER_SIZE + sum(struct.unpack("<HHH", header[28:34]))
+        return offsets
+
+    def _write_through_zipfile(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
         tensors = {t.location[0].filename: t for t in self.tensors if t.is_gradient}
         size = max(min(chunk_bytes, MAX_WINDOW), 8)  # at least one item
         with (
@@ -235,6 +312,15 @@ class NpzFile:
             member = self._zip.open(info)
         with member:
             copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
+
+
+def _member_crc(fd: int, start: int, info: zipfile.ZipInfo) -> int:
+    """The CRC-32 of the stored member *info* whose bytes begin at *start* in file *fd*."""
+    crc = 0
+    for offset, nbytes in window_pieces(start, info.file_size, 1, MAX_WINDOW):
+        with mapped(fd, offset, nbytes) as raw:
+            crc = crc32(raw, crc)
+    return crc
 
 
 def _copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:

@@ -118,6 +118,9 @@ class SafetensorsFile:
         itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
         return window_pieces(self._data_start + begin, end - begin, itemsize, chunk_bytes)
 
+    def finish_output(self, out: Path) -> None:
+        pass  # nothing outside the values depends on them
+
     def close(self) -> None:
         self._file.close()
 

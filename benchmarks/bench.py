@@ -287,7 +287,9 @@ def sharded_check(shards: int, size: int, work: Path, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
-    parser.add_argument("--formats", default="safetensors,npz,hdf5")
+    parser.add_argument(
+        "--formats", help="default: safetensors,npz,hdf5 (npz,hdf5 with --compressed)"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compressed", action="store_true")
     parser.add_argument("--memory", help="comma-separated sizes for the RSS check, e.g. 1G,4G")
@@ -311,7 +313,8 @@ def main() -> None:
         memory_check([parse_size(s) for s in args.memory.split(",")], args.workdir, args.repeat)
         return
     checks = []
-    for fmt in args.formats.split(","):
+    formats = args.formats or ("npz,hdf5" if args.compressed else "safetensors,npz,hdf5")
+    for fmt in formats.split(","):
         tag = "z" if args.compressed else ""
         dump = args.workdir / f"dump{args.size}{tag}{SUFFIX[fmt]}"
         make_dump(dump, parse_size(args.size), args.compressed)

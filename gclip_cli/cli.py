@@ -361,7 +361,8 @@ def norm(files: tuple[str, ...], **options: Any) -> None:
 def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Exit 0 when the global norm of FILE... is within --max-norm, 1 when it exceeds it or the
     files hold NaN/Inf, 2 on any error.  Prints one summary line (or JSON)."""
-    from .render import check_line, report_json
+    from .export import report_json
+    from .render import check_line
 
     report = _inspect(files, options)
     failed = report.clipped or (report.nonfinite and report.nonfinite_policy == "error")
@@ -716,7 +717,7 @@ def _emit(
     if output_format == "table":
         human(report, _console(to_stderr), view)
         return
-    from .render import report_csv, report_json, report_jsonl
+    from .export import report_csv, report_json, report_jsonl
 
     text = {"json": report_json, "jsonl": report_jsonl, "csv": report_csv}[output_format]
     click.echo(text(report, view), err=to_stderr)

@@ -1,16 +1,10 @@
-"""Turning reports into output: Rich tables for people; JSON, JSON Lines and CSV for programs.
-
-JSON is written with the json module, never through Rich (which would wrap or colour it).
-"""
+"""Turning reports into output for people: Rich tables and summaries (export.py has the
+formats for programs)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import unicodedata
-from dataclasses import asdict
 
 from rich import box
 from rich.console import Console
@@ -18,52 +12,13 @@ from rich.table import Table
 from rich.text import Text
 
 from .compare import Diff
+from .export import PLAIN
 from .history import History, sparkline
-from .report import SCHEMA_VERSION, Report
-from .views import LayerReport, View, by_layer, sort_tensors
+from .report import Report
+from .views import View, by_layer, sort_tensors
 
-OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
-PLAIN = View()
 _BAR_WIDTH = 5
 _NAME_MIN_WIDTH = 14  # names stay readable when a narrow terminal squeezes the table
-
-
-def report_json(report: Report, view: View = PLAIN) -> str:
-    data = report.to_dict()
-    data["tensors"] = [report.tensor_dict(t) for t in sort_tensors(report, view.sort, view.top)]
-    if view.by_layer:
-        data["layers"] = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
-    return json.dumps(data, indent=2, allow_nan=False)
-
-
-def report_jsonl(report: Report, view: View = PLAIN) -> str:
-    """One record a line: every tensor (or layer), then a summary."""
-    if view.by_layer:
-        rows = [{"kind": "layer", **_layer_dict(layer)} for layer in by_layer(report, view.depth)]
-    else:
-        rows = [
-            {"kind": "tensor", **report.tensor_dict(t)}
-            for t in sort_tensors(report, view.sort, view.top)
-        ]
-    summary = {k: v for k, v in report.to_dict().items() if k != "tensors"}
-    rows.append({"kind": "summary", **summary})
-    return "\n".join(json.dumps(row, allow_nan=False) for row in rows)
-
-
-def report_csv(report: Report, view: View = PLAIN) -> str:
-    buffer = io.StringIO()
-    if view.by_layer:
-        rows = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
-        fields = list(asdict(LayerReport("", 0, 0, None, None)))
-    else:
-        rows = [report.tensor_dict(t) for t in sort_tensors(report, view.sort, view.top)]
-        for row in rows:
-            row["shape"] = "x".join(map(str, row["shape"]))
-        fields = list(rows[0]) if rows else ["file", "name"]
-    writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().rstrip("\n")
 
 
 def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
@@ -190,14 +145,6 @@ def check_line(report: Report) -> str:
     if report.clipped:
         return f"exceeds: {norm} > max norm {_number(report.max_norm)}{files}"
     return f"ok: {norm} <= max norm {_number(report.max_norm)}{files}"
-
-
-def _layer_dict(layer: LayerReport) -> dict:
-    return asdict(layer) | {"norm": _json_number(layer.norm)}
-
-
-def _json_number(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
 
 
 def _tensor_table(report: Report, view: View) -> Table:
@@ -328,13 +275,10 @@ def _bytes(n: int) -> str:
 
 
 __all__ = [
-    "OUTPUT_FORMATS",
-    "SCHEMA_VERSION",
     "check_line",
+    "print_diff",
+    "print_history",
     "print_inspect",
     "print_rescale",
     "printable",
-    "report_csv",
-    "report_json",
-    "report_jsonl",
 ]

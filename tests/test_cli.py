@@ -427,8 +427,8 @@ def test_a_closed_pipe_stops_quietly(make_file):
 
 def test_option_choices_match_the_library():
     # the CLI spells them out so that --help need not import numpy; they must not drift
+    from gclip_cli.export import OUTPUT_FORMATS
     from gclip_cli.formats import FORMAT_NAMES
-    from gclip_cli.render import OUTPUT_FORMATS
     from gclip_cli.views import SORT_KEYS
 
     params = {p.name: p for p in main.commands["inspect"].params}

@@ -1,10 +1,9 @@
 import io
-import json
 import math
 
 from rich.console import Console
 
-from gclip_cli.render import print_inspect, print_rescale, printable, report_json
+from gclip_cli.render import print_inspect, print_rescale, printable
 from gclip_cli.report import Report, TensorReport
 
 
@@ -32,15 +31,6 @@ def test_printable_escapes_control_characters_only():
     assert printable("layer.0/w") == "layer.0/w"
     assert printable("a\x1b[31mb\nc\u200bd") == "a\\x1b[31mb\\nc\\u200bd"
     assert printable("gewicht_ä") == "gewicht_ä"
-
-
-def test_json_has_no_nan_and_marks_skipped_tensors():
-    data = json.loads(report_json(sample_report()))
-    assert data["global_norm"] is None and data["nonfinite"] == 1
-    tensors = {t["name"]: t for t in data["tensors"]}
-    assert tensors["bad"]["norm"] is None and tensors["bad"]["nan"] == 1
-    assert tensors["step"]["skipped"] == "int64 is not a floating-point type"
-    assert data["tensor_count"] == 2 and data["skipped_count"] == 1 and data["nbytes"] == 36
 
 
 def test_inspect_table_shows_nonfinite_and_skipped_rows():

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from .base import (
+    MAX_WINDOW,
     TensorInfo,
     Transform,
     describe_array,
@@ -181,7 +182,8 @@ def _slabs(
 ) -> Iterator[tuple[Selection, np.ndarray]]:
     """Read *dataset* in hyperslabs that follow C order, each into one reused buffer."""
     shape = dataset.shape
-    max_items = items_per_chunk(dataset.dtype.itemsize, chunk_bytes)
+    # no larger than a mapped window: HDF5 holds the compressed chunks besides
+    max_items = items_per_chunk(dataset.dtype.itemsize, min(chunk_bytes, MAX_WINDOW))
     buffer = np.empty(min(max_items, math.prod(shape)), dtype=dataset.dtype)
     for selection in _c_order_slabs(shape, dataset.chunks, max_items):
         slab_shape = tuple(s.stop - s.start for s in selection) + shape[len(selection) :]

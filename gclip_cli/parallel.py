@@ -61,7 +61,7 @@ def parallel_spans(tfile: TensorFile, jobs: int) -> list[Span]:
         return []
     offsets = tfile.plain_offsets()
     spans = [
-        Span(replace(t, location=None), offsets[t.name], 0, t.numel)
+        Span(t, offsets[t.name], 0, t.numel)
         for t in tfile.tensors
         if t.is_gradient and t.name in offsets
     ]

@@ -70,6 +70,7 @@ class NpzFile:
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._size = os.fstat(self._raw.fileno()).st_size
         self._checked: set[str] = set()  # members whose CRC-32 plain_offsets() checked
+        self._starts: dict[str, int] = {}  # where each member's bytes begin
         try:
             self._check_members()
             self.tensors = [
@@ -111,6 +112,11 @@ class NpzFile:
     def _data_start(self, info: zipfile.ZipInfo) -> int:
         """Where a member's (stored or compressed) bytes begin: after its local header, whose
         name and extra field lengths may differ from the central directory's."""
+        if info.filename not in self._starts:
+            self._starts[info.filename] = self._read_data_start(info)
+        return self._starts[info.filename]
+
+    def _read_data_start(self, info: zipfile.ZipInfo) -> int:
         with reading(self.path, f"member {info.filename!r}"):
             self._raw.seek(info.header_offset)
             header = self._raw.read(_LOCAL_HEADER_SIZE)

@@ -5,11 +5,14 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gclip_cli.formats.base import (
     PipelinedWriter,
     TensorInfo,
     copy_range,
+    gaps,
     reserve,
     rewrite_at,
     window_buffer,
@@ -99,3 +102,19 @@ def test_reserve_without_fallocate_makes_a_sparse_file(tmp_path, monkeypatch):
     with open(tmp_path / "f", "wb") as f:
         reserve(f.fileno(), 12345)
     assert (tmp_path / "f").stat().st_size == 12345
+
+
+@given(st.lists(st.tuples(st.integers(0, 120), st.integers(0, 30)), max_size=12))
+def test_gaps_are_exactly_the_bytes_no_block_covers(blocks):
+    size = 128
+    covered = np.zeros(size, dtype=bool)
+    for start, length in blocks:
+        covered[start : start + length] = True
+    found = np.zeros(size, dtype=bool)
+    rows = np.array(blocks, dtype=np.int64).reshape(-1, 2)
+    previous_end = -1
+    for start, length in gaps(rows, size):
+        assert length > 0 and start >= previous_end  # in order, disjoint
+        found[start : start + length] = True
+        previous_end = start + length
+    assert np.array_equal(found, ~covered)

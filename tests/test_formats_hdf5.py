@@ -6,6 +6,7 @@ from conftest import expected_scaled
 import gclip_cli
 from gclip_cli import InputError
 from gclip_cli.formats import detect_format
+from gclip_cli.norms import measure
 
 
 def build_tree(path):
@@ -168,6 +169,18 @@ def test_user_block_files_are_detected(tmp_path):
         assert f.userblock_size == 512
         assert f["a"][()].tolist() == [0.6, 0.8]
     assert report.global_norm == 5.0
+
+
+def test_contiguous_values_are_read_at_their_place_after_a_user_block(tmp_path):
+    """Data follows, so reading 512 bytes too far would still be inside the file."""
+    src, out = tmp_path / "ub.h5", tmp_path / "out.h5"
+    first, second = np.arange(1000, dtype=np.float32), np.ones(100_000, dtype=np.float32)
+    with h5py.File(src, "w", userblock_size=512) as f:
+        f["a"], f["b"] = first, second
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert [t.norm for t in report.tensors] == [measure(first).norm(), measure(second).norm()]
+    with h5py.File(out) as f:
+        assert np.array_equal(f["a"][()], expected_scaled(first, report))
 
 
 def test_unavailable_filters_are_refused(tmp_path):

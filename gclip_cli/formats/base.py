@@ -245,14 +245,16 @@ def rewrite_in_place(
     transform: Transform,
     chunk_bytes: int,
     leave: Set[str] = frozenset(),
+    holes: Sequence[tuple[int, int]] | np.ndarray = (),
 ) -> None:
     """Write *out* as a byte copy of file *src* in which the values of the *plain* tensors
     (each at its offset) are passed through *transform*; those of the tensors named in *leave*
-    are not written (the caller fills them in)."""
+    are not written, nor the byte ranges (start, length) *holes*: the caller fills them in."""
     size = os.fstat(src).st_size
+    blocks = np.array([*((s, t.nbytes) for t, s in plain.items()), *holes], dtype=np.int64)
     with open(out, "wb") as copy:
         reserve(copy.fileno(), size)
-        for start, nbytes in _gaps(sorted((s, t.nbytes) for t, s in plain.items()), size):
+        for start, nbytes in gaps(blocks.reshape(-1, 2), size):
             copy_range(src, copy.fileno(), start, nbytes)
         buffer = window_buffer(chunk_bytes)
         for tensor, start in plain.items():
@@ -261,14 +263,15 @@ def rewrite_in_place(
                 rewrite_at(src, copy.fileno(), *where, transform, chunk_bytes, buffer)
 
 
-def _gaps(blocks: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
-    """(start, length) of the bytes of a *size*-byte file outside the sorted (start, length)
-    *blocks*."""
-    position = 0
-    for start, nbytes in [*blocks, (size, 0)]:
-        if start > position:
-            yield position, start - position
-        position = max(position, start + nbytes)
+def gaps(blocks: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of the bytes of a *size*-byte file outside the (start, length) rows of
+    *blocks* (in any order, maybe overlapping)."""
+    blocks = blocks[np.argsort(blocks[:, 0], kind="stable")]
+    starts = np.append(blocks[:, 0], size)
+    covered = np.maximum.accumulate(np.concatenate([[0], blocks[:, 0] + blocks[:, 1]]))
+    for start, end in zip(covered.tolist(), starts.tolist(), strict=True):
+        if end > start:
+            yield start, end - start
 
 
 def rewrite_at(

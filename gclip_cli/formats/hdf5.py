@@ -32,6 +32,7 @@ from .base import (
     rewrite_in_place,
     window_pieces,
 )
+from .hdf5_chunks import RawChunks, raw_chunks, read_values, rewrite_values
 
 FORMAT_NAME = "hdf5"
 
@@ -41,13 +42,15 @@ Selection = tuple[slice, ...]
 class Hdf5File:
     format_name = FORMAT_NAME
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, jobs: int = 1) -> None:
         self.path = path
+        self._jobs = jobs  # threads that (de)compress chunks
         with reading(path, "HDF5 cannot open it"):
             self._file = h5py.File(path, "r")
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._size = os.fstat(self._raw.fileno()).st_size
         self._plain: dict[str, int] | None = None
+        self._chunk_index: dict[str, RawChunks | None] = {}
         try:
             with reading(path, "damaged HDF5 structure"):
                 self.tensors = self._describe_tree()
@@ -60,6 +63,9 @@ class Hdf5File:
         start = self._contiguous_start(dataset, tensor)
         if start is not None:  # one plain block of values: map it, as for safetensors
             return self._mapped_chunks(start, tensor, chunk_bytes)
+        raw = self._raw_chunks(tensor)
+        if raw is not None:  # chunks gclip decodes itself
+            return read_values(self.path, self._raw.fileno(), tensor, raw, chunk_bytes, self._jobs)
         return (values.reshape(-1) for _, values in _slabs(self.path, dataset, chunk_bytes))
 
     def _mapped_chunks(
@@ -80,8 +86,8 @@ class Hdf5File:
         address = dataset.id.get_offset()
         if address is None or dataset.id.get_storage_size() != tensor.nbytes:
             return None
-        start = address + self._file.userblock_size  # HDF5 addresses follow the user block
-        return start if start + tensor.nbytes <= self._size else None
+        # H5Dget_offset counts from the start of the file, user block included
+        return address if address + tensor.nbytes <= self._size else None
 
     def plain_offsets(self) -> dict[str, int]:
         if self._plain is None:
@@ -100,14 +106,34 @@ class Hdf5File:
         plain = self.plain_offsets()
         by_name = {t.name: t for t in self.tensors}
         placed = {by_name[name]: start for name, start in plain.items()}
-        rewrite_in_place(self._raw.fileno(), out, placed, transform, chunk_bytes, leave)
         through_hdf5 = [t for t in self.tensors if t.is_gradient and t.name not in plain]
+        # chunks gclip writes itself need not be copied first (nor linger, if HDF5 moves them)
+        raw = [r for r in map(self._raw_chunks, through_hdf5) if r is not None]
+        holes = np.concatenate([r.stored_ranges() for r in raw]) if raw else ()
+        fd = self._raw.fileno()
+        rewrite_in_place(fd, out, placed, transform, chunk_bytes, leave, holes)
         if through_hdf5:
             with h5py.File(out, "r+") as copy:
                 for tensor in through_hdf5:
-                    _rewrite_dataset(
-                        self.path, copy[tensor.location], tensor, transform, chunk_bytes
-                    )
+                    self._rewrite_dataset(copy[tensor.location], tensor, transform, chunk_bytes)
+
+    def _rewrite_dataset(
+        self, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
+    ) -> None:
+        raw = self._raw_chunks(tensor)
+        if raw is None:
+            _rewrite_through_hdf5(self.path, dataset, tensor, transform, chunk_bytes)
+        else:
+            fd = self._raw.fileno()
+            rewrite_values(self.path, fd, tensor, raw, dataset, transform, self._jobs)
+
+    def _raw_chunks(self, tensor: TensorInfo) -> RawChunks | None:
+        if tensor.name not in self._chunk_index:
+            with reading(self.path, f"dataset {tensor.name!r}"):
+                dataset = self._file[tensor.location]
+                found = raw_chunks(dataset, _chunk_address_base(self._file))
+            self._chunk_index[tensor.name] = found
+        return self._chunk_index[tensor.name]
 
     def finish_output(self, out: Path) -> None:
         pass  # nothing outside the values depends on them
@@ -155,6 +181,12 @@ class Hdf5File:
                 location=name,
             )
         return describe_array(name, dataset.dtype, dataset.shape, location=name)
+
+
+def _chunk_address_base(root: h5py.File) -> int:
+    """What to add to the chunk addresses HDF5 reports to get file offsets: before HDF5 1.14.4
+    they did not count the user block (HDFGroup/hdf5#3003), unlike H5Dget_offset's."""
+    return root.userblock_size if h5py.version.hdf5_version_tuple < (1, 14, 4) else 0
 
 
 def _unavailable_filters(dataset: h5py.Dataset) -> list[int]:
@@ -217,7 +249,7 @@ def _c_order_slabs(
             yield (*head, slice(start, min(start + step, shape[axis])))
 
 
-def _rewrite_dataset(
+def _rewrite_through_hdf5(
     path: Path, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
 ) -> None:
     keep_sparse = _is_sparse(dataset) and not np.any(dataset.fillvalue)

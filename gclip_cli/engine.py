@@ -24,8 +24,8 @@ def measure_tensors(
 ) -> list[NormStats | None]:
     """Pass 1: NormStats of every gradient tensor of *tfile* (None for skipped tensors), the
     plain stored ones by *jobs* worker processes when that pays."""
-    spans = parallel.parallel_spans(tfile, jobs)
-    measured = parallel.measure_spans(tfile.path, spans, norm_type, chunk_bytes, jobs)
+    pieces = parallel.measurable_pieces(tfile, jobs)
+    measured = parallel.measure_pieces(tfile.path, pieces, norm_type, chunk_bytes, jobs)
     return [
         None
         if not t.is_gradient

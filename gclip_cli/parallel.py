@@ -10,14 +10,14 @@ process and the exact merged norm is identical to the last bit whatever the numb
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from . import progress
 from .formats import TensorFile, TensorInfo
-from .formats.base import MAX_WINDOW, mapped, rewrite_at, window_buffer, window_pieces
+from .formats.base import MAX_WINDOW, ValuePiece, mapped, rewrite_at, window_buffer, window_pieces
 from .isolation import can_fork, run_forked
 from .norms import BLOCK, NormAccumulator, NormStats
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 MIN_PARALLEL_BYTES = 64 << 20
 # Each worker maps and buffers this much at a time: workers together stay within one window.
 _WORKER_WINDOW = MAX_WINDOW // 4
+
+P = TypeVar("P", bound="ValuePiece")
 
 
 def available_cores() -> int:
@@ -53,19 +55,45 @@ class Span:
         offset = self.offset + start * self.tensor.dtype.itemsize
         return replace(self, offset=offset, first=self.first + start, count=stop - start)
 
+    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+        accumulator = NormAccumulator(norm_type)
+        itemsize = self.tensor.dtype.itemsize
+        for offset, nbytes in window_pieces(self.offset, self.nbytes, itemsize, window):
+            with mapped(fd, offset, nbytes) as raw:
+                accumulator.add(raw.view(self.tensor.dtype))
+            progress.advance(nbytes)
+        return accumulator.finish()
+
 
 def parallel_spans(tfile: TensorFile, jobs: int) -> list[Span]:
-    """The spans worth handing to *jobs* workers: every gradient tensor the format stores as
-    plain bytes (none when one process would do as well)."""
-    if jobs < 2 or not can_fork():
+    """The spans worth handing to *jobs* workers to measure and rewrite: every gradient tensor
+    the format stores as plain bytes (none when one process would do as well)."""
+    return _worth_sharing(_plain_spans(tfile)) if _can_share(jobs) else []
+
+
+def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece]:
+    """The pieces worth handing to *jobs* workers to measure: the plain spans and the pieces
+    of chunked tensors (none when one process would do as well)."""
+    if not _can_share(jobs):
         return []
+    return _worth_sharing([*_plain_spans(tfile), *tfile.chunked_pieces()])
+
+
+def _can_share(jobs: int) -> bool:
+    return jobs >= 2 and can_fork()
+
+
+def _plain_spans(tfile: TensorFile) -> list[Span]:
     offsets = tfile.plain_offsets()
-    spans = [
+    return [
         Span(t, offsets[t.name], 0, t.numel)
         for t in tfile.tensors
         if t.is_gradient and t.name in offsets
     ]
-    return spans if sum(s.nbytes for s in spans) >= MIN_PARALLEL_BYTES else []
+
+
+def _worth_sharing(pieces: list[P]) -> list[P]:
+    return pieces if sum(p.nbytes for p in pieces) >= MIN_PARALLEL_BYTES else []
 
 
 def cut(spans: Sequence[Span], parts: int) -> list[list[Span]]:
@@ -89,12 +117,28 @@ def cut(spans: Sequence[Span], parts: int) -> list[list[Span]]:
     return [share for share in shares if share]
 
 
-def measure_spans(
-    path: Path, spans: Sequence[Span], norm_type: float, chunk_bytes: int, jobs: int
+def deal(pieces: Sequence[ValuePiece], jobs: int) -> list[list[ValuePiece]]:
+    """*pieces* in at most *jobs* shares of about equal bytes: spans are cut (see cut()), the
+    other pieces, which cannot be, go whole to the share with the fewest bytes so far."""
+    spans = [p for p in pieces if isinstance(p, Span)]
+    shares: list[list[ValuePiece]] = [*cut(spans, jobs)] if spans else []
+    shares += [[] for _ in range(jobs - len(shares))]
+    loads = [sum(p.nbytes for p in share) for share in shares]
+    others = [p for p in pieces if not isinstance(p, Span)]
+    for piece in sorted(others, key=lambda p: p.nbytes, reverse=True):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(piece)
+        loads[lightest] += piece.nbytes
+    return [share for share in shares if share]
+
+
+def measure_pieces(
+    path: Path, pieces: Sequence[ValuePiece], norm_type: float, chunk_bytes: int, jobs: int
 ) -> dict[str, NormStats]:
-    """The NormStats of the values *spans* cover, per tensor name, measured by *jobs* workers."""
+    """The NormStats of the values *pieces* cover, per tensor name, measured by *jobs*
+    workers."""
     window = min(chunk_bytes, _WORKER_WINDOW)
-    tasks = [(_measure_share, (path, share, norm_type, window)) for share in cut(spans, jobs)]
+    tasks = [(_measure_share, (path, share, norm_type, window)) for share in deal(pieces, jobs)]
     merged: dict[str, NormStats] = {}
     for results in run_forked(path, tasks):
         for name, stats in results:
@@ -114,19 +158,10 @@ def rewrite_spans(
 
 
 def _measure_share(
-    path: Path, spans: Sequence[Span], norm_type: float, window: int
+    path: Path, pieces: Sequence[ValuePiece], norm_type: float, window: int
 ) -> list[tuple[str, NormStats]]:
     with open(path, "rb") as src:
-        return [(s.tensor.name, _measure_span(src.fileno(), s, norm_type, window)) for s in spans]
-
-
-def _measure_span(fd: int, span: Span, norm_type: float, window: int) -> NormStats:
-    accumulator = NormAccumulator(norm_type)
-    for offset, nbytes in _pieces(span, window):
-        with mapped(fd, offset, nbytes) as raw:
-            accumulator.add(raw.view(span.tensor.dtype))
-        progress.advance(nbytes)
-    return accumulator.finish()
+        return [(p.tensor.name, p.measure(src.fileno(), norm_type, window)) for p in pieces]
 
 
 def _rewrite_share(
@@ -140,7 +175,3 @@ def _rewrite_share(
             rewrite_at(src.fileno(), dst.fileno(), *where, rewriter, window, buffer)
     rewriter.finish()
     return rewriter
-
-
-def _pieces(span: Span, window: int) -> Iterator[tuple[int, int]]:
-    return window_pieces(span.offset, span.nbytes, span.tensor.dtype.itemsize, window)

@@ -2,6 +2,7 @@
 against what h5py and HDF5's own filters read and write."""
 
 import zlib
+from collections import Counter
 
 import h5py
 import numpy as np
@@ -10,10 +11,11 @@ from click.testing import CliRunner
 from conftest import expected_scaled
 
 import gclip_cli
+from gclip_cli import parallel
 from gclip_cli.cli import main
-from gclip_cli.formats import deflate
+from gclip_cli.formats import deflate, hdf5_chunks, open_file
 from gclip_cli.formats.hdf5_chunks import Filter, Pipeline, raw_chunks
-from gclip_cli.norms import measure
+from gclip_cli.norms import BLOCK, measure
 
 LAYOUTS = {  # name: (values, create_dataset options)
     "gzip_edges": ((37, 70), "<f4", {"chunks": (8, 16), "compression": "gzip"}),
@@ -197,3 +199,46 @@ def test_without_isal_zlib_deflates_at_the_dataset_level(tmp_path, monkeypatch):
         assert np.array_equal(
             f["shuffle_gzip"][()], expected_scaled(arrays["shuffle_gzip"], report)
         )
+
+
+def test_pieces_begin_where_a_band_and_a_block_of_values_begin(tmp_path):
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("aligned", data=np.ones((300, 512), "f4"), chunks=(16, 64))
+        f.create_dataset("never", data=np.ones((37, 70), "f4"), chunks=(8, 16))
+    file = open_file(src)
+    try:
+        pieces = {t.name: [] for t in file.tensors}
+        for piece in file.chunked_pieces():
+            pieces[piece.tensor.name].append(piece.rows)
+    finally:
+        file.close()
+    # 512 values a row: a block of 65,536 starts every 128 rows, and 128 is a multiple of 16
+    assert [(r.start, r.stop, r.step) for r in pieces["aligned"]] == [(0, 300, 16)]
+    assert [(r.start, r.stop) for r in pieces["never"]] == [(0, 37)]
+
+
+def test_workers_measure_pieces_to_the_same_norms(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
+    monkeypatch.setattr(hdf5_chunks, "PIECE_BYTES", 1)  # as many pieces as there can be
+    rng = np.random.default_rng(5)
+    arrays = {
+        "aligned": rng.standard_normal((300, 512)).astype("f4"),
+        "never": rng.standard_normal((37, 70)).astype("f8"),
+        "flat": rng.standard_normal(3 * BLOCK + 5).astype("f2"),
+    }
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("aligned", data=arrays["aligned"], chunks=(16, 64), compression="gzip")
+        f.create_dataset("never", data=arrays["never"], chunks=(8, 16), shuffle=True)
+        f.create_dataset("flat", data=arrays["flat"], chunks=(BLOCK // 2,), compression="gzip")
+    file = open_file(src)
+    try:
+        counts = Counter(piece.tensor.name for piece in file.chunked_pieces())
+    finally:
+        file.close()
+    assert counts == {"aligned": 3, "never": 1, "flat": 4}
+    for jobs in (2, 3):
+        report = gclip_cli.inspect_file(src, jobs=jobs)
+        for tensor in report.tensors:
+            assert tensor.norm == measure(arrays[tensor.name]).norm(), (tensor.name, jobs)

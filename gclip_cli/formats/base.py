@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
-from ..norms import BLOCK
+from ..norms import BLOCK, NormStats
 from .deflate import ERRORS as DEFLATE_ERRORS
 
 # What reading a damaged or truncated input raises, from the OS, zipfile, zlib, numpy or h5py.
@@ -91,6 +91,22 @@ def describe_array(
     )
 
 
+class ValuePiece(Protocol):
+    """Some values of a gradient tensor that a worker process can measure on its own, from
+    the open input file.  A piece begins at a whole block of values (norms.BLOCK) counted from
+    the tensor's start, so its blocks are those one process would sum."""
+
+    tensor: TensorInfo
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+        """The statistics of the piece's values, read from *fd* at most *window* bytes at a
+        time; progress.advance() is told of the bytes read."""
+        ...
+
+
 class TensorFile(Protocol):
     """An open input file: its tensors, their values in chunks, and a faithful rewrite."""
 
@@ -105,6 +121,11 @@ class TensorFile(Protocol):
     def plain_offsets(self) -> dict[str, int]:
         """Where gradient tensors stored as plain bytes begin, in this file and in what
         write_transformed writes (by name; tensors stored otherwise are not listed)."""
+        ...
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        """Pieces of the gradient tensors not stored as plain bytes that worker processes can
+        measure on their own ([] when there are none)."""
         ...
 
     def write_transformed(

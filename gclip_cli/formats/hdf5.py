@@ -25,6 +25,7 @@ from .base import (
     MAX_WINDOW,
     TensorInfo,
     Transform,
+    ValuePiece,
     describe_array,
     items_per_chunk,
     mapped,
@@ -32,7 +33,7 @@ from .base import (
     rewrite_in_place,
     window_pieces,
 )
-from .hdf5_chunks import RawChunks, raw_chunks, read_values, rewrite_values
+from .hdf5_chunks import RawChunks, band_pieces, raw_chunks, read_values, rewrite_values
 
 FORMAT_NAME = "hdf5"
 
@@ -99,6 +100,16 @@ class Hdf5File:
             self._plain = {name: start for name, start in starts.items() if start is not None}
         selected = {t.name for t in self.tensors if t.is_gradient}  # tensors may be deselected
         return {name: start for name, start in self._plain.items() if name in selected}
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        plain = self.plain_offsets()
+        chunked = [t for t in self.tensors if t.is_gradient and t.name not in plain]
+        return [
+            piece
+            for tensor in chunked
+            if (raw := self._raw_chunks(tensor)) is not None
+            for piece in band_pieces(self.path, tensor, raw)
+        ]
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()

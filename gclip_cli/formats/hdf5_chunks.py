@@ -30,6 +30,8 @@ from typing import TypeVar
 import h5py
 import numpy as np
 
+from .. import progress
+from ..norms import BLOCK, NormAccumulator, NormStats
 from . import deflate
 from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading
 
@@ -191,8 +193,9 @@ class _ChunkedDataset:
             range(0, n, c) for n, c in zip(raw.shape[1:], raw.chunk_shape[1:], strict=True)
         ]
 
-    def bands(self) -> Iterator[_Band]:
-        rows = range(0, self.raw.shape[0], self.raw.chunk_shape[0])
+    def bands(self, rows: range | None = None) -> Iterator[_Band]:
+        """The bands starting at *rows* (default: all), in order."""
+        rows = rows or range(0, self.raw.shape[0], self.raw.chunk_shape[0])
         return _in_order(self.pool, self._read_band, rows, self.ahead)
 
     def write(self, bands: Iterable[_Band], target: h5py.Dataset) -> None:
@@ -242,6 +245,52 @@ class _ChunkedDataset:
                 (chunk.coordinates, self.raw.pipeline.encode(data, chunk.mask), chunk.mask)
             )
         return encoded
+
+
+@dataclass(frozen=True)
+class BandRows:
+    """The values of whole bands of a chunked tensor, from a row where a block of values
+    begins: a piece a worker process can measure (see base.ValuePiece)."""
+
+    path: Path
+    tensor: TensorInfo
+    raw: RawChunks
+    rows: range  # the first rows of the bands
+
+    @property
+    def nbytes(self) -> int:
+        rows = min(self.rows.stop, self.raw.shape[0]) - self.rows.start
+        return rows * _row_bytes(self.raw, self.tensor.dtype)
+
+    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+        del window  # bands are read whole: each holds whole chunks
+        dataset = _ChunkedDataset(self.path, fd, self.tensor.name, self.raw, self.tensor.dtype, 1)
+        accumulator = NormAccumulator(norm_type)
+        for band in dataset.bands(self.rows):
+            accumulator.add(band.values.reshape(-1))
+            progress.advance(band.values.nbytes)
+        return accumulator.finish()
+
+
+# A tensor is cut into pieces of about this many bytes for workers to measure, where it can be.
+PIECE_BYTES = 32 << 20
+
+
+def band_pieces(path: Path, tensor: TensorInfo, raw: RawChunks) -> list[BandRows]:
+    """*tensor* cut into pieces of about PIECE_BYTES at the rows where both a band and a block
+    of values begin (the whole tensor when there is no such row)."""
+    chunk_rows, row_values = raw.chunk_shape[0], math.prod(raw.shape[1:])
+    aligned = math.lcm(chunk_rows, BLOCK // math.gcd(row_values, BLOCK))  # rows between such
+    row_bytes = _row_bytes(raw, tensor.dtype)
+    step = max(1, PIECE_BYTES // (aligned * row_bytes)) * aligned
+    return [
+        BandRows(path, tensor, raw, range(start, min(start + step, raw.shape[0]), chunk_rows))
+        for start in range(0, raw.shape[0], step)
+    ]
+
+
+def _row_bytes(raw: RawChunks, dtype: np.dtype) -> int:
+    return math.prod(raw.shape[1:]) * dtype.itemsize
 
 
 # Bands decoded or encoded ahead of the one in use, at most (besides one per thread at work).

@@ -28,6 +28,7 @@ from .base import (
     PipelinedWriter,
     TensorInfo,
     Transform,
+    ValuePiece,
     copy_stream,
     describe_array,
     items_per_chunk,
@@ -188,6 +189,9 @@ class NpzFile:
                 return False
             position = self._data_start(info) + info.compress_size
         return position <= self._zip.start_dir
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        return []  # stored members are plain bytes; a deflated one is one stream, read in order
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()

@@ -26,6 +26,7 @@ from .base import (
     PipelinedWriter,
     TensorInfo,
     Transform,
+    ValuePiece,
     mapped,
     reserve,
     window_pieces,
@@ -89,6 +90,9 @@ class SafetensorsFile:
 
     def plain_offsets(self) -> dict[str, int]:
         return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        return []  # every value is plain bytes (plain_offsets)
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()

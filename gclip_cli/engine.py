@@ -266,10 +266,14 @@ def rewrite(
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
     spans = parallel.parallel_spans(tfile, jobs)
-    tfile.write_transformed(out, rewriter, chunk_bytes, leave={s.tensor.name for s in spans})
+    pieces = parallel.encodable_pieces(tfile, jobs)
+    leave = {s.tensor.name for s in spans} | {p.tensor.name for p in pieces}
+    tfile.write_transformed(out, rewriter, chunk_bytes, leave=leave)
     rewriter.finish()
     if spans:
         parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs)
+    if pieces:
+        parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs)
     tfile.finish_output(out)
     after = rewriter.after
     return [

@@ -10,14 +10,24 @@ process and the exact merged norm is identical to the last bit whatever the numb
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from . import progress
 from .formats import TensorFile, TensorInfo
-from .formats.base import MAX_WINDOW, ValuePiece, mapped, rewrite_at, window_buffer, window_pieces
+from .formats.base import (
+    MAX_WINDOW,
+    EncodablePiece,
+    ValuePiece,
+    mapped,
+    rewrite_at,
+    window_buffer,
+    window_pieces,
+)
 from .isolation import can_fork, run_forked
 from .norms import BLOCK, NormAccumulator, NormStats
 
@@ -77,6 +87,12 @@ def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece]:
     if not _can_share(jobs):
         return []
     return _worth_sharing([*_plain_spans(tfile), *tfile.chunked_pieces()])
+
+
+def encodable_pieces(tfile: TensorFile, jobs: int) -> list[EncodablePiece]:
+    """The chunked pieces worth handing to *jobs* workers to encode (none when one process
+    would do as well)."""
+    return _worth_sharing(tfile.chunked_pieces()) if _can_share(jobs) else []
 
 
 def _can_share(jobs: int) -> bool:
@@ -155,6 +171,38 @@ def rewrite_spans(
     tasks = [(_rewrite_share, (path, out, share, rewriter, window)) for share in cut(spans, jobs)]
     for done in run_forked(path, tasks):
         rewriter.merge(done)
+
+
+def encode_pieces(
+    path: Path, out: Path, pieces: Sequence[EncodablePiece], rewriter: Rewriter, jobs: int
+) -> None:
+    """Encode *pieces* of *path* through *rewriter* by *jobs* workers, each into a spool file
+    of its own beside *out* (unnamed: it goes away with its last descriptor), then place
+    them into *out* in order; what the workers measured is merged into *rewriter*."""
+    shares = deal(pieces, jobs)
+    with ExitStack() as stack:
+        spools = [stack.enter_context(tempfile.TemporaryFile(dir=out.parent)) for _ in shares]
+        tasks = [
+            (_encode_share, (path, share, rewriter, spool.fileno()))
+            for share, spool in zip(shares, spools, strict=True)
+        ]
+        where: dict[int, tuple[int, object]] = {}  # id of a piece -> (spool, what it encoded)
+        for share, spool, (done, encoded) in zip(
+            shares, spools, run_forked(path, tasks), strict=True
+        ):
+            rewriter.merge(done)
+            where.update({id(p): (spool.fileno(), e) for p, e in zip(share, encoded, strict=True)})
+        type(pieces[0]).place(out, [(piece, *where[id(piece)]) for piece in pieces])
+
+
+def _encode_share(
+    path: Path, pieces: Sequence[EncodablePiece], template: Rewriter, spool: int
+) -> tuple[Rewriter, list[object]]:
+    rewriter = template.blank()
+    with open(path, "rb") as src:
+        encoded = [piece.encode(src.fileno(), rewriter, spool) for piece in pieces]
+    rewriter.finish()
+    return rewriter, encoded
 
 
 def _measure_share(

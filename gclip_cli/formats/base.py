@@ -107,6 +107,23 @@ class ValuePiece(Protocol):
         ...
 
 
+class EncodablePiece(ValuePiece, Protocol):
+    """A piece a worker process can also rewrite: it encodes its transformed values as the
+    format stores them into a spool file, and one process then places them in the output (in
+    the order of the pieces, so the output does not depend on the number of workers)."""
+
+    def encode(self, fd: int, transform: Transform, spool: int) -> object:
+        """Read the values from *fd*, pass them through *transform*, append them encoded to
+        the file *spool*; return what place() needs to find them there (picklable)."""
+        ...
+
+    @staticmethod
+    def place(out: Path, encoded: Sequence[tuple[EncodablePiece, int, object]]) -> None:
+        """Write into the output *out* what workers encoded: (piece, spool, what encode()
+        returned) for pieces of one file, in order."""
+        ...
+
+
 class TensorFile(Protocol):
     """An open input file: its tensors, their values in chunks, and a faithful rewrite."""
 
@@ -123,9 +140,9 @@ class TensorFile(Protocol):
         write_transformed writes (by name; tensors stored otherwise are not listed)."""
         ...
 
-    def chunked_pieces(self) -> list[ValuePiece]:
+    def chunked_pieces(self) -> list[EncodablePiece]:
         """Pieces of the gradient tensors not stored as plain bytes that worker processes can
-        measure on their own ([] when there are none)."""
+        measure and encode on their own ([] when there are none)."""
         ...
 
     def write_transformed(
@@ -133,8 +150,8 @@ class TensorFile(Protocol):
     ) -> None:
         """Copy the file to *out*, every gradient chunk passed through *transform*.
 
-        The values of the tensors named in *leave* (some of plain_offsets()) are not written:
-        their bytes are left for the caller to fill in.
+        The values of the tensors named in *leave* (some of plain_offsets() or chunked_pieces())
+        are not written: the caller fills them in.
         """
         ...
 
@@ -319,6 +336,13 @@ def rewrite_at(
 def window_buffer(chunk_bytes: int) -> np.ndarray:
     """A buffer for rewrite_at with windows of at most *chunk_bytes*."""
     return np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """write() until every byte is written (it may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_all_at(fd: int, data: memoryview, offset: int) -> None:

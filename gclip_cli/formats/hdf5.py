@@ -23,9 +23,9 @@ import numpy as np
 from ..errors import InputError
 from .base import (
     MAX_WINDOW,
+    EncodablePiece,
     TensorInfo,
     Transform,
-    ValuePiece,
     describe_array,
     items_per_chunk,
     mapped,
@@ -101,7 +101,7 @@ class Hdf5File:
         selected = {t.name for t in self.tensors if t.is_gradient}  # tensors may be deselected
         return {name: start for name, start in self._plain.items() if name in selected}
 
-    def chunked_pieces(self) -> list[ValuePiece]:
+    def chunked_pieces(self) -> list[EncodablePiece]:
         plain = self.plain_offsets()
         chunked = [t for t in self.tensors if t.is_gradient and t.name not in plain]
         return [
@@ -117,26 +117,29 @@ class Hdf5File:
         plain = self.plain_offsets()
         by_name = {t.name: t for t in self.tensors}
         placed = {by_name[name]: start for name, start in plain.items()}
-        through_hdf5 = [t for t in self.tensors if t.is_gradient and t.name not in plain]
+        chunked = [t for t in self.tensors if t.is_gradient and t.name not in plain]
+        raw = {t: r for t in chunked if (r := self._raw_chunks(t)) is not None}
         # chunks gclip writes itself need not be copied first (nor linger, if HDF5 moves them)
-        raw = [r for r in map(self._raw_chunks, through_hdf5) if r is not None]
-        holes = np.concatenate([r.stored_ranges() for r in raw]) if raw else ()
+        holes = np.concatenate([r.stored_ranges() for r in raw.values()]) if raw else ()
         fd = self._raw.fileno()
         rewrite_in_place(fd, out, placed, transform, chunk_bytes, leave, holes)
+        # One HDF5 session for the datasets HDF5 filters, then one for those gclip encodes
+        # (workers' pieces are placed in such a session too): HDF5 then allocates the same
+        # places for the new chunks whoever encoded them.
+        through_hdf5 = [t for t in chunked if t not in raw]
         if through_hdf5:
             with h5py.File(out, "r+") as copy:
                 for tensor in through_hdf5:
-                    self._rewrite_dataset(copy[tensor.location], tensor, transform, chunk_bytes)
-
-    def _rewrite_dataset(
-        self, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
-    ) -> None:
-        raw = self._raw_chunks(tensor)
-        if raw is None:
-            _rewrite_through_hdf5(self.path, dataset, tensor, transform, chunk_bytes)
-        else:
-            fd = self._raw.fileno()
-            rewrite_values(self.path, fd, tensor, raw, dataset, transform, self._jobs)
+                    dataset = copy[tensor.location]
+                    _rewrite_through_hdf5(self.path, dataset, tensor, transform, chunk_bytes)
+        encoded_here = [t for t in raw if t.name not in leave]
+        if encoded_here:
+            with h5py.File(out, "r+") as copy:
+                for tensor in encoded_here:
+                    target = copy[tensor.location]
+                    rewrite_values(
+                        self.path, fd, tensor, raw[tensor], target, transform, self._jobs
+                    )
 
     def _raw_chunks(self, tensor: TensorInfo) -> RawChunks | None:
         if tensor.name not in self._chunk_index:

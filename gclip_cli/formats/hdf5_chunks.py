@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ import numpy as np
 from .. import progress
 from ..norms import BLOCK, NormAccumulator, NormStats
 from . import deflate
-from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading
+from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading, write_all
 
 Coordinates = tuple[int, ...]
 Region = tuple[slice, ...]
@@ -200,7 +200,7 @@ class _ChunkedDataset:
 
     def write(self, bands: Iterable[_Band], target: h5py.Dataset) -> None:
         """Write the values of *bands* into their chunks of *target*, encoded as they were."""
-        for encoded in _in_order(self.pool, self._encode_band, bands, self.ahead):
+        for encoded in _in_order(self.pool, self.encode_band, bands, self.ahead):
             for coordinates, data, mask in encoded:
                 target.id.write_direct_chunk(coordinates, data, mask)
 
@@ -233,7 +233,8 @@ class _ChunkedDataset:
         edge = decoded.copy() if tuple(sizes) != chunk_shape else None  # keeps its padding
         return _Chunk(coordinates, mask, place, inside, edge), decoded
 
-    def _encode_band(self, band: _Band) -> list[tuple[Coordinates, bytes, int]]:
+    def encode_band(self, band: _Band) -> list[tuple[Coordinates, bytes, int]]:
+        """(coordinates, stored bytes, filter mask) of each chunk of *band*."""
         encoded = []
         for chunk in band.chunks:
             if chunk.edge is None:
@@ -264,12 +265,36 @@ class BandRows:
 
     def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
         del window  # bands are read whole: each holds whole chunks
-        dataset = _ChunkedDataset(self.path, fd, self.tensor.name, self.raw, self.tensor.dtype, 1)
         accumulator = NormAccumulator(norm_type)
-        for band in dataset.bands(self.rows):
+        for band in self._dataset(fd).bands(self.rows):
             accumulator.add(band.values.reshape(-1))
             progress.advance(band.values.nbytes)
         return accumulator.finish()
+
+    def encode(self, fd: int, transform: Transform, spool: int) -> list[SpooledChunk]:
+        dataset = self._dataset(fd)
+        spooled = []
+        for band in _transformed(dataset.bands(self.rows), self.tensor, transform):
+            for coordinates, data, mask in dataset.encode_band(band):
+                spooled.append((coordinates, mask, os.lseek(spool, 0, os.SEEK_END), len(data)))
+                write_all(spool, data)
+        return spooled
+
+    @staticmethod
+    def place(out: Path, encoded: Sequence[tuple[BandRows, int, list[SpooledChunk]]]) -> None:
+        with h5py.File(out, "r+") as copy:  # one session, as Hdf5File.write_transformed's
+            for piece, spool, chunks in encoded:
+                target = copy[piece.tensor.location]
+                for coordinates, mask, offset, size in chunks:
+                    data = os.pread(spool, size, offset)
+                    target.id.write_direct_chunk(coordinates, data, mask)
+
+    def _dataset(self, fd: int) -> _ChunkedDataset:
+        return _ChunkedDataset(self.path, fd, self.tensor.name, self.raw, self.tensor.dtype, 1)
+
+
+# (chunk coordinates, filter mask, offset in the spool file, size)
+SpooledChunk = tuple[Coordinates, int, int, int]
 
 
 # A tensor is cut into pieces of about this many bytes for workers to measure, where it can be.

@@ -25,10 +25,10 @@ from ..errors import InputError
 from .base import (
     MAX_WINDOW,
     READ_ERRORS,
+    EncodablePiece,
     PipelinedWriter,
     TensorInfo,
     Transform,
-    ValuePiece,
     copy_stream,
     describe_array,
     items_per_chunk,
@@ -190,7 +190,7 @@ class NpzFile:
             position = self._data_start(info) + info.compress_size
         return position <= self._zip.start_dir
 
-    def chunked_pieces(self) -> list[ValuePiece]:
+    def chunked_pieces(self) -> list[EncodablePiece]:
         return []  # stored members are plain bytes; a deflated one is one stream, read in order
 
     def write_transformed(

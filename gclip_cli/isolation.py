@@ -12,6 +12,8 @@ Children pass the progress they make back to this process, which owns the displa
 
 from __future__ import annotations
 
+import functools
+import gc
 import multiprocessing
 import os
 import signal
@@ -45,17 +47,33 @@ def can_fork() -> bool:
     )
 
 
-def run_forked(path: Path, tasks: Sequence[Task], crash: str = WORKER_CRASH) -> list:
+def run_forked(
+    path: Path,
+    tasks: Sequence[Task],
+    crash: str = WORKER_CRASH,
+    on_note: Callable[[int, object], None] | None = None,
+) -> list:
     """Each task's work(*args), all at once, each in its own forked child; results in order.
 
-    The first exception raised in a child is raised here, and the other children are stopped.
-    A child killed by a signal becomes an InputError on *path* with the message *crash*
-    (``{how}`` names the signal).  Without fork the tasks run here, one after another.
+    What a task passes to tell_parent() arrives here, while it works, as on_note(index of the
+    task, value).  The first exception raised in a child (or by on_note) is raised here, and
+    the children are stopped.  A child killed by a signal becomes an InputError on *path* with
+    the message *crash* (``{how}`` names the signal).  Without fork the tasks run here, one
+    after another.
     """
+    global _tell
     if not can_fork():
-        return [work(*args) for work, args in tasks]
+        results = []
+        for index, (work, args) in enumerate(tasks):
+            _tell = functools.partial(on_note, index) if on_note else None
+            results.append(work(*args))
+        _tell = None
+        return results
     context = multiprocessing.get_context("fork")
     children: list[tuple[BaseProcess, Connection]] = []
+    # The garbage collector of a child would touch every object it inherits, copying the
+    # pages they lie in: keep them out of its sight.
+    gc.freeze()
     try:
         for work, args in tasks:
             receiver, sender = context.Pipe(duplex=False)
@@ -65,7 +83,7 @@ def run_forked(path: Path, tasks: Sequence[Task], crash: str = WORKER_CRASH) -> 
                 child.start()
             sender.close()
             children.append((child, receiver))
-        return _collect(path, children, crash)
+        return _collect(path, children, crash, on_note)
     except BaseException:  # an error or an interruption here: stop every child too
         for child, _ in children:
             child.terminate()
@@ -74,10 +92,25 @@ def run_forked(path: Path, tasks: Sequence[Task], crash: str = WORKER_CRASH) -> 
         for child, receiver in children:
             child.join()
             receiver.close()
+        gc.unfreeze()
 
 
-def _collect(path: Path, children: list[tuple[BaseProcess, Connection]], crash: str) -> list:
-    """Wait for every child's result, passing their progress on as it arrives."""
+def tell_parent(value: object) -> None:
+    """From a task of run_forked: hand *value* to its on_note (picklable)."""
+    if _tell is not None:
+        _tell(value)
+
+
+_tell: Callable[[object], None] | None = None
+
+
+def _collect(
+    path: Path,
+    children: list[tuple[BaseProcess, Connection]],
+    crash: str,
+    on_note: Callable[[int, object], None] | None,
+) -> list:
+    """Wait for every child's result, passing their progress and notes on as they arrive."""
     results: dict[int, object] = {}
     pending = {receiver: index for index, (_, receiver) in enumerate(children)}
     while pending:
@@ -91,6 +124,8 @@ def _collect(path: Path, children: list[tuple[BaseProcess, Connection]], crash: 
                 raise InputError(path, crash.format(how=_how(child.exitcode))) from None
             if kind == "progress":
                 progress.advance(value)
+            elif kind == "note" and on_note is not None:
+                on_note(index, value)
             elif kind == "error":
                 raise value
             else:
@@ -116,7 +151,9 @@ _STOPPING = {signal.SIGINT, signal.SIGTERM}
 def _child(sender: Connection, work: Callable[..., object], args: tuple[object, ...]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops a child with SIGTERM
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPPING)
-    progress.relay(lambda nbytes: sender.send(("progress", nbytes)))
+    global _tell
+    progress.relay(functools.partial(_send, sender, "progress"))
+    _tell = functools.partial(_send, sender, "note")
     try:
         outcome = ("result", work(*args))
     except BaseException as exc:  # everything goes back to the parent, which decides
@@ -125,6 +162,10 @@ def _child(sender: Connection, work: Callable[..., object], args: tuple[object, 
         sender.send(outcome)
     finally:
         os._exit(0)  # no atexit handlers or buffer flushes inherited from the parent
+
+
+def _send(sender: Connection, kind: str, value: object) -> None:
+    sender.send((kind, value))
 
 
 def _how(exitcode: int | None) -> str:

@@ -1,5 +1,7 @@
 """One file on several cores: values stored as plain bytes are cut into shares, which forked
-worker processes measure (pass 1) and rewrite in place with pwrite (pass 2).
+worker processes measure (pass 1) and rewrite in place with pwrite (pass 2).  Values a format
+stores otherwise (compressed HDF5 chunks) come as pieces the format cuts, which workers
+measure and encode into spool files that one process then places in the output.
 
 Processes, not threads: the numpy calls on cache-sized blocks are too short to give up the GIL
 for long, and two threads ran slower than one here.  Shares are cut at whole blocks of values
@@ -11,8 +13,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -28,7 +30,7 @@ from .formats.base import (
     window_buffer,
     window_pieces,
 )
-from .isolation import can_fork, run_forked
+from .isolation import can_fork, run_forked, tell_parent
 from .norms import BLOCK, NormAccumulator, NormStats
 
 if TYPE_CHECKING:
@@ -133,15 +135,15 @@ def cut(spans: Sequence[Span], parts: int) -> list[list[Span]]:
     return [share for share in shares if share]
 
 
-def deal(pieces: Sequence[ValuePiece], jobs: int) -> list[list[ValuePiece]]:
-    """*pieces* in at most *jobs* shares of about equal bytes: spans are cut (see cut()), the
-    other pieces, which cannot be, go whole to the share with the fewest bytes so far."""
+def deal(pieces: Sequence[P], jobs: int) -> list[list[P]]:
+    """*pieces* in at most *jobs* shares of about equal bytes, each in order: spans are cut
+    (see cut()), the other pieces, which cannot be, go whole, in order, to the share with the
+    fewest bytes so far (so that shares progress through the file together)."""
     spans = [p for p in pieces if isinstance(p, Span)]
-    shares: list[list[ValuePiece]] = [*cut(spans, jobs)] if spans else []
+    shares: list[list[P]] = [*cut(spans, jobs)] if spans else []
     shares += [[] for _ in range(jobs - len(shares))]
     loads = [sum(p.nbytes for p in share) for share in shares]
-    others = [p for p in pieces if not isinstance(p, Span)]
-    for piece in sorted(others, key=lambda p: p.nbytes, reverse=True):
+    for piece in (p for p in pieces if not isinstance(p, Span)):
         lightest = loads.index(min(loads))
         shares[lightest].append(piece)
         loads[lightest] += piece.nbytes
@@ -177,32 +179,48 @@ def encode_pieces(
     path: Path, out: Path, pieces: Sequence[EncodablePiece], rewriter: Rewriter, jobs: int
 ) -> None:
     """Encode *pieces* of *path* through *rewriter* by *jobs* workers, each into a spool file
-    of its own beside *out* (unnamed: it goes away with its last descriptor), then place
-    them into *out* in order; what the workers measured is merged into *rewriter*."""
-    shares = deal(pieces, jobs)
+    of its own beside *out* (unnamed: it goes away with its last descriptor), and place them
+    into *out* in order as they are done; what the workers measured is merged into
+    *rewriter*."""
+    number = {id(piece): n for n, piece in enumerate(pieces)}
+    shares = [[(number[id(p)], p) for p in share] for share in deal(pieces, jobs)]
     with ExitStack() as stack:
-        spools = [stack.enter_context(tempfile.TemporaryFile(dir=out.parent)) for _ in shares]
+        spools = [stack.enter_context(_spool(out)) for _ in shares]
+        place = stack.enter_context(type(pieces[0]).placing(out))
+        done: dict[int, tuple[int, object]] = {}  # piece number -> (spool, what it encoded)
+
+        def place_in_order(share: int, note: tuple[int, object]) -> None:
+            done[note[0]] = (spools[share], note[1])
+            while len(placed) in done:
+                n = len(placed)
+                place(pieces[n], *done.pop(n))
+                placed.append(n)
+
+        placed: list[int] = []
         tasks = [
-            (_encode_share, (path, share, rewriter, spool.fileno()))
+            (_encode_share, (path, share, rewriter, spool))
             for share, spool in zip(shares, spools, strict=True)
         ]
-        where: dict[int, tuple[int, object]] = {}  # id of a piece -> (spool, what it encoded)
-        for share, spool, (done, encoded) in zip(
-            shares, spools, run_forked(path, tasks), strict=True
-        ):
-            rewriter.merge(done)
-            where.update({id(p): (spool.fileno(), e) for p, e in zip(share, encoded, strict=True)})
-        type(pieces[0]).place(out, [(piece, *where[id(piece)]) for piece in pieces])
+        for worker in run_forked(path, tasks, on_note=place_in_order):
+            rewriter.merge(worker)
+
+
+@contextmanager
+def _spool(out: Path) -> Iterator[int]:
+    """An unnamed scratch file beside *out* (on the same file system), as a descriptor."""
+    with tempfile.TemporaryFile(dir=out.parent) as spool:
+        yield spool.fileno()
 
 
 def _encode_share(
-    path: Path, pieces: Sequence[EncodablePiece], template: Rewriter, spool: int
-) -> tuple[Rewriter, list[object]]:
+    path: Path, numbered: Sequence[tuple[int, EncodablePiece]], template: Rewriter, spool: int
+) -> Rewriter:
     rewriter = template.blank()
     with open(path, "rb") as src:
-        encoded = [piece.encode(src.fileno(), rewriter, spool) for piece in pieces]
+        for n, piece in numbered:
+            tell_parent((n, piece.encode(src.fileno(), rewriter, spool)))
     rewriter.finish()
-    return rewriter, encoded
+    return rewriter
 
 
 def _measure_share(

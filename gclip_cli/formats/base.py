@@ -10,7 +10,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -118,9 +118,9 @@ class EncodablePiece(ValuePiece, Protocol):
         ...
 
     @staticmethod
-    def place(out: Path, encoded: Sequence[tuple[EncodablePiece, int, object]]) -> None:
-        """Write into the output *out* what workers encoded: (piece, spool, what encode()
-        returned) for pieces of one file, in order."""
+    def placing(out: Path) -> AbstractContextManager[Callable[[EncodablePiece, int, object], None]]:
+        """A context in which place(piece, spool, what encode() returned) writes an encoded
+        piece of this format into the output *out*; pieces are placed in order."""
         ...
 
 

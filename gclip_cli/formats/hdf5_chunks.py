@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -281,13 +281,17 @@ class BandRows:
         return spooled
 
     @staticmethod
-    def place(out: Path, encoded: Sequence[tuple[BandRows, int, list[SpooledChunk]]]) -> None:
+    @contextmanager
+    def placing(out: Path) -> Iterator[Callable[[BandRows, int, list[SpooledChunk]], None]]:
         with h5py.File(out, "r+") as copy:  # one session, as Hdf5File.write_transformed's
-            for piece, spool, chunks in encoded:
+
+            def place(piece: BandRows, spool: int, chunks: list[SpooledChunk]) -> None:
                 target = copy[piece.tensor.location]
                 for coordinates, mask, offset, size in chunks:
                     data = os.pread(spool, size, offset)
                     target.id.write_direct_chunk(coordinates, data, mask)
+
+            yield place
 
     def _dataset(self, fd: int) -> _ChunkedDataset:
         return _ChunkedDataset(self.path, fd, self.tensor.name, self.raw, self.tensor.dtype, 1)

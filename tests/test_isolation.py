@@ -1,10 +1,11 @@
 import os
 import signal
+import time
 
 import pytest
 
-from gclip_cli import InputError, OutputError, progress
-from gclip_cli.isolation import run_forked, run_isolated
+from gclip_cli import InputError, OutputError, isolation, progress
+from gclip_cli.isolation import run_forked, run_isolated, tell_parent
 
 
 def crash() -> None:
@@ -63,3 +64,33 @@ def test_the_first_failure_stops_the_other_children(tmp_path):
 def test_a_child_killed_by_a_signal_names_the_signal(tmp_path):
     with pytest.raises(InputError, match=r"a worker process died \(SIGSEGV\)"):
         run_forked(tmp_path / "x.safetensors", [(crash, ())])
+
+
+def tell_each(*values: int) -> int:
+    for value in values:
+        tell_parent(value)
+    return sum(values)
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_notes_reach_on_note_with_the_index_of_their_task(tmp_path, monkeypatch, fork):
+    if not fork:
+        monkeypatch.setattr(isolation, "can_fork", lambda: False)
+    notes = []
+    tasks = [(tell_each, (1, 2)), (tell_each, (10, 20, 30))]
+    results = run_forked(tmp_path, tasks, on_note=lambda index, value: notes.append((index, value)))
+    assert results == [3, 60]
+    assert [v for i, v in notes if i == 0] == [1, 2] and [v for i, v in notes if i == 1] == [
+        10,
+        20,
+        30,
+    ]
+    tell_parent("after the tasks: nobody listens, nothing happens")
+
+
+def test_an_error_in_on_note_stops_the_children(tmp_path):
+    def refuse(index, value):
+        raise OutputError("/x/out.h5", f"cannot place {value}")
+
+    with pytest.raises(OutputError, match="cannot place 1"):
+        run_forked(tmp_path, [(tell_each, (1,)), (time.sleep, (60,))], on_note=refuse)

@@ -12,7 +12,6 @@ process and the exact merged norm is identical to the last bit whatever the numb
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -94,7 +93,9 @@ def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece]:
 def encodable_pieces(tfile: TensorFile, jobs: int) -> list[EncodablePiece]:
     """The chunked pieces worth handing to *jobs* workers to encode (none when one process
     would do as well)."""
-    return _worth_sharing(tfile.chunked_pieces()) if _can_share(jobs) else []
+    if not _can_share(jobs):
+        return []
+    return _worth_sharing([p for p in tfile.chunked_pieces() if isinstance(p, EncodablePiece)])
 
 
 def _can_share(jobs: int) -> bool:
@@ -208,6 +209,8 @@ def encode_pieces(
 @contextmanager
 def _spool(out: Path) -> Iterator[int]:
     """An unnamed scratch file beside *out* (on the same file system), as a descriptor."""
+    import tempfile  # here: only chunked files need it, and start-up counts
+
     with tempfile.TemporaryFile(dir=out.parent) as spool:
         yield spool.fileno()
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import expected_scaled
 
 import gclip_cli
-from gclip_cli import InputError
+from gclip_cli import InputError, parallel
+from gclip_cli.norms import BLOCK, measure
 
 
 def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
@@ -228,3 +229,44 @@ def test_members_with_data_descriptors_go_through_zipfile(tmp_path):
         assert z.testzip() is None
     with np.load(out) as z:
         assert np.array_equal(z["g"], expected_scaled(values, report))
+
+
+def compressed_archive(path):
+    rng = np.random.default_rng(8)
+    arrays = {
+        "emb": rng.standard_normal((300, 70)).astype(np.float32),
+        "bias": rng.standard_normal(50).astype(np.float16),
+        "step": np.arange(3),
+        "w": rng.standard_normal(2 * BLOCK + 3),
+    }
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def test_workers_inflate_deflated_members_to_the_same_norms(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
+    src = tmp_path / "in.npz"
+    arrays = compressed_archive(src)
+    for jobs in (1, 2, 3):
+        report = gclip_cli.inspect_file(src, jobs=jobs)
+        norms = {t.name: t.norm for t in report.tensors if t.skipped is None}
+        assert norms == {n: measure(a).norm() for n, a in arrays.items() if n != "step"}, jobs
+        out = tmp_path / f"out{jobs}.npz"
+        rescaled = gclip_cli.rescale_file(src, out, max_norm=1.0, jobs=jobs)
+        with np.load(out) as z:
+            assert np.array_equal(z["emb"], expected_scaled(arrays["emb"], rescaled))
+
+
+def test_a_bad_crc_found_by_a_worker_is_one_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
+    src = tmp_path / "in.npz"
+    with zipfile.ZipFile(src, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("w.npy", npy_bytes(np.ones(1000, dtype=np.float32)))
+        z.writestr("v.npy", npy_bytes(np.ones(1000, dtype=np.float32)))
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo("w.npy")
+    data = bytearray(src.read_bytes())
+    data[info.header_offset + 30 + len("w.npy") + info.compress_size // 2] ^= 0xFF
+    src.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"member 'w\.npy'"):
+        gclip_cli.inspect_file(src, jobs=2)

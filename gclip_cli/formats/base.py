@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -107,6 +107,7 @@ class ValuePiece(Protocol):
         ...
 
 
+@runtime_checkable
 class EncodablePiece(ValuePiece, Protocol):
     """A piece a worker process can also rewrite: it encodes its transformed values as the
     format stores them into a spool file, and one process then places them in the output (in
@@ -140,9 +141,10 @@ class TensorFile(Protocol):
         write_transformed writes (by name; tensors stored otherwise are not listed)."""
         ...
 
-    def chunked_pieces(self) -> list[EncodablePiece]:
+    def chunked_pieces(self) -> list[ValuePiece]:
         """Pieces of the gradient tensors not stored as plain bytes that worker processes can
-        measure and encode on their own ([] when there are none)."""
+        measure on their own, and encode too where they are EncodablePieces ([] when
+        there are none)."""
         ...
 
     def write_transformed(

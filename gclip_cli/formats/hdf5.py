@@ -23,9 +23,9 @@ import numpy as np
 from ..errors import InputError
 from .base import (
     MAX_WINDOW,
-    EncodablePiece,
     TensorInfo,
     Transform,
+    ValuePiece,
     describe_array,
     items_per_chunk,
     mapped,
@@ -101,7 +101,7 @@ class Hdf5File:
         selected = {t.name for t in self.tensors if t.is_gradient}  # tensors may be deselected
         return {name: start for name, start in self._plain.items() if name in selected}
 
-    def chunked_pieces(self) -> list[EncodablePiece]:
+    def chunked_pieces(self) -> list[ValuePiece]:
         plain = self.plain_offsets()
         chunked = [t for t in self.tensors if t.is_gradient and t.name not in plain]
         return [

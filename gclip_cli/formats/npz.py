@@ -15,20 +15,22 @@ import struct
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Set
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from .. import progress
 from ..errors import InputError
+from ..norms import NormAccumulator, NormStats
 from .base import (
     MAX_WINDOW,
     READ_ERRORS,
-    EncodablePiece,
     PipelinedWriter,
     TensorInfo,
     Transform,
+    ValuePiece,
     copy_stream,
     describe_array,
     items_per_chunk,
@@ -140,24 +142,7 @@ class NpzFile:
             yield from self._zipfile_chunks(tensor, chunk_bytes)
 
     def _zipfile_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
-        info, data_offset = tensor.location
-        dtype = tensor.dtype
-        step = items_per_chunk(dtype.itemsize, min(chunk_bytes, _INFLATE_WINDOW))
-        buffer = np.empty(min(step, tensor.numel), dtype=dtype)
-        raw = memoryview(buffer.view(np.uint8))
-        try:
-            with self._zip.open(info) as member:
-                member.read(data_offset)
-                left = tensor.numel
-                while left:
-                    count = min(step, left)
-                    nbytes = count * dtype.itemsize
-                    if member.readinto(raw[:nbytes]) != nbytes:
-                        raise InputError(self.path, f"member {info.filename!r} ends early")
-                    left -= count
-                    yield buffer[:count]
-        except READ_ERRORS as exc:
-            raise InputError(self.path, f"member {info.filename!r}: {exc}") from None
+        return _member_values(self.path, self._zip, tensor, chunk_bytes)
 
     def plain_offsets(self) -> dict[str, int]:
         """Where the values of the gradient members lie, when the output can keep the archive's
@@ -190,8 +175,13 @@ class NpzFile:
             position = self._data_start(info) + info.compress_size
         return position <= self._zip.start_dir
 
-    def chunked_pieces(self) -> list[EncodablePiece]:
-        return []  # stored members are plain bytes; a deflated one is one stream, read in order
+    def chunked_pieces(self) -> list[ValuePiece]:
+        """Deflated gradient members, whole (a deflate stream is read from its start)."""
+        return [
+            DeflatedMember(self.path, t)
+            for t in self.tensors
+            if t.is_gradient and t.location[0].compress_type != zipfile.ZIP_STORED
+        ]
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
@@ -327,6 +317,52 @@ class NpzFile:
             member = self._zip.open(info)
         with member:
             copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
+
+
+def _member_values(
+    path: Path, archive: zipfile.ZipFile, tensor: TensorInfo, chunk_bytes: int
+) -> Iterator[np.ndarray]:
+    """The values of member *tensor* of *archive* through zipfile (which checks the CRC-32),
+    in pieces of at most *chunk_bytes* read into one reused buffer."""
+    info, data_offset = tensor.location
+    dtype = tensor.dtype
+    step = items_per_chunk(dtype.itemsize, min(chunk_bytes, _INFLATE_WINDOW))
+    buffer = np.empty(min(step, tensor.numel), dtype=dtype)
+    raw = memoryview(buffer.view(np.uint8))
+    try:
+        with archive.open(info) as member:
+            member.read(data_offset)
+            left = tensor.numel
+            while left:
+                count = min(step, left)
+                nbytes = count * dtype.itemsize
+                if member.readinto(raw[:nbytes]) != nbytes:
+                    raise InputError(path, f"member {info.filename!r} ends early")
+                left -= count
+                yield buffer[:count]
+    except READ_ERRORS as exc:
+        raise InputError(path, f"member {info.filename!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class DeflatedMember:
+    """A deflated member, which a worker process inflates and measures (a base.ValuePiece)."""
+
+    path: Path
+    tensor: TensorInfo
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+        del fd  # zipfile reads through a file object of its own: inherited ones share offsets
+        accumulator = NormAccumulator(norm_type)
+        with faster_deflate(), zipfile.ZipFile(self.path) as archive:
+            for values in _member_values(self.path, archive, self.tensor, window):
+                accumulator.add(values)
+                progress.advance(values.nbytes)
+        return accumulator.finish()
 
 
 def _member_crc(fd: int, start: int, info: zipfile.ZipInfo) -> int:

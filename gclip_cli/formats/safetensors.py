@@ -23,10 +23,10 @@ from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
 from .base import (
     MAX_WINDOW,
-    EncodablePiece,
     PipelinedWriter,
     TensorInfo,
     Transform,
+    ValuePiece,
     mapped,
     reserve,
     window_pieces,
@@ -91,7 +91,7 @@ class SafetensorsFile:
     def plain_offsets(self) -> dict[str, int]:
         return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
 
-    def chunked_pieces(self) -> list[EncodablePiece]:
+    def chunked_pieces(self) -> list[ValuePiece]:
         return []  # every value is plain bytes (plain_offsets)
 
     def write_transformed(

@@ -451,7 +451,7 @@ def _in_child_if_fragile(
 @contextmanager
 def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile]:
     """The file, with the tensors *options* do not select marked skipped."""
-    with closing(open_file(src, file_format, jobs=options.workers)) as tfile:
+    with closing(open_file(src, file_format)) as tfile:
         tfile.tensors = select(tfile.tensors, options.include, options.exclude)
         yield tfile
 

@@ -1,9 +1,8 @@
 """File formats: detection from a file's first bytes, and opening it as a TensorFile.
 
 Adding a format means adding a module with a class that implements
-:class:`~gclip_cli.formats.base.TensorFile` (opened as ``Class(path, jobs)``), a signature test
-in ``signatures.py``, and a line in ``_FORMATS``.  A format's module (and its library) is
-imported only when a file needs it.
+:class:`~gclip_cli.formats.base.TensorFile`, a signature test in ``signatures.py``, and a line
+in ``_FORMATS``.  A format's module (and its library) is imported only when a file needs it.
 """
 
 from __future__ import annotations
@@ -63,12 +62,9 @@ def crashes_on_damage(name: str) -> bool:
     return name in _CRASH_PRONE
 
 
-def open_file(path: Path, file_format: str | None = None, jobs: int = 1) -> TensorFile:
-    """Open *path* for reading, validating its structure before any data is read.
-
-    *jobs*: how many threads the format may use for work of its own (decompressing).
-    """
+def open_file(path: Path, file_format: str | None = None) -> TensorFile:
+    """Open *path* for reading, validating its structure before any data is read."""
     name = file_format or detect_format(path)
     _, module, cls = _FORMATS[name]
     opener = getattr(importlib.import_module(f".{module}", __package__), cls)
-    return opener(path, jobs)
+    return opener(path)

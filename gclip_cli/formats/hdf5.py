@@ -43,9 +43,8 @@ Selection = tuple[slice, ...]
 class Hdf5File:
     format_name = FORMAT_NAME
 
-    def __init__(self, path: Path, jobs: int = 1) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._jobs = jobs  # threads that (de)compress chunks
         with reading(path, "HDF5 cannot open it"):
             self._file = h5py.File(path, "r")
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
@@ -66,7 +65,7 @@ class Hdf5File:
             return self._mapped_chunks(start, tensor, chunk_bytes)
         raw = self._raw_chunks(tensor)
         if raw is not None:  # chunks gclip decodes itself
-            return read_values(self.path, self._raw.fileno(), tensor, raw, chunk_bytes, self._jobs)
+            return read_values(self.path, self._raw.fileno(), tensor, raw, chunk_bytes)
         return (values.reshape(-1) for _, values in _slabs(self.path, dataset, chunk_bytes))
 
     def _mapped_chunks(
@@ -137,9 +136,7 @@ class Hdf5File:
             with h5py.File(out, "r+") as copy:
                 for tensor in encoded_here:
                     target = copy[tensor.location]
-                    rewrite_values(
-                        self.path, fd, tensor, raw[tensor], target, transform, self._jobs
-                    )
+                    rewrite_values(self.path, fd, tensor, raw[tensor], target, transform)
 
     def _raw_chunks(self, tensor: TensorInfo) -> RawChunks | None:
         if tensor.name not in self._chunk_index:

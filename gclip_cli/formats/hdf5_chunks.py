@@ -12,6 +12,10 @@ values are passed on in C order, and each chunk is encoded and written back whol
 the part of an edge chunk beyond the dataset's extent, which keeps its bytes).  Datasets with
 any other filter, with unallocated chunks, or whose bands would be larger than a window go
 through HDF5 as before.
+
+For several cores, a tensor is cut into pieces (BandRows) at rows where both a band and a
+block of values (norms.BLOCK) begin: worker processes measure them in pass 1, and in pass 2
+decode, scale and encode them into spool files whose chunks one process then places.
 """
 
 from __future__ import annotations
@@ -19,13 +23,10 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -170,25 +171,12 @@ class _Band:
 
 
 class _ChunkedDataset:
-    """A dataset's chunks read from its file, a band at a time, decoded and encoded by up to
-    *jobs* threads (pread, zlib and ISA-L let go of the GIL) a few bands ahead of the one in
-    use, which the caller's thread works on."""
+    """A dataset's chunks read straight from its file a band at a time, decoded, and encoded
+    again as they were."""
 
-    def __init__(
-        self,
-        path: Path,
-        fd: int,
-        name: str,
-        raw: RawChunks,
-        dtype: np.dtype,
-        jobs: int,
-        pool: ThreadPoolExecutor | None = None,
-    ) -> None:
+    def __init__(self, path: Path, fd: int, name: str, raw: RawChunks, dtype: np.dtype) -> None:
         self.path, self.fd, self.name, self.raw, self.dtype = path, fd, name, raw, dtype
         self.chunk_bytes = math.prod(raw.chunk_shape) * dtype.itemsize
-        band_bytes = raw.chunk_shape[0] * math.prod(raw.shape[1:]) * dtype.itemsize
-        self.pool = pool
-        self.ahead = max(1, min(jobs, _AHEAD_BYTES // band_bytes))
         self._starts = [
             range(0, n, c) for n, c in zip(raw.shape[1:], raw.chunk_shape[1:], strict=True)
         ]
@@ -196,12 +184,12 @@ class _ChunkedDataset:
     def bands(self, rows: range | None = None) -> Iterator[_Band]:
         """The bands starting at *rows* (default: all), in order."""
         rows = rows or range(0, self.raw.shape[0], self.raw.chunk_shape[0])
-        return _in_order(self.pool, self._read_band, rows, self.ahead)
+        return map(self._read_band, rows)
 
     def write(self, bands: Iterable[_Band], target: h5py.Dataset) -> None:
         """Write the values of *bands* into their chunks of *target*, encoded as they were."""
-        for encoded in _in_order(self.pool, self.encode_band, bands, self.ahead):
-            for coordinates, data, mask in encoded:
+        for band in bands:
+            for coordinates, data, mask in self.encode_band(band):
                 target.id.write_direct_chunk(coordinates, data, mask)
 
     def _read_band(self, row: int) -> _Band:
@@ -294,7 +282,7 @@ class BandRows:
             yield place
 
     def _dataset(self, fd: int) -> _ChunkedDataset:
-        return _ChunkedDataset(self.path, fd, self.tensor.name, self.raw, self.tensor.dtype, 1)
+        return _ChunkedDataset(self.path, fd, self.tensor.name, self.raw, self.tensor.dtype)
 
 
 # (chunk coordinates, filter mask, offset in the spool file, size)
@@ -322,56 +310,20 @@ def _row_bytes(raw: RawChunks, dtype: np.dtype) -> int:
     return math.prod(raw.shape[1:]) * dtype.itemsize
 
 
-# Bands decoded or encoded ahead of the one in use, at most (besides one per thread at work).
-_AHEAD_BYTES = MAX_WINDOW
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def _in_order(
-    pool: ThreadPoolExecutor | None, work: Callable[[T], R], items: Iterable[T], ahead: int
-) -> Iterator[R]:
-    """work(item) for each item, in order; with a pool, up to *ahead* of them run ahead."""
-    if pool is None:
-        yield from map(work, items)
-        return
-    pending: deque[Future[R]] = deque()
-    for item in items:
-        pending.append(pool.submit(work, item))
-        if len(pending) > ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-@contextmanager
-def _chunked(
-    path: Path, fd: int, name: str, raw: RawChunks, dtype: np.dtype, jobs: int
-) -> Iterator[_ChunkedDataset]:
-    if jobs < 2:
-        yield _ChunkedDataset(path, fd, name, raw, dtype, jobs)
-        return
-    with ThreadPoolExecutor(jobs, thread_name_prefix="gclip-chunks") as pool:
-        yield _ChunkedDataset(path, fd, name, raw, dtype, jobs, pool)
-
-
 def read_values(
     path: Path,
     fd: int,
     tensor: TensorInfo,
     raw: RawChunks,
     chunk_bytes: int,
-    jobs: int = 1,
 ) -> Iterator[np.ndarray]:
     """The values of *tensor* (stored as *raw* in the open file *fd*) in C order, as 1-D pieces
     of at most *chunk_bytes*."""
     step = items_per_chunk(tensor.dtype.itemsize, chunk_bytes)
-    with _chunked(path, fd, tensor.name, raw, tensor.dtype, jobs) as chunks:
-        for band in chunks.bands():
-            flat = band.values.reshape(-1)
-            for start in range(0, flat.size, step):
-                yield flat[start : start + step]
+    for band in _ChunkedDataset(path, fd, tensor.name, raw, tensor.dtype).bands():
+        flat = band.values.reshape(-1)
+        for start in range(0, flat.size, step):
+            yield flat[start : start + step]
 
 
 def rewrite_values(
@@ -381,12 +333,11 @@ def rewrite_values(
     raw: RawChunks,
     target: h5py.Dataset,
     transform: Transform,
-    jobs: int = 1,
 ) -> None:
     """Pass the values of *tensor* (stored as *raw* in the open file *fd*) through *transform*,
     in C order, into the chunks of *target*, the same dataset in a copy of the file."""
-    with _chunked(path, fd, tensor.name, raw, tensor.dtype, jobs) as chunks:
-        chunks.write(_transformed(chunks.bands(), tensor, transform), target)
+    chunks = _ChunkedDataset(path, fd, tensor.name, raw, tensor.dtype)
+    chunks.write(_transformed(chunks.bands(), tensor, transform), target)
 
 
 def _transformed(

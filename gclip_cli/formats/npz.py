@@ -64,8 +64,7 @@ _HEADER_READERS = {
 class NpzFile:
     format_name = FORMAT_NAME
 
-    def __init__(self, path: Path, jobs: int = 1) -> None:
-        del jobs  # no threads of its own: parallel.py spreads plain values over processes
+    def __init__(self, path: Path) -> None:
         self.path = path
         try:
             self._zip = zipfile.ZipFile(path)

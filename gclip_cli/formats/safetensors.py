@@ -69,8 +69,7 @@ _DTYPES: dict[str, tuple[int, np.dtype]] = {
 class SafetensorsFile:
     format_name = FORMAT_NAME
 
-    def __init__(self, path: Path, jobs: int = 1) -> None:
-        del jobs  # no threads of its own: parallel.py spreads plain values over processes
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:

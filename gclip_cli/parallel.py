@@ -188,16 +188,17 @@ def encode_pieces(
     with ExitStack() as stack:
         spools = [stack.enter_context(_spool(out)) for _ in shares]
         place = stack.enter_context(type(pieces[0]).placing(out))
-        done: dict[int, tuple[int, object]] = {}  # piece number -> (spool, what it encoded)
+        waiting: dict[int, tuple[int, object]] = {}  # piece number -> (spool, its encoding)
+        placed = 0
 
         def place_in_order(share: int, note: tuple[int, object]) -> None:
-            done[note[0]] = (spools[share], note[1])
-            while len(placed) in done:
-                n = len(placed)
-                place(pieces[n], *done.pop(n))
-                placed.append(n)
+            nonlocal placed
+            number, encoded = note
+            waiting[number] = (spools[share], encoded)
+            while placed in waiting:
+                place(pieces[placed], *waiting.pop(placed))
+                placed += 1
 
-        placed: list[int] = []
         tasks = [
             (_encode_share, (path, share, rewriter, spool))
             for share, spool in zip(shares, spools, strict=True)

@@ -1,9 +1,11 @@
 """HDF5 through h5py: the output starts as a byte copy of the input, then each floating-point
-dataset is rewritten in place through HDF5 itself.
+dataset is rewritten: contiguous ones in place, chunked ones filtered by gzip/shuffle only as
+raw chunks that gclip decodes and encodes itself (hdf5_chunks.py), the others through HDF5.
 
 Copying the bytes keeps everything else exactly as it was (groups, attributes, hard links,
-object references, committed types, non-float data), and rewriting through HDF5 keeps every
-dataset's dtype (incl. big-endian), shape, maxshape, chunking, filters and fill value.
+object references, committed types, non-float data), and rewriting values where they lie, or
+chunk by chunk, keeps every dataset's dtype (incl. big-endian), shape, maxshape, chunking,
+filters and fill value.
 Unallocated chunks of sparse datasets stay unallocated when they would only be written as zeros.
 Data stored in other files (external links, virtual datasets, external raw storage) is refused.
 """
@@ -101,11 +103,9 @@ class Hdf5File:
         return {name: start for name, start in self._plain.items() if name in selected}
 
     def chunked_pieces(self) -> list[ValuePiece]:
-        plain = self.plain_offsets()
-        chunked = [t for t in self.tensors if t.is_gradient and t.name not in plain]
         return [
             piece
-            for tensor in chunked
+            for tensor in self._chunked_gradients()
             if (raw := self._raw_chunks(tensor)) is not None
             for piece in band_pieces(self.path, tensor, raw)
         ]
@@ -116,7 +116,7 @@ class Hdf5File:
         plain = self.plain_offsets()
         by_name = {t.name: t for t in self.tensors}
         placed = {by_name[name]: start for name, start in plain.items()}
-        chunked = [t for t in self.tensors if t.is_gradient and t.name not in plain]
+        chunked = self._chunked_gradients()
         raw = {t: r for t in chunked if (r := self._raw_chunks(t)) is not None}
         # chunks gclip writes itself need not be copied first (nor linger, if HDF5 moves them)
         holes = np.concatenate([r.stored_ranges() for r in raw.values()]) if raw else ()
@@ -138,7 +138,13 @@ class Hdf5File:
                     target = copy[tensor.location]
                     rewrite_values(self.path, fd, tensor, raw[tensor], target, transform)
 
+    def _chunked_gradients(self) -> list[TensorInfo]:
+        """The gradient tensors not stored as plain bytes."""
+        plain = self.plain_offsets()
+        return [t for t in self.tensors if t.is_gradient and t.name not in plain]
+
     def _raw_chunks(self, tensor: TensorInfo) -> RawChunks | None:
+        """How gclip reads *tensor*'s chunks itself (None: through HDF5); found once."""
         if tensor.name not in self._chunk_index:
             with reading(self.path, f"dataset {tensor.name!r}"):
                 dataset = self._file[tensor.location]

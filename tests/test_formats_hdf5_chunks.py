@@ -44,7 +44,7 @@ def test_layouts_are_read_by_gclip_itself(tmp_path):
     write_layouts(src)
     with h5py.File(src) as f:
         for name in LAYOUTS:
-            assert (raw_chunks(f[name], 0) is None) == (name == "lzf"), name
+            assert (raw_chunks(f[name], 0, 1 << 40) is None) == (name == "lzf"), name
 
 
 def test_norms_are_those_of_the_values_in_c_order(tmp_path):
@@ -149,7 +149,7 @@ def test_other_filters_and_sparse_datasets_go_through_hdf5(tmp_path):
         f.create_dataset("contiguous", data=np.ones(100, "f4"))
         f.create_dataset("wide_band", shape=(2, 1 << 22), chunks=(2, 1), dtype="f4")
         for name in ("lzf", "checked", "sparse", "contiguous", "wide_band"):
-            assert raw_chunks(f[name], 0) is None, name
+            assert raw_chunks(f[name], 0, 1 << 40) is None, name
 
 
 def test_a_damaged_chunk_is_one_error_line_naming_dataset_and_chunk(tmp_path):
@@ -261,3 +261,19 @@ def test_workers_encode_pieces_into_the_same_file(tmp_path, monkeypatch):
                 assert np.array_equal(f[name][()], expected_scaled(values, report)), name
     assert results[1] == results[0] and results[2] == results[0]
     assert not [p for p in tmp_path.iterdir() if p.suffix not in (".h5",)]  # no spool left
+
+
+def test_chunks_said_to_lie_past_the_end_are_left_to_hdf5(tmp_path):
+    """A damaged chunk index must not make gclip read (or allocate) past the file's end."""
+    src = tmp_path / "in.h5"
+    write_layouts(src, ["gzip_edges"])
+    with h5py.File(src) as f:
+        last = max(info.byte_offset + info.size for info in _chunk_infos(f["gzip_edges"]))
+        assert raw_chunks(f["gzip_edges"], 0, last) is not None
+        assert raw_chunks(f["gzip_edges"], 0, last - 1) is None
+
+
+def _chunk_infos(dataset):
+    found = []
+    dataset.id.chunk_iter(found.append)
+    return found

@@ -148,7 +148,7 @@ class Hdf5File:
         if tensor.name not in self._chunk_index:
             with reading(self.path, f"dataset {tensor.name!r}"):
                 dataset = self._file[tensor.location]
-                found = raw_chunks(dataset, _chunk_address_base(self._file))
+                found = raw_chunks(dataset, _chunk_address_base(self._file), self._size)
             self._chunk_index[tensor.name] = found
         return self._chunk_index[tensor.name]
 

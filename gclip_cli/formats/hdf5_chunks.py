@@ -125,10 +125,11 @@ class RawChunks:
         return int(self.offsets[k]), int(self.sizes[k]), int(self.masks[k])
 
 
-def raw_chunks(dataset: h5py.Dataset, base: int) -> RawChunks | None:
-    """How to read *dataset* chunk by chunk, straight from its file (whose HDF5 addresses
-    start at byte *base*), or None when HDF5 must do it: not chunked, empty, chunks not all
-    allocated, a filter gclip does not apply itself, or bands larger than a window."""
+def raw_chunks(dataset: h5py.Dataset, base: int, file_size: int) -> RawChunks | None:
+    """How to read *dataset* chunk by chunk, straight from its file (*file_size* bytes, HDF5
+    addresses counted from byte *base*), or None when HDF5 must do it: not chunked, empty,
+    chunks not all allocated, a filter gclip does not apply itself, bands larger than a
+    window, or chunks said to lie beyond the end of the file (HDF5 then reports the damage)."""
     if dataset.chunks is None or dataset.size == 0 or not hasattr(dataset.id, "chunk_iter"):
         return None
     shape, chunks = dataset.shape, dataset.chunks
@@ -150,7 +151,9 @@ def raw_chunks(dataset: h5py.Dataset, base: int) -> RawChunks | None:
         offsets[k], sizes[k], masks[k] = base + info.byte_offset, info.size, info.filter_mask
 
     dataset.id.chunk_iter(note)
-    return RawChunks(pipeline, shape, chunks, offsets, sizes, masks) if offsets.min() >= 0 else None
+    if offsets.min() < 0 or (offsets + sizes).max() > file_size:
+        return None
+    return RawChunks(pipeline, shape, chunks, offsets, sizes, masks)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import expected_scaled
 
 import gclip_cli
-from gclip_cli import parallel
+from gclip_cli import InputError, parallel
 from gclip_cli.cli import main
 from gclip_cli.formats import deflate, hdf5_chunks, open_file
 from gclip_cli.formats.hdf5_chunks import Filter, Pipeline, raw_chunks
@@ -186,7 +186,7 @@ def test_shuffle_groups_bytes_by_position_and_round_trips():
     data = np.array([0x04030201, 0x08070605, 0x0C0B0A09], dtype="<u4").tobytes() + b"\xee"
     shuffled = shuffle.encode(data)
     assert shuffled == bytes([1, 5, 9, 2, 6, 10, 3, 7, 11, 4, 8, 12, 0xEE])  # tail stays
-    assert shuffle.decode(shuffled) == data
+    assert shuffle.decode(shuffled, len(data)) == data
 
 
 def test_without_isal_zlib_deflates_at_the_dataset_level(tmp_path, monkeypatch):
@@ -277,3 +277,22 @@ def _chunk_infos(dataset):
     found = []
     dataset.id.chunk_iter(found.append)
     return found
+
+
+def test_inflating_stops_at_the_expected_size_and_refuses_truncated_streams():
+    stream = zlib.compress(bytes(1000))
+    assert deflate.inflate(stream, 1000) == bytes(1000)
+    with pytest.raises(ValueError, match="more than the 999 bytes"):
+        deflate.inflate(stream, 999)
+    with pytest.raises(ValueError, match="truncated"):
+        deflate.inflate(stream[:-4], 1000)  # the Adler-32 at the end is missing
+
+
+def test_a_chunk_inflating_beyond_its_size_is_refused(tmp_path):
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w") as f:
+        ds = f.create_dataset("w", shape=(16,), chunks=(8,), dtype="<f4", compression="gzip")
+        ds.id.write_direct_chunk((0,), zlib.compress(bytes(32)))
+        ds.id.write_direct_chunk((8,), zlib.compress(bytes(1 << 20)))  # a 1 MiB "chunk"
+    with pytest.raises(InputError, match=r"chunk at \(8,\): deflate stream holds more"):
+        gclip_cli.inspect_file(src)

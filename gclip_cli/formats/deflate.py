@@ -26,9 +26,16 @@ ERRORS: tuple[type[Exception], ...] = (isal_zlib.error,) if isal_zlib else ()
 crc32 = isal_zlib.crc32 if isal_zlib else zlib.crc32
 
 
-def inflate(data: bytes) -> bytes:
-    """Decompress a zlib stream."""
-    return (isal_zlib or zlib).decompress(data)
+def inflate(data: bytes, limit: int) -> bytes:
+    """Decompress the zlib stream *data*, which must hold at most *limit* bytes (so a damaged
+    or hostile stream cannot fill the memory)."""
+    stream = (isal_zlib or zlib).decompressobj()
+    inflated = stream.decompress(data, limit + 1)
+    if len(inflated) > limit:
+        raise ValueError(f"deflate stream holds more than the {limit} bytes expected")
+    if not stream.eof:
+        raise ValueError("deflate stream is truncated")
+    return inflated
 
 
 def deflate(data: bytes, level: int) -> bytes:

@@ -45,9 +45,10 @@ class Filter:
     code: int  # h5py.h5z.FILTER_SHUFFLE or FILTER_DEFLATE
     parameter: int  # shuffle: bytes per value; deflate: level
 
-    def decode(self, data: bytes) -> bytes:
+    def decode(self, data: bytes, limit: int) -> bytes:
+        """Undo this filter; no result may be longer than *limit* bytes."""
         if self.code == h5py.h5z.FILTER_DEFLATE:
-            return deflate.inflate(data)
+            return deflate.inflate(data, limit)
         values = np.frombuffer(data, dtype=np.uint8)
         body = len(data) - len(data) % self.parameter  # HDF5 leaves trailing bytes in place
         return values[:body].reshape(self.parameter, -1).T.tobytes() + data[body:]
@@ -82,11 +83,12 @@ class Pipeline:
             filters.append(Filter(code, int(values[0]) if values else default))
         return cls(tuple(filters))
 
-    def decode(self, data: bytes, mask: int) -> bytes:
-        """Undo the filters not skipped in *mask* (bit i set: filter i was skipped)."""
+    def decode(self, data: bytes, mask: int, limit: int) -> bytes:
+        """Undo the filters not skipped in *mask* (bit i set: filter i was skipped), into at
+        most *limit* bytes."""
         for index in reversed(range(len(self.filters))):
             if not mask >> index & 1:
-                data = self.filters[index].decode(data)
+                data = self.filters[index].decode(data, limit)
         return data
 
     def encode(self, data: bytes, mask: int) -> bytes:
@@ -208,7 +210,7 @@ class _ChunkedDataset:
     def _read_chunk(self, coordinates: Coordinates) -> tuple[_Chunk, np.ndarray]:
         offset, size, mask = self.raw.stored(coordinates)
         with reading(self.path, f"dataset {self.name!r}, chunk at {coordinates}"):
-            data = self.raw.pipeline.decode(os.pread(self.fd, size, offset), mask)
+            data = self.raw.pipeline.decode(os.pread(self.fd, size, offset), mask, self.chunk_bytes)
             if len(data) != self.chunk_bytes:
                 raise ValueError(f"{len(data)} bytes decoded, {self.chunk_bytes} expected")
         chunk_shape = self.raw.chunk_shape

@@ -61,14 +61,8 @@ def run_forked(
     the message *crash* (``{how}`` names the signal).  Without fork the tasks run here, one
     after another.
     """
-    global _tell
     if not can_fork():
-        results = []
-        for index, (work, args) in enumerate(tasks):
-            _tell = functools.partial(on_note, index) if on_note else None
-            results.append(work(*args))
-        _tell = None
-        return results
+        return [_run_here(index, task, on_note) for index, task in enumerate(tasks)]
     context = multiprocessing.get_context("fork")
     children: list[tuple[BaseProcess, Connection]] = []
     # The garbage collector of a child would touch every object it inherits, copying the
@@ -105,6 +99,17 @@ def _release_free_heap() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
+
+
+def _run_here(index: int, task: Task, on_note: Callable[[int, object], None] | None) -> object:
+    """Run *task* in this process, its notes going straight to on_note."""
+    global _tell
+    work, args = task
+    before, _tell = _tell, functools.partial(on_note, index) if on_note else None
+    try:
+        return work(*args)
+    finally:
+        _tell = before
 
 
 def tell_parent(value: object) -> None:

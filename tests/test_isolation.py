@@ -94,3 +94,12 @@ def test_an_error_in_on_note_stops_the_children(tmp_path):
 
     with pytest.raises(OutputError, match="cannot place 1"):
         run_forked(tmp_path, [(tell_each, (1,)), (time.sleep, (60,))], on_note=refuse)
+
+
+def test_without_fork_a_failing_task_leaves_no_listener_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(isolation, "can_fork", lambda: False)
+    notes = []
+    with pytest.raises(OutputError):
+        run_forked(tmp_path, [(fail, ())], on_note=lambda index, value: notes.append(value))
+    tell_parent("later, from elsewhere")
+    assert notes == []

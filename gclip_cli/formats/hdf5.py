@@ -35,7 +35,14 @@ from .base import (
     rewrite_in_place,
     window_pieces,
 )
-from .hdf5_chunks import RawChunks, band_pieces, raw_chunks, read_values, rewrite_values
+from .hdf5_chunks import (
+    RawChunks,
+    band_pieces,
+    chunk_grid,
+    raw_chunks,
+    read_values,
+    rewrite_values,
+)
 
 FORMAT_NAME = "hdf5"
 
@@ -307,5 +314,4 @@ def _is_sparse(dataset: h5py.Dataset) -> bool:
     """Whether some chunks of *dataset* are not allocated (they read as the fill value)."""
     if dataset.chunks is None:
         return False
-    grid = math.prod(math.ceil(n / c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
-    return dataset.id.get_num_chunks() < grid
+    return dataset.id.get_num_chunks() < math.prod(chunk_grid(dataset.shape, dataset.chunks))

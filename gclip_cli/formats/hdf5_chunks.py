@@ -114,7 +114,7 @@ class RawChunks:
 
     @property
     def grid(self) -> tuple[int, ...]:
-        return tuple(math.ceil(n / c) for n, c in zip(self.shape, self.chunk_shape, strict=True))
+        return chunk_grid(self.shape, self.chunk_shape)
 
     def stored_ranges(self) -> np.ndarray:
         """(offset, size) rows: where the chunks lie in the file."""
@@ -125,6 +125,11 @@ class RawChunks:
         cell = tuple(o // c for o, c in zip(coordinates, self.chunk_shape, strict=True))
         k = int(np.ravel_multi_index(cell, self.grid))
         return int(self.offsets[k]), int(self.sizes[k]), int(self.masks[k])
+
+
+def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """How many chunks of shape *chunks* cover *shape* along each axis."""
+    return tuple(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
 
 
 def raw_chunks(dataset: h5py.Dataset, base: int, file_size: int) -> RawChunks | None:
@@ -139,7 +144,7 @@ def raw_chunks(dataset: h5py.Dataset, base: int, file_size: int) -> RawChunks | 
     pipeline = Pipeline.of(dataset)
     if pipeline is None or band_bytes > MAX_WINDOW:
         return None
-    grid = tuple(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
+    grid = chunk_grid(shape, chunks)
     count = math.prod(grid)
     if dataset.id.get_num_chunks() != count:
         return None

@@ -340,13 +340,6 @@ def window_buffer(chunk_bytes: int) -> np.ndarray:
     return np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """write() until every byte is written (it may write fewer than asked)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def write_all_at(fd: int, data: memoryview, offset: int) -> None:
     """pwrite() until every byte is written (it may write fewer than asked)."""
     while data:

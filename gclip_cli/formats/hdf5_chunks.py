@@ -34,7 +34,7 @@ import numpy as np
 from .. import progress
 from ..norms import BLOCK, NormAccumulator, NormStats
 from . import deflate
-from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading, write_all
+from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading, write_all_at
 
 Coordinates = tuple[int, ...]
 Region = tuple[slice, ...]
@@ -274,8 +274,9 @@ class BandRows:
         spooled = []
         for band in _transformed(dataset.bands(self.rows), self.tensor, transform):
             for coordinates, data, mask in dataset.encode_band(band):
-                spooled.append((coordinates, mask, os.lseek(spool, 0, os.SEEK_END), len(data)))
-                write_all(spool, data)
+                end = os.lseek(spool, 0, os.SEEK_END)
+                write_all_at(spool, memoryview(data), end)
+                spooled.append((coordinates, mask, end, len(data)))
         return spooled
 
     @staticmethod

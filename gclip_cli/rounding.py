@@ -5,10 +5,15 @@ rounded once to nearest, ties to even, in v's dtype:
 
 - float64 data: the product is computed in double-double arithmetic (q = hi + lo, Dekker's
   exact product v * hi), so the one final addition rounds the nearly exact value.
-- narrower data (float32, float16, bfloat16, float8): v * hi in float64 is within two float64
-  units of v * q, so rounding it into the narrow type is right unless it lies within two units
-  of a rounding boundary (a midpoint) of that type.  Those rare values are recomputed exactly
-  with fractions.
+- float32 and float16 data (which numpy rounds float64 into correctly): v * q is bracketed by
+  the float64 products of v with two factors just below and just above q.  Rounding is
+  monotone, so where both products round to the same narrow value, v * q rounds to it too.
+  The rare values whose bracket straddles a midpoint are recomputed exactly with fractions.
+- bfloat16 and float8 data (and factors so extreme that products could leave float64's normal
+  range): v * hi in float64 is within two float64 units of v * q, so rounding it into the
+  narrow type is right unless it lies within two units of a rounding boundary (a midpoint) of
+  that type; those values are recomputed exactly.  (The bracket would cost half as much, but
+  ml_dtypes converts from float64 through float32, rounding twice.)
 """
 
 from __future__ import annotations
@@ -26,20 +31,37 @@ _SPLIT_LIMIT = 2.0**995  # beyond this v * _SPLITTER overflows: scale the block 
 _SPLIT_SCALE = 2.0**-64
 _NEAR = 2  # float64 units around a midpoint that count as too close to call
 _MAGNITUDE_BITS = (1 << 63) - 1  # all but the sign bit: the bits of |x|, ordered like |x|
+# A float64 product of normal values is off by at most 2**-53 of itself: a factor 2**-50 away
+# from q keeps its products on their side of v * q.
+_BRACKET_MARGIN = Fraction(1, 2**50)
+# For these factors every product of a float32 or float16 value is a normal float64 (their
+# magnitudes lie within 2**-149 .. 2**128), where that bound holds.
+_BRACKET_RANGE = (2.0**-800, 2.0**800)
+_CORRECTLY_ROUNDED = (np.dtype(np.float32), np.dtype(np.float16))  # numpy's float64 casts
 
 
 @dataclass(frozen=True)
 class ScaleFactor:
-    """The exact factor q and its double-double form hi + lo (hi = q rounded to nearest)."""
+    """The exact factor q, its double-double form hi + lo (hi = q rounded to nearest), and
+    the floats *below* and *above* that bracket it for the narrow types (see _scale_bracketed)."""
 
     exact: Fraction
     hi: float = field(init=False)
     lo: float = field(init=False)
+    below: float = field(init=False)
+    above: float = field(init=False)
 
     def __post_init__(self) -> None:
         hi = float(self.exact)  # Fraction -> float is correctly rounded
         object.__setattr__(self, "hi", hi)
         object.__setattr__(self, "lo", float(self.exact - Fraction(hi)))
+        object.__setattr__(self, "below", float(self.exact * (1 - _BRACKET_MARGIN)))
+        object.__setattr__(self, "above", float(self.exact * (1 + _BRACKET_MARGIN)))
+
+    def brackets(self, dtype: np.dtype) -> bool:
+        """Whether values of *dtype* can be scaled by bracketing (see _scale_bracketed)."""
+        low, high = _BRACKET_RANGE
+        return dtype.newbyteorder("=") in _CORRECTLY_ROUNDED and low <= self.hi <= high
 
     @classmethod
     def of(cls, value: float) -> ScaleFactor:
@@ -53,6 +75,7 @@ class ScratchBuffers:
         self.size = size
         self._arrays = [np.empty(size, dtype=np.float64) for _ in range(6)]
         self._flags = [np.empty(size, dtype=bool) for _ in range(2)]
+        self._narrow = np.empty(size, dtype=np.uint32)
 
     def __reduce__(self) -> tuple[type, tuple[int]]:
         return type(self), (self.size,)  # scratch contents never need to travel
@@ -63,6 +86,10 @@ class ScratchBuffers:
     def flags(self, n: int) -> list[np.ndarray]:
         return [a[:n] for a in self._flags]
 
+    def narrow(self, n: int, dtype: np.dtype) -> np.ndarray:
+        """A work array of *n* values of *dtype* (at most 4 bytes each)."""
+        return self._narrow.view(np.uint8)[: n * dtype.itemsize].view(dtype)
+
 
 def scale(src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: ScratchBuffers) -> None:
     """``dst = src * q``, each result the exact product rounded to nearest (ties to even).
@@ -70,13 +97,18 @@ def scale(src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: Scratc
     *src* and *dst* are 1-D arrays of the same dtype and size; they may be the same array.
     """
     wide = src.dtype.kind == "f" and src.dtype.itemsize == 8
+    bracketed = factor.brackets(src.dtype)
     for start in range(0, src.size, scratch.size):
         part = slice(start, start + scratch.size)
         buffers = scratch.take(src[part].size)
+        n = len(buffers[0])
         if wide:
             _scale_float64(src[part], dst[part], factor, *buffers)
+        elif bracketed:
+            narrow, differ = scratch.narrow(n, src.dtype), scratch.flags(n)[0]
+            _scale_bracketed(src[part], dst[part], factor, *buffers[:2], narrow, differ)
         else:
-            _scale_narrow(src[part], dst[part], factor, buffers[:2], scratch.flags(len(buffers[0])))
+            _scale_narrow(src[part], dst[part], factor, buffers[:2], scratch.flags(n))
 
 
 def _scale_float64(
@@ -118,6 +150,29 @@ def _split_scalar(x: float) -> tuple[float, float]:
     head = x * _SPLITTER
     head -= head - x
     return head, x - head
+
+
+def _scale_bracketed(
+    v: np.ndarray,
+    out: np.ndarray,
+    factor: ScaleFactor,
+    x: np.ndarray,
+    product: np.ndarray,
+    other: np.ndarray,
+    differ: np.ndarray,
+) -> None:
+    """Scale float32 or float16 *v* into *out*: fl(v * below) <= v * q <= fl(v * above) (for
+    v >= 0; the other way round for v < 0), and rounding to nearest is monotone."""
+    np.copyto(x, v)  # exact; also keeps v for the rare exact recomputation when out is v
+    np.multiply(x, factor.above, out=product)
+    np.copyto(other, product, casting="unsafe")
+    np.multiply(x, factor.below, out=product)
+    np.copyto(out, product, casting="unsafe")
+    uint = f"u{v.dtype.itemsize}"  # compare bits: NaN stays NaN on both sides
+    np.not_equal(out.view(uint), other.view(uint), out=differ)
+    if differ.any():
+        for index in np.flatnonzero(differ):
+            out[index] = round_exact(Fraction(float(x[index])) * factor.exact, v.dtype)
 
 
 def _scale_narrow(

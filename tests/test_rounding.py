@@ -124,3 +124,51 @@ def test_round_to_odd_marks_inexact_results_with_an_odd_last_bit():
     for w, n, b in zip(wide[1:], narrow[1:], bits[1:], strict=True):
         assert b % 2 == 1
         assert abs(float(n) - w) < float(np.spacing(np.abs(n)))  # one of w's two neighbours
+
+
+def values_of_every_magnitude(dtype, count: int = 4000) -> np.ndarray:
+    """Random values whose exponents span *dtype*'s whole range, subnormals and signs included."""
+    rng = np.random.default_rng(11)
+    info = np.finfo(dtype)
+    exponents = rng.uniform(np.log2(float(info.smallest_subnormal)), info.maxexp - 1, count)
+    signs = rng.choice([-1.0, 1.0], count)
+    return (signs * np.exp2(exponents)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize(
+    "q", [Fraction(1, 3), Fraction(10**6, 10**6 + 1), Fraction(7, 2**20), Fraction(1, 2**700)]
+)
+def test_bracketed_products_over_the_whole_range_are_correctly_rounded(dtype, q):
+    values = values_of_every_magnitude(dtype)
+    assert ScaleFactor(q).brackets(values.dtype)
+    scaled = values.copy()
+    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(512))
+    bits = f"u{values.itemsize}"  # -0.0 and 0.0 differ
+    assert np.array_equal(scaled.view(bits), exactly_scaled(values, q).view(bits))
+
+
+@pytest.mark.parametrize("q", [Fraction(1, 2**801), Fraction(3, 2**810)])
+def test_factors_too_small_to_bracket_are_still_correctly_rounded(q):
+    values = np.array([2.0**120 * 1.75, -(2.0**127) * 1.2, 3.0, 0.0], dtype=np.float32)
+    assert not ScaleFactor(q).brackets(values.dtype)
+    scaled = values.copy()
+    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(4))
+    assert np.array_equal(scaled, exactly_scaled(values, q))
+
+
+def test_factors_above_one_are_correctly_rounded_near_the_largest_float32():
+    values = np.array([np.finfo(np.float32).max / 3, -1e-40, 1.0], dtype=np.float32)
+    q = Fraction(2999999, 1000000)
+    scaled = values.copy()
+    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(4))
+    assert np.isfinite(scaled).all()
+    assert np.array_equal(scaled, exactly_scaled(values, q))
+
+
+def test_bracketing_keeps_nan_and_infinity():
+    values = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=np.float32)
+    scaled = values.copy()
+    scale(scaled, scaled, ScaleFactor(Fraction(1, 3)), ScratchBuffers(4))
+    assert np.isnan(scaled[0]) and scaled[1] == np.inf and scaled[2] == -np.inf
+    assert scaled[3] == 0 and np.signbit(scaled[3])

@@ -96,14 +96,18 @@ def run_once(case: Case, rss_file: Path) -> tuple[float, int, int]:
     """Wall time, peak RSS of the largest process (KiB) and peak total PSS of all its
     processes (KiB) of *case*'s command run by sh, output discarded.
 
-    Every run starts alike: its output gone and no dirty pages left by the run before (sync).
+    Every run starts alike: no dirty pages left by the run before (sync), then its output
+    gone.  In that order, so that the pages of the deleted output are free for this run's
+    writes at once: on this VM, memory the guest left free for a moment is handed back to the
+    host, and touching it again costs up to 3 s of system time per GiB, which would time the
+    hypervisor rather than the command.
     The peak RSS comes from /usr/bin/time (a child forked from this process would inherit, and
     report, this process's own peak); the total is sampled from /proc every 20 ms and counts
     pages that gclip's worker processes share once (proportional set size).
     """
+    os.sync()
     if case.output is not None:
         case.output.unlink(missing_ok=True)
-    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(
         ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), "sh", "-c", case.command],
@@ -239,6 +243,17 @@ def memory_check(sizes: list[int], work: Path, repeat: int) -> None:
     )
 
 
+def byte_compile_gclip() -> None:
+    """Time gclip as pip installs it: byte-compiled.  An editable install run with
+    PYTHONDONTWRITEBYTECODE=1 (as on this machine) would otherwise compile every module of
+    gclip again at each start, about 60 ms that no installed copy spends."""
+    import compileall
+
+    import gclip_cli
+
+    compileall.compile_dir(Path(gclip_cli.__file__).parent, quiet=1)
+
+
 def make_dump(path: Path, size: int, compressed: bool) -> None:
     """Write the dump in a child process (once), keeping this process small."""
     if path.exists():
@@ -302,6 +317,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gclip-bench"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    byte_compile_gclip()
     print(
         f"# gclip benchmark: {args.size} float32 dumps with GPT-2-medium shapes, "
         f"{args.repeat} interleaved rounds, {os.cpu_count()} cores"

@@ -9,9 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from .compare import Diff, compare
 from .engine import (
     Clamper,
     NonFinite,
@@ -25,7 +24,6 @@ from .engine import (
 )
 from .errors import NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
-from .history import History, Step, in_step_order, step_number, summarise
 from .isolation import run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
@@ -33,7 +31,6 @@ from .parallel import available_cores
 from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
 from .selection import INDEX_SUFFIX, expand_inputs, select
-from .sharded import copy_index, executor_for, run_all, staging
 from .strategies import (
     ClipValue,
     GlobalNorm,
@@ -44,6 +41,10 @@ from .strategies import (
     Strategy,
     plan,
 )
+
+if TYPE_CHECKING:
+    from .compare import Diff
+    from .history import History
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
 T = TypeVar("T")
@@ -161,6 +162,8 @@ def diff_files(
 
 
 def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> Diff:
+    from .compare import compare  # imported where needed, here and below: start-up counts
+
     with _opened(a, format_a, options) as file_a, _opened(b, format_b, options) as file_b:
         return compare(file_a, file_b, options.chunk_size)
 
@@ -179,6 +182,8 @@ def history_of(
     *percentile*-th); with *max_norm*, how many steps it would clip."""
     if not 0 <= percentile <= 100:
         raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
+    from .history import Step, in_step_order, step_number, summarise
+
     settings = Options(max_norm=max_norm, **options)
     files = expand_inputs(paths)
     steps = []
@@ -242,6 +247,8 @@ def rescale_files(
     cluster *scheduler* (``local[:N]`` starts one here); the result is identical to the last
     bit whichever.  *progress*(phase, shards done, shards) is called as shards finish.
     """
+    from .sharded import copy_index, executor_for, run_all, staging
+
     files, out_dir = expand_inputs(paths), Path(out_dir)
     if scheduler or ((jobs or 1) > 1 and len(files) > 1):
         pool, jobs = jobs, 1  # shards at once, each in one process

@@ -59,6 +59,7 @@ class Hdf5File:
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._size = os.fstat(self._raw.fileno()).st_size
         self._plain: dict[str, int] | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}  # by location: looking up a path is slow
         self._chunk_index: dict[str, RawChunks | None] = {}
         try:
             with reading(path, "damaged HDF5 structure"):
@@ -68,7 +69,7 @@ class Hdf5File:
             raise
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
-        dataset = self._file[tensor.location]
+        dataset = self._datasets[tensor.location]
         start = self._contiguous_start(dataset, tensor)
         if start is not None:  # one plain block of values: map it, as for safetensors
             return self._mapped_chunks(start, tensor, chunk_bytes)
@@ -101,7 +102,7 @@ class Hdf5File:
     def plain_offsets(self) -> dict[str, int]:
         if self._plain is None:
             starts = {
-                t.name: self._contiguous_start(self._file[t.location], t)
+                t.name: self._contiguous_start(self._datasets[t.location], t)
                 for t in self.tensors
                 if t.is_gradient
             }
@@ -154,7 +155,7 @@ class Hdf5File:
         """How gclip reads *tensor*'s chunks itself (None: through HDF5); found once."""
         if tensor.name not in self._chunk_index:
             with reading(self.path, f"dataset {tensor.name!r}"):
-                dataset = self._file[tensor.location]
+                dataset = self._datasets[tensor.location]
                 found = raw_chunks(dataset, _chunk_address_base(self._file), self._size)
             self._chunk_index[tensor.name] = found
         return self._chunk_index[tensor.name]
@@ -177,6 +178,7 @@ class Hdf5File:
         # visititems sees each object once, so a dataset with two hard links is scaled once.
         # (Errors are raised after the visit: exceptions do not cross HDF5's C callbacks.)
         self._file.visititems(collect)
+        self._datasets = dict(datasets)
         return [self._describe_dataset(name, dataset) for name, dataset in datasets]
 
     def _describe_dataset(self, name: str, dataset: h5py.Dataset) -> TensorInfo:

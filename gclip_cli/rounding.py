@@ -171,8 +171,8 @@ def _scale_bracketed(
     uint = f"u{v.dtype.itemsize}"  # compare bits: NaN stays NaN on both sides
     np.not_equal(out.view(uint), other.view(uint), out=differ)
     if differ.any():
-        for index in np.flatnonzero(differ):
-            out[index] = round_exact(Fraction(float(x[index])) * factor.exact, v.dtype)
+        suspects = np.flatnonzero(differ)
+        _recompute_exactly(out, suspects, x[suspects], factor)
 
 
 def _scale_narrow(
@@ -189,8 +189,16 @@ def _scale_narrow(
     suspects = np.flatnonzero(_near_midpoint(product, info, work, *flags))
     originals = v[suspects].astype(np.float64)  # before *out*, which may be *v*, is written
     _store_nearest(out, product)
-    for index, value in zip(suspects, originals, strict=True):
-        out[index] = round_exact(Fraction(float(value)) * factor.exact, v.dtype)
+    _recompute_exactly(out, suspects, originals, factor)
+
+
+def _recompute_exactly(
+    out: np.ndarray, indices: np.ndarray, originals: np.ndarray, factor: ScaleFactor
+) -> None:
+    """out[i] = the exact product of the float64 *originals* and q, rounded once, at *indices*
+    (the few values float64 arithmetic could not decide)."""
+    for index, value in zip(indices, originals, strict=True):
+        out[index] = round_exact(Fraction(float(value)) * factor.exact, out.dtype)
 
 
 def _near_midpoint(

@@ -11,6 +11,13 @@ NARROW = [np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.flo
 ALPHAS = [0.3, 1 / 3, 0.7071067811865476, 0.123456789012345, 2.0**-10 * 1.1]
 
 
+def scaled_copy(values: np.ndarray, q: Fraction, block: int) -> np.ndarray:
+    """*values* scaled by *q* in place of a copy, *block* values at a time."""
+    scaled = values.copy()
+    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(block))
+    return scaled
+
+
 def every_finite_value(dtype) -> np.ndarray:
     bits = np.arange(2 ** (8 * np.dtype(dtype).itemsize), dtype=np.uint32)
     uint = np.uint8 if np.dtype(dtype).itemsize == 1 else np.uint16
@@ -84,8 +91,7 @@ def test_float32_big_endian_is_scaled_in_its_own_byte_order():
 @pytest.mark.parametrize("q", [Fraction(1, 5), Fraction(1, 3), Fraction(10, 13), Fraction(2, 7919)])
 def test_products_with_an_exact_fraction_are_correctly_rounded(dtype, q):
     values = (np.random.default_rng(3).standard_normal(3000) * 10).astype(dtype)
-    scaled = values.copy()
-    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(256))
+    scaled = scaled_copy(values, q, 256)
     assert np.array_equal(scaled, exactly_scaled(values, q))
 
 
@@ -110,8 +116,7 @@ def test_float64_worked_example_is_exact():
 def test_float64_extremes_are_correctly_rounded(magnitude):
     values = np.random.default_rng(8).standard_normal(500) * magnitude
     q = Fraction(3, 7)
-    scaled = values.copy()
-    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(64))
+    scaled = scaled_copy(values, q, 64)
     assert np.isfinite(scaled).all()
     assert np.array_equal(scaled, exactly_scaled(values, q))
 
@@ -142,8 +147,7 @@ def values_of_every_magnitude(dtype, count: int = 4000) -> np.ndarray:
 def test_bracketed_products_over_the_whole_range_are_correctly_rounded(dtype, q):
     values = values_of_every_magnitude(dtype)
     assert ScaleFactor(q).brackets(values.dtype)
-    scaled = values.copy()
-    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(512))
+    scaled = scaled_copy(values, q, 512)
     bits = f"u{values.itemsize}"  # -0.0 and 0.0 differ
     assert np.array_equal(scaled.view(bits), exactly_scaled(values, q).view(bits))
 
@@ -152,23 +156,20 @@ def test_bracketed_products_over_the_whole_range_are_correctly_rounded(dtype, q)
 def test_factors_too_small_to_bracket_are_still_correctly_rounded(q):
     values = np.array([2.0**120 * 1.75, -(2.0**127) * 1.2, 3.0, 0.0], dtype=np.float32)
     assert not ScaleFactor(q).brackets(values.dtype)
-    scaled = values.copy()
-    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(4))
+    scaled = scaled_copy(values, q, 4)
     assert np.array_equal(scaled, exactly_scaled(values, q))
 
 
 def test_factors_above_one_are_correctly_rounded_near_the_largest_float32():
     values = np.array([np.finfo(np.float32).max / 3, -1e-40, 1.0], dtype=np.float32)
     q = Fraction(2999999, 1000000)
-    scaled = values.copy()
-    scale(scaled, scaled, ScaleFactor(q), ScratchBuffers(4))
+    scaled = scaled_copy(values, q, 4)
     assert np.isfinite(scaled).all()
     assert np.array_equal(scaled, exactly_scaled(values, q))
 
 
 def test_bracketing_keeps_nan_and_infinity():
     values = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=np.float32)
-    scaled = values.copy()
-    scale(scaled, scaled, ScaleFactor(Fraction(1, 3)), ScratchBuffers(4))
+    scaled = scaled_copy(values, Fraction(1, 3), 4)
     assert np.isnan(scaled[0]) and scaled[1] == np.inf and scaled[2] == -np.inf
     assert scaled[3] == 0 and np.signbit(scaled[3])

@@ -7,8 +7,10 @@
     python benchmarks/bench.py --sharded 8 --size 128M        # serial vs --jobs vs Dask
 
 Every command runs as its own process; commands are interleaved and repeated, and each table
-shows medians, the ratio to the floor measured in the same rounds, and the peak RSS of the
-process (from wait4).  The machine is shared and noisy: only ratios from one run mean much.
+shows median times, the median over rounds of each run's ratio to the floor (cp, or cat plus
+Python's start-up) run in the same round, and peak memory.  The machine is shared and noisy:
+only ratios from one run mean much.  ``GCLIP_NUMPY_ONLY=1`` rows time gclip without its
+compiled kernels.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class Case:
     @property
     def wall(self) -> float:
         return statistics.median(self.walls)
+
+    def ratio_to(self, walls: list[float]) -> float:
+        """The median over rounds of this case's time over *walls* of the same round: runs
+        side by side share a minute's mood, which the ratio of two medians would not."""
+        return statistics.median(a / b for a, b in zip(self.walls, walls, strict=True))
 
     @property
     def rss_mib(self) -> float:
@@ -170,6 +177,10 @@ def format_cases(fmt: str, dump: Path, work: Path, compressed: bool) -> list[Cas
         Case("gclip inspect", f"{GCLIP} inspect {q(str(dump))} --json"),
         Case("gclip rescale -j1", f"{rescale} -j1", out),
         Case("gclip inspect -j1", f"{GCLIP} inspect {q(str(dump))} --json -j1"),
+        Case("gclip rescale, numpy only", f"GCLIP_NUMPY_ONLY=1 {rescale}", out),
+        Case(
+            "gclip inspect, numpy only", f"GCLIP_NUMPY_ONLY=1 {GCLIP} inspect {q(str(dump))} --json"
+        ),
         Case(
             "load-all rescale",
             python_script(LOAD_ALL_RESCALE[fmt]) + f" {q(str(dump))} {q(str(base))} {flag}",
@@ -184,7 +195,9 @@ def format_cases(fmt: str, dump: Path, work: Path, compressed: bool) -> list[Cas
 
 def report(fmt: str, cases: list[Case], compressed: bool) -> list[tuple[str, float, float]]:
     by = {c.label: c for c in cases}
-    floor_inspect = by["cat"].wall + by["python -c 'import numpy'"].wall
+    cp = by["cp"].walls
+    starts = by["python -c 'import numpy'"].walls
+    floor = [a + b for a, b in zip(by["cat"].walls, starts, strict=True)]
     print(f"\n## {fmt}{' (compressed)' if compressed else ''}\n")
     print(
         "| command | median wall (s) | vs cp | vs cat+import | peak RSS, largest process "
@@ -193,21 +206,19 @@ def report(fmt: str, cases: list[Case], compressed: bool) -> list[tuple[str, flo
     print("|---|---|---|---|---|---|")
     for c in cases:
         print(
-            f"| {c.label} | {c.wall:.2f} | {c.wall / by['cp'].wall:.2f}x | "
-            f"{c.wall / floor_inspect:.2f}x | {c.rss_mib:.0f} | {c.pss_mib:.0f} |"
+            f"| {c.label} | {c.wall:.2f} | {c.ratio_to(cp):.2f}x | "
+            f"{c.ratio_to(floor):.2f}x | {c.rss_mib:.0f} | {c.pss_mib:.0f} |"
         )
     rescale, inspect = by["gclip rescale"], by["gclip inspect"]
     checks = []
     if compressed:
-        checks.append(
-            ("rescale: load-all / gclip (>= 3)", by["load-all rescale"].wall / rescale.wall, 3.0)
-        )
+        speedup = 1 / rescale.ratio_to(by["load-all rescale"].walls)
+        checks.append(("rescale: load-all / gclip (>= 3)", speedup, 3.0))
     else:
         limit = 3.0 if fmt == "npz" else 2.0
-        checks.append((f"rescale / cp (<= {limit:g})", rescale.wall / by["cp"].wall, limit))
-        limit = 3.0 if fmt == "npz" else 2.0
+        checks.append((f"rescale / cp (<= {limit:g})", rescale.ratio_to(cp), limit))
         checks.append(
-            (f"inspect / (cat + import numpy) (<= {limit:g})", inspect.wall / floor_inspect, limit)
+            (f"inspect / (cat + import numpy) (<= {limit:g})", inspect.ratio_to(floor), limit)
         )
     for case in (rescale, inspect):
         name = case.label.removeprefix("gclip ")
@@ -318,9 +329,12 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     byte_compile_gclip()
+    version = subprocess.run(
+        [*shlex.split(GCLIP), "--version"], capture_output=True, text=True
+    ).stdout
     print(
         f"# gclip benchmark: {args.size} float32 dumps with GPT-2-medium shapes, "
-        f"{args.repeat} interleaved rounds, {os.cpu_count()} cores"
+        f"{args.repeat} interleaved rounds, {os.cpu_count()} cores; {version.strip()}"
     )
     if args.sharded:
         sharded_check(args.sharded, parse_size(args.size), args.workdir, args.repeat)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from . import __version__
+from . import __version__, kernels
 
 # gclip makes no BLAS calls: spare the start-up and the spinning of OpenBLAS helper threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -283,7 +283,13 @@ def _max_norm_option(
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=EXIT_CODES_HELP,
 )
-@click.version_option(__version__, "-V", "--version", prog_name="gclip")
+@click.version_option(
+    __version__,
+    "-V",
+    "--version",
+    prog_name="gclip",
+    message=f"%(prog)s, version %(version)s ({kernels.describe()})",
+)
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
 @click.option(
     "--color",

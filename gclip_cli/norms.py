@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kernels
+
 BLOCK = 1 << 16  # values per block: its float64 working copy (512 KiB) stays in cache
 
 # A block whose largest p-th power lies outside 2**[_MIN_EXPONENT, _MAX_EXPONENT] is scaled by a
@@ -21,6 +23,7 @@ BLOCK = 1 << 16  # values per block: its float64 working copy (512 KiB) stays in
 # largest ones do not underflow.
 _MAX_EXPONENT = 880
 _MIN_EXPONENT = -900
+_NATIVE_FLOAT32 = np.dtype(np.float32)
 
 
 def _add_exact(partials: list[float], x: float) -> None:
@@ -112,37 +115,74 @@ class NormAccumulator:
 
     def __init__(self, norm_type: float) -> None:
         self.stats = NormStats(norm_type)
-        self._block = np.empty(BLOCK, dtype=np.float64)
-        self._filled = 0  # values of an unfinished block waiting in self._block
-        self._squares: bool | None = None  # whether the block holds squares (else |values|)
+        self._work = np.empty(BLOCK, dtype=np.float64)  # one block's squares or |values|
+        self._waiting: np.ndarray | None = None  # values of an unfinished block, as they came
+        self._filled = 0
+        self._squares = False  # whether blocks are reduced as squares (else as |values|)
 
     def add(self, values: np.ndarray) -> None:
         """Account for the next *values* (1-D, any float dtype) of the tensor."""
-        if self._squares is None:
-            # float32 and narrower square exactly in float64: square while loading, one pass
-            # fewer, the same bits as squaring |values| later.
+        if self._waiting is None:
+            self._waiting = np.empty(BLOCK, dtype=values.dtype)
+            # float32 and narrower square exactly in float64: summing their squares gives the
+            # bits of squaring |values|, one pass fewer.
             self._squares = self.stats.norm_type == 2 and values.dtype.itemsize <= 4
-        load = np.square if self._squares else np.abs
-        start, n = 0, values.size
-        while start < n:
-            take = min(BLOCK - self._filled, n - start)
-            target = self._block[self._filled : self._filled + take]
-            load(values[start : start + take], out=target, dtype=np.float64)
-            self._filled += take
-            start += take
-            if self._filled == BLOCK:
-                self._reduce_block()
+        start = self._top_up(values)
+        if self._filled:  # all of values went into the waiting block, still unfinished
+            return
+        whole = (values.size - start) // BLOCK * BLOCK
+        if whole:
+            self._reduce_blocks(values[start : start + whole])
+        rest = values[start + whole :]
+        self._waiting[: rest.size] = rest
+        self._filled = rest.size
 
     def finish(self) -> NormStats:
         """Reduce the last, partial block and return the statistics."""
         if self._filled:
-            self._reduce_block()
+            self._reduce_blocks(self._waiting[: self._filled])
+            self._filled = 0
         return self.stats
 
-    def _reduce_block(self) -> None:
-        block = self._block[: self._filled]
-        self.stats.numel += self._filled
-        self._filled = 0
+    def _top_up(self, values: np.ndarray) -> int:
+        """Complete the waiting block from *values*; how many of them it took."""
+        if not self._filled:
+            return 0
+        take = min(BLOCK - self._filled, values.size)
+        self._waiting[self._filled : self._filled + take] = values[:take]
+        self._filled += take
+        if self._filled == BLOCK:
+            self._reduce_blocks(self._waiting)
+            self._filled = 0
+        return take
+
+    def _reduce_blocks(self, values: np.ndarray) -> None:
+        """Reduce *values*: whole blocks, or the tensor's last, shorter one."""
+        if self._squares and _compiled_squares_apply(values):
+            self._reduce_compiled(values)
+            return
+        for start in range(0, values.size, BLOCK):
+            self._reduce_block(values[start : start + BLOCK])
+
+    def _reduce_compiled(self, values: np.ndarray) -> None:
+        """The compiled kernel's block sums; blocks holding NaN/Inf (whose sums are not
+        finite) go through numpy, which counts them."""
+        blocks = -(-values.size // BLOCK)
+        sums, peaks = np.empty(blocks), np.empty(blocks)
+        kernels.compiled.square_sums(values, sums, peaks, BLOCK)
+        for k, (total, top) in enumerate(zip(sums.tolist(), peaks.tolist(), strict=True)):
+            if not math.isfinite(total):
+                self._reduce_block(values[k * BLOCK : (k + 1) * BLOCK])
+                continue
+            self.stats.numel += min(BLOCK, values.size - k * BLOCK)
+            self.stats.max_abs = max(self.stats.max_abs, math.sqrt(top))
+            if top:
+                self.stats._add(0, total)
+
+    def _reduce_block(self, values: np.ndarray) -> None:
+        block = self._work[: values.size]
+        (np.square if self._squares else np.abs)(values, out=block, dtype=np.float64)
+        self.stats.numel += values.size
         if self._squares:
             self._reduce_squares(block)
             return
@@ -197,6 +237,15 @@ class NormAccumulator:
         else:
             np.power(block, p, out=block)
         return float(np.add.reduce(block))
+
+
+def _compiled_squares_apply(values: np.ndarray) -> bool:
+    """Whether the compiled kernel can sum these values' squares: native float32, contiguous."""
+    return (
+        kernels.compiled is not None
+        and values.dtype == _NATIVE_FLOAT32
+        and values.flags.c_contiguous
+    )
 
 
 def measure(values: np.ndarray, norm_type: float = 2.0) -> NormStats:

@@ -25,6 +25,8 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 
+from . import kernels
+
 _F64_MANTISSA_BITS = 52
 _SPLITTER = float(2**27 + 1)  # Veltkamp: splits a float64 into two 26-bit halves
 _SPLIT_LIMIT = 2.0**995  # beyond this v * _SPLITTER overflows: scale the block down first
@@ -38,6 +40,8 @@ _BRACKET_MARGIN = Fraction(1, 2**50)
 # magnitudes lie within 2**-149 .. 2**128), where that bound holds.
 _BRACKET_RANGE = (2.0**-800, 2.0**800)
 _CORRECTLY_ROUNDED = (np.dtype(np.float32), np.dtype(np.float16))  # numpy's float64 casts
+_NATIVE_FLOAT32 = np.dtype(np.float32)
+_UNDECIDED_ROOM = 1024  # values the compiled kernel notes before handing back (at least 256)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class ScratchBuffers:
         self._arrays = [np.empty(size, dtype=np.float64) for _ in range(6)]
         self._flags = [np.empty(size, dtype=bool) for _ in range(2)]
         self._narrow = np.empty(size, dtype=np.uint32)
+        self.undecided = np.empty(_UNDECIDED_ROOM, dtype=np.int64)
+        self.originals = np.empty(_UNDECIDED_ROOM, dtype=np.float32)
 
     def __reduce__(self) -> tuple[type, tuple[int]]:
         return type(self), (self.size,)  # scratch contents never need to travel
@@ -98,6 +104,9 @@ def scale(src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: Scratc
     """
     wide = src.dtype.kind == "f" and src.dtype.itemsize == 8
     bracketed = factor.brackets(src.dtype)
+    if bracketed and _compiled_scaling_applies(src, dst):
+        _scale_compiled(src, dst, factor, scratch)
+        return
     for start in range(0, src.size, scratch.size):
         part = slice(start, start + scratch.size)
         buffers = scratch.take(src[part].size)
@@ -173,6 +182,31 @@ def _scale_bracketed(
     if differ.any():
         suspects = np.flatnonzero(differ)
         _recompute_exactly(out, suspects, x[suspects], factor)
+
+
+def _compiled_scaling_applies(src: np.ndarray, dst: np.ndarray) -> bool:
+    """Whether the compiled kernel can scale *src* into *dst*: native float32, contiguous."""
+    return (
+        kernels.compiled is not None
+        and src.dtype == _NATIVE_FLOAT32
+        and src.flags.c_contiguous
+        and dst.flags.c_contiguous
+        and dst.flags.writeable
+    )
+
+
+def _scale_compiled(
+    src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: ScratchBuffers
+) -> None:
+    """_scale_bracketed in one compiled pass; it hands back the undecided values as it goes."""
+    done = 0
+    while done < src.size:
+        count, found = kernels.compiled.scale_bracketed(
+            src[done:], dst[done:], factor.below, factor.above, scratch.undecided, scratch.originals
+        )
+        originals = scratch.originals[:found].astype(np.float64)
+        _recompute_exactly(dst[done:], scratch.undecided[:found], originals, factor)
+        done += count
 
 
 def _scale_narrow(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, read_tensors
+from conftest import SUFFIX, read_tensors, write_tensors
 
 from gclip_cli.cli import main
 
@@ -441,3 +441,20 @@ def test_every_command_is_in_the_readme():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in main.commands:
         assert f"gclip {name}" in readme, name
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux's /proc")
+def test_the_cli_starts_numpy_without_blas_helper_threads(tmp_path):
+    """OpenBLAS's helper threads would spin on the cores gclip's workers need."""
+    src = write_tensors(tmp_path / "g.npz", "npz", {"w": np.ones(10, dtype=np.float32)})
+    code = (
+        "import os, sys\n"
+        "from gclip_cli.cli import main\n"
+        "assert 'numpy' not in sys.modules\n"
+        f"main(['norm', {str(src)!r}], standalone_mode=False)\n"
+        "print(len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "1"

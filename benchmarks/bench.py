@@ -345,14 +345,18 @@ def main() -> None:
     if args.memory:
         memory_check([parse_size(s) for s in args.memory.split(",")], args.workdir, args.repeat)
         return
-    checks = []
     formats = args.formats or ("npz,hdf5" if args.compressed else "safetensors,npz,hdf5")
+    by_format = {}
     for fmt in formats.split(","):
         tag = "z" if args.compressed else ""
         dump = args.workdir / f"dump{args.size}{tag}{SUFFIX[fmt]}"
         prepare_dump(dump, parse_size(args.size), args.compressed)
-        cases = format_cases(fmt, dump, args.workdir, args.compressed)
-        measure(cases, args.repeat, args.workdir)
+        by_format[fmt] = format_cases(fmt, dump, args.workdir, args.compressed)
+    # every round runs every format's cases: a bad minute on this VM then hits every format
+    # alike instead of all the rounds of one
+    measure([case for cases in by_format.values() for case in cases], args.repeat, args.workdir)
+    checks = []
+    for fmt, cases in by_format.items():
         checks += report(fmt, cases, args.compressed)
     verdicts(checks)
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
@@ -130,34 +131,26 @@ def test_scale_bracketed_stops_when_its_notes_are_full():
     assert not out[256:].any()
 
 
+def scaling_four_values(out_size: int, room: int) -> Callable[[], object]:
+    """A call of scale_bracketed on 4 values into *out_size* with notes for *room* values."""
+    return lambda: compiled.scale_bracketed(
+        np.ones(4, np.float32),
+        np.ones(out_size, np.float32),
+        0.5,
+        0.5,
+        np.empty(room, np.int64),
+        np.empty(256, np.float32),
+    )
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
         (lambda: compiled.square_sums(b"\0" * 6, np.empty(1), np.empty(1), BLOCK), "whole"),
         (lambda: compiled.square_sums(b"\0" * 8, np.empty(0), np.empty(0), BLOCK), "per block"),
         (lambda: compiled.square_sums(b"\0" * 8, np.empty(1), np.empty(1), 0), "positive"),
-        (
-            lambda: compiled.scale_bracketed(
-                np.ones(4, np.float32),
-                np.ones(3, np.float32),
-                0.5,
-                0.5,
-                np.empty(256, np.int64),
-                np.empty(256, np.float32),
-            ),
-            "differ in size",
-        ),
-        (
-            lambda: compiled.scale_bracketed(
-                np.ones(4, np.float32),
-                np.ones(4, np.float32),
-                0.5,
-                0.5,
-                np.empty(255, np.int64),
-                np.empty(256, np.float32),
-            ),
-            "room",
-        ),
+        (scaling_four_values(3, 256), "differ in size"),
+        (scaling_four_values(4, 255), "room"),
     ],
 )
 def test_kernels_refuse_buffers_that_do_not_fit(call, message):

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _load() -> ModuleType | None:
@@ -22,6 +26,13 @@ def _load() -> ModuleType | None:
 
 
 compiled = _load()
+
+
+def handle(*arrays: np.ndarray) -> bool:
+    """Whether the kernels are here and can work on *arrays*: native float32, contiguous."""
+    return compiled is not None and all(
+        a.dtype.char == "f" and a.dtype.isnative and a.flags.c_contiguous for a in arrays
+    )
 
 
 def describe() -> str:

@@ -23,7 +23,6 @@ BLOCK = 1 << 16  # values per block: its float64 working copy (512 KiB) stays in
 # largest ones do not underflow.
 _MAX_EXPONENT = 880
 _MIN_EXPONENT = -900
-_NATIVE_FLOAT32 = np.dtype(np.float32)
 
 
 def _add_exact(partials: list[float], x: float) -> None:
@@ -158,7 +157,7 @@ class NormAccumulator:
 
     def _reduce_blocks(self, values: np.ndarray) -> None:
         """Reduce *values*: whole blocks, or the tensor's last, shorter one."""
-        if self._squares and _compiled_squares_apply(values):
+        if self._squares and kernels.handle(values):
             self._reduce_compiled(values)
             return
         for start in range(0, values.size, BLOCK):
@@ -237,15 +236,6 @@ class NormAccumulator:
         else:
             np.power(block, p, out=block)
         return float(np.add.reduce(block))
-
-
-def _compiled_squares_apply(values: np.ndarray) -> bool:
-    """Whether the compiled kernel can sum these values' squares: native float32, contiguous."""
-    return (
-        kernels.compiled is not None
-        and values.dtype == _NATIVE_FLOAT32
-        and values.flags.c_contiguous
-    )
 
 
 def measure(values: np.ndarray, norm_type: float = 2.0) -> NormStats:

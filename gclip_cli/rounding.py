@@ -40,7 +40,6 @@ _BRACKET_MARGIN = Fraction(1, 2**50)
 # magnitudes lie within 2**-149 .. 2**128), where that bound holds.
 _BRACKET_RANGE = (2.0**-800, 2.0**800)
 _CORRECTLY_ROUNDED = (np.dtype(np.float32), np.dtype(np.float16))  # numpy's float64 casts
-_NATIVE_FLOAT32 = np.dtype(np.float32)
 _UNDECIDED_ROOM = 1024  # values the compiled kernel notes before handing back (at least 256)
 
 
@@ -104,7 +103,7 @@ def scale(src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: Scratc
     """
     wide = src.dtype.kind == "f" and src.dtype.itemsize == 8
     bracketed = factor.brackets(src.dtype)
-    if bracketed and _compiled_scaling_applies(src, dst):
+    if bracketed and kernels.handle(src, dst):
         _scale_compiled(src, dst, factor, scratch)
         return
     for start in range(0, src.size, scratch.size):
@@ -182,17 +181,6 @@ def _scale_bracketed(
     if differ.any():
         suspects = np.flatnonzero(differ)
         _recompute_exactly(out, suspects, x[suspects], factor)
-
-
-def _compiled_scaling_applies(src: np.ndarray, dst: np.ndarray) -> bool:
-    """Whether the compiled kernel can scale *src* into *dst*: native float32, contiguous."""
-    return (
-        kernels.compiled is not None
-        and src.dtype == _NATIVE_FLOAT32
-        and src.flags.c_contiguous
-        and dst.flags.c_contiguous
-        and dst.flags.writeable
-    )
 
 
 def _scale_compiled(

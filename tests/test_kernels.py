@@ -49,13 +49,30 @@ def test_block_sums_are_numpys_pairwise_sums_bit_for_bit(n, seed):
     assert peaks.tolist() == expected_peaks
 
 
+def unaligned(values: np.ndarray) -> np.ndarray:
+    """A copy of float32 *values* one byte past an aligned address (as a stored .npz member's
+    values can be, mapped from the archive)."""
+    raw = np.zeros(values.nbytes + 1, dtype=np.uint8)
+    copy = raw[1:].view(np.float32)
+    copy[:] = values
+    return copy
+
+
 def test_block_sums_read_unaligned_values():
-    raw = np.zeros(4 * 1000 + 1, dtype=np.uint8)
-    values = raw[1:].view(np.float32)  # one byte past the allocation's alignment
-    values[:] = wide_range_float32(1000, 5)
+    values = unaligned(wide_range_float32(1000, 5))
     sums, peaks = np.empty(1), np.empty(1)
     compiled.square_sums(values, sums, peaks, BLOCK)
     assert sums.tolist() == numpy_block_sums(values.copy())[0]
+
+
+def test_scaling_reads_and_writes_unaligned_values():
+    values = wide_range_float32(1001, 6)
+    factor = ScaleFactor.of(0.3)
+    src, dst = unaligned(values), unaligned(np.zeros_like(values))
+    scale(src, dst, factor, ScratchBuffers())
+    expected = np.empty_like(values)
+    scale(values, expected, factor, ScratchBuffers())
+    assert np.array_equal(dst.view(np.uint32), expected.view(np.uint32))
 
 
 def accumulated(values: np.ndarray, chunks: list[int]) -> object:

@@ -14,7 +14,7 @@ import pytest
 from conftest import exactly_scaled
 
 from gclip_cli import kernels
-from gclip_cli.norms import BLOCK, NormAccumulator
+from gclip_cli.norms import BLOCK, NormAccumulator, measure
 from gclip_cli.rounding import ScaleFactor, ScratchBuffers, scale
 
 compiled = pytest.importorskip("gclip_cli._kernels", reason="built without the C kernels")
@@ -58,17 +58,12 @@ def unaligned(values: np.ndarray) -> np.ndarray:
     return copy
 
 
-def test_block_sums_read_unaligned_values():
-    values = unaligned(wide_range_float32(1000, 5))
-    sums, peaks = np.empty(1), np.empty(1)
-    compiled.square_sums(values, sums, peaks, BLOCK)
-    assert sums.tolist() == numpy_block_sums(values.copy())[0]
-
-
-def test_scaling_reads_and_writes_unaligned_values():
+def test_unaligned_values_are_left_to_numpy_with_the_same_results():
     values = wide_range_float32(1001, 6)
-    factor = ScaleFactor.of(0.3)
     src, dst = unaligned(values), unaligned(np.zeros_like(values))
+    assert not kernels.handle(src) and kernels.handle(values)
+    assert measure(src) == measure(values)
+    factor = ScaleFactor.of(0.3)
     scale(src, dst, factor, ScratchBuffers())
     expected = np.empty_like(values)
     scale(values, expected, factor, ScratchBuffers())

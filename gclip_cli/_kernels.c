@@ -44,10 +44,19 @@ typedef int64_t i64x4 __attribute__((vector_size(32)));
 #define PAIRWISE_RUN 128 /* numpy's PW_BLOCKSIZE */
 #define SCALE_TILE 256   /* values scaled per step: the two float32 candidates stay in L1 */
 
-static ALWAYS_INLINE f64x4 squares_of_four(const float *values)
+/* Values are read through byte pointers and memcpy: they may lie at any address (a stored .npz
+ * member's values, mapped from the archive, often do not start at a multiple of 4). */
+static ALWAYS_INLINE float float_at(const char *values, Py_ssize_t i)
+{
+    float value;
+    memcpy(&value, values + i * (Py_ssize_t)sizeof value, sizeof value);
+    return value;
+}
+
+static ALWAYS_INLINE f64x4 squares_of_four(const char *values, Py_ssize_t i)
 {
     f32x4 four;
-    memcpy(&four, values, sizeof four); /* values need not be 16-byte aligned */
+    memcpy(&four, values + i * (Py_ssize_t)sizeof(float), sizeof four);
     f64x4 wide = __builtin_convertvector(four, f64x4);
     return wide * wide;
 }
@@ -64,11 +73,11 @@ static ALWAYS_INLINE double square(float value)
     return wide * wide;
 }
 
-static double sum_of_few_squares(const float *values, Py_ssize_t n, double *peak)
+static double sum_of_few_squares(const char *values, Py_ssize_t n, double *peak)
 {
     double sum = -0.0; /* as numpy starts: a sum of nothing but -0.0 stays -0.0 */
     for (Py_ssize_t i = 0; i < n; i++) {
-        double sq = square(values[i]);
+        double sq = square(float_at(values, i));
         sum += sq;
         *peak = sq > *peak ? sq : *peak;
     }
@@ -78,13 +87,13 @@ static double sum_of_few_squares(const float *values, Py_ssize_t n, double *peak
 /* Eight running sums (two vectors of four) over a run of 8..PAIRWISE_RUN values, then the tail
  * one by one. */
 FOR_EACH_CPU
-static double sum_of_run_squares(const float *values, Py_ssize_t n, double *peak)
+static double sum_of_run_squares(const char *values, Py_ssize_t n, double *peak)
 {
-    f64x4 low = squares_of_four(values), high = squares_of_four(values + 4);
+    f64x4 low = squares_of_four(values, 0), high = squares_of_four(values, 4);
     f64x4 top = larger(low, high);
     Py_ssize_t i = 8;
     for (; i < n - n % 8; i += 8) {
-        f64x4 next_low = squares_of_four(values + i), next_high = squares_of_four(values + i + 4);
+        f64x4 next_low = squares_of_four(values, i), next_high = squares_of_four(values, i + 4);
         low += next_low;
         high += next_high;
         top = larger(top, larger(next_low, next_high));
@@ -93,14 +102,14 @@ static double sum_of_run_squares(const float *values, Py_ssize_t n, double *peak
         *peak = top[lane] > *peak ? top[lane] : *peak;
     double sum = ((low[0] + low[1]) + (low[2] + low[3])) + ((high[0] + high[1]) + (high[2] + high[3]));
     for (; i < n; i++) {
-        double sq = square(values[i]);
+        double sq = square(float_at(values, i));
         sum += sq;
         *peak = sq > *peak ? sq : *peak;
     }
     return sum;
 }
 
-static double pairwise_sum_of_squares(const float *values, Py_ssize_t n, double *peak)
+static double pairwise_sum_of_squares(const char *values, Py_ssize_t n, double *peak)
 {
     if (n < 8)
         return sum_of_few_squares(values, n, peak);
@@ -109,7 +118,7 @@ static double pairwise_sum_of_squares(const float *values, Py_ssize_t n, double 
     Py_ssize_t half = n / 2;
     half -= half % 8;
     double left = pairwise_sum_of_squares(values, half, peak);
-    return left + pairwise_sum_of_squares(values + half, n - half, peak);
+    return left + pairwise_sum_of_squares(values + half * sizeof(float), n - half, peak);
 }
 
 static int float32_count(Py_buffer *buffer, const char *name, Py_ssize_t *count)
@@ -146,13 +155,13 @@ static PyObject *square_sums(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "sums and peaks need one float64 per block");
         goto release;
     }
-    const float *v = values.buf;
+    const char *v = values.buf;
     double *sum = sums.buf, *peak = peaks.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < blocks; k++) {
         Py_ssize_t start = k * block, count = n - start < block ? n - start : block;
         peak[k] = 0.0;
-        sum[k] = pairwise_sum_of_squares(v + start, count, &peak[k]);
+        sum[k] = pairwise_sum_of_squares(v + start * sizeof(float), count, &peak[k]);
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
@@ -166,13 +175,13 @@ release:
 /* Scale one tile; its values whose two candidates differ go to *indices* and *originals*, unless
  * there is no room for them, in which case nothing is written and -1 returned. */
 FOR_EACH_CPU
-static Py_ssize_t scale_tile(const float *v, float *out, Py_ssize_t n, double below, double above,
+static Py_ssize_t scale_tile(const char *v, char *out, Py_ssize_t n, double below, double above,
                              int64_t *indices, float *originals, Py_ssize_t room, int64_t first)
 {
     float low[SCALE_TILE], high[SCALE_TILE];
     uint32_t differ = 0;
     for (Py_ssize_t j = 0; j < n; j++) {
-        double wide = v[j];
+        double wide = float_at(v, j);
         low[j] = (float)(wide * below);
         high[j] = (float)(wide * above);
     }
@@ -192,7 +201,7 @@ static Py_ssize_t scale_tile(const float *v, float *out, Py_ssize_t n, double be
         for (Py_ssize_t j = 0; j < n; j++) {
             if (memcmp(&low[j], &high[j], sizeof(float))) {
                 indices[found] = first + j;
-                originals[found++] = v[j]; /* before *out*, which may be *v*, is written */
+                originals[found++] = float_at(v, j); /* before *out*, which may be *v* */
             }
         }
     }
@@ -229,14 +238,15 @@ static PyObject *scale_bracketed(PyObject *module, PyObject *args)
                      SCALE_TILE);
         goto release;
     }
-    const float *v = src.buf;
-    float *out = dst.buf;
+    const char *v = src.buf;
+    char *out = dst.buf;
     int64_t *index = indices.buf;
     float *original = originals.buf;
     Py_BEGIN_ALLOW_THREADS
     while (done < n) {
         Py_ssize_t count = n - done < SCALE_TILE ? n - done : SCALE_TILE;
-        Py_ssize_t noted = scale_tile(v + done, out + done, count, below, above, index + found,
+        Py_ssize_t at = done * (Py_ssize_t)sizeof(float);
+        Py_ssize_t noted = scale_tile(v + at, out + at, count, below, above, index + found,
                                       original + found, room - found, done);
         if (noted < 0)
             break;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
@@ -314,6 +315,37 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
     """
     ctx.obj = _Settings(debug, color)
     signal.signal(signal.SIGTERM, _terminate)
+
+
+def entry_point() -> None:
+    """The ``gclip`` command: main(), then an exit without the interpreter's teardown.
+
+    Tearing down (a last garbage collection over every object, then each module cleared one
+    by one) took 35-40 ms of every run, a fifth of a small file's; the system frees the memory
+    at once.  Threads are still joined, exit handlers still run (this one last: exit handlers
+    run in reverse order of registration) and the standard streams are flushed.
+    """
+    atexit.register(_exit_now)
+    try:
+        main()
+    except SystemExit as done:
+        if isinstance(done.code, int) or done.code is None:  # else Python prints it
+            _exit_status.append(done.code or 0)
+        raise
+
+
+_exit_status: list[int] = []
+
+
+def _exit_now() -> None:
+    if not _exit_status:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # Python's own teardown reports it
+        return
+    os._exit(_exit_status[0])
 
 
 def _terminate(signum: int, frame: object) -> None:

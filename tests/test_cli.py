@@ -170,6 +170,33 @@ def test_python_dash_m_runs_the_cli(make_file, tmp_path):
     assert read_tensors(out, "hdf5")["a"].tolist() == [np.float32(0.6), np.float32(0.8)]
 
 
+@pytest.mark.parametrize(("args", "status"), [(["norm"], 0), (["rescale"], 2), (["norm", "-"], 3)])
+def test_the_quick_exit_keeps_exit_handlers_output_and_status(make_file, args, status):
+    """entry_point skips the interpreter's teardown, not what a normal exit does."""
+    src = make_file("npz", {"a": np.array([3.0, 4.0], np.float32)})
+    code = (
+        "import atexit, sys\n"
+        "from gclip_cli import cli\n"
+        "command = cli.main.main\n"
+        "def main_registering_a_handler(*args, **kwargs):\n"
+        "    atexit.register(print, 'handler ran', file=sys.stderr)\n"
+        "    command(*args, **kwargs)\n"
+        "cli.main.main = main_registering_a_handler\n"
+        "print('buffered', end='')\n"
+        "cli.entry_point()\n"
+    )
+    argv = [*args, src] if args != ["norm", "-"] else args
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, argv)], input=b"", capture_output=True, env=buffered
+    )
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout.startswith(b"buffered")
+    assert proc.stderr.decode().endswith("handler ran\n")
+    if status == 0:
+        assert float(proc.stdout.removeprefix(b"buffered")) == 5.0
+
+
 GCLIP = shutil.which("gclip", path=str(Path(sys.executable).parent))
 
 

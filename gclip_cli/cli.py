@@ -400,7 +400,7 @@ def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Exit 0 when the global norm of FILE... is within --max-norm, 1 when it exceeds it or the
     files hold NaN/Inf, 2 on any error.  Prints one summary line (or JSON)."""
     from .export import report_json
-    from .render import check_line
+    from .summary import check_line
 
     report = _inspect(files, options)
     failed = report.clipped or (report.nonfinite and report.nonfinite_policy == "error")
@@ -749,11 +749,12 @@ def _emit(
     report: Report,
     output_format: str,
     view: View,
-    human: Callable[[Report, Console, View], None],
+    human: Callable[[Report, bool, View], None],
     to_stderr: bool = False,
 ) -> None:
+    """The report for people (human(report, to_stderr, view)) or in a format for programs."""
     if output_format == "table":
-        human(report, _console(to_stderr), view)
+        human(report, to_stderr, view)
         return
     from .export import report_csv, report_json, report_jsonl
 
@@ -772,13 +773,19 @@ def _console(stderr: bool) -> Console:
     return Console(stderr=stderr, highlight=False)  # Rich honours NO_COLOR and TERM=dumb
 
 
-def _print_inspect(report: Report, console: Console, view: View) -> None:
+def _print_inspect(report: Report, to_stderr: bool, view: View) -> None:
     from .render import print_inspect
 
-    print_inspect(report, console, view)
+    print_inspect(report, _console(to_stderr), view)
 
 
-def _print_rescale(report: Report, console: Console, view: View) -> None:
-    from .render import print_rescale
+def _print_rescale(report: Report, to_stderr: bool, view: View) -> None:
+    """Plain lines, then the table of groups if there is one (only it needs Rich, whose import
+    costs start-up)."""
+    from .summary import has_groups_table, rescale_summary
 
-    print_rescale(report, console)
+    click.echo(rescale_summary(report), err=to_stderr)
+    if has_groups_table(report):
+        from .render import print_groups
+
+        print_groups(report, _console(to_stderr))

@@ -15,6 +15,7 @@ from .compare import Diff
 from .export import PLAIN
 from .history import History, sparkline
 from .report import Report
+from .summary import norm_label, number
 from .views import View, by_layer, sort_tensors
 
 _BAR_WIDTH = 5
@@ -28,81 +29,42 @@ def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
     console.print(_summary(report))
 
 
-def print_rescale(report: Report, console: Console) -> None:
-    """Before and after, each labelled: users easily mistake the pre-clip norm for the result."""
-    norm = _norm_label(report.norm_type)
-    verdict = "clipped" if report.clipped else "unchanged (copied as is)"
-    if report.strategy != "global-norm":
-        verdict = f"{report.strategy} {'applied' if report.clipped else verdict}"
-    skipped = len(report.tensors) - len(report.counted)
-    rows = [(f"global {norm} before", _number(report.global_norm))]
-    rows += _strategy_rows(report)
-    rows += [
-        (f"global {norm} after", _number(report.global_norm_after)),
-        ("tensors", f"{len(report.counted)} rewritten, {skipped} copied untouched"),
-    ]
-    width = max(len(label) for label, _ in rows) + 1
-    lines = [f"{verdict}: {report.path} -> {report.output}"]
-    lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
-    console.print(Text("\n".join(lines)))
-    if report.strategy in ("per-tensor", "groups") and report.groups:
-        console.print(_groups_table(report))
-
-
-def _strategy_rows(report: Report) -> list[tuple[str, str]]:
-    if report.strategy == "clip-value":
-        clamped = [t for t in report.counted if t.clamped]
-        total = sum(t.clamped for t in clamped)
-        return [
-            ("max value", _number(report.max_value)),
-            ("values clamped", f"{total:,} in {len(clamped)} tensors"),
-        ]
-    if report.strategy == "normalize":
-        return [
-            ("target norm", _number(report.target_norm)),
-            ("scale factor", _number(report.scale)),
-        ]
-    if report.strategy == "global-norm":
-        return [("max norm", _number(report.max_norm)), ("scale factor", _number(report.scale))]
-    scaled = sum(1 for g in report.groups if g.scale != 1.0)
-    return [("groups clipped", f"{scaled} of {len(report.groups)}")]
-
-
-def _groups_table(report: Report) -> Table:
+def print_groups(report: Report, console: Console) -> None:
+    """The groups of per-tensor or group clipping, each with its max norm, norm and factor."""
     table = _table(report, ["group", "tensors", "max norm", "norm", "scale factor"])
     for group in report.groups:
         table.add_row(
             Text(printable(group.name)),
             str(group.tensors),
-            _number(group.max_norm),
-            _number(group.norm),
-            _number(group.scale),
+            number(group.max_norm),
+            number(group.norm),
+            number(group.scale),
         )
-    return table
+    console.print(table)
 
 
 def print_history(history: History, console: Console) -> None:
     nonfinite = any(s.nonfinite for s in history.steps)
     headers = ["step", "file", "global norm"] + (["NaN/Inf"] if nonfinite else [])
-    table = _plain_table(f"global {_norm_label(history.norm_type)} per step", headers)
+    table = _plain_table(f"global {norm_label(history.norm_type)} per step", headers)
     for step in history.steps:
         cells = [
             "-" if step.step is None else str(step.step),
             Text(printable(step.file)),
-            _number(step.global_norm),
+            number(step.global_norm),
         ]
         table.add_row(*cells, *([f"{step.nonfinite:,}"] if nonfinite else []))
     console.print(table)
     norms = [s.global_norm for s in history.steps]
-    marks = ", ".join(f"{k} {_number(v)}" for k, v in history.percentiles.items())
+    marks = ", ".join(f"{k} {number(v)}" for k, v in history.percentiles.items())
     lines = [f"norms:   {sparkline(norms)}", f"percentiles: {marks or '-'}"]
     if history.max_norm is not None:
         lines.append(
-            f"--max-norm {_number(history.max_norm)} would clip {history.would_clip} of "
+            f"--max-norm {number(history.max_norm)} would clip {history.would_clip} of "
             f"{len(history.steps)} steps"
         )
     lines.append(
-        f"suggested --max-norm (p{history.percentile:g}): {_number(history.suggested_max_norm)}"
+        f"suggested --max-norm (p{history.percentile:g}): {number(history.suggested_max_norm)}"
     )
     console.print(Text("\n".join(lines)))
 
@@ -116,9 +78,9 @@ def print_diff(diff: Diff, console: Console) -> None:
         note = "" if t.status == "compared" else t.status
         table.add_row(
             Text(printable(t.name)),
-            _number(t.norm_a),
-            _number(t.norm_b),
-            _number(t.ratio),
+            number(t.norm_a),
+            number(t.norm_b),
+            number(t.ratio),
             _cosine(t.cosine),
             note,
             style=None if t.status == "compared" else "dim",
@@ -126,25 +88,14 @@ def print_diff(diff: Diff, console: Console) -> None:
     console.print(table)
     console.print(
         Text(
-            f"global L2 norm: A {_number(diff.global_norm_a)}, B {_number(diff.global_norm_b)}; "
-            f"B / A {_number(diff.ratio)}; cosine {_cosine(diff.cosine)}"
+            f"global L2 norm: A {number(diff.global_norm_a)}, B {number(diff.global_norm_b)}; "
+            f"B / A {number(diff.ratio)}; cosine {_cosine(diff.cosine)}"
         )
     )
 
 
 def _cosine(value: float | None) -> str:
     return "-" if value is None else f"{value:.9f}"
-
-
-def check_line(report: Report) -> str:
-    """One line saying whether the global norm is within max_norm."""
-    norm = f"global {_norm_label(report.norm_type)} {_number(report.global_norm)}"
-    files = f" ({len(report.files)} files)" if len(report.files) > 1 else ""
-    if report.nonfinite and report.nonfinite_policy == "error":
-        return f"non-finite: {report.nonfinite:,} NaN/Inf values{files}"
-    if report.clipped:
-        return f"exceeds: {norm} > max norm {_number(report.max_norm)}{files}"
-    return f"ok: {norm} <= max norm {_number(report.max_norm)}{files}"
 
 
 def _tensor_table(report: Report, view: View) -> Table:
@@ -168,9 +119,9 @@ def _tensor_table(report: Report, view: View) -> Table:
             t.dtype,
             "x".join(map(str, t.shape)) or "scalar",
             f"{t.numel:,}",
-            "skipped" if t.skipped else _number(t.norm),
+            "skipped" if t.skipped else number(t.norm),
             _share(t.share),
-            "" if t.max_abs is None else _number(t.max_abs),
+            "" if t.max_abs is None else number(t.max_abs),
         ]
         if nonfinite:
             cells.append("" if t.skipped else f"{t.nonfinite:,}")
@@ -185,7 +136,7 @@ def _layer_table(report: Report, view: View) -> Table:
             Text(printable(layer.name)),
             str(layer.tensors),
             f"{layer.numel:,}",
-            _number(layer.norm),
+            number(layer.norm),
             _share(layer.share),
         )
     return table
@@ -230,7 +181,7 @@ def _summary(report: Report) -> Text:
     skipped = len(report.tensors) - len(report.counted)
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
     lines = [
-        f"global {_norm_label(report.norm_type)}: {_number(report.global_norm)}",
+        f"global {norm_label(report.norm_type)}: {number(report.global_norm)}",
         f"{len(report.counted)} tensors counted, {skipped} skipped{files}; "
         f"{report.total_numel:,} values; {_bytes(report.total_bytes)}",
     ]
@@ -241,9 +192,9 @@ def _summary(report: Report) -> Text:
             treatment = f"--nonfinite {report.nonfinite_policy}: the norm counts finite values"
         lines.append(f"non-finite values: {report.nonfinite:,} ({treatment})")
     if report.max_norm is not None:
-        factor = "n/a (non-finite norm)" if report.scale is None else _number(report.scale)
+        factor = "n/a (non-finite norm)" if report.scale is None else number(report.scale)
         verdict = "would clip" if report.clipped else "within max norm, would not clip"
-        lines.append(f"clip factor for max norm {_number(report.max_norm)}: {factor} ({verdict})")
+        lines.append(f"clip factor for max norm {number(report.max_norm)}: {factor} ({verdict})")
     return Text("\n".join(lines))
 
 
@@ -257,16 +208,6 @@ def printable(name: str) -> str:
     )
 
 
-def _norm_label(norm_type: float) -> str:
-    if math.isinf(norm_type):
-        return "inf-norm"
-    return f"L{norm_type:g} norm"
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.6g}"
-
-
 def _bytes(n: int) -> str:
     if n < 1024:
         return f"{n:,} B"
@@ -275,10 +216,9 @@ def _bytes(n: int) -> str:
 
 
 __all__ = [
-    "check_line",
     "print_diff",
+    "print_groups",
     "print_history",
     "print_inspect",
-    "print_rescale",
     "printable",
 ]

@@ -470,6 +470,40 @@ def test_every_command_is_in_the_readme():
         assert f"gclip {name}" in readme, name
 
 
+@pytest.mark.parametrize(
+    ("args", "needs_rich"),
+    [
+        (["rescale", "{src}", "{out}", "--max-norm", "1"], False),
+        (["check", "{src}", "--max-norm", "1"], False),
+        (["rescale", "{src}", "{out}", "--max-norm", "1", "--per-tensor"], True),
+    ],
+)
+def test_rich_is_imported_only_for_tables(tmp_path, args, needs_rich):
+    """Its import costs start-up; rescale's and check's plain lines do without."""
+    src = write_tensors(tmp_path / "g.npz", "npz", {"w": np.full(4, 2.0, dtype=np.float32)})
+    argv = [a.format(src=src, out=tmp_path / "o.npz") for a in args]
+    code = (
+        "import sys\n"
+        "from gclip_cli.cli import main\n"
+        "try:\n"
+        f"    main({argv!r}, standalone_mode=False)\n"
+        "finally:\n"
+        "    print('rich' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == (1 if args[0] == "check" else 0), proc.stderr
+    *printed, imported = proc.stdout.splitlines()
+    assert imported == str(needs_rich)
+    if args[0] == "check":
+        assert printed == ["exceeds: global L2 norm 4 > max norm 1"]
+        return
+    lines = proc.stderr.splitlines()
+    verdict = "per-tensor applied" if needs_rich else "clipped"
+    assert lines[0] == f"{verdict}: {src} -> {tmp_path / 'o.npz'}"  # one line, however long
+    assert "  global L2 norm after:  1" in lines
+    assert any(line.split()[:2] == ["group", "tensors"] for line in lines) == needs_rich
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux's /proc")
 def test_the_cli_starts_numpy_without_blas_helper_threads(tmp_path):
     """OpenBLAS's helper threads would spin on the cores gclip's workers need."""

@@ -3,8 +3,9 @@ import math
 
 from rich.console import Console
 
-from gclip_cli.render import print_inspect, print_rescale, printable
+from gclip_cli.render import print_groups, print_inspect, printable
 from gclip_cli.report import Report, TensorReport
+from gclip_cli.strategies import GroupReport
 
 
 def sample_report(**overrides) -> Report:
@@ -39,16 +40,18 @@ def test_inspect_table_shows_nonfinite_and_skipped_rows():
     assert "non-finite values: 1 (rescale refuses this file; see --nonfinite)" in text
 
 
-def test_rescale_summary_is_labelled():
+def test_groups_table_has_a_row_per_group():
+    groups = (GroupReport("a.*", 1.0, 4.0, 0.25, 2), GroupReport("(the rest)", None, 0.5, 1.0, 1))
     report = sample_report(
         global_norm=5.0,
-        max_norm=1.0,
-        scale=0.2,
         clipped=True,
         output="o.npz",
-        global_norm_after=1.0,
+        global_norm_after=1.1,
+        strategy="groups",
+        groups=groups,
     )
-    text = render(print_rescale, report)
-    assert text.splitlines()[0] == "clipped: g.npz -> o.npz"
-    assert "global L2 norm before: 5" in text and "global L2 norm after:  1" in text
-    assert "2 rewritten, 1 copied untouched" in text
+    lines = render(print_groups, report).splitlines()
+    assert lines[0].split() == ["g.npz", "(npz)"]
+    assert lines[1].split() == ["group", "tensors", "max", "norm", "norm", "scale", "factor"]
+    rows = [line.split() for line in lines if line.startswith(("a.*", "(the rest)"))]
+    assert rows == [["a.*", "2", "1", "4", "0.25"], ["(the", "rest)", "1", "-", "0.5", "1"]]

@@ -1,0 +1,72 @@
+"""Plain-text lines for people that need no Rich (render.py has the tables): the commands that
+print only these start without importing it."""
+
+from __future__ import annotations
+
+import math
+
+from .report import Report
+
+
+def rescale_summary(report: Report) -> str:
+    """Before and after, each labelled: users easily mistake the pre-clip norm for the result."""
+    norm = norm_label(report.norm_type)
+    verdict = "clipped" if report.clipped else "unchanged (copied as is)"
+    if report.strategy != "global-norm":
+        verdict = f"{report.strategy} {'applied' if report.clipped else verdict}"
+    skipped = len(report.tensors) - len(report.counted)
+    rows = [(f"global {norm} before", number(report.global_norm))]
+    rows += _strategy_rows(report)
+    rows += [
+        (f"global {norm} after", number(report.global_norm_after)),
+        ("tensors", f"{len(report.counted)} rewritten, {skipped} copied untouched"),
+    ]
+    width = max(len(label) for label, _ in rows) + 1
+    lines = [f"{verdict}: {report.path} -> {report.output}"]
+    lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def has_groups_table(report: Report) -> bool:
+    """Whether the report comes with a table of groups (render.print_rescale_with_groups)."""
+    return report.strategy in ("per-tensor", "groups") and bool(report.groups)
+
+
+def _strategy_rows(report: Report) -> list[tuple[str, str]]:
+    if report.strategy == "clip-value":
+        clamped = [t for t in report.counted if t.clamped]
+        total = sum(t.clamped for t in clamped)
+        return [
+            ("max value", number(report.max_value)),
+            ("values clamped", f"{total:,} in {len(clamped)} tensors"),
+        ]
+    if report.strategy == "normalize":
+        return [
+            ("target norm", number(report.target_norm)),
+            ("scale factor", number(report.scale)),
+        ]
+    if report.strategy == "global-norm":
+        return [("max norm", number(report.max_norm)), ("scale factor", number(report.scale))]
+    scaled = sum(1 for g in report.groups if g.scale != 1.0)
+    return [("groups clipped", f"{scaled} of {len(report.groups)}")]
+
+
+def check_line(report: Report) -> str:
+    """One line saying whether the global norm is within max_norm."""
+    norm = f"global {norm_label(report.norm_type)} {number(report.global_norm)}"
+    files = f" ({len(report.files)} files)" if len(report.files) > 1 else ""
+    if report.nonfinite and report.nonfinite_policy == "error":
+        return f"non-finite: {report.nonfinite:,} NaN/Inf values{files}"
+    if report.clipped:
+        return f"exceeds: {norm} > max norm {number(report.max_norm)}{files}"
+    return f"ok: {norm} <= max norm {number(report.max_norm)}{files}"
+
+
+def norm_label(norm_type: float) -> str:
+    if math.isinf(norm_type):
+        return "inf-norm"
+    return f"L{norm_type:g} norm"
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"

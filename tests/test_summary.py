@@ -1,0 +1,64 @@
+import math
+
+from gclip_cli.report import Report, TensorReport
+from gclip_cli.strategies import GroupReport
+from gclip_cli.summary import check_line, has_groups_table, rescale_summary
+
+
+def sample_report(**overrides) -> Report:
+    tensors = (
+        TensorReport("w", "float32", (2, 3), 6, 24, None, norm=3.0, max_abs=2.0, share=0.36),
+        TensorReport("step", "int64", (), 1, 8, "int64 is not a floating-point type"),
+    )
+    fields = dict(path="g.npz", file_format="npz", norm_type=2.0, global_norm=5.0, tensors=tensors)
+    return Report(**(fields | overrides))
+
+
+def test_rescale_summary_labels_before_and_after():
+    report = sample_report(
+        max_norm=1.0, scale=0.2, clipped=True, output="o.npz", global_norm_after=1.0
+    )
+    assert rescale_summary(report).splitlines() == [
+        "clipped: g.npz -> o.npz",
+        "  global L2 norm before: 5",
+        "  max norm:              1",
+        "  scale factor:          0.2",
+        "  global L2 norm after:  1",
+        "  tensors:               1 rewritten, 1 copied untouched",
+    ]
+
+
+def test_rescale_summary_keeps_long_paths_on_one_line():
+    long = "/data/" + "x" * 150 + ".safetensors"
+    report = sample_report(path=long, output=long + ".out", max_norm=1.0, scale=1.0)
+    first = rescale_summary(report).splitlines()[0]
+    assert first == f"unchanged (copied as is): {long} -> {long}.out"
+
+
+def test_clip_value_summary_counts_the_values_clamped():
+    tensors = (
+        TensorReport("a", "float32", (4,), 4, 16, None, norm=3.0, max_abs=2.0, clamped=3),
+        TensorReport("b", "float32", (4,), 4, 16, None, norm=1.0, max_abs=0.5, clamped=0),
+    )
+    report = sample_report(
+        tensors=tensors, strategy="clip-value", max_value=0.5, clipped=True, output="o.npz"
+    )
+    lines = rescale_summary(report).splitlines()
+    assert lines[0] == "clip-value applied: g.npz -> o.npz"
+    assert "  values clamped:        3 in 1 tensors" in lines
+
+
+def test_only_per_tensor_and_group_clipping_come_with_a_table():
+    groups = (GroupReport("a.*", 1.0, 4.0, 0.25, 1),)
+    assert has_groups_table(sample_report(strategy="groups", groups=groups))
+    assert not has_groups_table(sample_report(strategy="groups"))
+    assert not has_groups_table(sample_report(strategy="global-norm", groups=groups))
+
+
+def test_check_line_says_within_exceeds_or_nonfinite():
+    assert check_line(sample_report(max_norm=6.0)) == "ok: global L2 norm 5 <= max norm 6"
+    over = sample_report(max_norm=1.0, clipped=True, files=("a", "b"))
+    assert check_line(over) == "exceeds: global L2 norm 5 > max norm 1 (2 files)"
+    with_nan = TensorReport("w", "float32", (4,), 4, 16, None, norm=math.nan, nan=2, inf=1)
+    bad = sample_report(global_norm=math.nan, tensors=(with_nan,), nonfinite_policy="error")
+    assert check_line(bad) == "non-finite: 3 NaN/Inf values"

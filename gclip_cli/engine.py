@@ -25,7 +25,8 @@ def measure_tensors(
     """Pass 1: NormStats of every gradient tensor of *tfile* (None for skipped tensors), the
     plain stored ones by *jobs* worker processes when that pays."""
     pieces = parallel.measurable_pieces(tfile, jobs)
-    measured = parallel.measure_pieces(tfile.path, pieces, norm_type, chunk_bytes, jobs)
+    measured, crcs = parallel.measure_pieces(tfile.path, pieces, norm_type, chunk_bytes, jobs)
+    tfile.verify_checksums(crcs)
     return [
         None
         if not t.is_gradient
@@ -270,11 +271,12 @@ def rewrite(
     leave = {s.tensor.name for s in spans} | {p.tensor.name for p in pieces}
     tfile.write_transformed(out, rewriter, chunk_bytes, leave=leave)
     rewriter.finish()
-    if spans:
-        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs)
+    crcs = (
+        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs) if spans else {}
+    )
     if pieces:
         parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs)
-    tfile.finish_output(out)
+    tfile.finish_output(out, crcs)
     after = rewriter.after
     return [
         after.get(tensor.name, NormStats(rewriter.norm_type)) if tensor.is_gradient else None

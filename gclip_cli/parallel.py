@@ -29,6 +29,7 @@ from .formats.base import (
     window_buffer,
     window_pieces,
 )
+from .formats.deflate import crc32, crc32_combine
 from .isolation import can_fork, run_forked, tell_parent
 from .norms import BLOCK, NormAccumulator, NormStats
 
@@ -50,12 +51,14 @@ def available_cores() -> int:
 @dataclass(frozen=True)
 class Span:
     """Values [first, first + count) of a gradient tensor, stored as plain bytes from *offset*
-    in the input and at the same offset in the output."""
+    in the input and at the same offset in the output.  *checksummed*: the file keeps CRC-32s
+    of its plain values, so those of the span's bytes as read and as written are wanted."""
 
     tensor: TensorInfo
     offset: int
     first: int
     count: int
+    checksummed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -66,14 +69,18 @@ class Span:
         offset = self.offset + start * self.tensor.dtype.itemsize
         return replace(self, offset=offset, first=self.first + start, count=stop - start)
 
-    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+    def measure(self, fd: int, norm_type: float, window: int) -> tuple[NormStats, int | None]:
+        """The statistics of the span's values and, if checksummed, the CRC-32 of its bytes."""
         accumulator = NormAccumulator(norm_type)
+        crc = 0 if self.checksummed else None
         itemsize = self.tensor.dtype.itemsize
         for offset, nbytes in window_pieces(self.offset, self.nbytes, itemsize, window):
             with mapped(fd, offset, nbytes) as raw:
                 accumulator.add(raw.view(self.tensor.dtype))
+                if crc is not None:
+                    crc = crc32(raw, crc)
             progress.advance(nbytes)
-        return accumulator.finish()
+        return accumulator.finish(), crc
 
 
 def parallel_spans(tfile: TensorFile, jobs: int) -> list[Span]:
@@ -82,7 +89,7 @@ def parallel_spans(tfile: TensorFile, jobs: int) -> list[Span]:
     return _worth_sharing(_plain_spans(tfile)) if _can_share(jobs) else []
 
 
-def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece]:
+def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece | Span]:
     """The pieces worth handing to *jobs* workers to measure: the plain spans and the pieces
     of chunked tensors (none when one process would do as well)."""
     if not _can_share(jobs):
@@ -105,7 +112,7 @@ def _can_share(jobs: int) -> bool:
 def _plain_spans(tfile: TensorFile) -> list[Span]:
     offsets = tfile.plain_offsets()
     return [
-        Span(t, offsets[t.name], 0, t.numel)
+        Span(t, offsets[t.name], 0, t.numel, tfile.checksummed)
         for t in tfile.tensors
         if t.is_gradient and t.name in offsets
     ]
@@ -151,29 +158,47 @@ def deal(pieces: Sequence[P], jobs: int) -> list[list[P]]:
     return [share for share in shares if share]
 
 
+# Where a CRC-32 was taken: (tensor name, first value, bytes, CRC-32 of those bytes).
+CrcPart = tuple[str, int, int, int]
+
+
 def measure_pieces(
-    path: Path, pieces: Sequence[ValuePiece], norm_type: float, chunk_bytes: int, jobs: int
-) -> dict[str, NormStats]:
+    path: Path, pieces: Sequence[ValuePiece | Span], norm_type: float, chunk_bytes: int, jobs: int
+) -> tuple[dict[str, NormStats], dict[str, int]]:
     """The NormStats of the values *pieces* cover, per tensor name, measured by *jobs*
-    workers."""
+    workers; and the CRC-32s of the values of the tensors whose spans are checksummed."""
     window = min(chunk_bytes, _WORKER_WINDOW)
     tasks = [(_measure_share, (path, share, norm_type, window)) for share in deal(pieces, jobs)]
     merged: dict[str, NormStats] = {}
-    for results in run_forked(path, tasks):
+    crcs: list[CrcPart] = []
+    for results, crc_parts in run_forked(path, tasks):
+        crcs += crc_parts
         for name, stats in results:
             merged.setdefault(name, NormStats(norm_type)).merge(stats)
-    return merged
+    return merged, combined_crcs(crcs)
+
+
+def combined_crcs(parts: Sequence[CrcPart]) -> dict[str, int]:
+    """The CRC-32 of each tensor's values from those of its parts (which cover them all)."""
+    crcs: dict[str, int] = {}
+    for name, _, nbytes, crc in sorted(parts):
+        crcs[name] = crc32_combine(crcs[name], crc, nbytes) if name in crcs else crc
+    return crcs
 
 
 def rewrite_spans(
     path: Path, out: Path, spans: Sequence[Span], rewriter: Rewriter, chunk_bytes: int, jobs: int
-) -> None:
+) -> dict[str, int]:
     """Write *spans* of *path* through *rewriter* into the same places of *out*, by *jobs*
-    workers; what they measured is merged into *rewriter*."""
+    workers; what they measured is merged into *rewriter*.  Returns the CRC-32s of the values
+    written of the tensors whose spans are checksummed."""
     window = min(chunk_bytes, _WORKER_WINDOW)
     tasks = [(_rewrite_share, (path, out, share, rewriter, window)) for share in cut(spans, jobs)]
-    for done in run_forked(path, tasks):
+    crcs: list[CrcPart] = []
+    for done, crc_parts in run_forked(path, tasks):
         rewriter.merge(done)
+        crcs += crc_parts
+    return combined_crcs(crcs)
 
 
 def encode_pieces(
@@ -228,20 +253,34 @@ def _encode_share(
 
 
 def _measure_share(
-    path: Path, pieces: Sequence[ValuePiece], norm_type: float, window: int
-) -> list[tuple[str, NormStats]]:
+    path: Path, pieces: Sequence[ValuePiece | Span], norm_type: float, window: int
+) -> tuple[list[tuple[str, NormStats]], list[CrcPart]]:
+    results, crcs = [], []
     with open(path, "rb") as src:
-        return [(p.tensor.name, p.measure(src.fileno(), norm_type, window)) for p in pieces]
+        for piece in pieces:
+            if isinstance(piece, Span):
+                stats, crc = piece.measure(src.fileno(), norm_type, window)
+                if crc is not None:
+                    crcs.append((piece.tensor.name, piece.first, piece.nbytes, crc))
+            else:
+                stats = piece.measure(src.fileno(), norm_type, window)
+            results.append((piece.tensor.name, stats))
+    return results, crcs
 
 
 def _rewrite_share(
     path: Path, out: Path, spans: Sequence[Span], template: Rewriter, window: int
-) -> Rewriter:
+) -> tuple[Rewriter, list[CrcPart]]:
     rewriter = template.blank()
     buffer = window_buffer(window)
+    crcs = []
     with open(path, "rb") as src, open(out, "r+b") as dst:
         for span in spans:
             where = (span.tensor, span.offset, span.nbytes)
-            rewrite_at(src.fileno(), dst.fileno(), *where, rewriter, window, buffer)
+            crc = rewrite_at(
+                src.fileno(), dst.fileno(), *where, rewriter, window, buffer, span.checksummed
+            )
+            if crc is not None:
+                crcs.append((span.tensor.name, span.first, span.nbytes, crc))
     rewriter.finish()
-    return rewriter
+    return rewriter, crcs

@@ -104,6 +104,25 @@ def test_corrupted_crc_is_detected(tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+@pytest.mark.parametrize("flipped", [0, 4 * BLOCK - 1, 4 * (2 * BLOCK + 3) - 1])
+def test_damaged_stored_values_are_refused_whoever_reads_them(tmp_path, monkeypatch, jobs, flipped):
+    """Workers checksum the parts of a member they read; combined, the damage shows."""
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
+    values = np.random.default_rng(2).standard_normal(2 * BLOCK + 3).astype(np.float32)
+    src = tmp_path / "in.npz"
+    np.savez(src, w=values, v=values[:100])
+    raw = bytearray(src.read_bytes())
+    raw[raw.find(values.tobytes()) + flipped] ^= 0x01
+    src.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"member 'w\.npy': bad CRC-32"):
+        gclip_cli.inspect_file(src, jobs=jobs)
+    with pytest.raises(InputError, match=r"member 'w\.npy': bad CRC-32"):
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0, jobs=jobs)
+    assert not (tmp_path / "out.npz").exists()
+    assert src.read_bytes() == raw
+
+
 def test_repeated_member_names_are_refused(tmp_path):
     src = tmp_path / "in.npz"
     with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(src, "w") as z:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import zlib
 from dataclasses import replace
 
 import h5py
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gclip_cli import InputError, OutputError, api, parallel
+from gclip_cli.engine import Rewriter
 from gclip_cli.formats import TensorInfo, base
 from gclip_cli.norms import BLOCK
 from gclip_cli.parallel import Span, cut
@@ -93,6 +95,36 @@ def test_shares_cover_every_value_once_in_order_cut_at_whole_blocks(sizes, parts
 def test_even_spans_make_even_shares():
     shares = cut([span("a", 40 * BLOCK), span("b", 24 * BLOCK, offset=160 * BLOCK)], 2)
     assert [sum(p.count for p in share) for share in shares] == [32 * BLOCK, 32 * BLOCK]
+
+
+# --- checksums of the values, from pieces --------------------------------------------------------
+
+
+class Negate(Rewriter):  # at module level: workers send theirs back pickled
+    def rewrite(self, tensor, src, dst):
+        np.negative(src, out=dst)
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+def test_workers_checksum_the_values_they_read_and_write(tmp_path, jobs):
+    """CRC-32s of checksummed spans cut across workers, combined, are those of the bytes."""
+    rng = np.random.default_rng(4)
+    values = {"a": rng.standard_normal(3 * BLOCK + 5), "b": rng.standard_normal(BLOCK - 9)}
+    raw = b"head" + b"".join(v.astype("<f4").tobytes() for v in values.values())
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(raw)
+    out.write_bytes(raw)
+    offsets = {"a": 4, "b": 4 + values["a"].nbytes // 2}
+    spans = [
+        replace(span(name, v.size, offset=offsets[name]), checksummed=name == "a")
+        for name, v in values.items()
+    ]
+    stats, read = parallel.measure_pieces(src, spans, 2.0, 1 << 20, jobs)
+    assert set(stats) == {"a", "b"}
+    assert read == {"a": zlib.crc32(raw[4 : offsets["b"]])}
+    written = parallel.rewrite_spans(src, out, spans, Negate(2.0), 1 << 20, jobs)
+    assert written == {"a": zlib.crc32(out.read_bytes()[4 : offsets["b"]])}
+    assert out.read_bytes()[4 : offsets["b"]] == (-values["a"].astype("<f4")).tobytes()
 
 
 # --- the same bytes whatever the number of jobs ------------------------------------------------

@@ -21,6 +21,7 @@ from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
 from ..norms import BLOCK, NormStats
 from .deflate import ERRORS as DEFLATE_ERRORS
+from .deflate import crc32
 
 # What reading a damaged or truncated input raises, from the OS, zipfile, zlib, numpy or h5py.
 READ_ERRORS = (
@@ -131,6 +132,9 @@ class TensorFile(Protocol):
     path: Path
     format_name: str
     tensors: Sequence[TensorInfo]
+    # Whether the file keeps CRC-32s of the plain values (plain_offsets()): then the workers
+    # that read or write them compute theirs, for verify_checksums() and finish_output().
+    checksummed: bool
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_bytes* bytes."""
@@ -157,8 +161,14 @@ class TensorFile(Protocol):
         """
         ...
 
-    def finish_output(self, out: Path) -> None:
-        """Complete *out* once every value is in place (e.g. checksums over the values)."""
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        """Check the CRC-32s of plain values as read, by tensor name (from workers)."""
+        ...
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
+        """Complete *out* once every value is in place (e.g. checksums over the values);
+        *crcs*: the CRC-32s of plain values as written, by tensor name, where workers wrote
+        them."""
         ...
 
     def close(self) -> None: ...
@@ -323,16 +333,22 @@ def rewrite_at(
     transform: Transform,
     chunk_bytes: int,
     buffer: np.ndarray,
-) -> None:
+    checksum: bool = False,
+) -> int | None:
     """Pass the values of *tensor* at bytes [start, start + nbytes) of file *src* through
     *transform* into the same place of file *dst*, a window at a time through *buffer*
-    (uint8, at least one window or one item long)."""
+    (uint8, at least one window or one item long).  Returns the CRC-32 of the bytes written
+    if *checksum*, else None."""
     dtype = tensor.dtype
+    crc = 0 if checksum else None
     for offset, length in window_pieces(start, nbytes, dtype.itemsize, chunk_bytes):
         target = buffer[:length]
         with mapped(src, offset, length) as raw:
             transform(tensor, raw.view(dtype), target.view(dtype))
+        if crc is not None:
+            crc = crc32(target, crc)
         write_all_at(dst, memoryview(target), offset)
+    return crc
 
 
 def window_buffer(chunk_bytes: int) -> np.ndarray:

@@ -26,6 +26,42 @@ ERRORS: tuple[type[Exception], ...] = (isal_zlib.error,) if isal_zlib else ()
 crc32 = isal_zlib.crc32 if isal_zlib else zlib.crc32
 
 
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B, from crc1 = CRC-32(A), crc2 = CRC-32(B) and B's length in bytes:
+    pieces checksummed apart (by worker processes) give the checksum of the whole."""
+    if isal_zlib is not None:
+        return isal_zlib.crc32_combine(crc1, crc2, length2)
+    # zlib's method (Python's zlib module does not offer it): crc1 times x**(8 * length2),
+    # modulo the CRC-32 polynomial, plus crc2.
+    return _times_modulo(_x_to_the_8n(length2), crc1) ^ crc2
+
+
+_POLYNOMIAL = 0xEDB88320  # CRC-32's, bit-reversed as zlib computes it
+
+
+def _times_modulo(a: int, b: int) -> int:
+    """a * b modulo the polynomial (bit-reversed: the top bit is x**0)."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLYNOMIAL if b & 1 else b >> 1
+    return product
+
+
+def _x_to_the_8n(n: int) -> int:
+    """x**(8 * n) modulo the polynomial, by squaring."""
+    result, power = 1 << 31, 1 << 23  # x**0, x**8
+    while n:
+        if n & 1:
+            result = _times_modulo(power, result)
+        power = _times_modulo(power, power)
+        n >>= 1
+    return result
+
+
 def inflate(data: bytes, limit: int) -> bytes:
     """Decompress the zlib stream *data*, which must hold at most *limit* bytes (so a damaged
     or hostile stream cannot fill the memory)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Set
+from collections.abc import Iterator, Mapping, Set
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +51,7 @@ Selection = tuple[slice, ...]
 
 class Hdf5File:
     format_name = FORMAT_NAME
+    checksummed = False  # the file keeps no checksums of the values
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -160,7 +161,10 @@ class Hdf5File:
             self._chunk_index[tensor.name] = found
         return self._chunk_index[tensor.name]
 
-    def finish_output(self, out: Path) -> None:
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        pass  # not checksummed: there are none
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         pass  # nothing outside the values depends on them
 
     def close(self) -> None:

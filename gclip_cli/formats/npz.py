@@ -14,7 +14,7 @@ import os
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Set
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -40,7 +40,7 @@ from .base import (
     window_pieces,
     write_all_at,
 )
-from .deflate import crc32, faster_deflate
+from .deflate import crc32, crc32_combine, faster_deflate
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -63,6 +63,7 @@ _HEADER_READERS = {
 
 class NpzFile:
     format_name = FORMAT_NAME
+    checksummed = True  # a CRC-32 per member
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -145,20 +146,37 @@ class NpzFile:
 
     def plain_offsets(self) -> dict[str, int]:
         """Where the values of the gradient members lie, when the output can keep the archive's
-        layout (every one of them stored, members apart); else none.  Their CRC-32s are checked
-        here, since whoever reads values by offset does not."""
+        layout (every one of them stored, members apart); else none.  Whoever reads them there
+        checks their CRC-32s: read_chunks() on the way, workers by verify_checksums(), and
+        write_transformed() checks any left before it writes."""
         members = [t for t in self.tensors if t.is_gradient]
         if not members or not self._layout_is_plain(members):
             return {}
-        offsets = {}
-        for tensor in members:
-            info, data_offset = tensor.location
-            if info.filename not in self._checked:
+        return {t.name: self._data_start(t.location[0]) + t.location[1] for t in members}
+
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        """Check the CRC-32s of members' values (by tensor name), computed as they were read."""
+        for tensor in self.tensors:
+            if tensor.name in crcs:
+                info = tensor.location[0]
+                if self._member_crc(tensor, crcs[tensor.name]) != info.CRC:
+                    raise self._bad_crc(info)
+                self._checked.add(info.filename)
+
+    def _member_crc(self, tensor: TensorInfo, values_crc: int) -> int:
+        """A stored member's CRC-32 from that of its values: its .npy header's comes first."""
+        info, data_offset = tensor.location
+        with reading(self.path, f"member {info.filename!r}"):
+            header = os.pread(self._raw.fileno(), data_offset, self._data_start(info))
+        return crc32_combine(crc32(header), values_crc, tensor.nbytes)
+
+    def _check_unchecked(self, plain: Mapping[str, int]) -> None:
+        for tensor in self.tensors:
+            info = tensor.location[0] if tensor.name in plain else None
+            if info is not None and info.filename not in self._checked:
                 if _member_crc(self._raw.fileno(), self._data_start(info), info) != info.CRC:
                     raise self._bad_crc(info)
                 self._checked.add(info.filename)
-            offsets[tensor.name] = self._data_start(info) + data_offset
-        return offsets
 
     def _layout_is_plain(self, members: list[TensorInfo]) -> bool:
         """Whether *members* are stored, without data descriptors after them (which would hold
@@ -187,14 +205,15 @@ class NpzFile:
     ) -> None:
         plain = self.plain_offsets()
         if plain:
+            self._check_unchecked(plain)
             placed = {t: plain[t.name] for t in self.tensors if t.name in plain}
             rewrite_in_place(self._raw.fileno(), out, placed, transform, chunk_bytes, leave)
         else:
             self._write_through_zipfile(out, transform, chunk_bytes)
 
-    def finish_output(self, out: Path) -> None:
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """A byte copy with new values needs their new CRC-32s, in the members' local headers
-        and in the central directory."""
+        and in the central directory (from those of the values in *crcs*, else computed)."""
         plain = self.plain_offsets()
         if not plain:
             return
@@ -203,7 +222,11 @@ class NpzFile:
             for tensor in self.tensors:
                 if tensor.name in plain:
                     info = tensor.location[0]
-                    crc = _member_crc(copy.fileno(), self._data_start(info), info)
+                    crc = (
+                        self._member_crc(tensor, crcs[tensor.name])
+                        if tensor.name in crcs
+                        else _member_crc(copy.fileno(), self._data_start(info), info)
+                    )
                     field = memoryview(struct.pack("<I", crc))
                     write_all_at(copy.fileno(), field, info.header_offset + _LOCAL_CRC)
                     write_all_at(copy.fileno(), field, central[info.filename] + _CENTRAL_CRC)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Set
+from collections.abc import Iterator, Mapping, Set
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +68,7 @@ _DTYPES: dict[str, tuple[int, np.dtype]] = {
 
 class SafetensorsFile:
     format_name = FORMAT_NAME
+    checksummed = False  # the file keeps no checksums of the values
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -122,7 +123,10 @@ class SafetensorsFile:
         itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
         return window_pieces(self._data_start + begin, end - begin, itemsize, chunk_bytes)
 
-    def finish_output(self, out: Path) -> None:
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        pass  # not checksummed: there are none
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         pass  # nothing outside the values depends on them
 
     def close(self) -> None:

@@ -77,6 +77,7 @@ class Case:
     label: str
     command: str
     output: Path | None = None  # removed (untimed) before each run
+    reads: Path | None = None  # read into the page cache (untimed) before each run
     walls: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
     pss_kib: list[int] = field(default_factory=list)
@@ -103,7 +104,9 @@ def run_once(case: Case, rss_file: Path) -> tuple[float, int, int]:
     """Wall time, peak RSS of the largest process (KiB) and peak total PSS of all its
     processes (KiB) of *case*'s command run by sh, output discarded.
 
-    Every run starts alike: no dirty pages left by the run before (sync), then its output
+    Every run starts alike: its input in the page cache (this VM's kernel pages out what has
+    not been touched for a minute, DAMON's pageout scheme, so a dump warmed once may be read
+    from the disk rounds later), no dirty pages left by the run before (sync), then its output
     gone.  In that order, so that the pages of the deleted output are free for this run's
     writes at once: on this VM, writing 1 GiB into pages just freed took 0.2-0.3 s of system
     time, into others up to 3 s (measured with a plain pwrite loop), which would time the
@@ -112,6 +115,8 @@ def run_once(case: Case, rss_file: Path) -> tuple[float, int, int]:
     report, this process's own peak); the total is sampled from /proc every 20 ms and counts
     pages that gclip's worker processes share once (proportional set size).
     """
+    if case.reads is not None:
+        read_into_cache(case.reads)
     os.sync()
     if case.output is not None:
         case.output.unlink(missing_ok=True)
@@ -169,24 +174,28 @@ def format_cases(fmt: str, dump: Path, work: Path, compressed: bool) -> list[Cas
     q = shlex.quote
     flag = "1" if compressed else "0"
     rescale = f"{GCLIP} rescale {q(str(dump))} {q(str(out))} --max-norm 1"
+
+    def case(label: str, command: str, output: Path | None = None) -> Case:
+        return Case(label, command, output, reads=dump)
+
     return [
-        Case("cp", f"cp {q(str(dump))} {q(str(work / 'cp.tmp'))}", work / "cp.tmp"),
-        Case("cat", f"cat {q(str(dump))} > /dev/null"),
-        Case("python -c 'import numpy'", f"{PY} -c 'import numpy'"),
-        Case("gclip rescale", rescale, out),
-        Case("gclip inspect", f"{GCLIP} inspect {q(str(dump))} --json"),
-        Case("gclip rescale -j1", f"{rescale} -j1", out),
-        Case("gclip inspect -j1", f"{GCLIP} inspect {q(str(dump))} --json -j1"),
-        Case("gclip rescale, numpy only", f"GCLIP_NUMPY_ONLY=1 {rescale}", out),
-        Case(
+        case("cp", f"cp {q(str(dump))} {q(str(work / 'cp.tmp'))}", work / "cp.tmp"),
+        case("cat", f"cat {q(str(dump))} > /dev/null"),
+        case("python -c 'import numpy'", f"{PY} -c 'import numpy'"),
+        case("gclip rescale", rescale, out),
+        case("gclip inspect", f"{GCLIP} inspect {q(str(dump))} --json"),
+        case("gclip rescale -j1", f"{rescale} -j1", out),
+        case("gclip inspect -j1", f"{GCLIP} inspect {q(str(dump))} --json -j1"),
+        case("gclip rescale, numpy only", f"GCLIP_NUMPY_ONLY=1 {rescale}", out),
+        case(
             "gclip inspect, numpy only", f"GCLIP_NUMPY_ONLY=1 {GCLIP} inspect {q(str(dump))} --json"
         ),
-        Case(
+        case(
             "load-all rescale",
             python_script(LOAD_ALL_RESCALE[fmt]) + f" {q(str(dump))} {q(str(base))} {flag}",
             base,
         ),
-        Case(
+        case(
             "load-all inspect",
             python_script(LOAD_ALL_INSPECT[fmt] + INSPECT_TAIL) + f" {q(str(dump))}",
         ),
@@ -276,6 +285,10 @@ def prepare_dump(path: Path, size: int, compressed: bool) -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    read_into_cache(path)
+
+
+def read_into_cache(path: Path) -> None:
     with open(path, "rb") as dump:
         while dump.read(16 << 20):
             pass

@@ -1,7 +1,9 @@
 """One file on several cores: values stored as plain bytes are cut into shares, which forked
-worker processes measure (pass 1) and rewrite in place with pwrite (pass 2).  Values a format
-stores otherwise (compressed HDF5 chunks) come as pieces the format cuts, which workers
-measure and encode into spool files that one process then places in the output.
+worker processes measure (pass 1) and rewrite in place with pwrite (pass 2); where the file
+keeps CRC-32s of those values (.npz), the workers checksum their parts as read and as written,
+and the parts' checksums are combined here.  Values a format stores otherwise (compressed
+HDF5 chunks) come as pieces the format cuts, which workers measure and encode into spool files
+that one process then places in the output.
 
 Processes, not threads: the numpy calls on cache-sized blocks are too short to give up the GIL
 for long, and two threads ran slower than one here.  Shares are cut at whole blocks of values
@@ -69,7 +71,9 @@ class Span:
         offset = self.offset + start * self.tensor.dtype.itemsize
         return replace(self, offset=offset, first=self.first + start, count=stop - start)
 
-    def measure(self, fd: int, norm_type: float, window: int) -> tuple[NormStats, int | None]:
+    def measure_and_checksum(
+        self, fd: int, norm_type: float, window: int
+    ) -> tuple[NormStats, int | None]:
         """The statistics of the span's values and, if checksummed, the CRC-32 of its bytes."""
         accumulator = NormAccumulator(norm_type)
         crc = 0 if self.checksummed else None
@@ -175,10 +179,10 @@ def measure_pieces(
         crcs += crc_parts
         for name, stats in results:
             merged.setdefault(name, NormStats(norm_type)).merge(stats)
-    return merged, combined_crcs(crcs)
+    return merged, _combined_crcs(crcs)
 
 
-def combined_crcs(parts: Sequence[CrcPart]) -> dict[str, int]:
+def _combined_crcs(parts: Sequence[CrcPart]) -> dict[str, int]:
     """The CRC-32 of each tensor's values from those of its parts (which cover them all)."""
     crcs: dict[str, int] = {}
     for name, _, nbytes, crc in sorted(parts):
@@ -198,7 +202,7 @@ def rewrite_spans(
     for done, crc_parts in run_forked(path, tasks):
         rewriter.merge(done)
         crcs += crc_parts
-    return combined_crcs(crcs)
+    return _combined_crcs(crcs)
 
 
 def encode_pieces(
@@ -259,7 +263,7 @@ def _measure_share(
     with open(path, "rb") as src:
         for piece in pieces:
             if isinstance(piece, Span):
-                stats, crc = piece.measure(src.fileno(), norm_type, window)
+                stats, crc = piece.measure_and_checksum(src.fileno(), norm_type, window)
                 if crc is not None:
                     crcs.append((piece.tensor.name, piece.first, piece.nbytes, crc))
             else:

@@ -171,9 +171,10 @@ class NpzFile:
         return crc32_combine(crc32(header), values_crc, tensor.nbytes)
 
     def _check_unchecked(self, plain: Mapping[str, int]) -> None:
+        """Check the CRC-32s of the *plain* members that no reader has checked yet."""
         for tensor in self.tensors:
-            info = tensor.location[0] if tensor.name in plain else None
-            if info is not None and info.filename not in self._checked:
+            info = tensor.location[0]
+            if tensor.name in plain and info.filename not in self._checked:
                 if _member_crc(self._raw.fileno(), self._data_start(info), info) != info.CRC:
                     raise self._bad_crc(info)
                 self._checked.add(info.filename)

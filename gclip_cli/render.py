@@ -4,7 +4,6 @@ formats for programs)."""
 from __future__ import annotations
 
 import math
-import unicodedata
 
 from rich import box
 from rich.console import Console
@@ -15,7 +14,7 @@ from .compare import Diff
 from .export import PLAIN
 from .history import History, sparkline
 from .report import Report
-from .summary import norm_label, number
+from .summary import norm_label, number, printable
 from .views import View, by_layer, sort_tensors
 
 _BAR_WIDTH = 5
@@ -198,16 +197,6 @@ def _summary(report: Report) -> Text:
     return Text("\n".join(lines))
 
 
-def printable(name: str) -> str:
-    """*name* with control characters shown as escapes, so it cannot move the cursor or recolour."""
-    return "".join(
-        ch.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(ch).startswith("C")
-        else ch
-        for ch in name
-    )
-
-
 def _bytes(n: int) -> str:
     if n < 1024:
         return f"{n:,} B"
@@ -220,5 +209,4 @@ __all__ = [
     "print_groups",
     "print_history",
     "print_inspect",
-    "printable",
 ]

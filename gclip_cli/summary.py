@@ -4,6 +4,7 @@ print only these start without importing it."""
 from __future__ import annotations
 
 import math
+import unicodedata
 
 from .report import Report
 
@@ -22,7 +23,7 @@ def rescale_summary(report: Report) -> str:
         ("tensors", f"{len(report.counted)} rewritten, {skipped} copied untouched"),
     ]
     width = max(len(label) for label, _ in rows) + 1
-    lines = [f"{verdict}: {report.path} -> {report.output}"]
+    lines = [f"{verdict}: {printable(report.path)} -> {printable(str(report.output))}"]
     lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
     return "\n".join(lines)
 
@@ -70,3 +71,13 @@ def norm_label(norm_type: float) -> str:
 
 def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
+
+
+def printable(name: str) -> str:
+    """*name* with control characters shown as escapes, so it cannot move the cursor or recolour."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch).startswith("C")
+        else ch
+        for ch in name
+    )

@@ -3,7 +3,7 @@ import math
 
 from rich.console import Console
 
-from gclip_cli.render import print_groups, print_inspect, printable
+from gclip_cli.render import print_groups, print_inspect
 from gclip_cli.report import Report, TensorReport
 from gclip_cli.strategies import GroupReport
 
@@ -26,12 +26,6 @@ def render(function, report) -> str:
     buffer = io.StringIO()
     function(report, Console(file=buffer, width=120, color_system=None))
     return buffer.getvalue()
-
-
-def test_printable_escapes_control_characters_only():
-    assert printable("layer.0/w") == "layer.0/w"
-    assert printable("a\x1b[31mb\nc\u200bd") == "a\\x1b[31mb\\nc\\u200bd"
-    assert printable("gewicht_ä") == "gewicht_ä"
 
 
 def test_inspect_table_shows_nonfinite_and_skipped_rows():

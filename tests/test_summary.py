@@ -2,7 +2,7 @@ import math
 
 from gclip_cli.report import Report, TensorReport
 from gclip_cli.strategies import GroupReport
-from gclip_cli.summary import check_line, has_groups_table, rescale_summary
+from gclip_cli.summary import check_line, has_groups_table, printable, rescale_summary
 
 
 def sample_report(**overrides) -> Report:
@@ -35,6 +35,12 @@ def test_rescale_summary_keeps_long_paths_on_one_line():
     assert first == f"unchanged (copied as is): {long} -> {long}.out"
 
 
+def test_rescale_summary_escapes_control_characters_in_paths():
+    report = sample_report(path="a\x1b[2Jb.npz", output="o\rut.npz", max_norm=1.0, scale=1.0)
+    first = rescale_summary(report).splitlines()[0]
+    assert first == "unchanged (copied as is): a\\x1b[2Jb.npz -> o\\rut.npz"
+
+
 def test_clip_value_summary_counts_the_values_clamped():
     tensors = (
         TensorReport("a", "float32", (4,), 4, 16, None, norm=3.0, max_abs=2.0, clamped=3),
@@ -62,3 +68,9 @@ def test_check_line_says_within_exceeds_or_nonfinite():
     with_nan = TensorReport("w", "float32", (4,), 4, 16, None, norm=math.nan, nan=2, inf=1)
     bad = sample_report(global_norm=math.nan, tensors=(with_nan,), nonfinite_policy="error")
     assert check_line(bad) == "non-finite: 3 NaN/Inf values"
+
+
+def test_printable_escapes_control_characters_only():
+    assert printable("layer.0/w") == "layer.0/w"
+    assert printable("a\x1b[31mb\nc\u200bd") == "a\\x1b[31mb\\nc\\u200bd"
+    assert printable("gewicht_ä") == "gewicht_ä"

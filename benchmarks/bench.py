@@ -110,7 +110,9 @@ def run_once(case: Case, rss_file: Path) -> tuple[float, int, int]:
     gone.  In that order, so that the pages of the deleted output are free for this run's
     writes at once: on this VM, writing 1 GiB into pages just freed took 0.2-0.3 s of system
     time, into others up to 3 s (measured with a plain pwrite loop), which would time the
-    machine's memory rather than the command.
+    machine's memory rather than the command.  (Freed pages stay cheap for only about half a
+    second: a command that starts writing later, as gclip does after its first pass, can
+    still pay; see the README's Performance section.)
     The peak RSS comes from /usr/bin/time (a child forked from this process would inherit, and
     report, this process's own peak); the total is sampled from /proc every 20 ms and counts
     pages that gclip's worker processes share once (proportional set size).

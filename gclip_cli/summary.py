@@ -29,7 +29,7 @@ def rescale_summary(report: Report) -> str:
 
 
 def has_groups_table(report: Report) -> bool:
-    """Whether the report comes with a table of groups (render.print_rescale_with_groups)."""
+    """Whether the report comes with a table of groups (render.print_groups)."""
     return report.strategy in ("per-tensor", "groups") and bool(report.groups)
 
 

@@ -8,12 +8,16 @@ rounded once to nearest, ties to even, in v's dtype:
 - float32 and float16 data (which numpy rounds float64 into correctly): v * q is bracketed by
   the float64 products of v with two factors just below and just above q.  Rounding is
   monotone, so where both products round to the same narrow value, v * q rounds to it too.
-  The rare values whose bracket straddles a midpoint are recomputed exactly with fractions.
+  The values whose bracket straddles a midpoint are recomputed exactly (see below).
 - bfloat16 and float8 data (and factors so extreme that products could leave float64's normal
   range): v * hi in float64 is within two float64 units of v * q, so rounding it into the
   narrow type is right unless it lies within two units of a rounding boundary (a midpoint) of
   that type; those values are recomputed exactly.  (The bracket would cost half as much, but
   ml_dtypes converts from float64 through float32, rounding twice.)
+
+Recomputing exactly, vectorised: the side of the midpoint comes from the double-double
+product, or for a tie (common when q is a short fraction such as 3/4) from exact small-integer
+products; only values that neither settles are rounded one by one from fractions.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ _BRACKET_MARGIN = Fraction(1, 2**50)
 # magnitudes lie within 2**-149 .. 2**128), where that bound holds.
 _BRACKET_RANGE = (2.0**-800, 2.0**800)
 _CORRECTLY_ROUNDED = (np.dtype(np.float32), np.dtype(np.float16))  # numpy's float64 casts
-_UNDECIDED_ROOM = 1024  # values the compiled kernel notes before handing back (at least 256)
+_UNDECIDED_ROOM = 4096  # values the compiled kernel notes before handing back (at least 256)
 
 
 @dataclass(frozen=True)
@@ -135,23 +139,38 @@ def _scale_float64(
     rescale = math.isfinite(peak) and peak > _SPLIT_LIMIT
     if rescale:
         x *= _SPLIT_SCALE  # exact: a power of two, far from underflow at this magnitude
-    hi_head, hi_tail = _split_scalar(factor.hi)
     np.multiply(x, factor.hi, out=p)  # p = fl(v * hi)
-    np.multiply(x, _SPLITTER, out=head)  # Veltkamp: v = head + tail, 26 bits each
+    _product_error(x, factor.hi, p, err, head, tail, tmp)
+    err += np.multiply(x, factor.lo, out=tmp)  # the factor's own error, v * lo
+    p += err  # the one rounding of the (nearly) exact product
+    if rescale:
+        p /= _SPLIT_SCALE
+    np.copyto(out, p)
+
+
+def _product_error(
+    x: np.ndarray,
+    hi: float,
+    p: np.ndarray,
+    err: np.ndarray,
+    head: np.ndarray,
+    tail: np.ndarray,
+    tmp: np.ndarray,
+) -> None:
+    """err = x * hi - p exactly, for p = fl(x * hi) (Dekker), in the given buffers.
+
+    Exact while no product overflows or falls below float64's normal range.
+    """
+    hi_head, hi_tail = _split_scalar(hi)
+    np.multiply(x, _SPLITTER, out=head)  # Veltkamp: x = head + tail, 26 bits each
     np.subtract(head, x, out=tail)
     np.subtract(head, tail, out=head)
     np.subtract(x, head, out=tail)
-    # Dekker: the exact error of p, then the factor's own error v * lo
     np.multiply(head, hi_head, out=err)
     err -= p
     err += np.multiply(head, hi_tail, out=tmp)
     err += np.multiply(tail, hi_head, out=tmp)
     err += np.multiply(tail, hi_tail, out=tmp)
-    err += np.multiply(x, factor.lo, out=tmp)
-    p += err  # the one rounding of the (nearly) exact product
-    if rescale:
-        p /= _SPLIT_SCALE
-    np.copyto(out, p)
 
 
 def _split_scalar(x: float) -> tuple[float, float]:
@@ -218,9 +237,69 @@ def _recompute_exactly(
     out: np.ndarray, indices: np.ndarray, originals: np.ndarray, factor: ScaleFactor
 ) -> None:
     """out[i] = the exact product of the float64 *originals* and q, rounded once, at *indices*
-    (the few values float64 arithmetic could not decide)."""
-    for index, value in zip(indices, originals, strict=True):
+    (the values float64 arithmetic could not decide: their products lie near a midpoint)."""
+    if not indices.size:
+        return
+    rounded, settled = _round_near_midpoints(originals, factor, out.dtype)
+    out[indices[settled]] = rounded[settled]  # exact: each is a value of out's dtype
+    unsettled = ~settled
+    for index, value in zip(indices[unsettled], originals[unsettled], strict=True):
         out[index] = round_exact(Fraction(float(value)) * factor.exact, out.dtype)
+
+
+def _round_near_midpoints(
+    v: np.ndarray, factor: ScaleFactor, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """v * q rounded to *dtype* (as float64), for float64 *v* of that dtype whose products lie
+    near the midpoint M between two neighbouring values of it; and which of them are settled.
+
+    Left unsettled: factors beyond _BRACKET_RANGE, non-finite values, products outside the
+    type's normal range or not near a midpoint, and the rare ones _beyond_midpoint cannot
+    decide.
+    """
+    low, high = _BRACKET_RANGE
+    if not low <= factor.hi <= high:
+        return np.zeros(v.size), np.zeros(v.size, dtype=bool)
+    info = ml_dtypes.finfo(dtype)
+    shift = _F64_MANTISSA_BITS - info.nmant
+    with np.errstate(invalid="ignore"):  # non-finite values stay unsettled
+        p = v * factor.hi
+        magnitude = np.abs(p)
+        step = np.int64(1) << shift
+        down_bits = magnitude.view(np.int64) & ~(step - 1)  # |p| truncated to the narrow type
+        down, up = down_bits.view(np.float64), (down_bits + step).view(np.float64)
+        midpoint = (down_bits | (step >> 1)).view(np.float64)
+        settled = (
+            (magnitude >= float(info.smallest_normal))
+            & (up <= float(info.max))
+            & (np.abs(magnitude - midpoint) <= magnitude * 2.0**-40)
+        )
+        side, decided = _beyond_midpoint(v, factor, p, midpoint)
+    odd_below = (down_bits >> shift) & 1 == 1
+    rounded = np.where((side > 0) | ((side == 0) & odd_below), up, down)
+    return np.copysign(rounded, p), settled & decided
+
+
+def _beyond_midpoint(
+    v: np.ndarray, factor: ScaleFactor, p: np.ndarray, midpoint: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sign of |v * q| - M (as a float64 of that sign, 0 for a tie), for p = fl(v * hi)
+    within 2**-40 of M, and where it is certain.
+
+    From the double-double product p + err + v * lo, within 2**-103 of v * q, where that lies
+    far enough from M; else, for q = N / D with N and D small enough for both products to be
+    exact in float64, from |v| * N against M * D.
+    """
+    err = np.empty_like(p)
+    _product_error(v, factor.hi, p, err, *(np.empty_like(p) for _ in range(3)))
+    # Sterbenz: |p| - M is exact this close to M; err + v * lo is off by at most 2**-104 |p|
+    side = (np.abs(p) - midpoint) + np.sign(p) * (err + v * factor.lo)
+    decided = np.abs(side) > np.abs(p) * 2.0**-100
+    numerator, denominator = factor.exact.numerator, factor.exact.denominator
+    if max(numerator, denominator) >= 2**28:  # 24-bit v times N or 25-bit M times D inexact
+        return side, decided
+    exact_side = np.abs(v) * float(numerator) - midpoint * float(denominator)
+    return np.where(decided, side, exact_side), np.ones(v.size, dtype=bool)
 
 
 def _near_midpoint(

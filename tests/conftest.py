@@ -74,12 +74,24 @@ def exact_norm(arrays: list[np.ndarray], p: float = 2.0) -> float:
     return math.fsum(abs(v) ** p for v in values) ** (1 / p)
 
 
+def neighbours(value: np.generic, dtype: np.dtype) -> list[np.generic]:
+    """*value* and the values of *dtype* next to it on either side, found from the bits (where
+    np.nextafter would promote bfloat16 and float8 scalars to a wider type)."""
+    uint = np.dtype(f"u{dtype.itemsize}")
+    sign = 1 << (8 * dtype.itemsize - 1)
+    bits = int(np.array(value, dtype=dtype).view(uint))
+    order = -(bits & ~sign) if bits & sign else bits  # sign and magnitude to one number line
+    sides = [-step | sign if step < 0 else step for step in (order - 1, order + 1)]
+    below, above = (np.array(b, dtype=uint).view(dtype)[()] for b in sides)
+    return [below, value, above]
+
+
 def nearest(exact: Fraction, dtype) -> float:
     """*exact* rounded to the nearest value of *dtype*, ties to an even last bit."""
     dtype = np.dtype(dtype)
     guess = np.array(float(exact)).astype(dtype)[()]
     uint = np.dtype(f"u{dtype.itemsize}")
-    candidates = [np.nextafter(guess, -np.inf), guess, np.nextafter(guess, np.inf)]
+    candidates = [c for c in neighbours(guess, dtype) if np.isfinite(float(c))]
     best = min(
         candidates,
         key=lambda c: (

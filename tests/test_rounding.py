@@ -3,8 +3,9 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import exactly_scaled
+from conftest import exactly_scaled, nearest
 
+from gclip_cli import rounding
 from gclip_cli.rounding import ScaleFactor, ScratchBuffers, round_to_odd_float32, scale
 
 NARROW = [np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
@@ -173,3 +174,59 @@ def test_bracketing_keeps_nan_and_infinity():
     scaled = scaled_copy(values, Fraction(1, 3), 4)
     assert np.isnan(scaled[0]) and scaled[1] == np.inf and scaled[2] == -np.inf
     assert scaled[3] == 0 and np.signbit(scaled[3])
+
+
+def counting_exact_fallback(monkeypatch) -> list[Fraction]:
+    """The products handed to the per-value Fraction fallback, from now on."""
+    handed, real = [], rounding.round_exact
+    monkeypatch.setattr(
+        rounding, "round_exact", lambda exact, dtype: handed.append(exact) or real(exact, dtype)
+    )
+    return handed
+
+
+def count_ties(values: np.ndarray, q: Fraction) -> int:
+    """How many exact products lie exactly halfway between two values of their dtype."""
+    ties = 0
+    for v in values.astype(np.float64):
+        exact = Fraction(float(v)) * q
+        rounded = nearest(exact, values.dtype)
+        other = float(2 * exact - Fraction(rounded))
+        ties += other != rounded and float(np.array(other).astype(values.dtype)) == other
+    return ties
+
+
+MIDPOINT_DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", MIDPOINT_DTYPES)
+def test_products_exactly_on_midpoints_go_to_even_without_fractions(dtype, monkeypatch):
+    values = (np.random.default_rng(5).standard_normal(4000) * 10).astype(dtype)
+    q = Fraction(3, 4)  # puts about a third of all products exactly on a midpoint
+    assert count_ties(values, q) > 500
+    handed = counting_exact_fallback(monkeypatch)
+    assert np.array_equal(scaled_copy(values, q, 1024), exactly_scaled(values, q))
+    assert handed == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # the bracketed types
+def test_products_a_hair_off_midpoints_are_settled_without_fractions(dtype, monkeypatch):
+    values = (np.random.default_rng(6).standard_normal(4000) * 10).astype(dtype)
+    factor = ScaleFactor.of(0.37)  # within 2**-54 of 37/100, which puts products on midpoints
+    wide = values.astype(np.float64)
+    bracket = [(wide * f).astype(dtype) for f in (factor.below, factor.above)]
+    assert (bracket[0] != bracket[1]).sum() > 20  # float64 products cannot tell these apart
+    handed = counting_exact_fallback(monkeypatch)
+    assert np.array_equal(
+        scaled_copy(values, factor.exact, 1024), exactly_scaled(values, factor.exact)
+    )
+    assert handed == []
+
+
+@pytest.mark.parametrize("dtype", MIDPOINT_DTYPES)
+def test_products_too_close_to_a_midpoint_for_double_double_go_to_fractions(dtype, monkeypatch):
+    values = (np.random.default_rng(7).standard_normal(2000) * 10).astype(dtype)
+    q = Fraction(3, 4) + Fraction(1, 2**120)  # just above a third of the midpoints
+    handed = counting_exact_fallback(monkeypatch)
+    assert np.array_equal(scaled_copy(values, q, 1024), exactly_scaled(values, q))
+    assert len(handed) > 100

@@ -238,6 +238,19 @@ def report(fmt: str, cases: list[Case], compressed: bool) -> list[tuple[str, flo
     return [(f"{fmt}: {name}", value, limit) for name, value, limit in checks]
 
 
+def startup_cases() -> list[Case]:
+    return [Case("python -c pass", f"{PY} -c pass"), Case("gclip --help", f"{GCLIP} --help")]
+
+
+def report_startup(cases: list[Case]) -> list[tuple[str, float, float]]:
+    print("\n## start-up\n")
+    print("| command | median wall (s) | peak RSS (MiB) |")
+    print("|---|---|---|")
+    for c in cases:
+        print(f"| {c.label} | {c.wall:.3f} | {c.rss_mib:.0f} |")
+    return [("start-up: gclip --help median s (<= 0.3)", cases[-1].wall, 0.3)]
+
+
 def verdicts(checks: list[tuple[str, float, float]]) -> None:
     print("\n## targets\n")
     for name, value, limit in checks:
@@ -369,10 +382,13 @@ def main() -> None:
         by_format[fmt] = format_cases(fmt, dump, args.workdir, args.compressed)
     # every round runs every format's cases: a bad minute on this VM then hits every format
     # alike instead of all the rounds of one
-    measure([case for cases in by_format.values() for case in cases], args.repeat, args.workdir)
+    startup = startup_cases()
+    every_case = [case for cases in by_format.values() for case in cases] + startup
+    measure(every_case, args.repeat, args.workdir)
     checks = []
     for fmt, cases in by_format.items():
         checks += report(fmt, cases, args.compressed)
+    checks += report_startup(startup)
     verdicts(checks)
 
 

@@ -25,12 +25,23 @@ def select(
     return [_apply(t, include, exclude) for t in tensors]
 
 
+def name_key(name: str) -> str:
+    """*name* with ``/`` read as ``.``: an HDF5 path and a safetensors key name a tensor alike
+    (``model/layers/0/w`` and ``model.layers.0.w``)."""
+    return name.replace("/", ".")
+
+
+def matches(name: str, glob: str) -> bool:
+    """Whether tensor *name* matches *glob*, ``.`` and ``/`` alike in both."""
+    return fnmatchcase(name_key(name), name_key(glob))
+
+
 def _apply(tensor: TensorInfo, include: Sequence[str], exclude: Sequence[str]) -> TensorInfo:
     if not tensor.is_gradient:
         return tensor
-    if include and not any(fnmatchcase(tensor.name, glob) for glob in include):
+    if include and not any(matches(tensor.name, glob) for glob in include):
         return replace(tensor, dtype=None, skip_reason="not matched by --include")
-    matched = next((glob for glob in exclude if fnmatchcase(tensor.name, glob)), None)
+    matched = next((glob for glob in exclude if matches(tensor.name, glob)), None)
     if matched is not None:
         return replace(tensor, dtype=None, skip_reason=f"excluded by --exclude {matched}")
     return tensor

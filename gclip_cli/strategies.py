@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from fractions import Fraction
 
 import ml_dtypes
@@ -23,6 +22,7 @@ from .errors import UsageError
 from .formats import TensorInfo
 from .norms import NormStats
 from .rounding import ScaleFactor
+from .selection import matches
 
 ONE = ScaleFactor.of(1.0)
 DEFAULT_GROUP = "(default)"
@@ -118,7 +118,7 @@ def _assign_groups(
     }
     assigned[DEFAULT_GROUP] = (strategy.default, [])
     for tensor, part in members:
-        glob = next((g for g, _ in strategy.groups if fnmatchcase(tensor.name, g)), DEFAULT_GROUP)
+        glob = next((g for g, _ in strategy.groups if matches(tensor.name, g)), DEFAULT_GROUP)
         assigned[glob][1].append((tensor, part))
     return assigned
 

@@ -61,3 +61,14 @@ def test_one_global_norm_over_files_of_mixed_formats(make_file, tmp_path):
     assert report.global_norm == 5.0 and report.files == (str(a), str(b))
     assert [t.file for t in report.tensors] == [str(a), str(b)]
     assert report.file_format == "safetensors,hdf5"
+
+
+@pytest.mark.parametrize("pattern", ["model.layers.1.*", "model/layers/1/*", "model.layers/1.*"])
+def test_globs_read_dot_and_slash_alike(make_file, fmt, pattern):
+    # HDF5 names are paths (model/layers/1/w), safetensors keys dotted: one pattern for both
+    tensors = {"model/layers/0/w": np.array([3.0]), "model/layers/1/w": np.array([4.0])}
+    if fmt != "hdf5":
+        tensors = {k.replace("/", "."): v for k, v in tensors.items()}
+    src = make_file(fmt, tensors)
+    assert gclip_cli.inspect_file(src, include=(pattern,)).global_norm == 4.0
+    assert gclip_cli.inspect_file(src, exclude=(pattern,)).global_norm == 3.0

@@ -30,7 +30,15 @@ from .output import atomic_output, check_output_path
 from .parallel import available_cores
 from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
-from .selection import INDEX_SUFFIX, expand_inputs, select
+from .selection import (
+    check_globs,
+    counted_or_why,
+    read_opaque_as,
+    refuse_opaque,
+    require_counted,
+    select,
+)
+from .sources import Inputs, resolve
 from .strategies import (
     ClipValue,
     GlobalNorm,
@@ -43,6 +51,8 @@ from .strategies import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .compare import Diff
     from .history import History
 
@@ -63,6 +73,7 @@ class Options:
     nonfinite: str = "error"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    opaque_dtypes: tuple[str, ...] = ()  # what raw 1-/2-byte values are, e.g. ("bfloat16",)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in {p.value for p in NonFinite}:
@@ -77,6 +88,22 @@ class Options:
             raise UsageError(None, f"chunk size must be at least 1 byte, not {self.chunk_size}")
         if self.jobs is not None and self.jobs < 1:
             raise UsageError(None, f"jobs must be at least 1, not {self.jobs}")
+        self.opaque  # noqa: B018 - validates the names
+
+    @property
+    def opaque(self) -> dict[int, np.dtype]:
+        """The types raw values are read as, by item size."""
+        from .dtypes import OPAQUE_DTYPES
+
+        types: dict[int, np.dtype] = {}
+        for name in self.opaque_dtypes:
+            if name not in OPAQUE_DTYPES:
+                known = ", ".join(OPAQUE_DTYPES)
+                raise UsageError(None, f"opaque dtype {name!r} is not one of {known}")
+            dtype = OPAQUE_DTYPES[name]
+            if types.setdefault(dtype.itemsize, dtype) != dtype:
+                raise UsageError(None, f"two opaque dtypes of {dtype.itemsize} byte(s) given")
+        return types
 
     @property
     def workers(self) -> int:
@@ -122,10 +149,8 @@ def inspect_files(
     """One report, and one global norm, over several files: paths may also be directories
     or sharded-checkpoint ``*.index.json`` files."""
     settings = Options(**options)
-    measured = [
-        _in_child_if_fragile(src, file_format, _measure_file, settings)
-        for src in expand_inputs(paths)
-    ]
+    inputs = resolve(paths)
+    measured = _measure_all(inputs, file_format, settings)
     tensors = [t for m in measured for t in m.tensors]
     before = [s for m in measured for s in m.stats]
     total = combine(before, settings.norm_type)
@@ -146,6 +171,30 @@ def inspect_files(
         nonfinite_policy=settings.nonfinite,
         scale=None if factor is None else factor.hi,
         clipped=None if factor is None else factor.exact != 1,
+        not_read=_not_read(inputs),
+    )
+
+
+def _measure_all(inputs: Inputs, file_format: str | None, options: Options) -> list[_Measured]:
+    """Pass 1 over every input file, then the checks that need all of them: each shard holds
+    what its index lists, each glob matches some tensor."""
+    alone = len(inputs.files) == 1  # then the file checks the globs itself, before pass 1
+    measured = [
+        _in_child_if_fragile(src, file_format, _measure_file, options, alone)
+        for src in inputs.files
+    ]
+    inputs.check_indexes({m.path: [t.name for t in m.tensors] for m in measured})
+    check_globs([t.name for m in measured for t in m.tensors], options.include, options.exclude)
+    return measured
+
+
+def _not_read(inputs: Inputs, copied: bool = False) -> tuple[tuple[str, str], ...]:
+    """(path, why) of what the inputs held but gclip did not read; *copied*: into --out-dir."""
+    if not copied:
+        return tuple((str(n.path), n.reason) for n in inputs.not_read)
+    return tuple(
+        (str(n.path), f"{n.reason}; {'copied unchanged' if n.path.is_file() else 'not copied'}")
+        for n in inputs.not_read
     )
 
 
@@ -185,7 +234,7 @@ def history_of(
     from .history import Step, in_step_order, step_number, summarise
 
     settings = Options(max_norm=max_norm, **options)
-    files = expand_inputs(paths)
+    files = resolve(paths).files
     steps = []
     for src in files if as_given else in_step_order(files):
         measured = _in_child_if_fragile(src, file_format, _measure_file, settings)
@@ -247,18 +296,19 @@ def rescale_files(
     cluster *scheduler* (``local[:N]`` starts one here); the result is identical to the last
     bit whichever.  *progress*(phase, shards done, shards) is called as shards finish.
     """
-    from .sharded import copy_index, executor_for, run_all, staging
+    from .sharded import executor_for, run_all, staging
 
-    files, out_dir = expand_inputs(paths), Path(out_dir)
+    inputs, out_dir = resolve(paths), Path(out_dir)
+    files = inputs.files
     if scheduler or ((jobs or 1) > 1 and len(files) > 1):
         pool, jobs = jobs, 1  # shards at once, each in one process
     else:
         pool = None
     settings = Options(max_norm=max_norm, jobs=jobs, **options)
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = [out_dir / src.name for src in files]
-    for src, dst in zip(files, targets, strict=True):
-        check_output_path(src, dst, clobber)
+    copies = _copies(inputs, out_dir)
+    if out_dir.is_dir():  # else checked once made, after pass 1
+        _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
     with executor_for(pool, scheduler) as executor:
         measured = run_all(
             executor,
@@ -266,7 +316,10 @@ def rescale_files(
             [(src, file_format, settings) for src in files],
             _counter("measuring", len(files), progress),
         )
+        inputs.check_indexes({m.path: [t.name for t in m.tensors] for m in measured})
         tensors = [t for m in measured for t in m.tensors]
+        check_globs([t.name for t in tensors], settings.include, settings.exclude)
+        require_counted(", ".join(map(str, paths)), counted_or_why(tensors))
         before = [s for m in measured for s in m.stats]
         total = combine(before, settings.norm_type)
         bad = [
@@ -278,6 +331,8 @@ def rescale_files(
         if bad and settings.policy is NonFinite.ERROR:
             raise NonFiniteError(measured[0].path.parent, _nonfinite_message(bad))
         factor = _factor(tensors, before, total, settings)
+        _make_out_dir(out_dir)
+        _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
         with staging(out_dir) as temp_dir:
             tasks = [
                 (
@@ -293,8 +348,9 @@ def rescale_files(
                 for m, dst in zip(measured, targets, strict=True)
             ]
             after = run_all(executor, _write_task, tasks, _counter("writing", len(tasks), progress))
-    for index in (Path(p) for p in paths if str(p).endswith(INDEX_SUFFIX)):
-        copy_index(index, out_dir)
+            for src, dst in copies:
+                with atomic_output(dst, clobber, temp_dir) as tmp, _output_errors(dst):
+                    shutil.copyfile(src, tmp)
     global_norm = settings.norm(total)
     written = [
         s
@@ -322,7 +378,28 @@ def rescale_files(
         clipped=factor.exact != 1,
         output=str(out_dir),
         global_norm_after=settings.norm(combine(written, settings.norm_type)),
+        not_read=_not_read(inputs, copied=True),
     )
+
+
+def _copies(inputs: Inputs, out_dir: Path) -> list[tuple[Path, Path]]:
+    """The files copied unchanged into *out_dir* beside the shards, so that it is a whole
+    checkpoint: the indexes (scaling changes no size) and the other files of the folders
+    given (config, tokenizer, ...); folders inside them are not copied."""
+    others = [n.path for n in inputs.not_read if n.path.is_file()]
+    return [(path, out_dir / path.name) for path in [*(i.path for i in inputs.indexes), *others]]
+
+
+def _check_outputs(pairs: Sequence[tuple[Path, Path]], clobber: bool) -> None:
+    for src, dst in pairs:
+        check_output_path(src, dst, clobber)
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out_dir, f"cannot make the folder: {exc.strerror or exc}") from None
 
 
 def _counter(
@@ -457,14 +534,23 @@ def _in_child_if_fragile(
 
 @contextmanager
 def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile]:
-    """The file, with the tensors *options* do not select marked skipped."""
+    """The file, with raw values read as the types *options* name, and the tensors *options*
+    do not select marked skipped; raw values of no type are refused."""
     with closing(open_file(src, file_format)) as tfile:
-        tfile.tensors = select(tfile.tensors, options.include, options.exclude)
+        typed = read_opaque_as(tfile.tensors, options.opaque)
+        tfile.tensors = select(typed, options.include, options.exclude)
+        refuse_opaque(src, tfile.tensors)
         yield tfile
 
 
-def _measure_file(src: Path, file_format: str, options: Options) -> _Measured:
+def _measure_file(
+    src: Path, file_format: str, options: Options, check_selection: bool = False
+) -> _Measured:
+    """Pass 1 of one file; *check_selection*: refuse globs that match none of its tensors
+    first (when it is the only file, that is the whole check)."""
     with _opened(src, file_format, options) as tfile:
+        if check_selection:
+            check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
         stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
         # locations are the format's handles: not needed by reports, and may not pickle
         tensors = [replace(t, location=None) for t in tfile.tensors]
@@ -477,6 +563,8 @@ def _rewrite(
     """Pass 1, the plan, then pass 2 (or a plain copy when nothing changes) into *tmp*."""
     with _opened(src, file_format, options) as tfile:
         tensors = list(tfile.tensors)
+        check_globs([t.name for t in tensors], options.include, options.exclude)
+        require_counted(src, counted_or_why(tensors))
         before = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
         total = combine(before, options.norm_type)
         if options.policy is NonFinite.ERROR:

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,12 +29,21 @@ if TYPE_CHECKING:
     from .views import View
 
 EXIT_CODES_HELP = """\b
+Every tensor of every input is counted, or named as not counted with the
+reason; files a folder holds that are not tensor files are listed on stderr.
+gclip refuses what it does not understand (one line, nothing written): files
+of unknown or unsupported kinds, raw values of unrecorded type, an index that
+disagrees with its shards, --include/--exclude that match nothing, and, for
+norm, check and the rewriting commands, inputs with no tensor to count.
+
+\b
 Exit codes:
-  0    success (check: the norm is within --max-norm)
-  1    check: the norm exceeds --max-norm, or the files hold NaN/Inf
-  2    usage error (bad option or argument); any error of check
-  3    bad input (missing, unreadable, malformed or unsupported file)
-  4    input holds NaN/Inf values (rescale refuses them)
+  0    success (check: the norm is within --max-norm; diff: no difference)
+  1    check: the norm exceeds --max-norm; diff: the files differ
+  2    usage error (bad option or argument); any other error of check
+  3    bad input (missing, unreadable, malformed, unsupported or refused file)
+  4    the values hold NaN/Inf (with --nonfinite error, the default): every
+       command prints its report, then exits 4; rewriting commands write nothing
   5    output cannot be written
   130  interrupted (Ctrl-C)
   141  standard output closed early (| head): stopped quietly
@@ -127,7 +136,8 @@ def _reports_errors(
     error_code: int | None = None,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Turn library errors into one ``gclip: error:`` line on stderr and an exit code (their
-    own, or *error_code* for every error, as check's 2)."""
+    own, or *error_code* for every error, as check's 2); with --debug the traceback comes
+    first, the exit code stays.  A closed standard output is 141 for every command."""
 
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         @wraps(command)
@@ -136,16 +146,16 @@ def _reports_errors(
 
             try:
                 command(*args, **kwargs)
+                sys.stdout.flush()  # a reader gone away is found here, not at exit
             except UsageError as exc:
                 raise click.UsageError(exc.message) from None
             except GclipError as exc:
-                if _settings().debug:
-                    raise
+                _traceback_if_debug()
                 click.echo(f"gclip: error: {exc}", err=True)
                 sys.exit(error_code or exc.exit_code)
             except BrokenPipeError:  # the reader went away (| head): stop quietly
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                sys.exit(error_code or 141)
+                sys.exit(ExitCode.BROKEN_PIPE)
             except KeyboardInterrupt:
                 click.echo("gclip: interrupted", err=True)
                 sys.exit(error_code or ExitCode.INTERRUPTED)
@@ -158,6 +168,13 @@ def _reports_errors(
     return decorate
 
 
+def _traceback_if_debug() -> None:
+    if _settings().debug:
+        import traceback
+
+        traceback.print_exc()
+
+
 def _options(*decorators: Callable[[Callable[..., None]], Callable[..., None]]):
     def apply(command: Callable[..., None]) -> Callable[..., None]:
         for decorator in reversed(decorators):
@@ -167,8 +184,25 @@ def _options(*decorators: Callable[[Callable[..., None]], Callable[..., None]]):
     return apply
 
 
+class _EnvOption(click.Option):
+    """An option whose default may come from an environment variable, which its errors name
+    only when the value came from there."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = click.Parameter.get_error_hint(self, ctx)
+        from_env = ctx is not None and ctx.get_parameter_source(self.name) is _ENVIRONMENT
+        return f"{hint} (from ${self.envvar})" if from_env else hint
+
+
+_ENVIRONMENT = click.core.ParameterSource.ENVIRONMENT
+
+
+def _env_option(*names: str, envvar: str, **settings: Any):
+    return click.option(*names, cls=_EnvOption, envvar=envvar, show_envvar=True, **settings)
+
+
 _norm_options = _options(
-    click.option(
+    _env_option(
         "--norm-type",
         "-p",
         type=NormTypeParam(),
@@ -177,31 +211,36 @@ _norm_options = _options(
         envvar="GCLIP_NORM_TYPE",
         help="p of the p-norm: any number > 0, or inf.",
     ),
-    click.option(
-        "--eps",
-        type=PositiveFiniteParam(allow_zero=True),
-        default=0.0,
-        show_default=True,
-        envvar="GCLIP_EPS",
-        help="Added to the norm in the factor max_norm / (norm + eps); 1e-6 reproduces PyTorch.",
-    ),
-    click.option(
+    _env_option(
         "--nonfinite",
         type=click.Choice(["error", "zero", "keep"]),
         default="error",
         show_default=True,
         envvar="GCLIP_NONFINITE",
-        help="NaN/Inf values: refuse the file, count and write them as 0, or keep "
-        "them as they are (the norm is then that of the finite values).",
+        help="NaN/Inf values: refuse them (exit 4), count them as 0, or keep them as "
+        "they are (the norm is then that of the finite values).",
     ),
 )
+
+
+def _eps_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return _env_option(
+        "--eps",
+        type=PositiveFiniteParam(allow_zero=True),
+        default=0.0,
+        show_default=True,
+        envvar="GCLIP_EPS",
+        help=help_text,
+    )
+
 
 _selection_options = _options(
     click.option(
         "--include",
         multiple=True,
         metavar="GLOB",
-        help="Count only tensors whose name matches (repeatable).",
+        help="Count only tensors whose name matches (repeatable; '.' and '/' alike). "
+        "A glob that matches nothing is an error.",
     ),
     click.option(
         "--exclude",
@@ -210,6 +249,15 @@ _selection_options = _options(
         help="Do not count (and do not scale) tensors whose name matches (repeatable).",
     ),
     click.option(
+        "--opaque-dtype",
+        "opaque_dtypes",
+        multiple=True,
+        metavar="DTYPE",
+        help="Read raw 2- or 1-byte values (|V2, |V1: how np.savez and h5py store "
+        "bfloat16 and float8) as DTYPE: bfloat16, float8_e4m3fn, float8_e5m2, ... "
+        "(without it they are refused).",
+    ),
+    _env_option(
         "--chunk-size",
         type=ByteSizeParam(),
         default="64M",
@@ -220,24 +268,27 @@ _selection_options = _options(
     click.option(
         "--file-format",
         type=click.Choice(["safetensors", "npz", "hdf5"]),
-        help="The input's format, instead of detecting it from its first bytes.",
+        help="The input's format, instead of detecting it from its content.",
     ),
 )
 
-_measure_options = _options(
-    _norm_options,
-    _selection_options,
-    click.option(
-        "--jobs",
-        "-j",
-        type=click.IntRange(min=1),
-        envvar="GCLIP_JOBS",
-        help="Processes to use [default: all cores]: a large file is cut into N parts; "
-        "with --out-dir, N shards at once.",
-    ),
-)
-_view_options = _options(
-    click.option(
+
+def _measure_options(jobs_help: str = "a large file is cut into N parts."):
+    return _options(
+        _norm_options,
+        _selection_options,
+        _env_option(
+            "--jobs",
+            "-j",
+            type=click.IntRange(min=1),
+            envvar="GCLIP_JOBS",
+            help=f"Processes to use [default: all cores]: {jobs_help}",
+        ),
+    )
+
+
+_report_format_options = _options(
+    _env_option(
         "--format",
         "output_format",
         type=click.Choice(["table", "json", "jsonl", "csv"]),
@@ -247,6 +298,8 @@ _view_options = _options(
         help="Report as a table (for people), JSON, JSON Lines or CSV.",
     ),
     click.option("--json", "as_json", is_flag=True, help="Short for --format json."),
+)
+_view_options = _options(
     click.option(
         "--sort",
         type=click.Choice(["name", "norm", "size", "file"]),
@@ -270,12 +323,11 @@ _view_options = _options(
 def _max_norm_option(
     required: bool, help_text: str
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    return click.option(
+    return _env_option(
         "--max-norm",
         type=PositiveFiniteParam(),
         required=required,
         envvar="GCLIP_MAX_NORM",
-        show_envvar=True,
         help=help_text,
     )
 
@@ -358,57 +410,68 @@ def _terminate(signum: int, frame: object) -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @_max_norm_option(False, "Also show the factor 'rescale --max-norm' would apply.")
-@_measure_options
+@_eps_option("Added to the norm in the factor shown: max_norm / (norm + eps).")
+@_measure_options()
+@_report_format_options
 @_view_options
 @_reports_errors()
 def inspect(files: tuple[str, ...], output_format: str, as_json: bool, **options: Any) -> None:
     """Show every tensor's norm, share, max |x| and NaN/Inf count, and the global norm.
 
     FILE may be several files, a directory, a sharded checkpoint's *.index.json, or - for
-    standard input: one global norm is taken over all of them.
+    standard input: one global norm is taken over all of them.  Exits with 4 after the report
+    when the values hold NaN/Inf (unless --nonfinite zero or keep).
     """
     view = _view(options)
     report = _inspect(files, options)
     _emit(report, "json" if as_json else output_format, view, human=_print_inspect)
+    _exit_if_nonfinite(report)
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@_measure_options
+@_measure_options()
 @_reports_errors()
 def norm(files: tuple[str, ...], **options: Any) -> None:
     """Print the global norm of FILE... (a number and a newline), for $(...).
 
     Exits with 4 when the files hold NaN/Inf (the norm printed is then nan or inf) unless
-    --nonfinite zero or keep says how to count them.
+    --nonfinite zero or keep says how to count them; with 3 when there is no tensor to count.
     """
-    from .errors import ExitCode
-
-    report = _inspect(files, options)
+    report = _inspect(files, options, require_counted=True)
     click.echo(repr(report.global_norm))
-    if report.nonfinite and report.nonfinite_policy == "error":
-        sys.exit(ExitCode.NONFINITE)
+    _exit_if_nonfinite(report)
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @_max_norm_option(True, "The threshold the global norm must stay within.")
-@_measure_options
+@_measure_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_reports_errors(error_code=2)
 def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
-    """Exit 0 when the global norm of FILE... is within --max-norm, 1 when it exceeds it or the
-    files hold NaN/Inf, 2 on any error.  Prints one summary line (or JSON)."""
+    """Exit 0 when the global norm of FILE... is within --max-norm, 1 when it exceeds it, 4
+    when the files hold NaN/Inf, 2 on any other error (no tensor to count is one).  Prints
+    one summary line (or JSON)."""
     from .export import report_json
     from .summary import check_line
 
-    report = _inspect(files, options)
-    failed = report.clipped or (report.nonfinite and report.nonfinite_policy == "error")
+    report = _inspect(files, options, require_counted=True)
     if as_json:
         click.echo(report_json(report))
     else:
         click.echo(check_line(report))
-    sys.exit(1 if failed else 0)
+    _exit_if_nonfinite(report)
+    sys.exit(1 if report.clipped else 0)
+
+
+def _exit_if_nonfinite(report: Report) -> None:
+    """The one rule for NaN/Inf: once the report is out, exit 4, unless a --nonfinite policy
+    says how they were counted."""
+    from .errors import ExitCode
+
+    if report.nonfinite and report.nonfinite_policy == "error":
+        sys.exit(ExitCode.NONFINITE)
 
 
 @main.command()
@@ -433,7 +496,7 @@ def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
     metavar="PNG",
     help="Also draw the norms to this image (needs matplotlib: gclip[plot]).",
 )
-@_measure_options
+@_measure_options()
 @_reports_errors()
 def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options: Any) -> None:
     """The global norm of each step's dump, a sparkline, percentiles and a suggested
@@ -445,7 +508,7 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     from .render import print_history
 
     file_format = options.pop("file_format")
-    with _local(files) as paths:
+    with _local(files) as (paths, _):
         result = history_of(paths, file_format=file_format, **options)
     if plot is not None:
         chart.plot(result, plot)
@@ -469,7 +532,7 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
     from .api import diff_files
     from .render import print_diff
 
-    with _local((file_a, file_b)) as (path_a, path_b):
+    with _local((file_a, file_b)) as ((path_a, path_b), _):
         result = diff_files(path_a, path_b, file_format=file_format, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
@@ -477,17 +540,22 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
         print_diff(result, _console(stderr=False))
 
 
-_rewrite_common = _options(
-    click.option("--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT."),
-    click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors."),
-    _measure_options,
-    _view_options,
-    _reports_errors(),
-)
+def _rewrite_common(jobs_help: str = "a large file is cut into N parts."):
+    return _options(
+        click.option(
+            "--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT."
+        ),
+        click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors."),
+        _measure_options(jobs_help),
+        _report_format_options,
+        _reports_errors(),
+    )
+
+
 _rewrite_options = _options(
     click.argument("input_file", metavar="IN"),
     click.argument("output_file", metavar="OUT"),
-    _rewrite_common,
+    _rewrite_common(),
 )
 
 
@@ -519,7 +587,8 @@ _rewrite_options = _options(
     help="With --out-dir: run on a Dask cluster (ADDRESS), or 'local[:N]' for N "
     "worker processes here. Needs gclip[dask].",
 )
-@_rewrite_common
+@_eps_option("Added to the norm in the factor max_norm / (norm + eps); 1e-6 reproduces PyTorch.")
+@_rewrite_common("a large file is cut into N parts; with --out-dir, N shards at once.")
 def rescale(
     paths: tuple[str, ...],
     per_tensor: bool,
@@ -551,7 +620,7 @@ def rescale(
         if scheduler:
             raise click.UsageError("--scheduler goes with --out-dir")
         arguments["input_file"], arguments["output_file"] = paths
-        _rewrite(rescale_file, arguments, per_tensor=per_tensor, groups=groups)
+        _rewrite(rescale_file, arguments, "rescale", per_tensor=per_tensor, groups=groups)
         return
     if per_tensor or groups:
         raise click.UsageError("--out-dir clips several files by their global norm only")
@@ -571,7 +640,7 @@ def clip_value(max_value: float, **arguments: Any) -> None:
     """
     from .api import clip_value_file
 
-    _rewrite(clip_value_file, arguments, max_value=max_value)
+    _rewrite(clip_value_file, arguments, "clip-value", max_value=max_value)
 
 
 @main.command()
@@ -581,6 +650,7 @@ def clip_value(max_value: float, **arguments: Any) -> None:
     required=True,
     help="The global norm OUT will have.",
 )
+@_eps_option("Added to the norm in the factor target_norm / (norm + eps).")
 @_rewrite_options
 def normalize(target_norm: float, **arguments: Any) -> None:
     """Write IN to OUT scaled to global norm R, up or down: R / (norm + eps).
@@ -589,38 +659,61 @@ def normalize(target_norm: float, **arguments: Any) -> None:
     """
     from .api import normalize_file
 
-    _rewrite(normalize_file, arguments, target_norm=target_norm)
+    _rewrite(normalize_file, arguments, "normalize", target_norm=target_norm)
 
 
-def _rewrite(call: Callable[..., Report], arguments: dict[str, Any], **strategy: Any) -> None:
+def _rewrite(
+    call: Callable[..., Report], arguments: dict[str, Any], command: str, **strategy: Any
+) -> None:
     """Run a rewriting command: IN/OUT (incl. -), then the report (to stderr unless data)."""
-    from .streams import STDIO, local_inputs
+    from .streams import STDIO, STDOUT_NAME
 
     input_file, output_file = arguments.pop("input_file"), arguments.pop("output_file")
-    no_clobber, quiet, output_format, view, file_format = _rewrite_settings(arguments)
+    _require_one_file(input_file, command)
+    no_clobber, quiet, output_format, file_format = _rewrite_settings(arguments)
     with (
-        local_inputs([input_file]) as (src,),
+        _local((input_file,)) as ((src,), names),
         _destination(output_file) as dst,
         _byte_progress(enabled=not quiet),
     ):
         report = call(
             src, dst, file_format=file_format, clobber=not no_clobber, **strategy, **arguments
         )
-    report = replace(report, path=input_file, output=output_file)
+        if output_file == STDIO:
+            names[str(dst)] = STDOUT_NAME
+        report = report.shown_as(names)
     if output_format == "table" and quiet:
         return
     to_stderr = output_file == STDIO or output_format == "table"
-    _emit(report, output_format, view, human=_print_rescale, to_stderr=to_stderr)
+    _emit(report, output_format, _plain_view(), human=_print_rescale, to_stderr=to_stderr)
 
 
-def _rewrite_settings(arguments: dict[str, Any]) -> tuple[bool, bool, str, View, str | None]:
+def _require_one_file(input_file: str, command: str) -> None:
+    """IN of a one-file rewrite may not be a folder or an index (a sharded checkpoint)."""
+    from .sources import INDEX_SUFFIX
+
+    if Path(input_file).is_dir():
+        what = "a folder"
+    elif input_file.endswith(INDEX_SUFFIX):
+        what = "a sharded checkpoint index"
+    else:
+        return
+    hint = (
+        "give --out-dir DIR to clip its files by one global norm"
+        if command == "rescale"
+        else f"{command} takes one file"
+    )
+    raise click.UsageError(f"{input_file} is {what}: {hint}")
+
+
+def _rewrite_settings(arguments: dict[str, Any]) -> tuple[bool, bool, str, str | None]:
     """Take the CLI's own options out of *arguments* (the rest are the library's): no-clobber,
-    quiet, the report format, the view and the input's format."""
+    quiet, the report format and the input's format."""
     no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
     output_format = arguments.pop("output_format")
     if arguments.pop("as_json"):
         output_format = "json"
-    return no_clobber, quiet, output_format, _view(arguments), arguments.pop("file_format")
+    return no_clobber, quiet, output_format, arguments.pop("file_format")
 
 
 def _rewrite_many(
@@ -633,7 +726,7 @@ def _rewrite_many(
     """Rewrite several files into *out_dir*; the report as for one file."""
     if "-" in paths:
         raise click.UsageError("standard input (-) cannot be one of several shards")
-    no_clobber, quiet, output_format, view, file_format = _rewrite_settings(arguments)
+    no_clobber, quiet, output_format, file_format = _rewrite_settings(arguments)
     with _shard_progress(enabled=not quiet) as progress:
         report = call(
             paths,
@@ -644,8 +737,15 @@ def _rewrite_many(
             **executor,
             **arguments,
         )
+    _tell_not_read(report)
     if not (output_format == "table" and quiet):
-        _emit(report, output_format, view, human=_print_rescale, to_stderr=output_format == "table")
+        _emit(
+            report,
+            output_format,
+            _plain_view(),
+            human=_print_rescale,
+            to_stderr=output_format == "table",
+        )
 
 
 @contextmanager
@@ -717,20 +817,47 @@ def _destination(output_file: str) -> Iterator[Path]:
         yield path
 
 
-def _inspect(files: tuple[str, ...], options: dict[str, Any]) -> Report:
+def _inspect(
+    files: tuple[str, ...], options: dict[str, Any], require_counted: bool = False
+) -> Report:
+    """inspect_files over *files* (``-`` spooled), standard input named as such; with
+    *require_counted* no report without a tensor counted (a norm of nothing is no answer)."""
     from .api import inspect_files
+    from .selection import require_counted as refuse_if_none
 
     file_format = options.pop("file_format")
-    with _local(files) as paths, _byte_progress():
-        return inspect_files(paths, file_format=file_format, **options)
+    with _local(files) as (paths, names), _byte_progress():
+        report = inspect_files(paths, file_format=file_format, **options).shown_as(names)
+    _tell_not_read(report)
+    if require_counted:
+        refuse_if_none(report.path, [(t.name, t.skipped) for t in report.tensors])
+    return report
 
 
 @contextmanager
-def _local(files: tuple[str, ...]) -> Iterator[list[str]]:
-    from .streams import local_inputs
+def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Local paths for *files* (``-``: a spool of standard input), and the names to show
+    instead of the spools'."""
+    from .streams import STDIN_NAME, STDIO, local_inputs
 
     with local_inputs(list(files)) as paths:
-        yield paths
+        names = {p: STDIN_NAME for f, p in zip(files, paths, strict=True) if f == STDIO}
+        yield paths, names
+
+
+def _tell_not_read(report: Report) -> None:
+    """On stderr, what the inputs held that gclip did not read (or copied unread)."""
+    from .summary import printable
+
+    for path, why in report.not_read:
+        click.echo(f"gclip: not read: {printable(path)}: {why}", err=True)
+
+
+def _plain_view() -> View:
+    """Tensors as in the file: rewriting commands have no view options."""
+    from .views import View
+
+    return View()
 
 
 def _view(options: dict[str, Any]) -> View:
@@ -763,14 +890,14 @@ def _emit(
 
 
 def _console(stderr: bool) -> Console:
-    from rich.console import Console
+    from .render import PipeConsole
 
     color = _settings().color
     if color == "always":
-        return Console(stderr=stderr, force_terminal=True, highlight=False)
+        return PipeConsole(stderr=stderr, force_terminal=True, highlight=False)
     if color == "never":
-        return Console(stderr=stderr, no_color=True, color_system=None, highlight=False)
-    return Console(stderr=stderr, highlight=False)  # Rich honours NO_COLOR and TERM=dumb
+        return PipeConsole(stderr=stderr, no_color=True, color_system=None, highlight=False)
+    return PipeConsole(stderr=stderr, highlight=False)  # Rich honours NO_COLOR and TERM=dumb
 
 
 def _print_inspect(report: Report, to_stderr: bool, view: View) -> None:

@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     NONFINITE = 4
     OUTPUT = 5
     INTERRUPTED = 130
+    BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     TERMINATED = 143
 
 

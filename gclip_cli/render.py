@@ -21,6 +21,14 @@ _BAR_WIDTH = 5
 _NAME_MIN_WIDTH = 14  # names stay readable when a narrow terminal squeezes the table
 
 
+class PipeConsole(Console):
+    """A console whose closed output is a BrokenPipeError, which the CLI reports as 141 like
+    every closed pipe (Rich's own reaction is to exit with 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
     """The per-tensor (or per-layer) table, then the totals and the clip factor if asked."""
     table = _layer_table(report, view) if view.by_layer else _tensor_table(report, view)
@@ -179,8 +187,9 @@ def _share(share: float | None) -> Text:
 def _summary(report: Report) -> Text:
     skipped = len(report.tensors) - len(report.counted)
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
+    norm = number(report.global_norm) if report.counted else "- (no tensor counted)"
     lines = [
-        f"global {norm_label(report.norm_type)}: {number(report.global_norm)}",
+        f"global {norm_label(report.norm_type)}: {norm}",
         f"{len(report.counted)} tensors counted, {skipped} skipped{files}; "
         f"{report.total_numel:,} values; {_bytes(report.total_bytes)}",
     ]
@@ -205,6 +214,7 @@ def _bytes(n: int) -> str:
 
 
 __all__ = [
+    "PipeConsole",
     "print_diff",
     "print_groups",
     "print_history",

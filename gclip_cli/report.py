@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 
 from .engine import norm_share
@@ -56,6 +56,25 @@ class Report:
     groups: tuple[GroupReport, ...] = ()  # per-tensor and group clipping: each group's result
     max_value: float | None = None  # clip-value
     target_norm: float | None = None  # normalize
+    not_read: tuple[tuple[str, str], ...] = ()  # (path, why): what the inputs held, unread
+
+    def shown_as(self, names: Mapping[str, str]) -> Report:
+        """This report with the paths in *names* shown by the names given there (standard
+        input's spool as ``<stdin>``)."""
+        if not names:
+            return self
+
+        def show(path: str | None) -> str | None:
+            return names.get(path, path) if path is not None else None
+
+        return replace(
+            self,
+            path=show(self.path),
+            files=tuple(map(show, self.files)),
+            output=show(self.output),
+            tensors=tuple(replace(t, file=show(t.file)) for t in self.tensors),
+            not_read=tuple((show(path), why) for path, why in self.not_read),
+        )
 
     @property
     def counted(self) -> tuple[TensorReport, ...]:
@@ -81,13 +100,15 @@ class Report:
             "files": list(self.files),
             "format": self.file_format,
             "norm_type": _json_number(self.norm_type, inf_as="inf"),
-            "global_norm": _json_number(self.global_norm),
+            # no tensor counted: no norm (0 would claim that values were read)
+            "global_norm": _json_number(self.global_norm) if self.counted else None,
             "tensor_count": len(self.counted),
             "skipped_count": len(self.tensors) - len(self.counted),
             "numel": self.total_numel,
             "nbytes": self.total_bytes,
             "nonfinite": self.nonfinite,
             "nonfinite_policy": self.nonfinite_policy,
+            "not_read": [{"file": path, "reason": why} for path, why in self.not_read],
         }
         if self.max_norm is not None:
             fields |= {

@@ -123,8 +123,3 @@ def run_all(
                     raise
                 future = executor.submit(task, *args)
     return results
-
-
-def copy_index(index: Path, out_dir: Path) -> None:
-    """An index names the shards and their sizes, which scaling does not change."""
-    shutil.copyfile(index, out_dir / index.name)

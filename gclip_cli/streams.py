@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import GclipError, InputError, UsageError
 
 STDIO = "-"
-STDIN_NAME = "<stdin>"  # how errors name standard input
+STDIN_NAME = "<stdin>"  # how errors and reports name standard input
+STDOUT_NAME = "<stdout>"
 
 
 @contextmanager

@@ -146,6 +146,11 @@ def test_rescale_properties(tmp_path_factory, tensors, fmt, max_norm, chunk):
     folder = tmp_path_factory.mktemp("prop")
     src = write_tensors(folder / f"in{SUFFIX[fmt]}", fmt, tensors)
     out, again, other = (folder / f"{n}{SUFFIX[fmt]}" for n in ("out", "again", "other"))
+    if not any(v.dtype.kind == "f" for v in tensors.values()):  # nothing a norm could count
+        with pytest.raises(gclip_cli.InputError, match="no floating-point tensor"):
+            gclip_cli.rescale_file(src, out, max_norm=max_norm, chunk_size=chunk)
+        assert not out.exists()
+        return
     report = gclip_cli.rescale_file(src, out, max_norm=max_norm, chunk_size=chunk)
     written = read_tensors(out, fmt)
     u = unit_roundoff(tensors)

@@ -351,7 +351,7 @@ def test_check_exit_codes(make_file, tmp_path):
     over = run("check", src, "--max-norm", "1")
     assert (over.exit_code, over.stdout) == (1, "exceeds: global L2 norm 13 > max norm 1\n")
     bad = make_file("npz", {"a": np.array([np.inf])}, "bad")
-    assert run("check", bad, "--max-norm", "1").exit_code == 1
+    assert run("check", bad, "--max-norm", "1").exit_code == 4  # NaN/Inf: the one rule
     missing = run("check", tmp_path / "missing.npz", "--max-norm", "1")
     assert missing.exit_code == 2 and missing.stderr.startswith("gclip: error:")
     assert json.loads(run("check", src, "--max-norm", "1", "--json").stdout)["clipped"] is True
@@ -436,7 +436,7 @@ def test_pipeline_through_stdin_and_stdout(make_file, fmt):
     )
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) == pytest.approx(1.0, rel=1e-6)
-    assert "clipped: - -> -" in proc.stderr
+    assert "clipped: <stdin> -> <stdout>" in proc.stderr
 
 
 def test_a_closed_pipe_stops_quietly(make_file):

@@ -159,8 +159,11 @@ def test_member_inflating_beyond_its_declared_size_is_refused(tmp_path):
 
 def test_directory_entry_pointing_past_the_end_is_refused(tmp_path):
     src = tmp_path / "in.npz"
+    array = io.BytesIO()
+    np.save(array, np.ones(2))
     with zipfile.ZipFile(src, "w") as z:
-        z.writestr("notes.txt", b"hello")
+        z.writestr("a.npy", array.getvalue())
+        z.writestr("notes.txt", b"hello")  # its directory entry (the last) is damaged below
     raw = bytearray(src.read_bytes())
     central = raw.rfind(b"PK\x01\x02")
     raw[central + 42 : central + 46] = (1 << 24).to_bytes(4, "little")  # local header offset

@@ -84,8 +84,12 @@ def test_key_order_differs_from_offset_order_and_unpadded_header(tmp_path):
 
 def test_empty_header_is_a_file_with_no_tensors(tmp_path):
     src = raw_file(tmp_path / "in.safetensors", {}, pad=True)
-    report = gclip_cli.rescale_file(src, tmp_path / "out.safetensors", max_norm=1.0)
-    assert report.tensors == () and report.global_norm == 0.0 and not report.clipped
+    report = gclip_cli.inspect_file(src, max_norm=1.0)
+    assert report.tensors == () and report.to_dict()["global_norm"] is None
+    # nothing to clip is not "unchanged": there was nothing to measure
+    with pytest.raises(InputError, match="holds no tensors"):
+        gclip_cli.rescale_file(src, tmp_path / "out.safetensors", max_norm=1.0)
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,8 @@
-import json
-
 import numpy as np
 import pytest
 from conftest import SUFFIX, read_tensors
 
 import gclip_cli
-from gclip_cli import InputError
-from gclip_cli.selection import expand_inputs
 
 
 def test_excluded_tensors_are_not_counted_and_copied_untouched(make_file, fmt, tmp_path):
@@ -29,29 +25,6 @@ def test_include_keeps_only_matching_tensors(make_file):
     src = make_file("npz", {"a.w": np.array([3.0]), "a.b": np.array([4.0]), "b.w": np.ones(1)})
     report = gclip_cli.inspect_file(src, include=("a.*",), exclude=("*.b",))
     assert report.global_norm == 3.0 and len(report.counted) == 1
-
-
-def test_directories_and_index_files_expand_to_their_shards(tmp_path):
-    shards = tmp_path / "ckpt"
-    shards.mkdir()
-    for name in ("b.safetensors", "a.npz", ".hidden.npz"):
-        (shards / name).write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
-    (shards / "README.txt").write_text("not data")
-    (shards / "model.safetensors.index.json").write_text("{}")
-    assert [p.name for p in expand_inputs([shards])] == ["a.npz", "b.safetensors"]
-    index = shards / "model.safetensors.index.json"
-    index.write_text(
-        json.dumps(
-            {
-                "metadata": {},
-                "weight_map": {"x": "b.safetensors", "y": "a.npz", "z": "b.safetensors"},
-            }
-        )
-    )
-    assert expand_inputs([index]) == [shards / "b.safetensors", shards / "a.npz"]
-    index.write_text("{}")
-    with pytest.raises(InputError, match="not a sharded checkpoint index"):
-        expand_inputs([index])
 
 
 def test_one_global_norm_over_files_of_mixed_formats(make_file, tmp_path):

@@ -90,8 +90,14 @@ def test_out_dir_from_the_command_line(checkpoint, tmp_path):
         main, ["rescale", str(index.parent), "--out-dir", str(out), "--max-norm", "1", "--json"]
     )
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(SHARDS)  # a directory: no index
-    assert json.loads(result.stdout)["files"] == [str(index.parent / f) for f in sorted(SHARDS)]
+    # a folder: its other files (here the index) are copied, so the output is a checkpoint too
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SHARDS, index.name])
+    assert (out / index.name).read_bytes() == index.read_bytes()
+    report = json.loads(result.stdout)
+    assert report["files"] == [str(index.parent / f) for f in sorted(SHARDS)]
+    assert [n["file"] for n in report["not_read"]] == [str(index)]
+    assert report["not_read"][0]["reason"].endswith("; copied unchanged")
+    assert f"not read: {index}" in result.stderr
     usage = CliRunner().invoke(main, ["rescale", str(index), "a", "b", "--max-norm", "1"])
     assert usage.exit_code == 2 and "--out-dir" in usage.stderr
 

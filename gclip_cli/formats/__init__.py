@@ -29,7 +29,7 @@ __all__ = [
 # name -> (signature test, module, class)
 _FORMATS: dict[str, tuple[Callable[[bytes, BinaryIO], bool], str, str]] = {
     "safetensors": (signatures.is_safetensors, "safetensors", "SafetensorsFile"),
-    "npz": (signatures.is_zip, "npz", "NpzFile"),
+    "npz": (signatures.is_npz, "npz", "NpzFile"),
     "hdf5": (signatures.is_hdf5, "hdf5", "Hdf5File"),
 }
 # Formats whose C library can crash (not raise) on a damaged file: worked on in a child process.
@@ -38,13 +38,18 @@ FORMAT_NAMES = tuple(_FORMATS)
 
 
 def detect_format(path: Path) -> str:
-    """The format of *path*, judged by its content (the extension is not trusted)."""
+    """The format of *path*, judged by its content (the extension is not trusted).
+
+    A file of a kind gclip recognises but does not read (a PyTorch or Keras archive, a zip
+    without arrays, a pickle) is refused with a message naming that kind.
+    """
     try:
         with open(path, "rb") as file:
             head = signatures.read_head(file)
             found = next(
                 (name for name, (test, _, _) in _FORMATS.items() if test(head, file)), None
             )
+            kind = None if found else signatures.unsupported_kind(head, file)
     except IsADirectoryError:
         raise InputError(path, "is a directory, not a file") from None
     except FileNotFoundError:
@@ -53,6 +58,8 @@ def detect_format(path: Path) -> str:
         raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
     if found:
         return found
+    if kind:
+        raise InputError(path, f"is {kind}")
     if not head:
         raise InputError(path, "is empty")
     raise InputError(path, "is not a safetensors, .npz or HDF5 file (unrecognised content)")

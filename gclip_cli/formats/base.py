@@ -17,7 +17,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..dtypes import describe_dtype, is_gradient_dtype
+from ..dtypes import describe_dtype, is_gradient_dtype, is_opaque_dtype
 from ..errors import InputError
 from ..norms import BLOCK, NormStats
 from .deflate import ERRORS as DEFLATE_ERRORS
@@ -66,6 +66,9 @@ class TensorInfo:
     skip_reason: str | None = None  # why the values are copied through untouched
     location: object = field(default=None, repr=False, compare=False)  # the format's own handle
     fortran_order: bool = False  # values stored column-major (npz); else in C order
+    # Raw 1- or 2-byte values whose type the file does not record (numpy's |V2, HDF5's opaque
+    # type): how np.savez and h5py store bfloat16 and float8.  Their item size; else 0.
+    opaque_itemsize: int = 0
 
     @property
     def numel(self) -> int:
@@ -81,15 +84,23 @@ def describe_array(
 ) -> TensorInfo:
     """TensorInfo for an array of a numpy *dtype*, marked skipped unless it holds gradients."""
     gradient = is_gradient_dtype(dtype)
+    opaque = dtype.itemsize if is_opaque_dtype(dtype) else 0
     return TensorInfo(
         name=name,
         dtype_name=describe_dtype(dtype),
         shape=shape,
         nbytes=math.prod(shape) * dtype.itemsize,
         dtype=dtype if gradient else None,
-        skip_reason=None if gradient else f"{dtype.name} is not a floating-point type",
+        skip_reason=None if gradient else _skip_reason(dtype, opaque),
         location=location,
+        opaque_itemsize=opaque,
     )
+
+
+def _skip_reason(dtype: np.dtype, opaque: int) -> str:
+    if opaque:
+        return f"raw {opaque}-byte values ({dtype.str}) of unrecorded type"
+    return f"{dtype.name} is not a floating-point type"
 
 
 class ValuePiece(Protocol):

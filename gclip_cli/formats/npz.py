@@ -41,6 +41,7 @@ from .base import (
     write_all_at,
 )
 from .deflate import crc32, crc32_combine, faster_deflate
+from .signatures import zip_refusal
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -283,7 +284,11 @@ class NpzFile:
         self._raw.close()
 
     def _check_members(self) -> None:
-        """Refuse what could not be copied faithfully, before anything is read or written."""
+        """Refuse what could not be copied faithfully, before anything is read or written, and
+        archives that are not ``.npz`` (even when --file-format npz says they are)."""
+        refusal = zip_refusal(self._zip.namelist())
+        if refusal:
+            raise InputError(self.path, f"is {refusal}")
         repeated = [name for name, n in Counter(self._zip.namelist()).items() if n > 1]
         if repeated:
             raise InputError(self.path, f"zip member {repeated[0]!r} appears more than once")

@@ -1,12 +1,24 @@
-"""Recognising a format from a file's first bytes, without importing its library."""
+"""Recognising a format from a file's structure, without importing its library.
+
+A zip archive is an ``.npz`` only when it holds ``.npy`` arrays; PyTorch, TorchScript and Keras
+archives are zips too, and are named (and refused) rather than read as archives without arrays.
+"""
 
 from __future__ import annotations
 
+import re
 import struct
+import zipfile
+from collections.abc import Sequence
 from typing import BinaryIO
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# torch.save before PyTorch 1.6: a pickle (protocol 2) of the magic number 0x1950a86a20f9469cfc6c
+LEGACY_TORCH_SIGNATURE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _HEAD_BYTES = 16
+_TORCH_PICKLE = re.compile(r"(?:^|/)data\.pkl$")
+_TORCHSCRIPT_MEMBER = re.compile(r"(?:^|/)(?:constants\.pkl|code/)")
+_KERAS_MEMBERS = frozenset({"config.json", "metadata.json", "model.weights.h5"})
 
 
 def read_head(file: BinaryIO) -> bytes:
@@ -18,8 +30,17 @@ def is_safetensors(head: bytes, file: BinaryIO) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] >= 2
 
 
-def is_zip(head: bytes, file: BinaryIO) -> bool:
+def is_zip(head: bytes) -> bool:
     return head[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def is_npz(head: bytes, file: BinaryIO) -> bool:
+    """A zip archive of ``.npy`` arrays, or one too damaged to list (the npz reader then says
+    what is wrong with it)."""
+    if not is_zip(head):
+        return False
+    names = zip_names(file)
+    return names is None or zip_kind(names) == "npz"
 
 
 def is_hdf5(head: bytes, file: BinaryIO) -> bool:
@@ -34,3 +55,50 @@ def is_hdf5(head: bytes, file: BinaryIO) -> bool:
             return True
         offset *= 2
     return False
+
+
+def zip_names(file: BinaryIO) -> list[str] | None:
+    """The member names of the zip archive *file* (None when its directory cannot be read)."""
+    try:
+        file.seek(0)
+        with zipfile.ZipFile(file) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+
+
+def zip_kind(names: Sequence[str]) -> str:
+    """What a zip archive with members *names* is: ``torchscript``, ``torch``, ``keras``,
+    ``npz`` or ``zip`` (none of these)."""
+    if any(_TORCH_PICKLE.search(n) for n in names):
+        return "torchscript" if any(_TORCHSCRIPT_MEMBER.search(n) for n in names) else "torch"
+    if set(names) >= _KERAS_MEMBERS:
+        return "keras"
+    if any(n.endswith(".npy") for n in names):
+        return "npz"
+    return "zip"
+
+
+_UNSUPPORTED = {
+    "torch": "a PyTorch checkpoint (torch.save), which gclip cannot read yet",
+    "torchscript": "a TorchScript archive (a saved program, not a tensor file)",
+    "keras": "a Keras archive (.keras): give the model.weights.h5 inside it instead",
+    "zip": "a zip archive without .npy arrays, not an .npz",
+}
+
+
+def zip_refusal(names: Sequence[str]) -> str | None:
+    """What a zip archive with members *names* is, when it is not an ``.npz`` (else None)."""
+    return _UNSUPPORTED.get(zip_kind(names))
+
+
+def unsupported_kind(head: bytes, file: BinaryIO) -> str | None:
+    """What a file of no supported format is, when it is a known kind gclip does not read."""
+    if is_zip(head):
+        names = zip_names(file)
+        return None if names is None else zip_refusal(names)
+    if head.startswith(LEGACY_TORCH_SIGNATURE):
+        return "a PyTorch checkpoint in the legacy (pre-1.6) format, which gclip cannot read"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle, which gclip never loads (it could run code)"
+    return None

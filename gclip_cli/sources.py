@@ -1,0 +1,137 @@
+"""What the inputs name: files, directories and sharded-checkpoint indexes, resolved to the
+tensor files to read, the files left unread (each with the reason), and the indexes whose
+shards must hold exactly the tensors they list."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .formats import detect_format
+from .selection import name_key
+
+INDEX_SUFFIX = ".index.json"
+_NAMES_SHOWN = 3  # tensors named in an index error; the rest are counted
+
+
+@dataclass(frozen=True)
+class NotRead:
+    """A file or folder an input holds that gclip does not read, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Index:
+    """A sharded checkpoint's ``*.index.json``: which shard holds each tensor."""
+
+    path: Path
+    shards: dict[Path, frozenset[str]]  # shard -> the names (name_key) it lists, in order
+
+    def check(self, names: Mapping[Path, Iterable[str]]) -> None:
+        """Refuse shards that do not hold exactly the tensors the index lists for them
+        (*names*: each shard's tensor names, as read)."""
+        owner = {name: shard for shard, listed in self.shards.items() for name in listed}
+        for shard, listed in self.shards.items():
+            found = [name_key(n) for n in names[shard]]
+            present = set(found)
+            elsewhere = [n for n in found if n not in listed and n in owner]
+            if elsewhere:
+                other = owner[elsewhere[0]].name
+                self._refuse(elsewhere, f"in {shard.name} but listed for {other}")
+            unlisted = [n for n in found if n not in owner]
+            if unlisted:
+                self._refuse(unlisted, f"in {shard.name} but not in the index")
+            absent = sorted(listed - present)
+            if absent:
+                self._refuse(absent, f"listed for {shard.name} but not in it")
+
+    def _refuse(self, names: Sequence[str], problem: str) -> None:
+        shown = ", ".join(repr(n) for n in names[:_NAMES_SHOWN])
+        more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+        tensors = "tensor" if len(names) == 1 else "tensors"
+        raise InputError(self.path, f"{tensors} {shown}{more} {problem}")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The tensor files to read, in order, each once; what else the inputs held."""
+
+    files: tuple[Path, ...]
+    not_read: tuple[NotRead, ...] = ()
+    indexes: tuple[Index, ...] = field(default=())
+
+    def check_indexes(self, names: Mapping[Path, Iterable[str]]) -> None:
+        """Refuse when a shard does not hold the tensors its index lists (*names*: the tensor
+        names read from each file)."""
+        for index in self.indexes:
+            index.check(names)
+
+
+def resolve(paths: Sequence[str | Path]) -> Inputs:
+    """The files that *paths* name: files as given, a directory's tensor files in name order
+    (the rest listed as not read), the shards of a ``*.index.json`` in order."""
+    files: list[Path] = []
+    not_read: list[NotRead] = []
+    indexes: list[Index] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found, left = _directory(path)
+            files += found
+            not_read += left
+        elif path.name.endswith(INDEX_SUFFIX):
+            index = read_index(path)
+            indexes.append(index)
+            files += index.shards
+        else:
+            files.append(path)
+    if not files:
+        raise InputError(", ".join(map(str, paths)), "holds no tensor files to read")
+    return Inputs(tuple(dict.fromkeys(files)), tuple(not_read), tuple(indexes))
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """The tensor files that *paths* name (see resolve)."""
+    return list(resolve(paths).files)
+
+
+def read_index(path: Path) -> Index:
+    """A sharded checkpoint's index: its shards in the order they first appear."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name_key(name))
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(path, f"not a sharded checkpoint index ({exc})") from None
+    return Index(path, {path.parent / shard: frozenset(n) for shard, n in shards.items()})
+
+
+def _directory(folder: Path) -> tuple[list[Path], list[NotRead]]:
+    """The tensor files of *folder* in name order, and its other entries with the reason."""
+    files, others = [], []
+    for path in sorted(folder.iterdir()):
+        reason = _why_not_read(path)
+        if reason is None:
+            files.append(path)
+        else:
+            others.append(NotRead(path, reason))
+    return files, others
+
+
+def _why_not_read(path: Path) -> str | None:
+    if path.is_dir():
+        return "a directory (folders inside are not searched)"
+    if path.name.endswith(INDEX_SUFFIX):
+        return "a sharded checkpoint index (give it instead of the folder to check the shards)"
+    try:
+        detect_format(path)
+    except InputError as exc:
+        return exc.message
+    return None

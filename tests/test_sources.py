@@ -1,0 +1,135 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_tensors
+
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.sources import resolve
+
+
+def test_directories_and_index_files_expand_to_their_shards(tmp_path):
+    shards = tmp_path / "ckpt"
+    shards.mkdir()
+    write_tensors(shards / "b.safetensors", "safetensors", {"w": np.ones(2)})
+    write_tensors(shards / "a.npz", "npz", {"w": np.ones(2)})
+    (shards / "README.txt").write_text("not data")
+    (shards / "model.safetensors.index.json").write_text("{}")
+    assert [p.name for p in resolve([shards]).files] == ["a.npz", "b.safetensors"]
+    index = shards / "model.safetensors.index.json"
+    index.write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"x": "b.safetensors", "y": "a.npz", "z": "b.safetensors"},
+            }
+        )
+    )
+    assert resolve([index]).files == (shards / "b.safetensors", shards / "a.npz")
+    index.write_text("{}")
+    with pytest.raises(InputError, match="not a sharded checkpoint index"):
+        resolve([index])
+
+
+def test_a_folder_lists_what_it_does_not_read_and_why(tmp_path):
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    write_tensors(folder / "model.safetensors", "safetensors", {"w": np.array([3.0, 4.0])})
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    (folder / "config.json").write_text("{}")
+    (folder / ".hidden.npz").write_bytes(b"")
+    (folder / "model.safetensors.index.json").write_text("{}")
+    inputs = resolve([folder])
+    assert inputs.files == (folder / "model.safetensors",)
+    why = {n.path.name: n.reason for n in inputs.not_read}
+    assert set(why) == {
+        ".hidden.npz",
+        "config.json",
+        "model.safetensors.index.json",
+        "optimizer.pt",
+        "sub",
+    }
+    assert why["optimizer.pt"].startswith("is a PyTorch checkpoint")
+    assert why[".hidden.npz"] == "is empty"
+    assert "directory" in why["sub"] and "index" in why["model.safetensors.index.json"]
+    report = gclip_cli.inspect_files([folder])
+    assert report.global_norm == 5.0
+    assert dict(report.not_read) == {str(n.path): n.reason for n in inputs.not_read}
+
+
+def test_a_folder_without_tensor_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="holds no tensor files"):
+        resolve([tmp_path])
+
+
+def _sharded(tmp_path, weight_map, shards):
+    """A checkpoint folder: *shards* (file name -> tensors) and an index of *weight_map*."""
+    for name, tensors in shards.items():
+        write_tensors(tmp_path / name, "safetensors", tensors)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+ONE, TWO = {"a": np.array([3.0])}, {"b": np.array([4.0])}
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "shards", "problem"),
+    [
+        # a tensor in two shards would be counted twice
+        (
+            {"a": "1.st", "b": "2.st"},
+            {"1.st": ONE, "2.st": {**TWO, **ONE}},
+            "'a' in 2.st but listed for 1.st",
+        ),
+        # a tensor the index lists is not there
+        (
+            {"a": "1.st", "b": "2.st", "c": "2.st"},
+            {"1.st": ONE, "2.st": TWO},
+            "'c' listed for 2.st but not in it",
+        ),
+        # a tensor nobody listed
+        ({"a": "1.st"}, {"1.st": {**ONE, **TWO}}, "'b' in 1.st but not in the index"),
+    ],
+)
+def test_an_index_must_agree_with_its_shards(tmp_path, weight_map, shards, problem):
+    index = _sharded(tmp_path, weight_map, shards)
+    with pytest.raises(InputError, match=problem) as refused:
+        gclip_cli.inspect_files([index])
+    assert refused.value.path == str(index)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=problem):
+        gclip_cli.api.rescale_files([index], out, max_norm=1.0)
+    assert not out.exists()
+
+
+def test_an_index_that_agrees_is_read_and_its_names_may_use_slashes(tmp_path):
+    index = _sharded(tmp_path, {"a": "1.st", "b": "2.st"}, {"1.st": ONE, "2.st": TWO})
+    assert gclip_cli.inspect_files([index]).global_norm == 5.0
+
+
+def test_torch_and_keras_archives_and_zips_without_arrays_are_named_and_refused(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "grads.pt")
+    torch.save({"w": torch.ones(3)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as z:
+        for name in ("config.json", "metadata.json", "model.weights.h5"):
+            z.writestr(name, b"{}")
+    with zipfile.ZipFile(tmp_path / "notes.npz", "w") as z:
+        z.writestr("notes.txt", b"no arrays here")
+    expected = {
+        "grads.pt": "is a PyTorch checkpoint",
+        "old.pt": "legacy",
+        "model.keras": "is a Keras archive",
+        "notes.npz": "is a zip archive without .npy arrays",
+    }
+    for name, message in expected.items():
+        with pytest.raises(InputError, match=message):
+            gclip_cli.inspect_file(tmp_path / name)
+        # --file-format npz does not make them archives of nothing
+        with pytest.raises(InputError, match="not a readable" if name == "old.pt" else message):
+            gclip_cli.inspect_file(tmp_path / name, file_format="npz")

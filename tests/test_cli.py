@@ -15,7 +15,7 @@ from conftest import SUFFIX, read_tensors, write_tensors
 
 from gclip_cli.cli import main
 
-# CLIPPING.md's worked examples: (gradients, c, expected result or None for unchanged)
+# worked examples of global-norm clipping: (gradients, c, expected result or None for unchanged)
 WORKED_EXAMPLES = [
     ({"a": [3, 4], "b": [0, 0]}, 1.0, {"a": [0.6, 0.8], "b": [0, 0]}),
     ({"a": [0.3, 0.4], "b": [0, 0]}, 1.0, None),

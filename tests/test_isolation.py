@@ -1,5 +1,8 @@
+import faulthandler
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,6 +12,9 @@ from gclip_cli.isolation import run_forked, run_isolated, tell_parent
 
 
 def crash() -> None:
+    # pytest's faulthandler, inherited by the forked child, would print a "Fatal Python error"
+    # report of this deliberate crash on the suite's output
+    faulthandler.disable()
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
@@ -18,6 +24,25 @@ def fail() -> None:
 
 def test_result_comes_back(tmp_path):
     assert run_isolated(tmp_path, pow, 2, 10) == 1024
+
+
+CRASHING_TESTS = (
+    "test_a_crash_in_the_child_becomes_an_input_error",
+    "test_a_child_killed_by_a_signal_names_the_signal",
+)
+
+
+def test_the_deliberate_crashes_are_silent():
+    """A crash report in the suite's output reads like a broken suite."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        + [f"{__file__}::{name}" for name in CRASHING_TESTS],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout
+    assert "Fatal Python error" not in proc.stdout + proc.stderr
 
 
 def test_a_crash_in_the_child_becomes_an_input_error(tmp_path):

@@ -5,7 +5,8 @@ raw chunks that gclip decodes and encodes itself (hdf5_chunks.py), the others th
 Copying the bytes keeps everything else exactly as it was (groups, attributes, hard links,
 object references, committed types, non-float data), and rewriting values where they lie, or
 chunk by chunk, keeps every dataset's dtype (incl. big-endian), shape, maxshape, chunking,
-filters and fill value.
+filters and fill value.  Filters from plugins (Blosc, Zstd, LZ4, ...) are hdf5plugin's, loaded
+when a dataset needs one (hdf5_plugins.py).
 Unallocated chunks of sparse datasets stay unallocated when they would only be written as zeros.
 Data stored in other files (external links, virtual datasets, external raw storage) is refused.
 """
@@ -43,6 +44,7 @@ from .hdf5_chunks import (
     read_values,
     rewrite_values,
 )
+from .hdf5_plugins import load_plugins_if_needed, missing_filter, unavailable_filter_message
 
 FORMAT_NAME = "hdf5"
 
@@ -183,9 +185,13 @@ class Hdf5File:
         # (Errors are raised after the visit: exceptions do not cross HDF5's C callbacks.)
         self._file.visititems(collect)
         self._datasets = dict(datasets)
-        return [self._describe_dataset(name, dataset) for name, dataset in datasets]
+        plugins = load_plugins_if_needed(self._datasets.values())
+        return [self._describe_dataset(name, dataset, plugins) for name, dataset in datasets]
 
-    def _describe_dataset(self, name: str, dataset: h5py.Dataset) -> TensorInfo:
+    def _describe_dataset(
+        self, name: str, dataset: h5py.Dataset, plugins: str | None
+    ) -> TensorInfo:
+        """*plugins*: why hdf5plugin's filters are not loaded (None: loaded or not needed)."""
         if dataset.is_virtual:
             raise InputError(
                 self.path, f"dataset {name!r} is virtual (its data lives in other files); refused"
@@ -194,13 +200,9 @@ class Hdf5File:
             raise InputError(
                 self.path, f"dataset {name!r} keeps its data in external files; refused"
             )
-        missing = _unavailable_filters(dataset)
+        missing = missing_filter(dataset)
         if missing:
-            raise InputError(
-                self.path,
-                f"dataset {name!r} uses HDF5 filter {missing[0]}, which "
-                "is not available here (is its plugin installed?); refused",
-            )
+            raise InputError(self.path, unavailable_filter_message(name, *missing, plugins))
         if dataset.shape is None:
             return TensorInfo(
                 name,
@@ -217,12 +219,6 @@ def _chunk_address_base(root: h5py.File) -> int:
     """What to add to the chunk addresses HDF5 reports to get file offsets: before HDF5 1.14.4
     they did not count the user block (HDFGroup/hdf5#3003), unlike H5Dget_offset's."""
     return root.userblock_size if h5py.version.hdf5_version_tuple < (1, 14, 4) else 0
-
-
-def _unavailable_filters(dataset: h5py.Dataset) -> list[int]:
-    plist = dataset.id.get_create_plist()
-    codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-    return [code for code in codes if not h5py.h5z.filter_avail(code)]
 
 
 def _refuse_external_links(path: Path, root: h5py.File) -> None:

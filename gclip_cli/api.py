@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from . import progress
 from .engine import (
     Clamper,
     NonFinite,
@@ -124,7 +125,7 @@ def inspect_files(
     settings = Options(**options)
     measured = [
         _in_child_if_fragile(src, file_format, _measure_file, settings)
-        for src in expand_inputs(paths)
+        for src in progress.each_file(expand_inputs(paths))
     ]
     tensors = [t for m in measured for t in m.tensors]
     before = [s for m in measured for s in m.stats]
@@ -187,7 +188,7 @@ def history_of(
     settings = Options(max_norm=max_norm, **options)
     files = expand_inputs(paths)
     steps = []
-    for src in files if as_given else in_step_order(files):
+    for src in progress.each_file(files if as_given else in_step_order(files)):
         measured = _in_child_if_fragile(src, file_format, _measure_file, settings)
         total = combine(measured.stats, settings.norm_type)
         steps.append(Step(str(src), step_number(src), settings.norm(total), total.nonfinite))
@@ -392,7 +393,10 @@ def _write_or_copy(
     with _output_errors(dst):
         if changes or (with_nonfinite and options.policy is NonFinite.ZERO):
             return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers)
+        size = tfile.path.stat().st_size
+        progress.begin(progress.COPYING, size)
         shutil.copyfile(tfile.path, tmp)
+        progress.advance(size)
         return None
 
 

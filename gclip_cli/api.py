@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from . import progress
 from .engine import (
     Clamper,
     NonFinite,
@@ -181,7 +182,7 @@ def _measure_all(inputs: Inputs, file_format: str | None, options: Options) -> l
     alone = len(inputs.files) == 1  # then the file checks the globs itself, before pass 1
     measured = [
         _in_child_if_fragile(src, file_format, _measure_file, options, alone)
-        for src in inputs.files
+        for src in progress.each_file(inputs.files)
     ]
     inputs.check_indexes({m.path: [t.name for t in m.tensors] for m in measured})
     check_globs([t.name for m in measured for t in m.tensors], options.include, options.exclude)
@@ -236,7 +237,7 @@ def history_of(
     settings = Options(max_norm=max_norm, **options)
     files = resolve(paths).files
     steps = []
-    for src in files if as_given else in_step_order(files):
+    for src in progress.each_file(files if as_given else in_step_order(files)):
         measured = _in_child_if_fragile(src, file_format, _measure_file, settings)
         total = combine(measured.stats, settings.norm_type)
         steps.append(Step(str(src), step_number(src), settings.norm(total), total.nonfinite))
@@ -469,7 +470,10 @@ def _write_or_copy(
     with _output_errors(dst):
         if changes or (with_nonfinite and options.policy is NonFinite.ZERO):
             return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers)
+        size = tfile.path.stat().st_size
+        progress.begin(progress.COPYING, size)
         shutil.copyfile(tfile.path, tmp)
+        progress.advance(size)
         return None
 
 

@@ -508,7 +508,7 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     from .render import print_history
 
     file_format = options.pop("file_format")
-    with _local(files) as (paths, _):
+    with _local(files) as (paths, _), _byte_progress():
         result = history_of(paths, file_format=file_format, **options)
     if plot is not None:
         chart.plot(result, plot)
@@ -750,60 +750,41 @@ def _rewrite_many(
 
 @contextmanager
 def _byte_progress(enabled: bool = True) -> Iterator[None]:
-    """Bytes done and throughput on stderr, for work that takes more than about a second,
-    when stderr is a terminal."""
+    """The phase, its percentage, bytes done, throughput and time left on stderr, for work
+    that takes more than about a second, when stderr is a terminal."""
     from .streams import is_terminal
 
     if not (enabled and is_terminal(sys.stderr)):
         yield
         return
-    import time
-
-    from rich.progress import DownloadColumn, Progress, SpinnerColumn, TransferSpeedColumn
-
     from .progress import listening
+    from .progress_display import ProgressDisplay
 
-    bar = Progress(
-        SpinnerColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    )
-    task = bar.add_task("", total=None)
-    start = time.monotonic()
+    display = ProgressDisplay(_console(stderr=True), delay=_progress_delay())
+    with display, listening(display):
+        yield
 
-    def advance(nbytes: int) -> None:
-        if not bar.live.is_started and time.monotonic() - start > 1.0:
-            bar.start()
-        bar.advance(task, nbytes)
 
-    try:
-        with listening(advance):
-            yield
-    finally:
-        bar.stop()
+def _progress_delay() -> float:
+    """Seconds of work before the progress display shows: GCLIP_PROGRESS_DELAY, for tests
+    (0 shows it at once), else 1."""
+    value = _float_or_none(os.environ.get("GCLIP_PROGRESS_DELAY", ""))
+    return value if value is not None and value >= 0 else 1.0
 
 
 @contextmanager
 def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress bar of shards on stderr, when stderr is a terminal."""
+    """The phase, percentage, shards done of all and time left on stderr, when stderr is a
+    terminal."""
     from .streams import is_terminal
 
     if not (enabled and is_terminal(sys.stderr)):
         yield None
         return
-    from rich.progress import Progress
+    from .progress_display import ProgressDisplay
 
-    with Progress(console=_console(stderr=True), transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(f"{phase} shards", total=total)
-            bar.update(tasks[phase], completed=done)
-
-        yield update
+    with ProgressDisplay(_console(stderr=True), unit="shards", delay=0.0) as display:
+        yield display.shards
 
 
 @contextmanager

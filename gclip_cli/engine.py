@@ -24,6 +24,7 @@ def measure_tensors(
 ) -> list[NormStats | None]:
     """Pass 1: NormStats of every gradient tensor of *tfile* (None for skipped tensors), the
     plain stored ones by *jobs* worker processes when that pays."""
+    progress.begin(progress.MEASURING, gradient_bytes(tfile.tensors))
     pieces = parallel.measurable_pieces(tfile, jobs)
     measured, crcs = parallel.measure_pieces(tfile.path, pieces, norm_type, chunk_bytes, jobs)
     tfile.verify_checksums(crcs)
@@ -35,6 +36,11 @@ def measure_tensors(
         else _measure_tensor(tfile, t, norm_type, chunk_bytes)
         for t in tfile.tensors
     ]
+
+
+def gradient_bytes(tensors: Sequence[TensorInfo]) -> int:
+    """The bytes of values each pass reads or writes: those of the gradient tensors."""
+    return sum(t.numel * t.dtype.itemsize for t in tensors if t.is_gradient)
 
 
 def _measure_tensor(
@@ -266,6 +272,7 @@ def rewrite(
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
+    progress.begin(progress.WRITING, gradient_bytes(tfile.tensors))
     spans = parallel.parallel_spans(tfile, jobs)
     pieces = parallel.encodable_pieces(tfile, jobs)
     leave = {s.tensor.name for s in spans} | {p.tensor.name for p in pieces}

@@ -140,7 +140,7 @@ def _collect(
                 child.join()
                 raise InputError(path, crash.format(how=_how(child.exitcode))) from None
             if kind == "progress":
-                progress.advance(value)
+                progress.forward(value)
             elif kind == "note" and on_note is not None:
                 on_note(index, value)
             elif kind == "error":

@@ -136,3 +136,19 @@ def make_file(tmp_path: Path) -> Callable[..., Path]:
         return write_tensors(tmp_path / f"{name}{SUFFIX[fmt]}", fmt, tensors)
 
     return make
+
+
+def progress_by_phase(events) -> list[tuple[str, int, int]]:
+    """(phase, the bytes it announced, the bytes done in it) from a progress listener's
+    events, in order; bytes before any phase fail the test."""
+    from gclip_cli.progress import Phase
+
+    phases: list[tuple[str, int, int]] = []
+    for event in events:
+        if isinstance(event, Phase):
+            phases.append((event.name, event.total, 0))
+        elif isinstance(event, int):
+            assert phases, f"{event} bytes done before any phase began"
+            name, total, done = phases[-1]
+            phases[-1] = (name, total, done + event)
+    return phases

@@ -4,7 +4,15 @@ import tracemalloc
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FORMATS, SUFFIX, exact_norm, expected_scaled, read_tensors, write_tensors
+from conftest import (
+    FORMATS,
+    SUFFIX,
+    exact_norm,
+    expected_scaled,
+    progress_by_phase,
+    read_tensors,
+    write_tensors,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +79,37 @@ def test_within_max_norm_the_output_is_the_input_byte_for_byte(make_file, fmt, t
     assert not report.clipped and report.scale == 1.0
     assert report.global_norm_after == report.global_norm
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_progress_of_a_rescale_that_copies_says_so_and_counts_the_file(make_file, fmt, tmp_path):
+    from gclip_cli import progress
+
+    tensors = sample_tensors()
+    src = make_file(fmt, tensors)
+    seen = []
+    with progress.listening(seen.append):
+        gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1e6)
+    float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
+    size = src.stat().st_size
+    assert progress_by_phase(seen) == [
+        ("measuring", float_bytes, float_bytes),
+        ("copying", size, size),
+    ]
+
+
+def test_progress_tells_which_of_several_files_is_read(make_file, tmp_path):
+    from gclip_cli import progress
+
+    tensors = sample_tensors()
+    files = [make_file(fmt, tensors, name=f"step_{n}") for n, fmt in enumerate(FORMATS, 1)]
+    float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
+    for run in (gclip_cli.inspect_files, gclip_cli.api.history_of):
+        seen = []
+        with progress.listening(seen.append):
+            run(files)
+        positions = [e for e in seen if isinstance(e, progress.File)]
+        assert positions == [progress.File(n, len(FORMATS)) for n in range(1, len(FORMATS) + 1)]
+        assert progress_by_phase(seen) == [("measuring", float_bytes, float_bytes)] * len(FORMATS)
 
 
 def test_nonfinite_values_are_refused_before_anything_is_written(make_file, fmt, tmp_path):

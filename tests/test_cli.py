@@ -197,6 +197,70 @@ def test_the_quick_exit_keeps_exit_handlers_output_and_status(make_file, args, s
         assert float(proc.stdout.removeprefix(b"buffered")) == 5.0
 
 
+def stderr_on_a_terminal(*args, env: dict[str, str]) -> tuple[int, str]:
+    """Run gclip with a pseudo-terminal as its stderr: (exit status, what it wrote there)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gclip_cli", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env={**os.environ, **env},
+    )
+    os.close(terminal)
+    written = b""
+    try:
+        while select.select([controller], [], [], 60)[0]:  # a bound, should it hang
+            try:
+                data = os.read(controller, 1 << 16)
+            except OSError:  # Linux: EIO once the process has closed its end
+                break
+            if not data:
+                break
+            written += data
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(), written.decode()
+
+
+def test_rescale_on_a_terminal_shows_each_phase_with_its_percentage(make_file, tmp_path):
+    src = make_file("hdf5", {"w": np.full(3000, 2.0, np.float32), "n": np.arange(5)})
+    at_once = {"GCLIP_PROGRESS_DELAY": "0", "TERM": "xterm", "NO_COLOR": "1"}
+    status, shown = stderr_on_a_terminal(
+        "rescale", src, tmp_path / "out.h5", "--max-norm", "1", env=at_once
+    )
+    assert status == 0, shown
+    measuring, writing = shown.find("measuring"), shown.find("writing")
+    assert 0 <= measuring < writing  # each phase drawn as it begins, in order
+    assert "100%" in shown[writing:]  # the last state, drawn as the display closes
+    assert "12.0/12.0 kB" in shown[writing:]  # 3000 float32 values: 12,000 bytes
+    assert "clipped: " in shown  # the summary follows
+
+
+def test_rescale_out_dir_on_a_terminal_counts_shards_in_each_phase(tmp_path):
+    shards = tmp_path / "ckpt"
+    shards.mkdir()
+    for n in (1, 2):
+        write_tensors(shards / f"model-{n}.safetensors", "safetensors", {"w": np.ones(9) * n})
+    at_once = {"GCLIP_PROGRESS_DELAY": "0", "TERM": "xterm", "NO_COLOR": "1"}
+    status, shown = stderr_on_a_terminal(
+        "rescale", shards, "--out-dir", tmp_path / "out", "--max-norm", "1", env=at_once
+    )
+    assert status == 0, shown
+    measuring, writing = shown.find("measuring"), shown.find("writing")
+    assert 0 <= measuring < writing
+    assert "100% 2/2 shards" in shown[writing:]
+
+
 GCLIP = shutil.which("gclip", path=str(Path(sys.executable).parent))
 
 

@@ -3,6 +3,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import SUFFIX, progress_by_phase
 
 from gclip_cli.engine import (
     RoundingBound,
@@ -97,15 +98,30 @@ def test_scaler_scales_in_place_and_measures_each_tensor_written():
     assert after["b"].norm() == 5.0
 
 
-def test_progress_reports_the_bytes_of_both_passes(make_file, tmp_path):
+def test_each_pass_announces_the_bytes_of_its_gradients_then_does_them(make_file, fmt, tmp_path):
     import gclip_cli
     from gclip_cli.progress import listening
 
-    values = {"w": np.ones(1000, np.float32), "n": np.arange(10)}
-    src = make_file("safetensors", values)
+    values = {"w": np.ones(1000, np.float32), "h": np.ones((30, 7), np.float16), "n": np.arange(9)}
+    gradient_bytes = values["w"].nbytes + values["h"].nbytes  # not the integers
+    src = make_file(fmt, values)
     seen = []
     with listening(seen.append):
         gclip_cli.inspect_file(src, chunk_size=1024)
-        assert sum(seen) == 4000 and len(seen) == 4  # only the gradient, chunk by chunk
-        gclip_cli.rescale_file(src, tmp_path / "o.safetensors", max_norm=1.0)
-    assert sum(seen) == 4000 + 2 * 4000  # rescale: pass 1 and pass 2
+        inspected = len(seen)
+        gclip_cli.rescale_file(src, tmp_path / f"o{SUFFIX[fmt]}", max_norm=1.0, chunk_size=1024)
+    measuring = ("measuring", gradient_bytes, gradient_bytes)
+    assert progress_by_phase(seen[:inspected]) == [measuring]
+    assert progress_by_phase(seen[inspected:]) == [measuring, ("writing", *measuring[1:])]
+    assert all(0 < e <= 1024 for e in seen if isinstance(e, int))  # chunk by chunk
+
+
+def test_the_measuring_phase_counts_only_the_selected_tensors(make_file, fmt):
+    import gclip_cli
+    from gclip_cli.progress import listening
+
+    values = {"w": np.ones(1000, np.float32), "h": np.ones(70, np.float64)}
+    seen = []
+    with listening(seen.append):
+        gclip_cli.inspect_file(make_file(fmt, values), exclude=("h",))
+    assert progress_by_phase(seen) == [("measuring", values["w"].nbytes, values["w"].nbytes)]

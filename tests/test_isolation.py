@@ -57,6 +57,7 @@ def test_errors_in_the_child_come_back_whole(tmp_path):
 
 
 def report_progress(nbytes: int, result: str) -> str:
+    progress.begin(result, nbytes)
     progress.advance(nbytes)
     return result
 
@@ -65,7 +66,17 @@ def test_several_children_return_their_results_in_order_and_their_progress(tmp_p
     seen = []
     with progress.listening(seen.append):
         results = run_forked(tmp_path, [(report_progress, (n, f"r{n}")) for n in (3, 5, 7)])
-    assert results == ["r3", "r5", "r7"] and sorted(seen) == [3, 5, 7]
+    assert results == ["r3", "r5", "r7"]
+    for n in (3, 5, 7):  # each child's phase, then its bytes (children interleave)
+        phase = progress.Phase(f"r{n}", n)
+        assert phase in seen and n in seen[seen.index(phase) :]
+
+
+def test_progress_relayed_through_two_generations_of_children(tmp_path):
+    seen = []
+    with progress.listening(seen.append):
+        result = run_isolated(tmp_path, run_forked, tmp_path, [(report_progress, (4, "inner"))])
+    assert result == ["inner"] and seen == [progress.Phase("inner", 4), 4]
 
 
 def test_children_report_progress_only_when_someone_listens(tmp_path):

@@ -11,7 +11,14 @@ from dataclasses import replace
 import h5py
 import numpy as np
 import pytest
-from conftest import SUFFIX, exact_norm, expected_scaled, read_tensors, write_tensors
+from conftest import (
+    SUFFIX,
+    exact_norm,
+    expected_scaled,
+    progress_by_phase,
+    read_tensors,
+    write_tensors,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -219,16 +226,43 @@ def test_cli_jobs_option_reaches_the_engine(tmp_path, always_parallel, monkeypat
     assert result.exit_code == 0 and seen == [3]
 
 
-def test_progress_of_the_workers_reaches_the_listener(tmp_path, always_parallel):
+def write_layout(layout, path, tensors):
+    """A file whose gradients workers read in each way: plain spans, deflated npz members,
+    or (HDF5, in its isolation child) contiguous spans and chunked gzip bands."""
+    if layout == "npz-deflated":
+        np.savez_compressed(path, **tensors)
+        return path
+    return write(layout, path, tensors)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "npz", "npz-deflated", "hdf5"])
+def test_the_workers_progress_reaches_the_listener_in_its_phases(
+    layout, tmp_path, always_parallel, monkeypatch
+):
     from gclip_cli import progress
 
     tensors = gradients()
-    src = write("safetensors", tmp_path / "in.safetensors", tensors)
-    done = []
-    with progress.listening(done.append):
-        api.rescale_file(src, tmp_path / "out.safetensors", max_norm=1.0, jobs=2)
+    src = write_layout(layout, tmp_path / f"in{SUFFIX[layout.split('-')[0]]}", tensors)
+    forks = tmp_path / "forks"  # a file: the HDF5 work forks its workers in a child process
+    real = parallel.run_forked
+
+    def counted(path, tasks, *args, **kwargs):
+        with open(forks, "a") as log:
+            log.write(f"{tasks[0][0].__name__}\n")
+        return real(path, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(parallel, "run_forked", counted)
+    seen = []
+    with progress.listening(seen.append):
+        api.rescale_file(src, tmp_path / "out", max_norm=1.0, jobs=2, chunk_size=4100)
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
-    assert sum(done) == 2 * float_bytes  # both passes, every byte once
+    forked = set(forks.read_text().split())
+    assert "_measure_share" in forked  # deflated npz members are written in one process
+    assert layout == "npz-deflated" or forked & {"_rewrite_share", "_encode_share"}
+    assert progress_by_phase(seen) == [
+        ("measuring", float_bytes, float_bytes),
+        ("writing", float_bytes, float_bytes),
+    ]
 
 
 # --- failures in workers -----------------------------------------------------------------------

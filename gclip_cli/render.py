@@ -15,7 +15,7 @@ from .export import PLAIN
 from .history import History, sparkline
 from .report import Report
 from .summary import norm_label, number, printable
-from .views import View, by_layer, sort_tensors
+from .views import View, layer_rows, tensor_rows
 
 _BAR_WIDTH = 5
 _NAME_MIN_WIDTH = 14  # names stay readable when a narrow terminal squeezes the table
@@ -110,7 +110,7 @@ def _tensor_table(report: Report, view: View) -> Table:
         "max |x|",
     ] + (["NaN/Inf"] if nonfinite else [])
     table = _table(report, headers)
-    for t in sort_tensors(report, view.sort, view.top):
+    for t in tensor_rows(report, view):
         style = "dim" if t.skipped else ("bold red" if t.nonfinite else None)
         name = f"{t.file}: {t.name}" if several else t.name
         cells = [
@@ -130,7 +130,7 @@ def _tensor_table(report: Report, view: View) -> Table:
 
 def _layer_table(report: Report, view: View) -> Table:
     table = _table(report, ["layer", "tensors", "values", "norm", "share"])
-    for layer in by_layer(report, view.depth):
+    for layer in layer_rows(report, view):
         table.add_row(
             Text(printable(layer.name)),
             str(layer.tensors),

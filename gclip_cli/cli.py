@@ -871,14 +871,25 @@ def _emit(
 
 
 def _console(stderr: bool) -> Console:
-    from .render import PipeConsole
+    """The console for tables (and progress) on stdout or stderr.
 
+    Its width is the terminal's when that stream is a terminal; otherwise (a pipe, a file, CI)
+    unlimited, whatever COLUMNS says, so that every row stays on one line for grep.  --color
+    always colours a pipe but does not make it a terminal: its width stays unlimited.
+    """
+    from .streams import is_terminal
+    from .tables import UNLIMITED_WIDTH, TableConsole
+
+    width = None if is_terminal(sys.stderr if stderr else sys.stdout) else UNLIMITED_WIDTH
     color = _settings().color
     if color == "always":
-        return PipeConsole(stderr=stderr, force_terminal=True, highlight=False)
+        return TableConsole(stderr=stderr, width=width, force_terminal=True, highlight=False)
     if color == "never":
-        return PipeConsole(stderr=stderr, no_color=True, color_system=None, highlight=False)
-    return PipeConsole(stderr=stderr, highlight=False)  # Rich honours NO_COLOR and TERM=dumb
+        return TableConsole(
+            stderr=stderr, width=width, no_color=True, color_system=None, highlight=False
+        )
+    # Rich honours NO_COLOR and TERM=dumb
+    return TableConsole(stderr=stderr, width=width, highlight=False)
 
 
 def _print_inspect(report: Report, to_stderr: bool, view: View) -> None:

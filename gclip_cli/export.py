@@ -10,29 +10,29 @@ import math
 from dataclasses import asdict
 
 from .report import SCHEMA_VERSION, Report
-from .views import LayerReport, View, by_layer, sort_tensors
+from .views import LayerReport, View, layer_rows, tensor_rows
 
 OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
 PLAIN = View()
 
 
 def report_json(report: Report, view: View = PLAIN) -> str:
+    """The report as one object: its tensors as the view orders and cuts them; with --by-layer,
+    its layers so, and every tensor in file order."""
     data = report.to_dict()
-    data["tensors"] = [report.tensor_dict(t) for t in sort_tensors(report, view.sort, view.top)]
     if view.by_layer:
-        data["layers"] = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
+        data["layers"] = [_layer_dict(layer) for layer in layer_rows(report, view)]
+    else:
+        data["tensors"] = [report.tensor_dict(t) for t in tensor_rows(report, view)]
     return json.dumps(data, indent=2, allow_nan=False)
 
 
 def report_jsonl(report: Report, view: View = PLAIN) -> str:
     """One record a line: every tensor (or layer), then a summary."""
     if view.by_layer:
-        rows = [{"kind": "layer", **_layer_dict(layer)} for layer in by_layer(report, view.depth)]
+        rows = [{"kind": "layer", **_layer_dict(layer)} for layer in layer_rows(report, view)]
     else:
-        rows = [
-            {"kind": "tensor", **report.tensor_dict(t)}
-            for t in sort_tensors(report, view.sort, view.top)
-        ]
+        rows = [{"kind": "tensor", **report.tensor_dict(t)} for t in tensor_rows(report, view)]
     summary = {k: v for k, v in report.to_dict().items() if k != "tensors"}
     rows.append({"kind": "summary", **summary})
     return "\n".join(json.dumps(row, allow_nan=False) for row in rows)
@@ -41,10 +41,10 @@ def report_jsonl(report: Report, view: View = PLAIN) -> str:
 def report_csv(report: Report, view: View = PLAIN) -> str:
     buffer = io.StringIO()
     if view.by_layer:
-        rows = [_layer_dict(layer) for layer in by_layer(report, view.depth)]
+        rows = [_layer_dict(layer) for layer in layer_rows(report, view)]
         fields = list(asdict(LayerReport("", 0, 0, None, None)))
     else:
-        rows = [report.tensor_dict(t) for t in sort_tensors(report, view.sort, view.top)]
+        rows = [report.tensor_dict(t) for t in tensor_rows(report, view)]
         for row in rows:
             row["shape"] = "x".join(map(str, row["shape"]))
         fields = list(rows[0]) if rows else ["file", "name"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from .compare import Diff
@@ -15,18 +13,10 @@ from .export import PLAIN
 from .history import History, sparkline
 from .report import Report
 from .summary import norm_label, number, printable
-from .views import View, by_layer, sort_tensors
+from .tables import BarCell, FittedTable
+from .views import View, layer_rows, tensor_rows
 
 _BAR_WIDTH = 5
-_NAME_MIN_WIDTH = 14  # names stay readable when a narrow terminal squeezes the table
-
-
-class PipeConsole(Console):
-    """A console whose closed output is a BrokenPipeError, which the CLI reports as 141 like
-    every closed pipe (Rich's own reaction is to exit with 1)."""
-
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError
 
 
 def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
@@ -105,7 +95,7 @@ def _cosine(value: float | None) -> str:
     return "-" if value is None else f"{value:.9f}"
 
 
-def _tensor_table(report: Report, view: View) -> Table:
+def _tensor_table(report: Report, view: View) -> FittedTable:
     several = len(report.files) > 1
     nonfinite = report.nonfinite > 0
     headers = [
@@ -118,7 +108,7 @@ def _tensor_table(report: Report, view: View) -> Table:
         "max |x|",
     ] + (["NaN/Inf"] if nonfinite else [])
     table = _table(report, headers)
-    for t in sort_tensors(report, view.sort, view.top):
+    for t in tensor_rows(report, view):
         style = "dim" if t.skipped else ("bold red" if t.nonfinite else None)
         name = f"{t.file}: {t.name}" if several else t.name
         cells = [
@@ -136,9 +126,9 @@ def _tensor_table(report: Report, view: View) -> Table:
     return table
 
 
-def _layer_table(report: Report, view: View) -> Table:
+def _layer_table(report: Report, view: View) -> FittedTable:
     table = _table(report, ["layer", "tensors", "values", "norm", "share"])
-    for layer in by_layer(report, view.depth):
+    for layer in layer_rows(report, view):
         table.add_row(
             Text(printable(layer.name)),
             str(layer.tensors),
@@ -149,39 +139,24 @@ def _layer_table(report: Report, view: View) -> Table:
     return table
 
 
-def _table(report: Report, headers: list[str]) -> Table:
+def _table(report: Report, headers: list[str]) -> FittedTable:
     return _plain_table(f"{report.path} ({report.file_format})", headers)
 
 
-def _plain_table(title: str, headers: list[str]) -> Table:
-    table = Table(
-        title=Text(printable(title)),
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for i, header in enumerate(headers):
-        left = i == 0 or header in ("dtype", "shape", "file", "note")
-        table.add_column(
-            header,
-            justify="left" if left else "right",
-            overflow="fold",
-            no_wrap=i != 0,  # numbers stay whole; only names fold
-            min_width=_NAME_MIN_WIDTH if i == 0 else None,
-        )
-    return table
+def _plain_table(title: str, headers: list[str]) -> FittedTable:
+    """A table whose rows stay one line each: on a narrow terminal its names are shortened in
+    the middle, and its numbers are never cut (tables.FittedTable)."""
+    return FittedTable(printable(title), headers)
 
 
-def _share(share: float | None) -> Text:
+def _share(share: float | None) -> Text | BarCell:
     """The share of the global norm (squared), with a bar so that the outlier stands out."""
     if share is None:
         return Text("")
     eighths = round(max(0.0, min(1.0, share)) * _BAR_WIDTH * 8)
     full, part = divmod(eighths, 8)
     bar = ("█" * full + (" ▏▎▍▌▋▊▉"[part] if part else "")).ljust(_BAR_WIDTH)
-    return Text(f"{share:6.1%} ").append(bar, style="cyan")
+    return BarCell(Text(f"{share:6.1%}"), Text(f" {bar}", style="cyan"))
 
 
 def _summary(report: Report) -> Text:
@@ -214,7 +189,6 @@ def _bytes(n: int) -> str:
 
 
 __all__ = [
-    "PipeConsole",
     "print_diff",
     "print_groups",
     "print_history",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from .errors import UsageError
 from .report import Report, TensorReport
 
 SORT_KEYS = ("name", "norm", "size", "file")
+LAYER_SORT_KEYS = ("name", "norm", "size")  # a layer's tensors may lie in several files
 _SEPARATORS = re.compile(r"[./]")
 _NUMBER = re.compile(r"\d+")
 
@@ -23,6 +26,10 @@ class View:
     by_layer: bool = False
     depth: int | None = None  # with by_layer: group by the first N name components
 
+    def __post_init__(self) -> None:
+        if self.by_layer:
+            check_layer_sort(self.sort)
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -33,25 +40,67 @@ class LayerReport:
     share: float | None
 
 
+Row = TypeVar("Row", TensorReport, LayerReport)
+
+
 def natural_key(text: str) -> tuple[object, ...]:
     """Sort key in which numbers compare as numbers: h.2 before h.10."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 def sort_tensors(report: Report, key: str | None, top: int | None) -> list[TensorReport]:
-    """The report's tensors in file order, or sorted by *key*, cut to the *top* N."""
-    tensors = list(report.tensors)
-    if key == "name":
-        tensors.sort(key=lambda t: natural_key(t.name))
-    elif key == "norm":
-        tensors.sort(
-            key=lambda t: -1.0 if t.norm is None or math.isnan(t.norm) else t.norm, reverse=True
+    """The report's tensors in file order, or sorted by *key* (size: bytes), cut to the *top* N."""
+    return _sorted_cut(report.tensors, key, top, size=lambda tensor: tensor.nbytes)
+
+
+def sort_layers(
+    layers: Sequence[LayerReport], key: str | None, top: int | None
+) -> list[LayerReport]:
+    """*layers* as given, or sorted by *key* (size: values), cut to the *top* N."""
+    check_layer_sort(key)
+    return _sorted_cut(layers, key, top, size=lambda layer: layer.numel)
+
+
+def tensor_rows(report: Report, view: View) -> list[TensorReport]:
+    """The tensors *view* shows, in its order."""
+    return sort_tensors(report, view.sort, view.top)
+
+
+def layer_rows(report: Report, view: View) -> list[LayerReport]:
+    """The layers *view* shows (``--by-layer``): in natural order of their names by default."""
+    return sort_layers(by_layer(report, view.depth), view.sort, view.top)
+
+
+def check_layer_sort(key: str | None) -> None:
+    if key is not None and key not in LAYER_SORT_KEYS:
+        raise UsageError(
+            None,
+            f"--sort {key} has no meaning with --by-layer (a layer's tensors may lie in "
+            "several files); sort layers by name, norm or size",
         )
-    elif key == "size":
-        tensors.sort(key=lambda t: t.nbytes, reverse=True)
-    elif key == "file":
-        tensors.sort(key=lambda t: natural_key(t.file or ""))
-    return tensors if top is None else tensors[:top]
+
+
+def _sorted_cut(
+    rows: Sequence[Row], key: str | None, top: int | None, size: Callable[[Row], int]
+) -> list[Row]:
+    """*rows* in their order, or sorted by *key*: names and files in natural order, norms and
+    sizes largest first (unknown and NaN norms last); ties keep their order.  Then the first
+    *top*."""
+    sort_key: Callable[[Row], object] | None = {
+        None: None,
+        "name": lambda row: natural_key(row.name),
+        "norm": lambda row: _largest_first(row.norm),
+        "size": lambda row: -size(row),
+        "file": lambda row: natural_key(row.file or ""),
+    }[key]
+    ordered = list(rows) if sort_key is None else sorted(rows, key=sort_key)
+    return ordered if top is None else ordered[:top]
+
+
+def _largest_first(norm: float | None) -> tuple[int, float]:
+    if norm is None or math.isnan(norm):
+        return (1, 0.0)
+    return (0, -norm)
 
 
 def layer_of(name: str, depth: int | None = None) -> str:

@@ -44,7 +44,7 @@ from .strategies import (
 
 if TYPE_CHECKING:
     from .compare import Diff
-    from .history import History
+    from .history import FoundStep, History, Step
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
 T = TypeVar("T")
@@ -177,21 +177,50 @@ def history_of(
     file_format: str | None = None,
     **options: object,
 ) -> History:
-    """The global norm of each file (one training step each), in step order (the number in the
-    file names) unless *as_given*, with percentiles and a suggested max norm (the
-    *percentile*-th); with *max_norm*, how many steps it would clip."""
+    """The global norm of each file (one training step each), in step order unless *as_given*,
+    with percentiles and a suggested max norm (the *percentile*-th); with *max_norm*, how many
+    steps it would clip.
+
+    A file's step is a ``global_step`` or ``step`` entry of its metadata (safetensors
+    ``__metadata__``, an HDF5 root attribute), else a 0-d integer tensor so named, else the
+    number after step/iter/it in its name's stem, else the stem's last number.  In step order,
+    a file without a step, or two files with one step, are a UsageError.
+    """
     if not 0 <= percentile <= 100:
         raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
-    from .history import Step, in_step_order, step_number, summarise
+    from .history import Step, summarise
 
     settings = Options(max_norm=max_norm, **options)
-    files = expand_inputs(paths)
-    steps = []
-    for src in files if as_given else in_step_order(files):
-        measured = _in_child_if_fragile(src, file_format, _measure_file, settings)
+    steps: list[Step] = []
+    for src in expand_inputs(paths):
+        measured, found = _in_child_if_fragile(src, file_format, _measure_with_step, settings)
+        if not as_given:
+            _check_step(src, found, steps)
         total = combine(measured.stats, settings.norm_type)
-        steps.append(Step(str(src), step_number(src), settings.norm(total), total.nonfinite))
-    return summarise(steps, settings.norm_type, percentile, max_norm)
+        value, source = (None, None) if found is None else (found.value, found.source)
+        steps.append(Step(str(src), value, settings.norm(total), total.nonfinite, source))
+    if not as_given:
+        steps.sort(key=lambda s: s.step)
+    return summarise(steps, settings.norm_type, percentile, max_norm, settings.nonfinite)
+
+
+def _check_step(src: Path, found: FoundStep | None, earlier: Sequence[Step]) -> None:
+    """Ordering by step needs one step per file, each its own."""
+    if found is None:
+        raise UsageError(
+            None,
+            f"{src}: no step found (no step or global_step in its metadata or tensors, no "
+            "number in its name); give --as-given to keep the order of the command line",
+        )
+    twin = next((s for s in earlier if s.step == found.value), None)
+    if twin is not None:
+        sources = dict.fromkeys((twin.step_source, found.source))
+        raise UsageError(
+            None,
+            f"{twin.file} and {src} both hold step {found.value} (from their "
+            f"{' and '.join(map(str, sources))}); give --as-given to keep the order of the "
+            "command line",
+        )
 
 
 def rescale_file(
@@ -465,10 +494,24 @@ def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFil
 
 def _measure_file(src: Path, file_format: str, options: Options) -> _Measured:
     with _opened(src, file_format, options) as tfile:
-        stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
-        # locations are the format's handles: not needed by reports, and may not pickle
-        tensors = [replace(t, location=None) for t in tfile.tensors]
-        return _Measured(src, tfile.format_name, tensors, stats)
+        return _measure_opened(tfile, options)
+
+
+def _measure_opened(tfile: TensorFile, options: Options) -> _Measured:
+    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
+    # locations are the format's handles: not needed by reports, and may not pickle
+    tensors = [replace(t, location=None) for t in tfile.tensors]
+    return _Measured(tfile.path, tfile.format_name, tensors, stats)
+
+
+def _measure_with_step(
+    src: Path, file_format: str, options: Options
+) -> tuple[_Measured, FoundStep | None]:
+    """Pass 1 of one file and the training step it holds (history), in one opening."""
+    from .history import step_of
+
+    with _opened(src, file_format, options) as tfile:
+        return _measure_opened(tfile, options), step_of(tfile)
 
 
 def _rewrite(

@@ -424,7 +424,7 @@ def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
 @click.option(
     "--as-given",
     is_flag=True,
-    help="Keep the files' order (default: by the number in their names).",
+    help="Keep the order of the command line (default: by step; see above).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 @click.option(
@@ -437,11 +437,19 @@ def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
 @_reports_errors()
 def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options: Any) -> None:
     """The global norm of each step's dump, a sparkline, percentiles and a suggested
-    --max-norm, to choose a threshold from the history of norms."""
+    --max-norm, to choose a threshold from the history of norms.
+
+    Files are ordered by step: a global_step or step entry of the file's metadata
+    (safetensors __metadata__, HDF5 root attribute), else a 0-d integer tensor so named, else
+    the number after step/iter/it in the name (extension left out), else the name's last
+    number. A file without a step, or two with one step, are usage errors (exit 2) unless
+    --as-given. NaN/Inf values: the report, then exit 4, unless --nonfinite zero or keep.
+    """
     import json
 
     from . import history as chart
     from .api import history_of
+    from .errors import ExitCode
     from .render import print_history
 
     file_format = options.pop("file_format")
@@ -453,6 +461,8 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print_history(result, _console(stderr=False))
+    if result.nonfinite and result.nonfinite_policy == "error":
+        sys.exit(ExitCode.NONFINITE)
 
 
 @main.command()

@@ -43,12 +43,13 @@ def print_groups(report: Report, console: Console) -> None:
 
 
 def print_history(history: History, console: Console) -> None:
-    nonfinite = any(s.nonfinite for s in history.steps)
-    headers = ["step", "file", "global norm"] + (["NaN/Inf"] if nonfinite else [])
+    nonfinite = history.nonfinite > 0
+    headers = ["step", "from", "file", "global norm"] + (["NaN/Inf"] if nonfinite else [])
     table = _plain_table(f"global {norm_label(history.norm_type)} per step", headers)
     for step in history.steps:
         cells = [
             "-" if step.step is None else str(step.step),
+            step.step_source or "-",
             Text(printable(step.file)),
             number(step.global_norm),
         ]
@@ -65,7 +66,17 @@ def print_history(history: History, console: Console) -> None:
     lines.append(
         f"suggested --max-norm (p{history.percentile:g}): {number(history.suggested_max_norm)}"
     )
+    if nonfinite:
+        lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
     console.print(Text("\n".join(lines)))
+
+
+def _nonfinite_line(count: int, policy: str) -> str:
+    if policy == "error":
+        return f"non-finite values: {count:,} (norms nan/inf; exit 4; see --nonfinite)"
+    if policy == "zero":
+        return f"non-finite values: {count:,} (--nonfinite zero: counted as 0)"
+    return f"non-finite values: {count:,} (--nonfinite keep: norms of the finite values)"
 
 
 def print_diff(diff: Diff, console: Console) -> None:

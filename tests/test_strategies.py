@@ -10,7 +10,7 @@ from conftest import SUFFIX, exactly_scaled, read_tensors
 
 import gclip_cli
 from gclip_cli import UsageError
-from gclip_cli.api import clip_value_file, diff_files, history_of, normalize_file
+from gclip_cli.api import clip_value_file, diff_files, normalize_file
 from gclip_cli.cli import main
 
 try:
@@ -172,32 +172,7 @@ def test_strategy_commands(make_file, tmp_path):
     assert bad.exit_code == 2 and "is not GLOB=C" in bad.stderr
 
 
-# --- history and diff --------------------------------------------------------------------------
-
-
-def test_history_orders_steps_by_number_and_suggests_a_percentile(make_file, tmp_path):
-    norms = {2: 5.0, 10: 80.0, 1: 3.0, 3: 4.0}
-    files = [make_file("safetensors", {"g": np.array([n])}, f"step_{s}") for s, n in norms.items()]
-    history = history_of(files, max_norm=10.0, percentile=50)
-    assert [s.step for s in history.steps] == [1, 2, 3, 10]
-    assert [s.global_norm for s in history.steps] == [3.0, 5.0, 4.0, 80.0]
-    assert history.suggested_max_norm == float(np.percentile([3, 5, 4, 80], 50))
-    assert history.percentiles["p95"] == pytest.approx(np.percentile([3, 5, 4, 80], 95))
-    assert history.would_clip == 1
-    as_given = history_of(files, as_given=True)
-    assert [s.step for s in as_given.steps] == [2, 10, 1, 3]
-    result = CliRunner().invoke(main, ["history", *map(str, files), "--max-norm", "10"])
-    assert result.exit_code == 0
-    assert "▁▁▁█" in result.stdout and "would clip 1 of 4 steps" in result.stdout
-
-
-def test_history_plot_is_drawn_when_matplotlib_is_there(make_file, tmp_path):
-    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
-    files = [make_file("npz", {"g": np.array([float(s)])}, f"s{s}") for s in (1, 2, 3)]
-    result = CliRunner().invoke(
-        main, ["history", *map(str, files), "--plot", str(tmp_path / "norms.png")]
-    )
-    assert result.exit_code == 0 and (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
+# --- diff --------------------------------------------------------------------------
 
 
 def test_diff_after_rescale_has_cosine_one_and_one_ratio(make_file, fmt, tmp_path):

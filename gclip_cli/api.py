@@ -152,7 +152,10 @@ def inspect_files(
 def diff_files(
     path_a: PathLike, path_b: PathLike, *, file_format: str | None = None, **options: object
 ) -> Diff:
-    """Per-tensor L2 norms of two dumps side by side, their ratio and cosine similarity."""
+    """Whether two dumps hold the same tensors with the same values (Diff.same), each one's
+    own global L2 norm, and per tensor the L2 norms side by side, their ratio and cosine
+    similarity.  Names are paired with ``.`` and ``/`` alike.  *options*: chunk_size,
+    nonfinite, include and exclude of :class:`Options` (see compare.py for what is compared)."""
     settings = Options(**options)
     a, b = Path(path_a), Path(path_b)
     format_a, format_b = file_format or detect_format(a), file_format or detect_format(b)
@@ -165,7 +168,9 @@ def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> D
     from .compare import compare  # imported where needed, here and below: start-up counts
 
     with _opened(a, format_a, options) as file_a, _opened(b, format_b, options) as file_b:
-        return compare(file_a, file_b, options.chunk_size)
+        return compare(
+            file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
+        )
 
 
 def history_of(

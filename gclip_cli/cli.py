@@ -465,18 +465,45 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
         sys.exit(ExitCode.NONFINITE)
 
 
-@main.command()
+DIFF_EXIT_CODES_HELP = """\b
+Exit codes (as cmp and h5diff):
+  0    the same tensors with the same values (tensors not compared are listed)
+  1    the files differ: a tensor only in one, another shape, dtype or layout, a value
+  2    usage error
+  3    bad input (missing, unreadable, malformed or unsupported file)
+  4    NaN/Inf among the values (after the report), unless --nonfinite zero or keep
+"""
+
+
+@main.command(epilog=DIFF_EXIT_CODES_HELP)
 @click.argument("file_a", metavar="A")
 @click.argument("file_b", metavar="B")
 @_selection_options
+@click.option(
+    "--nonfinite",
+    type=click.Choice(["error", "zero", "keep"]),
+    default="error",
+    show_default=True,
+    envvar="GCLIP_NONFINITE",
+    help="NaN/Inf values: exit 4 after the report (norms holding them are nan/inf); compare "
+    "and count them as 0; or keep them (a NaN matches a NaN, an Inf the same Inf; norms of "
+    "the finite values).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_reports_errors()
 def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **options: Any) -> None:
-    """Per-tensor L2 norms of A and B side by side, B / A and the cosine similarity: after a
-    rescale every cosine is 1 and every ratio the same factor."""
+    """Whether A and B hold the same tensors with the same values, each file's own global L2
+    norm, and per tensor the L2 norms side by side, B / A and the cosine similarity: after a
+    rescale every cosine is 1 and every ratio the same factor.
+
+    Tensor names are paired with . and / alike (safetensors keys, HDF5 paths). Floating-point
+    values compare as numbers; other tensors (integers, booleans) by their bytes when they fit
+    in --chunk-size, else they are listed as not compared.
+    """
     import json
 
     from .api import diff_files
+    from .errors import ExitCode
     from .render import print_diff
 
     with _local((file_a, file_b)) as (path_a, path_b):
@@ -485,6 +512,9 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print_diff(result, _console(stderr=False))
+    if result.nonfinite and result.nonfinite_policy == "error":
+        sys.exit(ExitCode.NONFINITE)
+    sys.exit(0 if result.same else 1)
 
 
 _rewrite_common = _options(

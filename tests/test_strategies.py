@@ -10,7 +10,7 @@ from conftest import SUFFIX, exactly_scaled, read_tensors
 
 import gclip_cli
 from gclip_cli import UsageError
-from gclip_cli.api import clip_value_file, diff_files, normalize_file
+from gclip_cli.api import clip_value_file, normalize_file
 from gclip_cli.cli import main
 
 try:
@@ -170,47 +170,3 @@ def test_strategy_commands(make_file, tmp_path):
         main, ["rescale", str(src), str(tmp_path / "x.safetensors"), "--group", "a*"]
     )
     assert bad.exit_code == 2 and "is not GLOB=C" in bad.stderr
-
-
-# --- diff --------------------------------------------------------------------------
-
-
-def test_diff_after_rescale_has_cosine_one_and_one_ratio(make_file, fmt, tmp_path):
-    grads = gradients()
-    src = make_file(fmt, grads)
-    out = tmp_path / f"out{SUFFIX[fmt]}"
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=4096)
-    diff = diff_files(src, out, chunk_size=1000)
-    compared = [t for t in diff.tensors if t.status == "compared"]
-    assert (
-        len(compared) == 4
-        and "not a" in {t.name: t.status for t in diff.tensors}["step"]  # the skip reason
-    )
-    for t in compared:
-        assert t.cosine == pytest.approx(1.0, abs=1e-6)
-        assert t.ratio == pytest.approx(report.scale, rel=1e-3)
-    assert diff.global_norm_b == pytest.approx(1.0, rel=1e-6)
-
-
-def test_diff_cosine_matches_numpy_across_formats(make_file, tmp_path):
-    rng = np.random.default_rng(4)
-    a = {"w": rng.standard_normal((30, 7)).astype(np.float32), "only_a": np.ones(2)}
-    b = {"w": rng.standard_normal((30, 7)).astype(np.float32), "only_b": np.ones(2)}
-    diff = diff_files(make_file("hdf5", a, "a"), make_file("npz", b, "b"), chunk_size=64)
-    w = {t.name: t for t in diff.tensors}["w"]
-    x, y = a["w"].astype(np.float64).ravel(), b["w"].astype(np.float64).ravel()
-    assert w.cosine == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y), rel=1e-12)
-    assert w.ratio == pytest.approx(np.linalg.norm(y) / np.linalg.norm(x), rel=1e-12)
-    assert {t.name: t.status for t in diff.tensors} == {
-        "w": "compared",
-        "only_a": "only in A",
-        "only_b": "only in B",
-    }
-
-
-def test_diff_refuses_to_pair_fortran_with_c_order(make_file):
-    values = np.arange(6.0).reshape(2, 3)
-    a = make_file("npz", {"w": np.asfortranarray(values)}, "f")
-    b = make_file("safetensors", {"w": values}, "c")
-    status = {t.name: t.status for t in diff_files(a, b).tensors}
-    assert status == {"w": "layouts differ (Fortran and C order)"}

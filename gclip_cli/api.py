@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .compare import Diff
-    from .history import History
+    from .history import FoundStep, History, Step
 
 DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
 T = TypeVar("T")
@@ -202,7 +202,10 @@ def _not_read(inputs: Inputs, copied: bool = False) -> tuple[tuple[str, str], ..
 def diff_files(
     path_a: PathLike, path_b: PathLike, *, file_format: str | None = None, **options: object
 ) -> Diff:
-    """Per-tensor L2 norms of two dumps side by side, their ratio and cosine similarity."""
+    """Whether two dumps hold the same tensors with the same values (Diff.same), each one's
+    own global L2 norm, and per tensor the L2 norms side by side, their ratio and cosine
+    similarity.  Names are paired with ``.`` and ``/`` alike.  *options*: chunk_size,
+    nonfinite, include and exclude of :class:`Options` (see compare.py for what is compared)."""
     settings = Options(**options)
     a, b = Path(path_a), Path(path_b)
     format_a, format_b = file_format or detect_format(a), file_format or detect_format(b)
@@ -215,7 +218,9 @@ def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> D
     from .compare import compare  # imported where needed, here and below: start-up counts
 
     with _opened(a, format_a, options) as file_a, _opened(b, format_b, options) as file_b:
-        return compare(file_a, file_b, options.chunk_size)
+        return compare(
+            file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
+        )
 
 
 def history_of(
@@ -227,21 +232,55 @@ def history_of(
     file_format: str | None = None,
     **options: object,
 ) -> History:
-    """The global norm of each file (one training step each), in step order (the number in the
-    file names) unless *as_given*, with percentiles and a suggested max norm (the
-    *percentile*-th); with *max_norm*, how many steps it would clip."""
+    """The global norm of each file (one training step each), in step order unless *as_given*,
+    with percentiles and a suggested max norm (the *percentile*-th); with *max_norm*, how many
+    steps it would clip.
+
+    A file's step is a ``global_step`` or ``step`` entry of its metadata (safetensors
+    ``__metadata__``, an HDF5 root attribute), else a 0-d integer tensor so named, else the
+    number after step/iter/it in its name's stem, else the stem's last number.  In step order,
+    a file without a step, or two files with one step, are a UsageError.
+    """
     if not 0 <= percentile <= 100:
         raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
-    from .history import Step, in_step_order, step_number, summarise
+    from .history import Step, summarise
 
     settings = Options(max_norm=max_norm, **options)
-    files = resolve(paths).files
-    steps = []
-    for src in progress.each_file(files if as_given else in_step_order(files)):
-        measured = _in_child_if_fragile(src, file_format, _measure_file, settings)
+    inputs = resolve(paths)
+    steps: list[Step] = []
+    tensors: list[str] = []
+    for src in progress.each_file(inputs.files):
+        measured, found = _in_child_if_fragile(src, file_format, _measure_with_step, settings)
+        if not as_given:
+            _check_step(src, found, steps)
+        require_counted(src, counted_or_why(measured.tensors))  # no norm of 0 for nothing
+        tensors += (t.name for t in measured.tensors)
         total = combine(measured.stats, settings.norm_type)
-        steps.append(Step(str(src), step_number(src), settings.norm(total), total.nonfinite))
-    return summarise(steps, settings.norm_type, percentile, max_norm)
+        value, source = (None, None) if found is None else (found.value, found.source)
+        steps.append(Step(str(src), value, settings.norm(total), total.nonfinite, source))
+    check_globs(tensors, settings.include, settings.exclude)
+    if not as_given:
+        steps.sort(key=lambda s: s.step)
+    return summarise(steps, settings.norm_type, percentile, max_norm, settings.nonfinite)
+
+
+def _check_step(src: Path, found: FoundStep | None, earlier: Sequence[Step]) -> None:
+    """Ordering by step needs one step per file, each its own."""
+    if found is None:
+        raise UsageError(
+            None,
+            f"{src}: no step found (no step or global_step in its metadata or tensors, no "
+            "number in its name); give --as-given to keep the order of the command line",
+        )
+    twin = next((s for s in earlier if s.step == found.value), None)
+    if twin is not None:
+        sources = dict.fromkeys((twin.step_source, found.source))
+        raise UsageError(
+            None,
+            f"{twin.file} and {src} both hold step {found.value} (from their "
+            f"{' and '.join(map(str, sources))}); give --as-given to keep the order of the "
+            "command line",
+        )
 
 
 def rescale_file(
@@ -555,10 +594,24 @@ def _measure_file(
     with _opened(src, file_format, options) as tfile:
         if check_selection:
             check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
-        stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
-        # locations are the format's handles: not needed by reports, and may not pickle
-        tensors = [replace(t, location=None) for t in tfile.tensors]
-        return _Measured(src, tfile.format_name, tensors, stats)
+        return _measure_opened(tfile, options)
+
+
+def _measure_opened(tfile: TensorFile, options: Options) -> _Measured:
+    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
+    # locations are the format's handles: not needed by reports, and may not pickle
+    tensors = [replace(t, location=None) for t in tfile.tensors]
+    return _Measured(tfile.path, tfile.format_name, tensors, stats)
+
+
+def _measure_with_step(
+    src: Path, file_format: str, options: Options
+) -> tuple[_Measured, FoundStep | None]:
+    """Pass 1 of one file and the training step it holds (history), in one opening."""
+    from .history import step_of
+
+    with _opened(src, file_format, options) as tfile:
+        return _measure_opened(tfile, options), step_of(tfile)
 
 
 def _rewrite(

@@ -487,7 +487,7 @@ def _exit_if_nonfinite(report: Report) -> None:
 @click.option(
     "--as-given",
     is_flag=True,
-    help="Keep the files' order (default: by the number in their names).",
+    help="Keep the order of the command line (default: by step; see above).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 @click.option(
@@ -500,11 +500,19 @@ def _exit_if_nonfinite(report: Report) -> None:
 @_reports_errors()
 def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options: Any) -> None:
     """The global norm of each step's dump, a sparkline, percentiles and a suggested
-    --max-norm, to choose a threshold from the history of norms."""
+    --max-norm, to choose a threshold from the history of norms.
+
+    Files are ordered by step: a global_step or step entry of the file's metadata
+    (safetensors __metadata__, HDF5 root attribute), else a 0-d integer tensor so named, else
+    the number after step/iter/it in the name (extension left out), else the name's last
+    number. A file without a step, or two with one step, are usage errors (exit 2) unless
+    --as-given. NaN/Inf values: the report, then exit 4, unless --nonfinite zero or keep.
+    """
     import json
 
     from . import history as chart
     from .api import history_of
+    from .errors import ExitCode
     from .render import print_history
 
     file_format = options.pop("file_format")
@@ -516,20 +524,49 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print_history(result, _console(stderr=False))
+    if result.nonfinite and result.nonfinite_policy == "error":
+        sys.exit(ExitCode.NONFINITE)
 
 
-@main.command()
+DIFF_EXIT_CODES_HELP = """\b
+Exit codes (as cmp and h5diff):
+  0    the same tensors with the same values (tensors not compared are listed)
+  1    the files differ: a tensor only in one, another shape, dtype or layout, a value
+  2    usage error
+  3    bad input (missing, unreadable, malformed or unsupported file)
+  4    NaN/Inf among the values (after the report), unless --nonfinite zero or keep
+"""
+
+
+@main.command(epilog=DIFF_EXIT_CODES_HELP)
 @click.argument("file_a", metavar="A")
 @click.argument("file_b", metavar="B")
 @_selection_options
+@click.option(
+    "--nonfinite",
+    type=click.Choice(["error", "zero", "keep"]),
+    default="error",
+    show_default=True,
+    envvar="GCLIP_NONFINITE",
+    help="NaN/Inf values: exit 4 after the report (norms holding them are nan/inf); compare "
+    "and count them as 0; or keep them (a NaN matches a NaN, an Inf the same Inf; norms of "
+    "the finite values).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_reports_errors()
 def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **options: Any) -> None:
-    """Per-tensor L2 norms of A and B side by side, B / A and the cosine similarity: after a
-    rescale every cosine is 1 and every ratio the same factor."""
+    """Whether A and B hold the same tensors with the same values, each file's own global L2
+    norm, and per tensor the L2 norms side by side, B / A and the cosine similarity: after a
+    rescale every cosine is 1 and every ratio the same factor.
+
+    Tensor names are paired with . and / alike (safetensors keys, HDF5 paths). Floating-point
+    values compare as numbers; other tensors (integers, booleans) by their bytes when they fit
+    in --chunk-size, else they are listed as not compared.
+    """
     import json
 
     from .api import diff_files
+    from .errors import ExitCode
     from .render import print_diff
 
     with _local((file_a, file_b)) as ((path_a, path_b), _):
@@ -538,6 +575,9 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print_diff(result, _console(stderr=False))
+    if result.nonfinite and result.nonfinite_policy == "error":
+        sys.exit(ExitCode.NONFINITE)
+    sys.exit(0 if result.same else 1)
 
 
 def _rewrite_common(jobs_help: str = "a large file is cut into N parts."):

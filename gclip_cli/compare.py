@@ -1,29 +1,51 @@
-"""Two dumps side by side: per-tensor L2 norms, their ratio and the cosine of the angle between
-the tensors, to verify that a clipping kept each tensor's direction (cosine 1) and by how much
-it shrank."""
+"""Two dumps side by side: whether they hold the same tensors with the same values, each file's
+own global norm, and per tensor the L2 norms, their ratio and the cosine of the angle between
+them, to verify that a clipping kept each tensor's direction (cosine 1) and by how much it
+shrank.
+
+Tensors are paired by name, ``.`` and ``/`` alike (an HDF5 path and a safetensors key).
+Floating-point values are compared as numbers (-0.0 and 0.0 alike, a float32 and a float64 of
+the same number alike, but their dtypes differ); NaN/Inf as the policy says: "zero" compares
+them as 0, otherwise a NaN matches a NaN and an Inf the Inf of the same sign.  Other tensors
+(integers, booleans) are compared by their bytes when each fits in one chunk, else listed as
+not compared.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .formats import TensorFile, TensorInfo
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
+from .selection import matches, name_key
+
+SAME, DIFFERS, ONLY_A, ONLY_B, NOT_COMPARED = (
+    "same",
+    "differs",
+    "only in A",
+    "only in B",
+    "not compared",
+)
+_PLAIN_NUMBERS = "biufc"  # numpy kinds compared by their bytes: bool, integers, floats, complex
 
 
 @dataclass(frozen=True)
 class TensorDiff:
     name: str
-    status: str  # "compared", or why not: "only in A", "only in B", "shapes differ", ...
+    status: str  # SAME, DIFFERS, ONLY_A, ONLY_B or NOT_COMPARED
+    note: str | None = None  # how it differs, or why it was not compared
     dtype_a: str | None = None
     dtype_b: str | None = None
     norm_a: float | None = None
     norm_b: float | None = None
     ratio: float | None = None  # norm_b / norm_a
     cosine: float | None = None
+    values_differ: int | None = None  # floating-point values compared that differ
+    name_b: str | None = None  # B's name, when it is spelled otherwise ('/' for '.')
 
 
 @dataclass(frozen=True)
@@ -31,10 +53,38 @@ class Diff:
     file_a: str
     file_b: str
     tensors: tuple[TensorDiff, ...]
-    global_norm_a: float
+    global_norm_a: float  # over every tensor of A counted (shared or not)
     global_norm_b: float
-    ratio: float | None
-    cosine: float | None
+    shared_norm_a: float  # over the floating-point tensors of both compared as numbers
+    shared_norm_b: float
+    ratio: float | None  # shared_norm_b / shared_norm_a
+    cosine: float | None  # over the shared tensors, as one vector
+    nonfinite_a: int = 0  # NaN/Inf values among those counted
+    nonfinite_b: int = 0
+    nonfinite_policy: str = "error"
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = [t.status for t in self.tensors]
+        return {
+            "compared": statuses.count(SAME) + statuses.count(DIFFERS),
+            "same": statuses.count(SAME),
+            "differ": statuses.count(DIFFERS),
+            "only_in_a": statuses.count(ONLY_A),
+            "only_in_b": statuses.count(ONLY_B),
+            "not_compared": statuses.count(NOT_COMPARED),
+            # of those compared, the floating-point ones (the shared norms and cosine)
+            "shared": sum(t.values_differ is not None for t in self.tensors),
+        }
+
+    @property
+    def same(self) -> bool:
+        """Whether the files hold the same tensors with the same values (of those compared)."""
+        return all(t.status in (SAME, NOT_COMPARED) for t in self.tensors)
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nonfinite_a + self.nonfinite_b
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -45,80 +95,277 @@ class Diff:
             return None if isinstance(value, float) and not math.isfinite(value) else value
 
         data = {k: clean(v) for k, v in asdict(self).items() if k != "tensors"}
+        data["same"] = self.same
+        data["counts"] = self.counts
         data["tensors"] = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
         return {"schema_version": SCHEMA_VERSION, **data}
 
 
-def compare(a: TensorFile, b: TensorFile, chunk_bytes: int) -> Diff:
-    """Compare every tensor of *a* with the tensor of the same name in *b*."""
-    in_b = {t.name: t for t in b.tensors}
-    rows, totals_a, totals_b, dots = [], NormStats(2.0), NormStats(2.0), ExactSum()
-    for tensor in a.tensors:
-        other = in_b.pop(tensor.name, None)
-        problem = _incomparable(tensor, other)
-        if problem:
-            rows.append(
-                TensorDiff(tensor.name, problem, tensor.dtype_name, other and other.dtype_name)
-            )
-            continue
-        stats_a, stats_b, dot = _stream_pair(a, b, tensor, other, chunk_bytes)
-        totals_a.merge(stats_a)
-        totals_b.merge(stats_b)
-        dots.add(dot)
-        norm_a, norm_b = stats_a.norm(), stats_b.norm()
-        rows.append(
-            TensorDiff(
-                tensor.name,
-                "compared",
-                tensor.dtype_name,
-                other.dtype_name,
-                norm_a,
-                norm_b,
-                _ratio(norm_b, norm_a),
-                _cosine(dot, norm_a, norm_b),
-            )
-        )
-    rows += [TensorDiff(t.name, "only in B", None, t.dtype_name) for t in in_b.values()]
-    norm_a, norm_b = totals_a.norm(), totals_b.norm()
+@dataclass
+class _Totals:
+    """What the tensors add up to, as they are compared."""
+
+    own_a: NormStats = field(default_factory=lambda: NormStats(2.0))
+    own_b: NormStats = field(default_factory=lambda: NormStats(2.0))
+    shared_a: NormStats = field(default_factory=lambda: NormStats(2.0))
+    shared_b: NormStats = field(default_factory=lambda: NormStats(2.0))
+    dot: ExactSum = field(default_factory=ExactSum)
+
+
+@dataclass(frozen=True)
+class _Streamed:
+    """Two tensors of one shape read side by side."""
+
+    stats_a: NormStats
+    stats_b: NormStats
+    dot: float  # over the values counted (NaN/Inf as 0)
+    differing: int  # values that differ
+
+
+def compare(
+    a: TensorFile,
+    b: TensorFile,
+    chunk_bytes: int,
+    nonfinite: str = "error",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Diff:
+    """Compare every tensor of *a* with the tensor of the same name in *b*.
+
+    *nonfinite* ("error", "zero" or "keep") says how NaN/Inf values compare and count: with
+    "error" the norms that hold them are NaN/inf.  Tensors *include*/*exclude* leave out are
+    not compared.
+    """
+    totals, rows = _Totals(), []
+    for ta, tb in pair_by_name(a.tensors, b.tensors):
+        left_out = _left_out((ta or tb).name, include, exclude)
+        if left_out:
+            rows.append(_row((ta, tb), NOT_COMPARED, left_out))
+        elif ta is None or tb is None:
+            rows.append(_one_side(a, b, ta, tb, chunk_bytes, totals, nonfinite))
+        else:
+            rows.append(_pair(a, b, ta, tb, chunk_bytes, totals, nonfinite))
+    shared_a = _norm(totals.shared_a, nonfinite)
+    shared_b = _norm(totals.shared_b, nonfinite)
     return Diff(
         str(a.path),
         str(b.path),
         tuple(rows),
-        norm_a,
-        norm_b,
-        _ratio(norm_b, norm_a),
-        _cosine(dots.value, norm_a, norm_b),
+        _norm(totals.own_a, nonfinite),
+        _norm(totals.own_b, nonfinite),
+        shared_a,
+        shared_b,
+        _ratio(shared_b, shared_a),
+        _cosine(totals.dot.value, shared_a, shared_b),
+        totals.own_a.nonfinite,
+        totals.own_b.nonfinite,
+        nonfinite,
     )
 
 
-def _incomparable(a: TensorInfo, b: TensorInfo | None) -> str | None:
-    if b is None:
-        return "only in A"
-    if not (a.is_gradient and b.is_gradient):
-        return a.skip_reason or b.skip_reason
+def pair_by_name(
+    tensors_a: Sequence[TensorInfo], tensors_b: Sequence[TensorInfo]
+) -> list[tuple[TensorInfo | None, TensorInfo | None]]:
+    """(A's, B's) for each name, in A's order, then those only in B: names that are equal
+    first, then those equal with ``/`` read as ``.``."""
+    names_a = {t.name for t in tensors_a}
+    by_name = {t.name: t for t in tensors_b}
+    by_key: dict[str, list[TensorInfo]] = {}
+    for tb in tensors_b:
+        if tb.name not in names_a:
+            by_key.setdefault(name_key(tb.name), []).append(tb)
+    pairs: list[tuple[TensorInfo | None, TensorInfo | None]] = []
+    for ta in tensors_a:
+        if ta.name in by_name:
+            pairs.append((ta, by_name[ta.name]))
+        else:
+            alike = by_key.get(name_key(ta.name))
+            pairs.append((ta, alike.pop(0) if alike else None))
+    paired = {tb.name for _, tb in pairs if tb is not None}
+    return pairs + [(None, tb) for tb in tensors_b if tb.name not in paired]
+
+
+def _left_out(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:
+    """Why --include/--exclude leave the tensor *name* out, if they do (for tensors of every
+    type: selection.select marks only the gradients)."""
+    if include and not any(matches(name, glob) for glob in include):
+        return "not matched by --include"
+    matched = next((glob for glob in exclude if matches(name, glob)), None)
+    return None if matched is None else f"excluded by --exclude {matched}"
+
+
+def _row(
+    pair: tuple[TensorInfo | None, TensorInfo | None], status: str, note: str | None, **numbers
+) -> TensorDiff:
+    ta, tb = pair
+    name_b = tb.name if tb is not None and ta is not None and tb.name != ta.name else None
+    return TensorDiff(
+        (ta or tb).name,
+        status,
+        note,
+        ta and ta.dtype_name,
+        tb and tb.dtype_name,
+        name_b=name_b,
+        **numbers,
+    )
+
+
+def _one_side(
+    a: TensorFile,
+    b: TensorFile,
+    ta: TensorInfo | None,
+    tb: TensorInfo | None,
+    chunk_bytes: int,
+    totals: _Totals,
+    nonfinite: str,
+) -> TensorDiff:
+    if ta is not None:
+        stats = _measure_alone(a, ta, chunk_bytes, totals.own_a)
+        return _row((ta, None), ONLY_A, None, norm_a=_norm_or_none(stats, nonfinite))
+    stats = _measure_alone(b, tb, chunk_bytes, totals.own_b)
+    return _row((None, tb), ONLY_B, None, norm_b=_norm_or_none(stats, nonfinite))
+
+
+def _pair(
+    a: TensorFile,
+    b: TensorFile,
+    ta: TensorInfo,
+    tb: TensorInfo,
+    chunk_bytes: int,
+    totals: _Totals,
+    nonfinite: str,
+) -> TensorDiff:
+    mismatch = _mismatch(ta, tb)
+    if mismatch:  # each still counts in its file's own norm
+        stats_a = _measure_alone(a, ta, chunk_bytes, totals.own_a)
+        stats_b = _measure_alone(b, tb, chunk_bytes, totals.own_b)
+        norm_a, norm_b = _norm_or_none(stats_a, nonfinite), _norm_or_none(stats_b, nonfinite)
+        return _row((ta, tb), DIFFERS, mismatch, norm_a=norm_a, norm_b=norm_b)
+    if not ta.is_gradient:
+        return _compare_bytes(a, b, ta, tb, chunk_bytes)
+    streamed = _stream_pair(a, b, ta, tb, chunk_bytes, zero_nonfinite=nonfinite == "zero")
+    for own, shared, stats in (
+        (totals.own_a, totals.shared_a, streamed.stats_a),
+        (totals.own_b, totals.shared_b, streamed.stats_b),
+    ):
+        own.merge(stats)
+        shared.merge(stats)
+    totals.dot.add(streamed.dot)
+    norm_a, norm_b = _norm(streamed.stats_a, nonfinite), _norm(streamed.stats_b, nonfinite)
+    if _type_of(ta) != _type_of(tb):
+        status, note = DIFFERS, f"dtypes differ ({ta.dtype_name}, {tb.dtype_name})"
+    elif streamed.differing:
+        status, note = DIFFERS, f"{streamed.differing:,} values differ"
+    else:
+        status, note = SAME, None
+    return _row(
+        (ta, tb),
+        status,
+        note,
+        norm_a=norm_a,
+        norm_b=norm_b,
+        ratio=_ratio(norm_b, norm_a),
+        cosine=_cosine(streamed.dot, norm_a, norm_b),
+        values_differ=streamed.differing,
+    )
+
+
+def _mismatch(a: TensorInfo, b: TensorInfo) -> str | None:
+    """How two tensors of one name differ before any value is read."""
     if a.shape != b.shape:
-        return "shapes differ"
+        return f"shapes differ ({_shape(a)}, {_shape(b)})"
     if a.fortran_order != b.fortran_order:
         return "layouts differ (Fortran and C order)"
+    if a.is_gradient != b.is_gradient:
+        return f"dtypes differ ({a.dtype_name}, {b.dtype_name})"
     return None
 
 
-def _stream_pair(
+def _shape(tensor: TensorInfo) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
+
+
+def _type_of(tensor: TensorInfo) -> str:
+    """The element type, whatever the byte order: both hold the same values."""
+    return tensor.dtype_name.removesuffix(" BE")
+
+
+def _compare_bytes(
     a: TensorFile, b: TensorFile, ta: TensorInfo, tb: TensorInfo, chunk_bytes: int
-) -> tuple[NormStats, NormStats, float]:
+) -> TensorDiff:
+    """Two tensors of a type gclip does not stream (integers, booleans), read whole when each
+    fits in one chunk."""
+    if _type_of(ta) != _type_of(tb):
+        return _row((ta, tb), DIFFERS, f"dtypes differ ({ta.dtype_name}, {tb.dtype_name})")
+    if max(ta.nbytes, tb.nbytes) > chunk_bytes:
+        return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: larger than --chunk-size")
+    values_a, values_b = a.read_array(ta), b.read_array(tb)
+    kinds = {v.dtype.kind if v is not None else "" for v in (values_a, values_b)}
+    if not kinds <= set(_PLAIN_NUMBERS):
+        return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: not plain numbers")
+    if _native_bytes(values_a) == _native_bytes(values_b):
+        return _row((ta, tb), SAME, None)
+    return _row((ta, tb), DIFFERS, f"{ta.dtype_name} values differ")
+
+
+def _native_bytes(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("=")).tobytes()
+
+
+def _measure_alone(
+    tfile: TensorFile, tensor: TensorInfo, chunk_bytes: int, total: NormStats
+) -> NormStats | None:
+    """The statistics of a gradient *tensor* (None for others), added to *total*."""
+    if not tensor.is_gradient:
+        return None
+    accumulator = NormAccumulator(2.0)
+    for chunk in tfile.read_chunks(tensor, chunk_bytes):
+        accumulator.add(chunk)
+    stats = accumulator.finish()
+    total.merge(stats)
+    return stats
+
+
+def _stream_pair(
+    a: TensorFile,
+    b: TensorFile,
+    ta: TensorInfo,
+    tb: TensorInfo,
+    chunk_bytes: int,
+    zero_nonfinite: bool,
+) -> _Streamed:
     acc_a, acc_b, dot = NormAccumulator(2.0), NormAccumulator(2.0), ExactSum()
     wide_a, wide_b = np.empty(BLOCK), np.empty(BLOCK)
+    differing = 0
     pairs = _lockstep(a.read_chunks(ta, chunk_bytes), b.read_chunks(tb, chunk_bytes))
     for piece_a, piece_b in pairs:
         acc_a.add(piece_a)
         acc_b.add(piece_b)
         for start in range(0, piece_a.size, BLOCK):
             n = min(BLOCK, piece_a.size - start)
+            # every gradient dtype widens to float64 exactly: values compare as they are
             np.copyto(wide_a[:n], piece_a[start : start + n], casting="unsafe")
             np.copyto(wide_b[:n], piece_b[start : start + n], casting="unsafe")
+            differing += _count_differing(wide_a[:n], wide_b[:n], zero_nonfinite)
             np.multiply(wide_a[:n], wide_b[:n], out=wide_a[:n])
             dot.add(float(np.add.reduce(wide_a[:n])))
-    return acc_a.finish(), acc_b.finish(), dot.value
+    return _Streamed(acc_a.finish(), acc_b.finish(), dot.value, differing)
+
+
+def _count_differing(x: np.ndarray, y: np.ndarray, zero_nonfinite: bool) -> int:
+    """How many values of *x* and *y* differ; NaN/Inf are then set to 0 in both (the dot
+    product counts the values the norms count)."""
+    finite_x, finite_y = np.isfinite(x), np.isfinite(y)
+    if finite_x.all() and finite_y.all():
+        return int(np.count_nonzero(x != y))
+    if zero_nonfinite:
+        x[~finite_x] = 0.0
+        y[~finite_y] = 0.0
+        return int(np.count_nonzero(x != y))
+    count = int(np.count_nonzero((x != y) & ~(np.isnan(x) & np.isnan(y))))
+    x[~finite_x] = 0.0
+    y[~finite_y] = 0.0
+    return count
 
 
 def _lockstep(
@@ -143,7 +390,18 @@ def _lockstep(
         left_a, left_b = left_a[n:], left_b[n:]
 
 
-def _ratio(b: float, a: float) -> float | None:
+def _norm(stats: NormStats, nonfinite: str) -> float:
+    """NaN/Inf propagate into the norm unless a policy says how to count them."""
+    return stats.norm() if nonfinite == "error" else stats.finite_norm()
+
+
+def _norm_or_none(stats: NormStats | None, nonfinite: str) -> float | None:
+    return None if stats is None else _norm(stats, nonfinite)
+
+
+def _ratio(b: float | None, a: float | None) -> float | None:
+    if a is None or b is None:
+        return None
     return b / a if a and math.isfinite(a) and math.isfinite(b) else None
 
 

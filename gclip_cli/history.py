@@ -6,21 +6,36 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .views import natural_key
+if TYPE_CHECKING:
+    from .formats import TensorFile
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 _SPARKS = "▁▂▃▄▅▆▇█"
+STEP_KEYS = ("global_step", "step")  # in a file's metadata, or as a 0-d integer tensor
+# "step", "iter" or "it" as a word of its own ("split3" is not "it3"), then its number:
+# step12, step_12, step-12, iter=5, global_step12
+_NAMED_STEP = re.compile(r"(?<![a-z])(?:step|iter|it)[_=-]?([0-9]+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FoundStep:
+    """A file's training step, and where it was found."""
+
+    value: int
+    source: str  # "metadata", "tensor" or "name"
 
 
 @dataclass(frozen=True)
 class Step:
     file: str
-    step: int | None  # the last number in the file name, if any
+    step: int | None  # None only with as_given, when the file does not tell
     global_norm: float
     nonfinite: int
+    step_source: str | None = None  # FoundStep.source
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,12 @@ class History:
     suggested_max_norm: float | None
     max_norm: float | None = None
     would_clip: int | None = None  # steps whose norm exceeds max_norm
+    nonfinite_policy: str = "error"
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN/Inf values counted over every step."""
+        return sum(s.nonfinite for s in self.steps)
 
     def to_dict(self) -> dict:
         from .report import SCHEMA_VERSION
@@ -47,23 +68,60 @@ class History:
             "suggested_max_norm": self.suggested_max_norm,
             "max_norm": self.max_norm,
             "would_clip": self.would_clip,
+            "nonfinite_policy": self.nonfinite_policy,
         }
 
 
-def step_number(path: str | Path) -> int | None:
-    numbers = re.findall(r"\d+", Path(path).name)
+def step_of(tfile: TensorFile) -> FoundStep | None:
+    """The training step *tfile* holds: a step entry of its metadata, else a 0-d integer
+    tensor so named, else the number its file name gives (step_in_name)."""
+    for key in STEP_KEYS:
+        value = _as_step(tfile.attribute(key))
+        if value is not None:
+            return FoundStep(value, "metadata")
+    for key in STEP_KEYS:
+        tensor = next((t for t in tfile.tensors if t.name == key and t.shape == ()), None)
+        value = None if tensor is None or tensor.is_gradient else tfile.read_array(tensor)
+        if value is not None and value.dtype.kind in "iu" and value.item() >= 0:
+            return FoundStep(int(value.item()), "tensor")
+    value = step_in_name(tfile.path)
+    return None if value is None else FoundStep(value, "name")
+
+
+def step_in_name(path: str | Path) -> int | None:
+    """The number after step/iter/it in the name's stem, else the stem's last number: never
+    one in the extension (``ckpt_10.h5`` is step 10, ``x_step12_bf16.safetensors`` 12)."""
+    stem = Path(path).stem
+    named = _NAMED_STEP.search(stem)
+    if named:
+        return int(named[1])
+    numbers = re.findall(r"[0-9]+", stem)
     return int(numbers[-1]) if numbers else None
 
 
-def in_step_order(paths: Sequence[Path]) -> list[Path]:
-    """By the number in each name (natural order) when every name has one, else as given."""
-    if all(step_number(p) is not None for p in paths):
-        return sorted(paths, key=lambda p: (step_number(p), natural_key(p.name)))
-    return list(paths)
+def _as_step(value: object) -> int | None:
+    """*value* as a step: a non-negative integer, or a string of one (safetensors metadata
+    holds strings only); else None."""
+    if isinstance(value, np.ndarray):  # an HDF5 attribute may be an array of one
+        value = value.reshape(()) if value.size == 1 else None
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.item()  # the Python int, str or bytes
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[0-9]+", text) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def summarise(
-    steps: Sequence[Step], norm_type: float, percentile: float, max_norm: float | None
+    steps: Sequence[Step],
+    norm_type: float,
+    percentile: float,
+    max_norm: float | None,
+    nonfinite_policy: str = "error",
 ) -> History:
     finite = np.array([s.global_norm for s in steps if np.isfinite(s.global_norm)])
     marks = {f"p{p:g}": float(np.percentile(finite, p)) for p in PERCENTILES} if finite.size else {}
@@ -71,7 +129,16 @@ def summarise(
     would_clip = None
     if max_norm is not None:
         would_clip = sum(1 for s in steps if not s.global_norm <= max_norm)
-    return History(tuple(steps), norm_type, marks, percentile, suggested, max_norm, would_clip)
+    return History(
+        tuple(steps),
+        norm_type,
+        marks,
+        percentile,
+        suggested,
+        max_norm,
+        would_clip,
+        nonfinite_policy,
+    )
 
 
 def sparkline(values: Sequence[float]) -> str:

@@ -8,7 +8,7 @@ import math
 from rich.console import Console
 from rich.text import Text
 
-from .compare import Diff
+from .compare import Diff, TensorDiff
 from .export import PLAIN
 from .history import History, sparkline
 from .report import Report
@@ -41,12 +41,13 @@ def print_groups(report: Report, console: Console) -> None:
 
 
 def print_history(history: History, console: Console) -> None:
-    nonfinite = any(s.nonfinite for s in history.steps)
-    headers = ["step", "file", "global norm"] + (["NaN/Inf"] if nonfinite else [])
+    nonfinite = history.nonfinite > 0
+    headers = ["step", "from", "file", "global norm"] + (["NaN/Inf"] if nonfinite else [])
     table = _plain_table(f"global {norm_label(history.norm_type)} per step", headers)
     for step in history.steps:
         cells = [
             "-" if step.step is None else str(step.step),
+            step.step_source or "-",
             Text(printable(step.file)),
             number(step.global_norm),
         ]
@@ -63,32 +64,77 @@ def print_history(history: History, console: Console) -> None:
     lines.append(
         f"suggested --max-norm (p{history.percentile:g}): {number(history.suggested_max_norm)}"
     )
+    if nonfinite:
+        lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
     console.print(Text("\n".join(lines)))
 
 
+def _nonfinite_line(count: int, policy: str) -> str:
+    if policy == "error":
+        return f"non-finite values: {count:,} (norms nan/inf; exit 4; see --nonfinite)"
+    if policy == "zero":
+        return f"non-finite values: {count:,} (--nonfinite zero: counted as 0)"
+    return f"non-finite values: {count:,} (--nonfinite keep: norms of the finite values)"
+
+
 def print_diff(diff: Diff, console: Console) -> None:
+    """A row per tensor (norms, B / A, cosine, how it compares), then what was covered: each
+    file's own norm, the shared tensors' norms, the counts and the verdict."""
     table = _plain_table(
         f"{diff.file_a} (A) vs {diff.file_b} (B)",
         ["tensor", "norm A", "norm B", "B / A", "cosine", "note"],
     )
     for t in diff.tensors:
-        note = "" if t.status == "compared" else t.status
         table.add_row(
             Text(printable(t.name)),
             number(t.norm_a),
             number(t.norm_b),
             number(t.ratio),
             _cosine(t.cosine),
-            note,
-            style=None if t.status == "compared" else "dim",
+            Text(printable(_diff_note(t))),
+            style=None if t.status in ("same", "differs") else "dim",
         )
     console.print(table)
-    console.print(
-        Text(
-            f"global L2 norm: A {number(diff.global_norm_a)}, B {number(diff.global_norm_b)}; "
-            f"B / A {number(diff.ratio)}; cosine {_cosine(diff.cosine)}"
+    console.print(Text("\n".join(_diff_summary(diff))))
+
+
+def _diff_note(t: TensorDiff) -> str:
+    note = t.note or t.status
+    if t.status == "not compared":
+        note = f"not compared: {t.note}"
+    return f"{note} (B: {t.name_b})" if t.name_b else note
+
+
+def _diff_summary(diff: Diff) -> list[str]:
+    counts = diff.counts
+    lines = [
+        f"global L2 norm: A {number(diff.global_norm_a)}, B {number(diff.global_norm_b)} "
+        "(each over all its tensors counted)",
+        f"shared {counts['shared']} tensors: A {number(diff.shared_norm_a)}, "
+        f"B {number(diff.shared_norm_b)}; B / A {number(diff.ratio)}; "
+        f"cosine {_cosine(diff.cosine)}",
+        f"{counts['compared']} compared: {counts['same']} same, {counts['differ']} differ; "
+        f"{counts['only_in_a']} only in A, {counts['only_in_b']} only in B, "
+        f"{counts['not_compared']} not compared",
+    ]
+    if diff.nonfinite:
+        lines.append(
+            f"non-finite values: A {diff.nonfinite_a:,}, B {diff.nonfinite_b:,} "
+            + _NONFINITE_DIFF[diff.nonfinite_policy]
         )
+    verdict = (
+        "A and B hold the same tensors with the same values" if diff.same else ("A and B differ")
     )
+    left = f" ({counts['not_compared']} not compared)" if counts["not_compared"] else ""
+    lines.append(verdict + left)
+    return lines
+
+
+_NONFINITE_DIFF = {
+    "error": "(norms nan/inf; exit 4; see --nonfinite)",
+    "zero": "(--nonfinite zero: as 0)",
+    "keep": "(--nonfinite keep: NaN matches NaN, Inf the same Inf)",
+}
 
 
 def _cosine(value: float | None) -> str:

@@ -94,11 +94,6 @@ def resolve(paths: Sequence[str | Path]) -> Inputs:
     return Inputs(tuple(dict.fromkeys(files)), tuple(not_read), tuple(indexes))
 
 
-def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """The tensor files that *paths* name (see resolve)."""
-    return list(resolve(paths).files)
-
-
 def read_index(path: Path) -> Index:
     """A sharded checkpoint's index: its shards in the order they first appear."""
     try:

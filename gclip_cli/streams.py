@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ def local_inputs(paths: Sequence[str]) -> Iterator[list[str]]:
 def spooled_stdin() -> Iterator[str]:
     if is_terminal(sys.stdin):
         raise UsageError(None, "input '-' is a terminal: pipe a file in, e.g. < grads.safetensors")
-    with _temporary("gclip-stdin-") as path:
+    with _temporary("stdin") as path:
         try:
             with open(path, "wb") as spool:
                 shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
@@ -54,7 +53,7 @@ def stdout_file() -> Iterator[Path]:
             "refusing to write a binary file to a terminal: redirect stdout "
             "or give an output file name",
         )
-    with _temporary("gclip-stdout-") as path:
+    with _temporary("stdout") as path:
         path.unlink()  # the writer creates it, atomically
         yield path
         with open(path, "rb") as written:
@@ -67,10 +66,13 @@ def is_terminal(stream: object) -> bool:
 
 
 @contextmanager
-def _temporary(prefix: str) -> Iterator[Path]:
-    fd, name = tempfile.mkstemp(prefix=prefix)
-    os.close(fd)
+def _temporary(name: str) -> Iterator[Path]:
+    """An empty file *name* in a private temporary folder: the file's own name carries no
+    random digits, which history could take for a step number."""
+    folder = Path(tempfile.mkdtemp(prefix="gclip-"))
+    path = folder / name
     try:
-        yield Path(name)
+        path.touch(mode=0o600)
+        yield path
     finally:
-        Path(name).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,3 +1,4 @@
+import functools
 import math
 import tracemalloc
 
@@ -103,7 +104,8 @@ def test_progress_tells_which_of_several_files_is_read(make_file, tmp_path):
     tensors = sample_tensors()
     files = [make_file(fmt, tensors, name=f"step_{n}") for n, fmt in enumerate(FORMATS, 1)]
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
-    for run in (gclip_cli.inspect_files, gclip_cli.api.history_of):
+    history = functools.partial(gclip_cli.api.history_of, as_given=True)  # one step tensor
+    for run in (gclip_cli.inspect_files, history):
         seen = []
         with progress.listening(seen.append):
             run(files)

@@ -10,7 +10,7 @@ from conftest import SUFFIX, exactly_scaled, read_tensors
 
 import gclip_cli
 from gclip_cli import UsageError
-from gclip_cli.api import clip_value_file, diff_files, history_of, normalize_file
+from gclip_cli.api import clip_value_file, normalize_file
 from gclip_cli.cli import main
 
 try:
@@ -170,72 +170,3 @@ def test_strategy_commands(make_file, tmp_path):
         main, ["rescale", str(src), str(tmp_path / "x.safetensors"), "--group", "a*"]
     )
     assert bad.exit_code == 2 and "is not GLOB=C" in bad.stderr
-
-
-# --- history and diff --------------------------------------------------------------------------
-
-
-def test_history_orders_steps_by_number_and_suggests_a_percentile(make_file, tmp_path):
-    norms = {2: 5.0, 10: 80.0, 1: 3.0, 3: 4.0}
-    files = [make_file("safetensors", {"g": np.array([n])}, f"step_{s}") for s, n in norms.items()]
-    history = history_of(files, max_norm=10.0, percentile=50)
-    assert [s.step for s in history.steps] == [1, 2, 3, 10]
-    assert [s.global_norm for s in history.steps] == [3.0, 5.0, 4.0, 80.0]
-    assert history.suggested_max_norm == float(np.percentile([3, 5, 4, 80], 50))
-    assert history.percentiles["p95"] == pytest.approx(np.percentile([3, 5, 4, 80], 95))
-    assert history.would_clip == 1
-    as_given = history_of(files, as_given=True)
-    assert [s.step for s in as_given.steps] == [2, 10, 1, 3]
-    result = CliRunner().invoke(main, ["history", *map(str, files), "--max-norm", "10"])
-    assert result.exit_code == 0
-    assert "▁▁▁█" in result.stdout and "would clip 1 of 4 steps" in result.stdout
-
-
-def test_history_plot_is_drawn_when_matplotlib_is_there(make_file, tmp_path):
-    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
-    files = [make_file("npz", {"g": np.array([float(s)])}, f"s{s}") for s in (1, 2, 3)]
-    result = CliRunner().invoke(
-        main, ["history", *map(str, files), "--plot", str(tmp_path / "norms.png")]
-    )
-    assert result.exit_code == 0 and (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_diff_after_rescale_has_cosine_one_and_one_ratio(make_file, fmt, tmp_path):
-    grads = gradients()
-    src = make_file(fmt, grads)
-    out = tmp_path / f"out{SUFFIX[fmt]}"
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=4096)
-    diff = diff_files(src, out, chunk_size=1000)
-    compared = [t for t in diff.tensors if t.status == "compared"]
-    assert (
-        len(compared) == 4
-        and "not a" in {t.name: t.status for t in diff.tensors}["step"]  # the skip reason
-    )
-    for t in compared:
-        assert t.cosine == pytest.approx(1.0, abs=1e-6)
-        assert t.ratio == pytest.approx(report.scale, rel=1e-3)
-    assert diff.global_norm_b == pytest.approx(1.0, rel=1e-6)
-
-
-def test_diff_cosine_matches_numpy_across_formats(make_file, tmp_path):
-    rng = np.random.default_rng(4)
-    a = {"w": rng.standard_normal((30, 7)).astype(np.float32), "only_a": np.ones(2)}
-    b = {"w": rng.standard_normal((30, 7)).astype(np.float32), "only_b": np.ones(2)}
-    diff = diff_files(make_file("hdf5", a, "a"), make_file("npz", b, "b"), chunk_size=64)
-    w = {t.name: t for t in diff.tensors}["w"]
-    x, y = a["w"].astype(np.float64).ravel(), b["w"].astype(np.float64).ravel()
-    assert w.cosine == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y), rel=1e-12)
-    assert w.ratio == pytest.approx(np.linalg.norm(y) / np.linalg.norm(x), rel=1e-12)
-    assert {t.name: t.status for t in diff.tensors} == {
-        "w": "compared",
-        "only_a": "only in A",
-        "only_b": "only in B",
-    }
-
-
-def test_diff_refuses_to_pair_fortran_with_c_order(make_file):
-    values = np.arange(6.0).reshape(2, 3)
-    a = make_file("npz", {"w": np.asfortranarray(values)}, "f")
-    b = make_file("safetensors", {"w": values}, "c")
-    status = {t.name: t.status for t in diff_files(a, b).tensors}
-    assert status == {"w": "layouts differ (Fortran and C order)"}

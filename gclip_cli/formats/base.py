@@ -182,6 +182,17 @@ class TensorFile(Protocol):
         them."""
         ...
 
+    def attribute(self, key: str) -> object | None:
+        """The file-level metadata entry *key* (a safetensors ``__metadata__`` string, an HDF5
+        root attribute); None when absent or when the format has none (npz)."""
+        ...
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        """All values of *tensor*, whatever its element type, in memory (so only for small
+        tensors, such as a step counter); None when they are not a numpy array (packed 4- and
+        6-bit floats, an HDF5 null dataspace)."""
+        ...
+
     def close(self) -> None: ...
 
 

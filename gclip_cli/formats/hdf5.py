@@ -169,6 +169,17 @@ class Hdf5File:
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         pass  # nothing outside the values depends on them
 
+    def attribute(self, key: str) -> object | None:
+        with reading(self.path, f"root attribute {key!r}"):
+            return self._file.attrs.get(key)
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        dataset = self._datasets[tensor.location]
+        if dataset.shape is None:  # null dataspace: no values at all
+            return None
+        with reading(self.path, f"dataset {tensor.name!r}"):
+            return np.asarray(dataset[()])
+
     def close(self) -> None:
         self._file.close()
         self._raw.close()

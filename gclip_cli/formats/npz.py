@@ -279,6 +279,14 @@ class NpzFile:
             transform(tensor, chunk, target)
             writer.submit(target, member_out)
 
+    def attribute(self, key: str) -> object | None:
+        return None  # an archive of arrays has no metadata of its own
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        info = tensor.location[0]
+        with reading(self.path, f"member {info.filename!r}"), self._zip.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+
     def close(self) -> None:
         self._zip.close()
         self._raw.close()

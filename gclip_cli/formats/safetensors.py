@@ -28,6 +28,7 @@ from .base import (
     Transform,
     ValuePiece,
     mapped,
+    reading,
     reserve,
     window_pieces,
     write_all_at,
@@ -64,6 +65,7 @@ _DTYPES: dict[str, tuple[int, np.dtype]] = {
         ("C64", 64, "<c8"),
     )
 }
+_BY_NAME = {describe_dtype(dtype): (bits, dtype) for bits, dtype in _DTYPES.values()}
 
 
 class SafetensorsFile:
@@ -74,7 +76,7 @@ class SafetensorsFile:
         self.path = path
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
-            self._header_bytes, self.tensors = _read_header(path, self._file)
+            self._header_bytes, self.tensors, self._metadata = _read_header(path, self._file)
         except BaseException:
             self._file.close()
             raise
@@ -123,6 +125,20 @@ class SafetensorsFile:
         itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
         return window_pieces(self._data_start + begin, end - begin, itemsize, chunk_bytes)
 
+    def attribute(self, key: str) -> object | None:
+        return self._metadata.get(key)
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        bits, dtype = _BY_NAME[tensor.dtype_name]
+        if bits % 8:  # packed: two or more values a byte
+            return None
+        begin, end = tensor.location
+        with reading(self.path, f"tensor {tensor.name!r}"):
+            data = os.pread(self._file.fileno(), end - begin, self._data_start + begin)
+        if len(data) != end - begin:
+            raise InputError(self.path, f"tensor {tensor.name!r}: file ends early (truncated?)")
+        return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
+
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:
         pass  # not checksummed: there are none
 
@@ -133,8 +149,9 @@ class SafetensorsFile:
         self._file.close()
 
 
-def _read_header(path: Path, file: BinaryIO) -> tuple[bytes, list[TensorInfo]]:
-    """Validate the header like the reference loader does; return its raw bytes and tensors."""
+def _read_header(path: Path, file: BinaryIO) -> tuple[bytes, list[TensorInfo], dict[str, str]]:
+    """Validate the header like the reference loader does; return its raw bytes, tensors and
+    ``__metadata__``."""
     file.seek(0, 2)
     size = file.tell()
     file.seek(0)
@@ -150,7 +167,7 @@ def _read_header(path: Path, file: BinaryIO) -> tuple[bytes, list[TensorInfo]]:
     header = _parse_json(path, raw)
     tensors = _describe_tensors(path, header)
     _check_layout(path, tensors, data_size=size - 8 - n)
-    return prefix + raw, tensors
+    return prefix + raw, tensors, header.get("__metadata__", {})
 
 
 def _parse_json(path: Path, raw: bytes) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import io
 import math
 import os
 import re
@@ -367,6 +368,29 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
     """
     ctx.obj = _Settings(debug, color)
     signal.signal(signal.SIGTERM, _terminate)
+    _whole_writes()
+
+
+def _whole_writes() -> None:
+    """Standard streams whose writes are whole or fail.
+
+    Under PYTHONUNBUFFERED (or -u) the binary layer of sys.stdout is the raw file, whose
+    write() may write part of what it is given (a pipe whose reader went away, a full disk)
+    and say so only in its return value, which the text layer and shutil.copyfileobj ignore:
+    output cut short with exit 0.  A BufferedWriter writes everything or raises.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(getattr(stream, "buffer", None), io.FileIO):
+            raw = io.FileIO(stream.fileno(), "w", closefd=False)  # the original stays open
+            whole = io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=stream.encoding,
+                errors=stream.errors,
+                line_buffering=True,
+                write_through=True,
+            )
+            setattr(sys, name, whole)
 
 
 def entry_point() -> None:

@@ -583,3 +583,188 @@ def test_the_cli_starts_numpy_without_blas_helper_threads(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "1"
+
+
+# --- trust: what gclip did not read, it names or refuses (issue 19) -----------------------------
+
+
+def gclip(*args, **popen) -> subprocess.CompletedProcess:
+    """A real gclip process (text output, no check)."""
+    options = {"capture_output": True, "text": True, "check": False} | popen
+    return subprocess.run([sys.executable, "-m", "gclip_cli", *map(str, args)], **options)
+
+
+def test_a_pytorch_file_is_refused_by_every_command_not_answered_as_empty(tmp_path):
+    import torch
+
+    src = tmp_path / "grads.pt"
+    torch.save({"w": torch.ones(3) * 1e6}, src)
+    for args, code in [
+        (["inspect", src], 3),
+        (["norm", src], 3),
+        (["check", src, "--max-norm", "1e-9"], 2),  # check: every other error is 2
+        (["rescale", src, tmp_path / "out.pt", "--max-norm", "1"], 3),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1
+        assert "is a PyTorch checkpoint" in proc.stderr and str(src) in proc.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_glob_that_matches_nothing_is_a_usage_error_that_shows_the_names(make_file, tmp_path):
+    src = make_file("hdf5", {"model/layers/0/w": np.array([3.0]), "model/layers/1/w": np.ones(1)})
+    for args in (
+        ["check", src, "--max-norm", "1", "--include", "model.layers.12.*"],
+        ["norm", src, "--exclude", "nothing.*"],
+        ["rescale", src, tmp_path / "out.h5", "--max-norm", "1", "--include", "x*"],
+        ["inspect", src, "--include", "x*"],
+    ):
+        proc = gclip(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert "matches no tensor; names look like 'model/layers/0/w'" in proc.stderr
+        assert proc.stdout == ""
+    assert not (tmp_path / "out.h5").exists()
+    # '.' and '/' alike: the safetensors spelling of the pattern selects the HDF5 names
+    assert float(gclip("norm", src, "--include", "model.layers.0.*").stdout) == 3.0
+
+
+def test_nothing_to_count_is_refused_by_norm_check_and_rescale(make_file, fmt, tmp_path):
+    src = make_file(fmt, {"step": np.array(12), "ids": np.arange(3)})
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    for args, code in [
+        (["norm", src], 3),
+        (["check", src, "--max-norm", "1"], 2),
+        (["rescale", src, out, "--max-norm", "1"], 3),
+        (["clip-value", src, out, "--max-value", "1"], 3),
+        (["norm", make_file(fmt, {"w": np.ones(2)}, "w"), "--exclude", "*"], 2),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert "no floating-point tensor" in proc.stderr or "leave no tensor" in proc.stderr
+    assert not out.exists()
+    # inspect may look, but says that nothing was counted rather than "norm 0"
+    shown = gclip("inspect", src)
+    assert shown.returncode == 0 and "global L2 norm: - (no tensor counted)" in shown.stdout
+    assert json.loads(gclip("inspect", src, "--json").stdout)["global_norm"] is None
+
+
+def test_debug_keeps_the_exit_code(tmp_path):
+    proc = gclip("--debug", "inspect", tmp_path / "missing.npz")
+    assert proc.returncode == 3 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt_", ["table", "json"])
+def test_every_closed_pipe_is_141(make_file, fmt_):
+    src = make_file("npz", {f"t{i}": np.ones(3) for i in range(3000)})
+    for command in (f"inspect {src} --format {fmt_}", f"check {src} --max-norm 1 --json"):
+        proc = subprocess.run(
+            f"{sys.executable} -m gclip_cli {command} | head -c 10; exit ${{PIPESTATUS[0]}}",
+            shell=True,
+            executable="/bin/bash",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 141, (command, proc.stderr)
+        assert proc.stderr == ""
+
+
+def test_nonfinite_values_exit_4_from_every_command_after_the_report(make_file, tmp_path):
+    src = make_file("safetensors", {"a": np.array([1.0, np.nan]), "b": np.array([3.0])})
+    out = tmp_path / "out.safetensors"
+    for args, printed in [
+        (["inspect", src], "non-finite values: 1"),
+        (["inspect", src, "--json"], '"nonfinite": 1'),
+        (["norm", src], "nan"),
+        (["check", src, "--max-norm", "1"], "non-finite"),
+        (["history", src, "--as-given"], "global"),
+        (["rescale", src, out, "--max-norm", "1"], ""),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == 4, (args, proc.stderr)
+        assert printed in proc.stdout
+    assert not out.exists()
+    # a policy that says how to count them takes the command's own code
+    assert gclip("check", src, "--max-norm", "10", "--nonfinite", "zero").returncode == 0
+    assert gclip("inspect", src, "--nonfinite", "keep").returncode == 0
+
+
+def test_standard_input_is_named_stdin_in_reports(make_file, tmp_path):
+    src = make_file("npz", {"a": np.array([3.0, 4.0])})
+    with open(src, "rb") as data:
+        report = json.loads(gclip("inspect", "-", "--json", stdin=data).stdout)
+    assert report["file"] == "<stdin>" and report["files"] == ["<stdin>"]
+    assert {t["file"] for t in report["tensors"]} == {"<stdin>"}
+    with open(src, "rb") as data:
+        table = gclip("inspect", "-", stdin=data).stdout
+    assert table.startswith("<stdin> (npz)") and "gclip-" not in table
+    with open(src, "rb") as data:
+        rescaled = gclip(
+            "rescale", "-", tmp_path / "o.npz", "--max-norm", "1", "--json", stdin=data
+        )
+    assert json.loads(rescaled.stdout)["file"] == "<stdin>"
+
+
+def test_a_folder_or_index_given_as_one_file_is_a_usage_error(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_tensors(folder / "model.safetensors", "safetensors", {"w": np.ones(2)})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "model.safetensors"}}))
+    for args, hint in [
+        (["rescale", folder, tmp_path / "o", "--max-norm", "1"], "give --out-dir DIR"),
+        (["rescale", index, tmp_path / "o", "--max-norm", "1"], "give --out-dir DIR"),
+        (["clip-value", index, tmp_path / "o", "--max-value", "1"], "takes one file"),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_with_out_dir_is_copied_whole(tmp_path):
+    folder, out = tmp_path / "ckpt", tmp_path / "clipped"
+    (folder / "sub").mkdir(parents=True)
+    write_tensors(folder / "model.safetensors", "safetensors", {"w": np.array([3.0, 4.0])})
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_text(f'{{"{name}": 1}}')
+    proc = gclip("rescale", folder, "--out-dir", out, "--max-norm", "1", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    for name in ("config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
+    assert read_tensors(out / "model.safetensors", "safetensors")["w"].tolist() == [0.6, 0.8]
+    told = {line.split(": ")[2]: line for line in proc.stderr.splitlines()}
+    assert set(told) == {str(folder / n) for n in ("config.json", "sub", "tokenizer.json")}
+    assert told[str(folder / "config.json")].endswith("; copied unchanged")
+    assert told[str(folder / "sub")].endswith("; not copied")
+
+
+def test_help_texts_belong_to_their_command():
+    def help_of(command: str) -> str:
+        return " ".join(run(command, "--help").stdout.split())  # unwrapped
+
+    for command in ("norm", "check", "history", "clip-value", "diff"):
+        assert "--eps" not in help_of(command), command
+    assert "max_norm / (norm + eps)" in help_of("inspect")
+    assert "target_norm / (norm + eps)" in help_of("normalize")
+    for command in ("inspect", "norm", "check", "history", "clip-value", "normalize"):
+        assert "--out-dir" not in help_of(command), command
+    assert "with --out-dir, N shards at once" in help_of("rescale")
+    for option in ("--sort", "--top", "--by-layer"):
+        assert option not in help_of("rescale")
+        assert run("rescale", "a", "b", "--max-norm", "1", option).exit_code == 2
+
+
+def test_an_option_error_names_the_environment_only_when_the_value_came_from_it(make_file):
+    src = make_file("npz", {"a": np.array([3.0])})
+    typed = run("norm", src, "--norm-type", "zero")
+    assert typed.exit_code == 2 and "GCLIP" not in typed.stderr
+    from_env = run("norm", src, env={"GCLIP_NORM_TYPE": "zero"})
+    assert from_env.exit_code == 2 and "$GCLIP_NORM_TYPE" in from_env.stderr
+    typed = run("inspect", src, "--max-norm", "0")
+    assert typed.exit_code == 2 and "GCLIP_MAX_NORM" not in typed.stderr

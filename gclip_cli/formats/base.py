@@ -259,7 +259,8 @@ class PipelinedWriter:
 
     def submit(self, filled: np.ndarray, *where: object) -> None:
         """write(*filled*, *where) in the background (*filled*: the array buffer() returned)."""
-        self._pending[self._turn] = self._pool.submit(self._write, memoryview(filled), *where)
+        raw = memoryview(filled.view(np.uint8))  # ml_dtypes types have no buffer format
+        self._pending[self._turn] = self._pool.submit(self._write, raw, *where)
         self._turn = (self._turn + 1) % len(self._buffers)
 
     @contextmanager

@@ -79,7 +79,9 @@ class Hdf5File:
         raw = self._raw_chunks(tensor)
         if raw is not None:  # chunks gclip decodes itself
             return read_values(self.path, self._raw.fileno(), tensor, raw, chunk_bytes)
-        return (values.reshape(-1) for _, values in _slabs(self.path, dataset, chunk_bytes))
+        # viewed as the tensor's dtype: raw (opaque) values may have been given a type
+        slabs = _slabs(self.path, dataset, chunk_bytes)
+        return (values.reshape(-1).view(tensor.dtype) for _, values in slabs)
 
     def _mapped_chunks(
         self, start: int, tensor: TensorInfo, chunk_bytes: int
@@ -291,7 +293,7 @@ def _rewrite_through_hdf5(
 ) -> None:
     keep_sparse = _is_sparse(dataset) and not np.any(dataset.fillvalue)
     for selection, values in _slabs(path, dataset, chunk_bytes):
-        flat = values.reshape(-1)
+        flat = values.reshape(-1).view(tensor.dtype)  # raw values may have been given a type
         transform(tensor, flat, flat)
         if keep_sparse:
             _write_nonzero_chunks(dataset, selection, values)

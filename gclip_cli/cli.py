@@ -247,7 +247,8 @@ _selection_options = _options(
         "--exclude",
         multiple=True,
         metavar="GLOB",
-        help="Do not count (and do not scale) tensors whose name matches (repeatable).",
+        help="Do not count tensors whose name matches (repeatable); rewriting commands "
+        "copy them untouched.",
     ),
     click.option(
         "--opaque-dtype",
@@ -304,7 +305,7 @@ _view_options = _options(
     click.option(
         "--sort",
         type=click.Choice(["name", "norm", "size", "file"]),
-        help="Order the tensors (default: as in the file).",
+        help="Order the tensors (default: as in the file), or the layers with --by-layer.",
     ),
     click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show the first N only."),
     click.option(

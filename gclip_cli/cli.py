@@ -541,8 +541,8 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     from .render import print_history
 
     file_format = options.pop("file_format")
-    with _local(files) as (paths, _), _byte_progress():
-        result = history_of(paths, file_format=file_format, **options)
+    with _local(files) as (paths, names), _byte_progress():
+        result = history_of(paths, file_format=file_format, **options).shown_as(names)
     if plot is not None:
         chart.plot(result, plot)
     if as_json:
@@ -594,8 +594,8 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
     from .errors import ExitCode
     from .render import print_diff
 
-    with _local((file_a, file_b)) as ((path_a, path_b), _):
-        result = diff_files(path_a, path_b, file_format=file_format, **options)
+    with _local((file_a, file_b)) as ((path_a, path_b), names):
+        result = diff_files(path_a, path_b, file_format=file_format, **options).shown_as(names)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:

@@ -14,8 +14,8 @@ not compared.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -85,6 +85,11 @@ class Diff:
     @property
     def nonfinite(self) -> int:
         return self.nonfinite_a + self.nonfinite_b
+
+    def shown_as(self, names: Mapping[str, str]) -> Diff:
+        """This diff with the files in *names* shown by those names (``<stdin>``)."""
+        a, b = self.file_a, self.file_b
+        return replace(self, file_a=names.get(a, a), file_b=names.get(b, b))
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,11 @@ class History:
     def nonfinite(self) -> int:
         """NaN/Inf values counted over every step."""
         return sum(s.nonfinite for s in self.steps)
+
+    def shown_as(self, names: Mapping[str, str]) -> History:
+        """This history with the files in *names* shown by those names (``<stdin>``)."""
+        steps = tuple(replace(s, file=names.get(s.file, s.file)) for s in self.steps)
+        return replace(self, steps=steps)
 
     def to_dict(self) -> dict:
         from .report import SCHEMA_VERSION

@@ -704,6 +704,12 @@ def test_standard_input_is_named_stdin_in_reports(make_file, tmp_path):
             "rescale", "-", tmp_path / "o.npz", "--max-norm", "1", "--json", stdin=data
         )
     assert json.loads(rescaled.stdout)["file"] == "<stdin>"
+    with open(src, "rb") as data:
+        history = json.loads(gclip("history", "-", "--as-given", "--json", stdin=data).stdout)
+    assert [s["file"] for s in history["steps"]] == ["<stdin>"]
+    with open(src, "rb") as data:
+        diff = json.loads(gclip("diff", "-", src, "--json", stdin=data).stdout)
+    assert (diff["file_a"], diff["file_b"]) == ("<stdin>", str(src))
 
 
 def test_a_folder_or_index_given_as_one_file_is_a_usage_error(tmp_path):

@@ -445,11 +445,21 @@ def _out_dir_layout(inputs: Inputs, out_dir: Path) -> tuple[list[Path], list[tup
         *(i.path for i in inputs.indexes),
         *(n.path for n in inputs.not_read if _copied(n)),
     ]
-    places = [os.path.abspath(p) for p in [*inputs.files, *copied]]
+    places = [os.path.abspath(p) for p in [*inputs.files, *copied]]  # names, links kept
     common = os.path.commonpath([os.path.dirname(p) for p in places])
     targets = [out_dir / os.path.relpath(p, common) for p in places]
+    _refuse_clashes([*inputs.files, *copied], targets)
     shards = len(inputs.files)
     return targets[:shards], list(zip(copied, targets[shards:], strict=True))
+
+
+def _refuse_clashes(sources: Sequence[Path], targets: Sequence[Path]) -> None:
+    """Two names alike that lead to two files (``..`` after a link) may not share an output."""
+    first: dict[Path, Path] = {}
+    for source, target in zip(sources, targets, strict=True):
+        if first.setdefault(target, source) != source:
+            both = f"{first[target]} and {source}"
+            raise OutputError(target, f"would be written for both {both}; rename one")
 
 
 def _check_outputs(pairs: Sequence[tuple[Path, Path]], clobber: bool, made: bool = False) -> None:

@@ -11,7 +11,6 @@ a device, FIFO or socket OUT is refused.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
@@ -207,7 +206,7 @@ def _create_temporary(folder: int, dst: Path) -> tuple[int, str]:
     a suffix could pass the 255-byte limit on names)."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
-        name = f".{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        name = f".{os.urandom(4).hex()}{TEMP_SUFFIX}"
         try:
             return os.open(name, flags, 0o600, dir_fd=folder), name
         except FileExistsError:

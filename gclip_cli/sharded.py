@@ -9,7 +9,6 @@ harmless and an interrupted one leaves no partial file.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager, suppress
@@ -119,7 +118,7 @@ def staging(out_dir: Path) -> Iterator[Path]:
         folder = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise OutputError(out_dir, f"cannot use the folder: {exc.strerror or exc}") from None
-    name = f".gclip-staging-{secrets.token_hex(4)}"
+    name = f".gclip-staging-{os.urandom(4).hex()}"
     try:
         try:
             os.mkdir(name, 0o700, dir_fd=folder)

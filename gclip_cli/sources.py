@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ class Identity:
             raise InputError(path, "no such file") from None
         except OSError as exc:
             raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
-        return cls(found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, platform.node())
+        host = os.uname().nodename
+        return cls(found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, host)
 
     @property
     def file(self) -> tuple[int, int]:

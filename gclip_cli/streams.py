@@ -77,11 +77,11 @@ def stdout_file(inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
 def refuse_stdout_onto(inputs: Sequence[str | Path]) -> None:
     """Refuse a standard output redirected onto one of the files *inputs* name (``-``:
     standard input's file, as in ``< IN 1<> IN``)."""
-    from .output import refuse_stream_onto_inputs
-
     out = _descriptor(sys.stdout)
     if out is None:
         return  # not a file (a test's capture)
+    from .output import refuse_stream_onto_inputs
+
     refuse_stream_onto_inputs(out, [p for p in inputs if p != STDIO], STDOUT_NAME)
     stdin = _descriptor(sys.stdin)
     if STDIO in inputs and stdin is not None and _same_regular_file(stdin, out):

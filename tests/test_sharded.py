@@ -271,3 +271,14 @@ def test_an_output_folder_moved_away_mid_run_is_an_error_that_leaves_nothing(
     with pytest.raises(gclip_cli.OutputError, match="was moved or replaced"):
         rescale_files([index], out, max_norm=1.0)
     assert list(moved.iterdir()) == []
+
+
+def test_two_files_whose_names_look_alike_may_not_share_an_output(tmp_path, monkeypatch):
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    write_tensors(tmp_path / "x.safetensors", "safetensors", {"w": np.ones(3)})
+    write_tensors(tmp_path / "real" / "x.safetensors", "safetensors", {"w": np.ones(3) * 2})
+    (tmp_path / "sub").symlink_to(tmp_path / "real" / "deep")  # so sub/.. is real, not here
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(gclip_cli.OutputError, match="would be written for both"):
+        rescale_files(["x.safetensors", "sub/../x.safetensors"], "out", max_norm=1.0)
+    assert not (tmp_path / "out").exists()

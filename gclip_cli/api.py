@@ -6,7 +6,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -23,7 +23,7 @@ from .engine import (
     rewrite,
     rounding_bound,
 )
-from .errors import NonFiniteError, OutputError, UsageError
+from .errors import InputError, NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
 from .isolation import run_isolated
 from .norms import NormStats
@@ -39,7 +39,7 @@ from .selection import (
     require_counted,
     select,
 )
-from .sources import Inputs, resolve
+from .sources import Identity, Inputs, NotRead, resolve, unchanged
 from .strategies import (
     ClipValue,
     GlobalNorm,
@@ -194,9 +194,15 @@ def _not_read(inputs: Inputs, copied: bool = False) -> tuple[tuple[str, str], ..
     if not copied:
         return tuple((str(n.path), n.reason) for n in inputs.not_read)
     return tuple(
-        (str(n.path), f"{n.reason}; {'copied unchanged' if n.path.is_file() else 'not copied'}")
+        (str(n.path), f"{n.reason}; {'copied unchanged' if _copied(n) else 'not copied'}")
         for n in inputs.not_read
     )
+
+
+def _copied(entry: NotRead) -> bool:
+    """Whether --out-dir gets a copy of a file not read: yes, unless it is a folder or another
+    name for a file read."""
+    return entry.same_as is None and entry.path.is_file()
 
 
 def diff_files(
@@ -345,11 +351,10 @@ def rescale_files(
     else:
         pool = None
     settings = Options(max_norm=max_norm, jobs=jobs, **options)
-    targets = [out_dir / src.name for src in files]
-    copies = _copies(inputs, out_dir)
-    if out_dir.is_dir():  # else checked once made, after pass 1
-        _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
-    with executor_for(pool, scheduler) as executor:
+    targets, copies = _out_dir_layout(inputs, out_dir)
+    _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
+    # The staging folder goes once the executor has stopped: no task can still write there.
+    with ExitStack() as cleanup, executor_for(pool, scheduler) as executor:
         measured = run_all(
             executor,
             _measure_task,
@@ -371,26 +376,31 @@ def rescale_files(
         if bad and settings.policy is NonFinite.ERROR:
             raise NonFiniteError(measured[0].path.parent, _nonfinite_message(bad))
         factor = _factor(tensors, before, total, settings)
-        _make_out_dir(out_dir)
-        _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
-        with staging(out_dir) as temp_dir:
-            tasks = [
-                (
-                    m.path,
-                    m.file_format,
-                    dst,
-                    temp_dir,
-                    factor,
-                    settings,
-                    clobber,
-                    _with_nonfinite(m),
-                )
-                for m, dst in zip(measured, targets, strict=True)
-            ]
-            after = run_all(executor, _write_task, tasks, _counter("writing", len(tasks), progress))
-            for src, dst in copies:
-                with atomic_output(dst, clobber, temp_dir) as tmp, _output_errors(dst):
-                    shutil.copyfile(src, tmp)
+        inputs.check_unchanged()  # pass 2 writes from the files pass 1 measured
+        _make_folders(out_dir, [dst.parent for dst in [*targets, *(c for _, c in copies)]])
+        _check_outputs([*zip(files, targets, strict=True), *copies], clobber, made=True)
+        temp_dir = cleanup.enter_context(staging(out_dir))
+        tasks = [
+            (
+                m.path,
+                m.file_format,
+                dst,
+                temp_dir,
+                factor,
+                settings,
+                clobber,
+                _with_nonfinite(m),
+                inputs.identities[m.path],
+            )
+            for m, dst in zip(measured, targets, strict=True)
+        ]
+        after = run_all(executor, _write_task, tasks, _counter("writing", len(tasks), progress))
+        for src, dst in copies:
+            with (
+                atomic_output(dst, clobber, temp_dir, mode_from=src) as tmp,
+                _output_errors(dst),
+            ):
+                _copy_file(src, tmp)
     global_norm = settings.norm(total)
     written = [
         s
@@ -422,24 +432,60 @@ def rescale_files(
     )
 
 
-def _copies(inputs: Inputs, out_dir: Path) -> list[tuple[Path, Path]]:
-    """The files copied unchanged into *out_dir* beside the shards, so that it is a whole
-    checkpoint: the indexes (scaling changes no size) and the other files of the folders
-    given (config, tokenizer, ...); folders inside them are not copied."""
-    others = [n.path for n in inputs.not_read if n.path.is_file()]
-    return [(path, out_dir / path.name) for path in [*(i.path for i in inputs.indexes), *others]]
+def _out_dir_layout(inputs: Inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Where each shard goes in *out_dir*, and the files copied unchanged beside them, so
+    that it is a whole checkpoint: the indexes (scaling changes no size) and the other files
+    of the folders given (config, tokenizer, ...); folders inside them are not copied.
+
+    Each file keeps its path relative to the folder all of them share, so that two shards of
+    one name in different folders stay two files (and an index keeps naming its shards
+    right); files of one folder, or of one index, go straight into *out_dir*.
+    """
+    copied = [
+        *(i.path for i in inputs.indexes),
+        *(n.path for n in inputs.not_read if _copied(n)),
+    ]
+    places = [os.path.abspath(p) for p in [*inputs.files, *copied]]  # names, links kept
+    common = os.path.commonpath([os.path.dirname(p) for p in places])
+    targets = [out_dir / os.path.relpath(p, common) for p in places]
+    _refuse_clashes([*inputs.files, *copied], targets)
+    shards = len(inputs.files)
+    return targets[:shards], list(zip(copied, targets[shards:], strict=True))
 
 
-def _check_outputs(pairs: Sequence[tuple[Path, Path]], clobber: bool) -> None:
+def _refuse_clashes(sources: Sequence[Path], targets: Sequence[Path]) -> None:
+    """Two names alike that lead to two files (``..`` after a link) may not share an output."""
+    first: dict[Path, Path] = {}
+    for source, target in zip(sources, targets, strict=True):
+        if first.setdefault(target, source) != source:
+            both = f"{first[target]} and {source}"
+            raise OutputError(target, f"would be written for both {both}; rename one")
+
+
+def _check_outputs(pairs: Sequence[tuple[Path, Path]], clobber: bool, made: bool = False) -> None:
+    """check_output_path for every pair; before the folders are *made*, only for the outputs
+    whose folder exists already."""
     for src, dst in pairs:
-        check_output_path(src, dst, clobber)
+        if made or dst.parent.is_dir():
+            check_output_path(src, dst, clobber)
 
 
-def _make_out_dir(out_dir: Path) -> None:
+def _make_folders(out_dir: Path, folders: Sequence[Path]) -> None:
+    for folder in dict.fromkeys([out_dir, *folders]):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(folder, f"cannot make the folder: {exc.strerror or exc}") from None
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy *src*'s bytes into the file *dst*; failing to open *src* is the input's error."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
     except OSError as exc:
-        raise OutputError(out_dir, f"cannot make the folder: {exc.strerror or exc}") from None
+        if exc.filename is None or os.fspath(exc.filename) != os.fspath(src):
+            raise
+        raise InputError(src, f"cannot read: {exc.strerror or exc}") from None
 
 
 def _counter(
@@ -471,10 +517,12 @@ def _write_task(
     options: Options,
     clobber: bool,
     with_nonfinite: frozenset[str],
+    identity: Identity,
 ) -> list[NormStats | None] | None:
     """Phase 2 for one shard: a temporary file in *temp_dir*, renamed into place when
-    complete (so a task tried again, or killed, leaves nothing half-written at *dst*)."""
-    with atomic_output(dst, clobber, temp_dir) as tmp:
+    complete (so a task tried again, or killed, leaves nothing half-written at *dst*), and
+    only if *src* is still the file pass 1 measured (*identity*)."""
+    with atomic_output(dst, clobber, temp_dir, mode_from=src) as tmp, unchanged(src, identity):
         return _in_child_if_fragile(
             src, file_format, _write_shard, tmp, dst, factor, options, with_nonfinite
         )
@@ -511,7 +559,7 @@ def _write_or_copy(
             return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers)
         size = tfile.path.stat().st_size
         progress.begin(progress.COPYING, size)
-        shutil.copyfile(tfile.path, tmp)
+        _copy_file(tfile.path, tmp)
         progress.advance(size)
         return None
 
@@ -559,8 +607,11 @@ def _rewrite_file(
     settings = Options(**options)
     src, dst = Path(src), Path(dst)
     check_output_path(src, dst, clobber)
-    with atomic_output(dst, clobber) as tmp:
-        return _in_child_if_fragile(src, file_format, _rewrite, dst, tmp, strategy, settings)
+    identity = Identity.of(src)  # the file measured must be the file written from
+    with atomic_output(dst, clobber, mode_from=src) as tmp, unchanged(src, identity):
+        return _in_child_if_fragile(
+            src, file_format, _rewrite, dst, tmp, strategy, settings, identity
+        )
 
 
 def _in_child_if_fragile(
@@ -615,14 +666,22 @@ def _measure_with_step(
 
 
 def _rewrite(
-    src: Path, file_format: str, dst: Path, tmp: Path, strategy: Strategy, options: Options
+    src: Path,
+    file_format: str,
+    dst: Path,
+    tmp: Path,
+    strategy: Strategy,
+    options: Options,
+    identity: Identity,
 ) -> Report:
-    """Pass 1, the plan, then pass 2 (or a plain copy when nothing changes) into *tmp*."""
+    """Pass 1, the plan, then pass 2 (or a plain copy when nothing changes) into *tmp*; pass 2
+    only if *src* is still the file pass 1 measured (*identity*: workers reopen it by name)."""
     with _opened(src, file_format, options) as tfile:
         tensors = list(tfile.tensors)
         check_globs([t.name for t in tensors], options.include, options.exclude)
         require_counted(src, counted_or_why(tensors))
         before = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
+        identity.check(src)
         total = combine(before, options.norm_type)
         if options.policy is NonFinite.ERROR:
             _refuse_nonfinite(tfile, before)

@@ -144,19 +144,30 @@ def _reports_errors(
         @wraps(command)
         def run(*args: Any, **kwargs: Any) -> None:
             from .errors import ExitCode, GclipError, Terminated, UsageError
+            from .streams import STDOUT_NAME, stdout_failure
 
             try:
                 command(*args, **kwargs)
-                sys.stdout.flush()  # a reader gone away is found here, not at exit
+                sys.stdout.flush()  # a reader gone away, a full disk: found here, not at exit
             except UsageError as exc:
                 raise click.UsageError(exc.message) from None
             except GclipError as exc:
                 _traceback_if_debug()
+                if exc.path == STDOUT_NAME:
+                    _discard_stdout()
                 click.echo(f"gclip: error: {exc}", err=True)
                 sys.exit(error_code or exc.exit_code)
             except BrokenPipeError:  # the reader went away (| head): stop quietly
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                _discard_stdout()
                 sys.exit(ExitCode.BROKEN_PIPE)
+            except OSError as exc:  # the report could not be written: never exit 0
+                failure = stdout_failure(exc)
+                if failure is None:
+                    raise
+                _traceback_if_debug()
+                _discard_stdout()
+                click.echo(f"gclip: error: {failure}", err=True)
+                sys.exit(error_code or failure.exit_code)
             except KeyboardInterrupt:
                 click.echo("gclip: interrupted", err=True)
                 sys.exit(error_code or ExitCode.INTERRUPTED)
@@ -167,6 +178,12 @@ def _reports_errors(
         return run
 
     return decorate
+
+
+def _discard_stdout() -> None:
+    """What is left in standard output's buffer goes nowhere: flushing it at exit would fail
+    again (and print a traceback)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _traceback_if_debug() -> None:
@@ -541,6 +558,10 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     from .render import print_history
 
     file_format = options.pop("file_format")
+    if plot is not None:
+        from .output import refuse_if_input
+
+        refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
     with _local(files) as (paths, names), _byte_progress():
         result = history_of(paths, file_format=file_format, **options).shown_as(names)
     if plot is not None:
@@ -738,7 +759,7 @@ def _rewrite(
     no_clobber, quiet, output_format, file_format = _rewrite_settings(arguments)
     with (
         _local((input_file,)) as ((src,), names),
-        _destination(output_file) as dst,
+        _destination(output_file, input_file) as dst,
         _byte_progress(enabled=not quiet),
     ):
         report = call(
@@ -789,8 +810,11 @@ def _rewrite_many(
     **executor: Any,
 ) -> None:
     """Rewrite several files into *out_dir*; the report as for one file."""
+    from .streams import refuse_stdout_onto
+
     if "-" in paths:
         raise click.UsageError("standard input (-) cannot be one of several shards")
+    refuse_stdout_onto(paths)
     no_clobber, quiet, output_format, file_format = _rewrite_settings(arguments)
     with _shard_progress(enabled=not quiet) as progress:
         report = call(
@@ -853,13 +877,13 @@ def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 
 
 @contextmanager
-def _destination(output_file: str) -> Iterator[Path]:
+def _destination(output_file: str, input_file: str) -> Iterator[Path]:
     from .streams import STDIO, stdout_file
 
     if output_file != STDIO:
         yield Path(output_file)
         return
-    with stdout_file() as path:
+    with stdout_file([input_file]) as path:
         yield path
 
 
@@ -884,8 +908,9 @@ def _inspect(
 def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Local paths for *files* (``-``: a spool of standard input), and the names to show
     instead of the spools'."""
-    from .streams import STDIN_NAME, STDIO, local_inputs
+    from .streams import STDIN_NAME, STDIO, local_inputs, refuse_stdout_onto
 
+    refuse_stdout_onto(files)  # a report appended to an input would damage it
     with local_inputs(list(files)) as paths:
         names = {p: STDIN_NAME for f, p in zip(files, paths, strict=True) if f == STDIO}
         yield paths, names

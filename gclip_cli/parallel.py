@@ -241,7 +241,8 @@ def _spool(out: Path) -> Iterator[int]:
     """An unnamed scratch file beside *out* (on the same file system), as a descriptor."""
     import tempfile  # here: only chunked files need it, and start-up counts
 
-    with tempfile.TemporaryFile(dir=out.parent) as spool:
+    # *out* may be the name of a descriptor (/proc/self/fd/N, see output.py): its real folder
+    with tempfile.TemporaryFile(dir=Path(os.path.realpath(out)).parent) as spool:
         yield spool.fileno()
 
 

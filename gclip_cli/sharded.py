@@ -9,20 +9,19 @@ harmless and an interrupted one leaves no partial file.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Executor, Future
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 RETRIES = 2  # how often a failing task is tried again (bad input fails at once)
 
 
 @contextmanager
 def executor_for(jobs: int | None = None, scheduler: str | None = None) -> Iterator[Executor]:
-    """Threads in this process by default; ``jobs``: a process pool on this machine;
+    """This process by default; ``jobs``: a process pool on this machine;
     ``scheduler``: a Dask cluster at that address, or ``local[:N]`` for a LocalCluster of N
     worker processes."""
     if scheduler:
@@ -32,8 +31,33 @@ def executor_for(jobs: int | None = None, scheduler: str | None = None) -> Itera
         with RestartingProcessPool(jobs) as executor:
             yield executor
     else:
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            yield executor
+        yield InProcess()
+
+
+class InProcess(Executor):
+    """Runs each task here, in the calling thread, when its result is asked for: Ctrl-C stops
+    the task itself, and no task runs after it (a thread would finish the queue first)."""
+
+    def submit(self, fn: Callable[..., object], /, *args: object, **kwargs: object) -> Future:
+        return _Deferred(fn, args, kwargs)
+
+
+class _Deferred(Future):
+    """A future that does its work the first time its result is asked for."""
+
+    def __init__(self, fn: Callable[..., object], args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self._work: tuple | None = (fn, args, kwargs)
+
+    def result(self, timeout: float | None = None) -> object:
+        if self._work is not None and self.set_running_or_notify_cancel():
+            fn, args, kwargs = self._work
+            self._work = None
+            try:
+                self.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # Ctrl-C too: raised below, as any error
+                self.set_exception(exc)
+        return super().result(timeout)
 
 
 @contextmanager
@@ -86,14 +110,40 @@ class RestartingProcessPool(Executor):
 @contextmanager
 def staging(out_dir: Path) -> Iterator[Path]:
     """A private directory in *out_dir* for the shards' temporary files, removed at the end
-    whatever happened: a worker killed mid-write leaves no partial file in *out_dir*."""
-    import tempfile
+    whatever happened: a worker killed mid-write leaves no partial file in *out_dir*.
 
-    path = Path(tempfile.mkdtemp(dir=out_dir, prefix=".gclip-staging-"))
+    It is made and removed through a descriptor of *out_dir*, by a name chosen before it
+    exists: an interruption at any moment, or *out_dir* moved meanwhile, leaves nothing."""
     try:
-        yield path
+        folder = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OutputError(out_dir, f"cannot use the folder: {exc.strerror or exc}") from None
+    name = f".gclip-staging-{os.urandom(4).hex()}"
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=folder)
+        except OSError as exc:
+            raise OutputError(out_dir, f"cannot make a folder: {exc.strerror or exc}") from None
+        yield out_dir / name
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_staging(folder, name)
+        os.close(folder)
+
+
+def _remove_staging(folder: int, name: str) -> None:
+    """Remove the staging directory *name* of *folder* and the temporary files it holds."""
+    try:
+        inside = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+    except OSError:
+        return  # never made, or gone
+    try:
+        for entry in os.listdir(inside):
+            with suppress(OSError):
+                os.unlink(entry, dir_fd=inside)
+    finally:
+        os.close(inside)
+    with suppress(OSError):
+        os.rmdir(name, dir_fd=folder)
 
 
 def run_all(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .errors import GclipError, InputError, UsageError
+from .errors import GclipError, InputError, OutputError, UsageError
 
 STDIO = "-"
 STDIN_NAME = "<stdin>"  # how errors and reports name standard input
@@ -45,20 +48,93 @@ def spooled_stdin() -> Iterator[str]:
 
 
 @contextmanager
-def stdout_file() -> Iterator[Path]:
-    """A path to write to; once written, its bytes are copied to standard output."""
+def stdout_file(inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """A path to write to; once written, its bytes are copied to standard output.
+
+    Refused before anything is written: a terminal, and a standard output that is one of the
+    files *inputs* name (``>> IN``, ``1<> IN``).  A failed write is an OutputError, a reader
+    gone away a BrokenPipeError.
+    """
     if is_terminal(sys.stdout):
         raise UsageError(
             None,
             "refusing to write a binary file to a terminal: redirect stdout "
             "or give an output file name",
         )
+    refuse_stdout_onto(inputs)
     with _temporary("stdout") as path:
         path.unlink()  # the writer creates it, atomically
-        yield path
+        try:
+            yield path
+        except GclipError as exc:
+            if exc.path != str(path):
+                raise
+            raise type(exc)(STDOUT_NAME, exc.message) from None  # not the spool's name
         with open(path, "rb") as written:
+            _copy_to_stdout(written.fileno())
+
+
+def refuse_stdout_onto(inputs: Sequence[str | Path]) -> None:
+    """Refuse a standard output redirected onto one of the files *inputs* name (``-``:
+    standard input's file, as in ``< IN 1<> IN``)."""
+    out = _descriptor(sys.stdout)
+    if out is None:
+        return  # not a file (a test's capture)
+    from .output import refuse_stream_onto_inputs
+
+    refuse_stream_onto_inputs(out, [p for p in inputs if p != STDIO], STDOUT_NAME)
+    stdin = _descriptor(sys.stdin)
+    if STDIO in inputs and stdin is not None and _same_regular_file(stdin, out):
+        raise OutputError(STDOUT_NAME, "is standard input's file; redirect it to another file")
+
+
+def _descriptor(stream: object) -> int | None:
+    try:
+        return stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
+def _same_regular_file(fd: int, other: int) -> bool:
+    try:
+        one, two = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return stat.S_ISREG(one.st_mode) and (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
+
+
+def _copy_to_stdout(fd: int) -> None:
+    """Copy the file *fd* to standard output's descriptor, past Python's buffer (flushed
+    first), so that a failed write leaves nothing pending to fail again at exit."""
+    sys.stdout.flush()
+    out = _descriptor(sys.stdout)
+    if out is None:  # not a file (a test's capture)
+        with open(fd, "rb", closefd=False) as written:
             shutil.copyfileobj(written, sys.stdout.buffer, 1 << 20)
         sys.stdout.buffer.flush()
+        return
+    while block := os.read(fd, 1 << 20):
+        view = memoryview(block)
+        while view:
+            try:
+                view = view[os.write(out, view) :]
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise OutputError(STDOUT_NAME, f"cannot write: {exc.strerror or exc}") from None
+
+
+# A write that fails for these reasons failed for want of room (or of a device): the output
+# is short, which is never a success.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def stdout_failure(exc: BaseException) -> OutputError | None:
+    """An error from writing the report to standard output, as an OutputError (None when
+    *exc* is not one: the library reports its own files' errors as GclipErrors)."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno in WRITE_FAILURES:
+        return OutputError(STDOUT_NAME, f"cannot write: {exc.strerror or exc}")
+    return None
 
 
 def is_terminal(stream: object) -> bool:

@@ -1,5 +1,6 @@
 import functools
 import math
+import os
 import tracemalloc
 
 import ml_dtypes
@@ -335,3 +336,72 @@ def test_inspect_with_a_policy_reports_the_finite_norm(make_file):
     report = gclip_cli.inspect_file(src, nonfinite="keep", max_norm=1.0)
     assert report.global_norm == pytest.approx(math.sqrt(9 + 16 + 144 + 1 + 4))
     assert report.clipped and report.nonfinite == 3
+
+
+# --- the file measured is the file written from ------------------------------------------------
+
+
+def changed_around(monkeypatch, target: str, change, after: bool = False) -> None:
+    """Make *target* (module.function) call change() before (or *after*) doing its work."""
+    module, name = target.rsplit(".", 1)
+    real = getattr(__import__(module, fromlist=[name]), name)
+
+    def work_and_change(*args, **kwargs):
+        if not after:
+            change()
+        result = real(*args, **kwargs)
+        if after:
+            change()
+        return result
+
+    monkeypatch.setattr(target, work_and_change)
+
+
+def test_an_input_renamed_over_during_pass_1_is_refused_not_half_clipped(
+    make_file, tmp_path, monkeypatch
+):
+    # -j2: pass 1 measured the old file (norm 13); the workers of pass 2 reopen the input by
+    # name and wrote the new one (norm 39) scaled for the old: exit 0, output norm 3.
+    src = make_file("safetensors", {"w": np.array([3.0, 4.0]), "b": np.array([12.0])})
+    newer = make_file("safetensors", {"w": np.array([9.0, 12.0]), "b": np.array([36.0])}, "new")
+    monkeypatch.setattr("gclip_cli.parallel.MIN_PARALLEL_BYTES", 0)
+    rename = lambda: newer.rename(src)  # noqa: E731
+    changed_around(monkeypatch, "gclip_cli.parallel.measure_pieces", rename, after=True)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(gclip_cli.InputError, match="changed while gclip was reading it"):
+        gclip_cli.rescale_file(src, out, max_norm=1.0, jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda path: os.truncate(path, path.stat().st_size // 2), "size went from"),
+        (lambda path: path.unlink(), "was removed while gclip was reading it"),
+        (lambda path: os.utime(path, ns=(0, path.stat().st_mtime_ns + 1)), "modified"),
+    ],
+)
+def test_an_input_changed_while_it_is_read_is_one_error_and_nothing_written(
+    make_file, fmt, tmp_path, monkeypatch, change, message
+):
+    src = make_file(fmt, {"w": np.arange(4096, dtype=np.float32), "b": np.ones(3)})
+    changed_around(monkeypatch, "gclip_cli.api.measure_tensors", lambda: change(src))
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    with pytest.raises(gclip_cli.InputError, match=message) as refused:
+        gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert refused.value.path == str(src)
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p != src] == []
+
+
+def test_an_input_unlinked_as_rescale_starts_is_one_error(make_file, tmp_path, monkeypatch):
+    src = make_file("npz", {"w": np.array([3.0, 4.0])})
+    real_check = gclip_cli.api.check_output_path
+
+    def check_then_unlink(*args):  # unlinked between the checks and the work
+        real_check(*args)
+        src.unlink()
+
+    monkeypatch.setattr("gclip_cli.api.check_output_path", check_then_unlink)
+    with pytest.raises(gclip_cli.InputError, match="no such file"):
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)
+    assert list(tmp_path.iterdir()) == []

@@ -774,3 +774,93 @@ def test_an_option_error_names_the_environment_only_when_the_value_came_from_it(
     assert from_env.exit_code == 2 and "$GCLIP_NORM_TYPE" in from_env.stderr
     typed = run("inspect", src, "--max-norm", "0")
     assert typed.exit_code == 2 and "GCLIP_MAX_NORM" not in typed.stderr
+
+
+def test_rescale_writes_through_a_symbolic_link_out_as_cp_does(make_file, tmp_path):
+    src = sample(make_file)
+    target = tmp_path / "kept" / "real.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    assert gclip("rescale", src, link, "--max-norm", "1", "-q").returncode == 0
+    direct = tmp_path / "direct.safetensors"
+    assert gclip("rescale", src, direct, "--max-norm", "1", "-q").returncode == 0
+    assert link.is_symlink() and target.read_bytes() == direct.read_bytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["real.safetensors"]
+
+
+def test_rescale_refuses_a_device_or_fifo_out_and_leaves_it_alone(make_file, tmp_path):
+    src = sample(make_file)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for dst in [fifo, *(d for d in ("/dev/null", "/dev/full") if os.path.exists(d))]:
+        kind = os.stat(dst).st_mode
+        result = gclip("rescale", src, dst, "--max-norm", "1", timeout=60)
+        assert result.returncode == 5 and result.stderr.count("\n") == 1, result.stderr
+        assert "regular files only (give - to stream to standard output)" in result.stderr
+        assert os.stat(dst).st_mode == kind
+
+
+def test_outputs_keep_permission_bits_as_cp_does(make_file, tmp_path):
+    src = sample(make_file)
+    src.chmod(0o600)
+    new = tmp_path / "new.safetensors"
+    assert gclip("rescale", src, new, "--max-norm", "1", "-q").returncode == 0
+    assert new.stat().st_mode & 0o777 == 0o600
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"old")
+    existing.chmod(0o640)
+    assert gclip("rescale", src, existing, "--max-norm", "1", "-q").returncode == 0
+    assert existing.stat().st_mode & 0o777 == 0o640 and existing.read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["rescale", "{missing}", "{out}", "--max-norm", "1"],
+        ["rescale", "{missing}", "{out}", "--max-norm", "1", "--per-tensor"],
+        ["rescale", "{missing}", "{out}", "--group", "a*=1"],
+        ["rescale", "{missing}", "--out-dir", "{folder}", "--max-norm", "1"],
+        ["clip-value", "{missing}", "{out}", "--max-value", "1"],
+        ["normalize", "{missing}", "{out}", "--target-norm", "1"],
+    ],
+)
+def test_a_missing_input_is_one_line_exit_3_for_every_rewriting_command(tmp_path, args):
+    missing, out = tmp_path / "gone.safetensors", tmp_path / "out.safetensors"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = gclip(*(a.format(missing=missing, out=out, folder=folder) for a in args))
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == f"gclip: error: {missing}: no such file\n"
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_an_out_name_of_250_bytes_is_written(make_file, tmp_path):
+    src = sample(make_file)
+    out = tmp_path / ("o" * 238 + ".safetensors")
+    result = gclip("rescale", src, out, "--max-norm", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    assert read_tensors(out, "safetensors").keys() == read_tensors(src, "safetensors").keys()
+
+
+def test_an_input_truncated_before_it_is_mapped_is_one_line_exit_3(make_file, tmp_path):
+    src = make_file("safetensors", big_tensors(2))
+    out = tmp_path / "out.safetensors"
+    script = f"""
+import os, sys
+import gclip_cli.api as api
+real = api.measure_tensors
+def truncated_first(*args):
+    os.truncate({str(src)!r}, 4096)  # someone truncates the input as pass 1 begins
+    return real(*args)
+api.measure_tensors = truncated_first
+from gclip_cli.cli import entry_point
+sys.argv = ["gclip", "rescale", {str(src)!r}, {str(out)!r}, "--max-norm", "1"]
+entry_point()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith(f"gclip: error: {src}: changed while gclip was reading it")
+    assert proc.stderr.count("\n") == 1 and "size went from" in proc.stderr
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -218,6 +218,25 @@ def test_history_plot_is_drawn_when_matplotlib_is_there(tmp_path):
     assert result.exit_code == 0 and (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("how", ["a link", "the folder's file"])
+def test_history_plot_onto_an_input_is_refused_before_any_work(tmp_path, how):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    files = [
+        write_tensors(tmp_path / f"s{s}.npz", "npz", {"g": np.array([float(s)])}) for s in (1, 2)
+    ]
+    before = files[0].read_bytes()
+    if how == "a link":
+        plot, inputs = tmp_path / "norms.png", files
+        plot.symlink_to(files[0])
+    else:  # a dump whose name says png, read as one of the folder's files
+        plot = files[0].rename(tmp_path / "s1.png")
+        before, inputs = plot.read_bytes(), [tmp_path]
+    result = gclip("history", *inputs, "--plot", plot)
+    assert result.returncode == 5 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("gclip: error: --plot: is the input ")
+    assert plot.read_bytes() == before
+
+
 # --- NaN/Inf: the report, then exit 4 unless --nonfinite says how to count them ---------------
 
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import exact_norm, exactly_scaled, read_tensors, write_tensors
 
+import gclip_cli
 from gclip_cli import api
 from gclip_cli.api import rescale_files
 from gclip_cli.cli import main
@@ -150,3 +151,134 @@ def test_progress_is_reported_per_shard_and_phase(checkpoint, tmp_path):
         progress=lambda phase, done, total: seen.append((phase, done, total)),
     )
     assert seen == [("measuring", i, 3) for i in range(4)] + [("writing", i, 3) for i in range(4)]
+
+
+def test_shards_of_one_name_in_two_folders_keep_their_relative_paths(tmp_path):
+    rng = np.random.default_rng(5)
+    values = {
+        run: {"w": rng.standard_normal(50).astype(np.float32) * scale}
+        for run, scale in (("run1", 1.0), ("run2", 7.0))
+    }
+    shards = []
+    for run, tensors in values.items():
+        (tmp_path / run).mkdir()
+        shards.append(write_tensors(tmp_path / run / "x.safetensors", "safetensors", tensors))
+    out = tmp_path / "clipped"
+    report = rescale_files(shards, out, max_norm=1.0)
+    q = Fraction(1.0) / Fraction(report.global_norm)
+    for run, tensors in values.items():
+        written = read_tensors(out / run / "x.safetensors", "safetensors")
+        assert np.array_equal(written["w"], exactly_scaled(tensors["w"], q))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "run1",
+        "run1/x.safetensors",
+        "run2",
+        "run2/x.safetensors",
+    ]
+
+
+def test_an_index_naming_shards_in_sub_folders_is_copied_with_them(tmp_path):
+    folder = tmp_path / "ckpt"
+    (folder / "part").mkdir(parents=True)
+    write_tensors(folder / "part" / "1.safetensors", "safetensors", {"a": np.array([3.0])})
+    write_tensors(folder / "2.safetensors", "safetensors", {"b": np.array([4.0])})
+    index = folder / "model.safetensors.index.json"
+    weight_map = {"a": "part/1.safetensors", "b": "2.safetensors"}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "clipped"
+    rescale_files([index], out, max_norm=1.0)
+    assert (out / index.name).read_bytes() == index.read_bytes()
+    again = api.inspect_files([out / index.name])  # the copy names its shards right
+    assert again.global_norm == pytest.approx(1.0, rel=1e-15)
+
+
+def test_a_shard_changed_between_the_passes_is_refused_before_any_write(
+    checkpoint, tmp_path, monkeypatch
+):
+    index, _ = checkpoint
+    first = index.parent / next(iter(SHARDS))
+    real = api._measure_file
+
+    def measure_then_touch(src, *args):
+        measured = real(src, *args)
+        os.utime(first, ns=(0, first.stat().st_mtime_ns + 1))  # someone rewrites a shard
+        return measured
+
+    monkeypatch.setattr(api, "_measure_file", measure_then_touch)
+    out = tmp_path / "clipped"
+    with pytest.raises(gclip_cli.InputError, match="changed while gclip was reading it"):
+        rescale_files([index], out, max_norm=1.0)
+    assert not out.exists()
+
+
+def test_a_shard_replaced_during_its_write_is_refused_and_not_put_in_place(
+    checkpoint, tmp_path, monkeypatch
+):
+    index, _ = checkpoint
+    real = api._write_shard
+
+    def write_then_replace(src, *args):
+        written = real(src, *args)
+        copy = src.with_name("copy")
+        copy.write_bytes(src.read_bytes())
+        copy.replace(src)
+        return written
+
+    monkeypatch.setattr(api, "_write_shard", write_then_replace)
+    out = tmp_path / "clipped"
+    with pytest.raises(gclip_cli.InputError, match="replaced by another file"):
+        rescale_files([index], out, max_norm=1.0)
+    assert list(out.iterdir()) == []  # no shard, no temporary file, no staging directory
+
+
+def test_ctrl_c_in_a_serial_run_stops_at_once_and_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    # A thread used to run the tasks: after Ctrl-C it went on with the next shards while the
+    # staging directory was being removed, which could leave it behind.
+    index, _ = checkpoint
+    started = []
+    real_task = api._write_task
+
+    def count(src, *args):
+        started.append(src.name)
+        return real_task(src, *args)
+
+    def interrupted(src, file_format, tmp, *args):
+        tmp.write_bytes(b"half a shard")
+        raise KeyboardInterrupt  # Ctrl-C while the first shard is written
+
+    monkeypatch.setattr(api, "_write_task", count)
+    monkeypatch.setattr(api, "_write_shard", interrupted)
+    out = tmp_path / "clipped"
+    with pytest.raises(KeyboardInterrupt):
+        rescale_files([index], out, max_norm=1.0)
+    assert started == [next(iter(SHARDS))]  # no shard begun after Ctrl-C
+    assert list(out.iterdir()) == []  # no temporary file, no staging directory
+
+
+def test_an_output_folder_moved_away_mid_run_is_an_error_that_leaves_nothing(
+    checkpoint, tmp_path, monkeypatch
+):
+    index, _ = checkpoint
+    out, moved = tmp_path / "clipped", tmp_path / "moved"
+    real = api._write_shard
+
+    def write_then_move(*args):
+        written = real(*args)
+        out.rename(moved)
+        return written
+
+    monkeypatch.setattr(api, "_write_shard", write_then_move)
+    with pytest.raises(gclip_cli.OutputError, match="was moved or replaced"):
+        rescale_files([index], out, max_norm=1.0)
+    assert list(moved.iterdir()) == []
+
+
+def test_two_files_whose_names_look_alike_may_not_share_an_output(tmp_path, monkeypatch):
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    write_tensors(tmp_path / "x.safetensors", "safetensors", {"w": np.ones(3)})
+    write_tensors(tmp_path / "real" / "x.safetensors", "safetensors", {"w": np.ones(3) * 2})
+    (tmp_path / "sub").symlink_to(tmp_path / "real" / "deep")  # so sub/.. is real, not here
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(gclip_cli.OutputError, match="would be written for both"):
+        rescale_files(["x.safetensors", "sub/../x.safetensors"], "out", max_norm=1.0)
+    assert not (tmp_path / "out").exists()

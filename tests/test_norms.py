@@ -232,3 +232,14 @@ def test_the_statistics_of_many_blocks_stay_small_for_huge_p(p):
     assert stats.finite_norm() == pytest.approx(
         reference_norm(np.concatenate([peaks, peaks / 3]), p), rel=RTOL
     )
+
+
+@settings(max_examples=40)
+@given(
+    values=st.lists(EXTREME_FLOATS, min_size=1, max_size=5),
+    chunk=st.integers(1, 2 * BLOCK + 3),
+    p=st.sampled_from(EVERY_P),
+)
+def test_extreme_values_for_any_p_give_the_same_bits_whatever_the_chunk_size(values, chunk, p):
+    tiled = np.resize(np.array(values), 2 * BLOCK + 11)  # blocks of different peaks
+    assert streamed(tiled, chunk, p).finite_norm_parts() == measure(tiled, p).finite_norm_parts()

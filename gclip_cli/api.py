@@ -19,6 +19,7 @@ from .engine import (
     Scaler,
     clip_factor,
     combine,
+    dividing_norm,
     measure_tensors,
     rewrite,
     rounding_bound,
@@ -157,7 +158,7 @@ def inspect_files(
     total = combine(before, settings.norm_type)
     global_norm = settings.norm(total)
     factor = None
-    if settings.max_norm is not None and math.isfinite(global_norm):
+    if settings.max_norm is not None and dividing_norm(total, global_norm) is not None:
         factor = _factor(tensors, before, total, settings)
     files = [str(m.path) for m in measured for _ in m.tensors]
     return Report(
@@ -740,8 +741,11 @@ def _factor(
     total: NormStats,
     options: Options,
 ) -> ScaleFactor:
+    dividing = dividing_norm(total, options.norm(total))
+    if dividing is None:  # NaN/Inf counted in the norm: nothing to clip by
+        return ScaleFactor.of(1.0)
     bound = rounding_bound(tensors, before, total)
-    return clip_factor(options.norm(total), options.max_norm, options.eps, bound)
+    return clip_factor(dividing, options.max_norm, options.eps, bound)
 
 
 def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:

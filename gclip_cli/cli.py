@@ -482,6 +482,10 @@ def norm(files: tuple[str, ...], **options: Any) -> None:
     """
     report = _inspect(files, options, require_counted=True)
     click.echo(repr(report.global_norm))
+    if report.beyond_float64:
+        from .summary import BEYOND_FLOAT64
+
+        click.echo(f"gclip: note: the norm is {BEYOND_FLOAT64}", err=True)
     _exit_if_nonfinite(report)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import parallel, progress
 from .formats import TensorFile, TensorInfo
-from .norms import NormAccumulator, NormStats
+from .norms import NormAccumulator, NormStats, p_norm_of
 from .rounding import ScaleFactor, ScratchBuffers, scale
 
 
@@ -62,8 +62,15 @@ def combine(stats: list[NormStats | None], norm_type: float) -> NormStats:
     return total
 
 
-# The computed norms themselves are accurate to a few float64 rounding units: allow for that.
+# The computed norms themselves are accurate to a few float64 rounding units (for p < 1, that
+# many divided by p: a p-th root magnifies the sum's rounding): allow for that.
 _NORM_SLACK = 2.0**-48
+# Below this p, a norm of two non-zero float64 values exceeds float64's range: the finite norms
+# are single values, which are exact (norms.NormStats._single_value).
+_SMALLEST_FINITE_P = 2.0**-12
+# Beyond this p * log(1 + u), the weighted power mean of (1 + u_i) is taken as its largest term
+# (it tends to it, and it bounds it): exp() of it would overflow.
+_POWER_MEAN_LIMIT = 700.0
 
 
 @dataclass(frozen=True)
@@ -71,27 +78,47 @@ class RoundingBound:
     """How far above max_norm rounding alone can leave the norm of correctly clipped values.
 
     Rounding v * alpha to nearest in v's dtype moves it by at most u * |v * alpha| (u: the
-    dtype's unit roundoff) or, below the normal range, by half the smallest subnormal.
+    dtype's unit roundoff) or, below the normal range, by half the smallest subnormal.  The two
+    add up as norms do (Minkowski) for p >= 1; for p < 1, where the triangle inequality fails,
+    their p-th powers add up instead.
     """
 
     relative: float = 0.0
     absolute: float = 0.0
+    norm_type: float = 2.0
 
     def limit(self, max_norm: float) -> float:
-        return max_norm * (1.0 + self.relative) + self.absolute
+        rounded = max_norm * (1.0 + self.relative)
+        if self.norm_type >= 1:
+            return rounded + self.absolute
+        return p_norm_of([(1, rounded), (1, self.absolute)], self.norm_type)
 
 
 def clip_factor(
-    global_norm: float, max_norm: float, eps: float = 0.0, bound: RoundingBound = RoundingBound()
+    global_norm: float | Fraction,
+    max_norm: float,
+    eps: float = 0.0,
+    bound: RoundingBound = RoundingBound(),
 ) -> ScaleFactor:
     """q = max_norm / (global_norm + eps), exactly, when the norm exceeds max_norm, else 1.
 
-    A norm above max_norm by no more than *bound* counts as within it: values rounded to their
-    dtype can get no closer, and clipping such a file again would only re-round it.
+    *global_norm* may be a fraction: a norm beyond float64's range (see dividing_norm).  A norm
+    above max_norm by no more than *bound* counts as within it: values rounded to their dtype
+    can get no closer, and clipping such a file again would only re-round it.
     """
     if not global_norm > bound.limit(max_norm):
         return ScaleFactor.of(1.0)
     return ScaleFactor(Fraction(max_norm) / (Fraction(global_norm) + Fraction(eps)))
+
+
+def dividing_norm(total: NormStats, norm: float) -> float | Fraction | None:
+    """*norm* (of *total*) as a clip factor divides by it: itself, or its exact value where it
+    is inf only because it exceeds float64's range; None where NaN/Inf values made it NaN/inf."""
+    if math.isfinite(norm):
+        return norm
+    if math.isinf(norm) and math.isinf(total.finite_norm()):
+        return total.finite_norm_exact()
+    return None
 
 
 def rounding_bound(
@@ -102,33 +129,31 @@ def rounding_bound(
     Relative part: the power mean of (1 + u_i), weighted by each tensor's share of the norm,
     minus one.  Absolute part: the p-norm of half a subnormal step for every value.
     """
-    p, global_norm = total.norm_type, total.finite_norm()
-    weighted, worst, steps = 0.0, 0.0, []
-    for tensor, part in zip(tensors, stats, strict=True):
-        if part is None or part.finite_norm() == 0.0:
-            continue
-        info = ml_dtypes.finfo(tensor.dtype)
-        u = float(info.eps) / 2
-        worst = max(worst, u)
-        steps.append((part.numel, float(info.smallest_subnormal) / 2))
-        if not math.isinf(p):
-            share = (part.finite_norm() / global_norm) ** p
-            weighted += share * math.expm1(p * math.log1p(u))
+    p = total.norm_type
+    counted = [
+        (ml_dtypes.finfo(tensor.dtype), part)
+        for tensor, part in zip(tensors, stats, strict=True)
+        if part is not None and part.max_abs > 0.0
+    ]
+    roundoffs = [(float(info.eps) / 2, part) for info, part in counted]
+    steps = [(part.numel, float(info.smallest_subnormal) / 2) for info, part in counted]
+    slack = _NORM_SLACK / max(min(p, 1.0), _SMALLEST_FINITE_P)
+    return RoundingBound(_power_mean_roundoff(roundoffs, total) + slack, p_norm_of(steps, p), p)
+
+
+def _power_mean_roundoff(roundoffs: list[tuple[float, NormStats]], total: NormStats) -> float:
+    """(sum of share_i * (1 + u_i)**p) ** (1/p) - 1, share_i: each tensor's share of the sum
+    of |x|**p; where p is inf, or so large that the powers overflow, the largest u_i of a
+    share above 0 (which the mean tends to, and which bounds it)."""
+    p = total.norm_type
     if math.isinf(p):
-        relative = worst
-        absolute = max((step for _, step in steps), default=0.0)
-    else:
-        relative = math.expm1(math.log1p(weighted) / p)
-        absolute = _p_norm_of_steps(steps, p)
-    return RoundingBound(relative + _NORM_SLACK, absolute)
-
-
-def _p_norm_of_steps(steps: list[tuple[int, float]], p: float) -> float:
-    """(sum of count * step**p) ** (1/p), scaled by the largest step so nothing underflows."""
-    top = max((step for _, step in steps), default=0.0)
-    if top == 0.0:  # float64's half step, 2**-1075, is 0 in float64 itself
-        return 0.0
-    return top * math.fsum(count * (step / top) ** p for count, step in steps) ** (1.0 / p)
+        return max((u for u, _ in roundoffs), default=0.0)
+    weighted = [(part.power_sum_ratio(total), u) for u, part in roundoffs]
+    worst = max((u for share, u in weighted if share > 0.0), default=0.0)
+    if p * math.log1p(worst) > _POWER_MEAN_LIMIT:
+        return worst
+    mean = math.fsum(share * math.expm1(p * math.log1p(u)) for share, u in weighted)
+    return math.expm1(math.log1p(mean) / p)
 
 
 class NonFinite(str, Enum):
@@ -291,11 +316,9 @@ def rewrite(
     ]
 
 
-def norm_share(part: NormStats, total_norm: float) -> float | None:
-    """The tensor's finite values' share of the global sum of |x|**p (None when undefined)."""
-    p = part.norm_type
-    if math.isinf(p) or not math.isfinite(total_norm):
+def norm_share(part: NormStats, total: NormStats) -> float | None:
+    """The tensor's finite values' share of the global sum of |x|**p (None for p = inf), from
+    the sums themselves: no norm's rounding, overflow or p-th power on the way."""
+    if math.isinf(part.norm_type):
         return None
-    if total_norm == 0.0:
-        return 0.0
-    return (part.finite_norm() / total_norm) ** p
+    return part.power_sum_ratio(total)

@@ -12,7 +12,7 @@ from .compare import Diff, TensorDiff
 from .export import PLAIN
 from .history import History, sparkline
 from .report import Report
-from .summary import norm_label, number, printable
+from .summary import global_norm_text, norm_label, number, printable
 from .tables import BarCell, FittedTable
 from .views import View, layer_rows, tensor_rows
 
@@ -208,7 +208,7 @@ def _share(share: float | None) -> Text | BarCell:
 def _summary(report: Report) -> Text:
     skipped = len(report.tensors) - len(report.counted)
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
-    norm = number(report.global_norm) if report.counted else "- (no tensor counted)"
+    norm = global_norm_text(report) if report.counted else "- (no tensor counted)"
     lines = [
         f"global {norm_label(report.norm_type)}: {norm}",
         f"{len(report.counted)} tensors counted, {skipped} skipped{files}; "

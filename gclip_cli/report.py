@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 
-from .engine import norm_share
+from .engine import combine, norm_share
 from .formats import TensorInfo
 from .norms import NormStats
 from .strategies import GroupReport
@@ -92,6 +92,13 @@ class Report:
     def nonfinite(self) -> int:
         return sum(t.nonfinite for t in self.tensors)
 
+    @property
+    def beyond_float64(self) -> bool:
+        """Whether the global norm is inf only because it exceeds float64's range: the values
+        it counts are finite (tensor norms shown as inf then exceed it too)."""
+        counts_nonfinite = self.nonfinite and self.nonfinite_policy == "error"
+        return math.isinf(self.global_norm) and not counts_nonfinite
+
     def to_dict(self) -> dict:
         """A JSON-ready dict: non-finite numbers become None (JSON has no NaN)."""
         fields = {
@@ -102,6 +109,7 @@ class Report:
             "norm_type": _json_number(self.norm_type, inf_as="inf"),
             # no tensor counted: no norm (0 would claim that values were read)
             "global_norm": _json_number(self.global_norm) if self.counted else None,
+            "global_norm_beyond_float64": self.beyond_float64,
             "tensor_count": len(self.counted),
             "skipped_count": len(self.tensors) - len(self.counted),
             "numel": self.total_numel,
@@ -171,16 +179,27 @@ def tensor_reports(
     """
     after = after or [None] * len(tensors)
     files = files or [None] * len(tensors)
+    total = _shares_total(before, global_norm)
     return tuple(
-        replace(_tensor_report(info, stats, global_norm, norm_of, written), file=file)
+        replace(_tensor_report(info, stats, total, norm_of, written), file=file)
         for info, stats, written, file in zip(tensors, before, after, files, strict=True)
     )
+
+
+def _shares_total(before: list[NormStats | None], global_norm: float) -> NormStats | None:
+    """All tensors' statistics together, which shares are taken of; None when the global norm
+    counts NaN/Inf values (it is then NaN/inf, and shares of it mean nothing)."""
+    counted = [s for s in before if s is not None]
+    if not counted:
+        return None
+    total = combine(counted, counted[0].norm_type)
+    return total if global_norm == total.finite_norm() else None
 
 
 def _tensor_report(
     info: TensorInfo,
     stats: NormStats | None,
-    global_norm: float,
+    total: NormStats | None,
     norm_of: Callable[[NormStats], float],
     after: NormStats | None,
 ) -> TensorReport:
@@ -195,6 +214,6 @@ def _tensor_report(
         max_abs=stats.max_abs,
         nan=stats.nan,
         inf=stats.inf,
-        share=norm_share(stats, global_norm),
+        share=None if total is None else norm_share(stats, total),
         norm_after=None if after is None else norm_of(after),
     )

@@ -10,18 +10,18 @@ Clipping by value is not a factor; see :class:`ClipValue` and ``engine.Clamper``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import ml_dtypes
+import numpy as np
 
-from .engine import clip_factor, combine, rounding_bound
+from .engine import clip_factor, combine, dividing_norm, rounding_bound
 from .errors import UsageError
 from .formats import TensorInfo
 from .norms import NormStats
-from .rounding import ScaleFactor
+from .rounding import ScaleFactor, ScratchBuffers, scale
 from .selection import matches
 
 ONE = ScaleFactor.of(1.0)
@@ -137,9 +137,10 @@ def _clip_groups(
         stats = [s for _, s in members]
         total = combine(stats, stats[0].norm_type)
         norm = norm_of(total)
+        dividing = dividing_norm(total, norm)
         factor = ONE
-        if limit is not None:
-            factor = clip_factor(norm, limit, eps, rounding_bound(tensors, stats, total))
+        if limit is not None and dividing is not None:
+            factor = clip_factor(dividing, limit, eps, rounding_bound(tensors, stats, total))
         factors.update(dict.fromkeys((t.name for t in tensors), factor))
         groups.append(GroupReport(name, limit, norm, factor.hi, len(members)))
     return Plan(factors, tuple(groups))
@@ -153,13 +154,14 @@ def _normalize(
 ) -> Plan:
     total = combine([s for _, s in members], members[0][1].norm_type if members else 2.0)
     norm = norm_of(total)
-    if norm == 0.0 or not math.isfinite(norm):  # a zero gradient stays zero
+    dividing = dividing_norm(total, norm)
+    if norm == 0.0 or dividing is None:  # a zero gradient stays zero
         factor = ONE
     else:
-        factor = ScaleFactor(Fraction(strategy.target_norm) / (Fraction(norm) + Fraction(eps)))
+        factor = ScaleFactor(Fraction(strategy.target_norm) / (Fraction(dividing) + Fraction(eps)))
     for tensor, part in members:
-        limit = float(ml_dtypes.finfo(tensor.dtype).max)
-        if part.max_abs * factor.hi > limit:
+        if _overflows(part.max_abs, tensor.dtype, factor):
+            limit = float(ml_dtypes.finfo(tensor.dtype).max)
             raise UsageError(
                 None,
                 f"normalising to {strategy.target_norm:g} would overflow "
@@ -169,3 +171,12 @@ def _normalize(
     factors = {t.name: factor for t, _ in members}
     group = GroupReport(DEFAULT_GROUP, None, norm, factor.hi, len(members))
     return Plan(factors, (group,))
+
+
+def _overflows(largest: float, dtype: np.dtype, factor: ScaleFactor) -> bool:
+    """Whether *largest* (a value of *dtype*) times the factor rounds beyond *dtype*'s range,
+    as scaling would round it."""
+    value = np.array([largest], dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale(value, value, factor, ScratchBuffers(16))
+        return not np.isfinite(value.astype(np.float64))[0]

@@ -16,7 +16,7 @@ def rescale_summary(report: Report) -> str:
     if report.strategy != "global-norm":
         verdict = f"{report.strategy} {'applied' if report.clipped else verdict}"
     skipped = len(report.tensors) - len(report.counted)
-    rows = [(f"global {norm} before", number(report.global_norm))]
+    rows = [(f"global {norm} before", global_norm_text(report))]
     rows += _strategy_rows(report)
     rows += [
         (f"global {norm} after", number(report.global_norm_after)),
@@ -54,13 +54,21 @@ def _strategy_rows(report: Report) -> list[tuple[str, str]]:
 
 def check_line(report: Report) -> str:
     """One line saying whether the global norm is within max_norm."""
-    norm = f"global {norm_label(report.norm_type)} {number(report.global_norm)}"
+    norm = f"global {norm_label(report.norm_type)} {global_norm_text(report)}"
     files = f" ({len(report.files)} files)" if len(report.files) > 1 else ""
     if report.nonfinite and report.nonfinite_policy == "error":
         return f"non-finite: {report.nonfinite:,} NaN/Inf values{files}"
     if report.clipped:
         return f"exceeds: {norm} > max norm {number(report.max_norm)}{files}"
     return f"ok: {norm} <= max norm {number(report.max_norm)}{files}"
+
+
+def global_norm_text(report: Report) -> str:
+    """The global norm as shown, saying so where it is inf only because float64 cannot hold it."""
+    return number(report.global_norm) + (f" ({BEYOND_FLOAT64})" if report.beyond_float64 else "")
+
+
+BEYOND_FLOAT64 = "beyond float64's range; the values are finite"
 
 
 def norm_label(norm_type: float) -> str:

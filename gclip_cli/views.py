@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .errors import UsageError
+from .norms import p_norm_of
 from .report import Report, TensorReport
 
 SORT_KEYS = ("name", "norm", "size", "file")
@@ -141,12 +142,10 @@ def by_layer(report: Report, depth: int | None = None) -> list[LayerReport]:
 
 
 def _combined_norm(norms: Sequence[float | None], p: float) -> float | None:
-    """The p-norm of tensors taken together, from their norms (scaled: no overflow)."""
+    """The p-norm of tensors taken together, from their norms (scaled: no overflow or
+    underflow; inf where it exceeds float64's range)."""
     if any(n is None for n in norms):
         return None
     if any(math.isnan(n) for n in norms):
         return math.nan
-    top = max(norms, default=0.0)
-    if math.isinf(p) or top == 0.0 or math.isinf(top):
-        return top
-    return top * math.fsum((n / top) ** p for n in norms) ** (1.0 / p)
+    return p_norm_of(((1, n) for n in norms), p)

@@ -227,7 +227,7 @@ def test_rescale_properties(tmp_path_factory, tensors, fmt, max_norm, chunk):
 
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed: pip install torch==2.13.0")
-@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 3.0])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 3.0, 0.5, 7.5])
 def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_type):
     rng = np.random.default_rng(11)
     tensors = {
@@ -249,6 +249,19 @@ def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_
     written = read_tensors(out, fmt)
     for name, param in zip(tensors, params, strict=True):
         np.testing.assert_allclose(written[name], param.grad.numpy(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [1075.0, 1e300])
+def test_huge_p_where_torch_overflows_clips_by_the_exact_norm(make_file, tmp_path, norm_type):
+    # torch raises |x|**p to float64 as it is: 4**1075 overflows, its norm is inf and
+    # clip_grad_norm_ zeroes the gradients; the norm is 4 (2**1075 and 1 relative to it vanish)
+    values = np.array([4.0, -2.0, 1.0])
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(
+        make_file("npz", {"g": values}), out, max_norm=1.0, norm_type=norm_type
+    )
+    assert report.global_norm == 4.0
+    assert read_tensors(out, "npz")["g"].tolist() == [1.0, -0.5, 0.25]
 
 
 # --- memory ------------------------------------------------------------------------------------

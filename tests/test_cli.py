@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, read_tensors, write_tensors
+from conftest import SUFFIX, exactly_scaled, read_tensors, write_tensors
+from test_norms import reference_norm
 
 from gclip_cli.cli import main
+from gclip_cli.norms import measure
 
 # worked examples of global-norm clipping: (gradients, c, expected result or None for unchanged)
 WORKED_EXAMPLES = [
@@ -864,3 +866,44 @@ entry_point()
     assert proc.stderr.startswith(f"gclip: error: {src}: changed while gclip was reading it")
     assert proc.stderr.count("\n") == 1 and "size went from" in proc.stderr
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# --- every p, norms beyond float64 (issue 20, items 5 and 6) -------------------------------------
+
+
+def gclip_run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gclip_cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("p", ["1075", "1e300", "inf", "600", "0.5", "1e-5", "1e-300"])
+def test_norm_takes_any_p_without_overflow(make_file, p):
+    values = np.array([4.0, -2.0, 1.0])  # for p = 1075 the norm is 4 (2**1075 underflows)
+    proc = gclip_run("norm", "-p", p, make_file("safetensors", {"g": values}))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert float(proc.stdout) == pytest.approx(reference_norm(values, float(p)), rel=1e-12)
+    assert ("beyond float64" in proc.stderr) == (float(proc.stdout) == float("inf"))
+
+
+def test_a_norm_beyond_float64_is_inf_with_a_note_and_still_clips(make_file, tmp_path):
+    values = np.array([1.5e308, -1.5e308, 1e308])
+    src = make_file("safetensors", {"g": values})
+    norm = gclip_run("norm", src)
+    assert (norm.returncode, norm.stdout.strip()) == (0, "inf")
+    assert "norm is beyond float64's range; the values are finite" in norm.stderr
+    check = gclip_run("check", src, "--max-norm", "1")
+    assert check.returncode == 1 and "inf (beyond float64's range" in check.stdout
+    shown = gclip_run("inspect", src, "--json")
+    data = json.loads(shown.stdout)
+    assert data["global_norm"] is None and data["global_norm_beyond_float64"] is True
+    assert data["tensors"][0]["share"] == 1.0
+    layers = gclip_run("inspect", src, "--by-layer", "-p", "1e-5")
+    assert layers.returncode == 0 and "beyond float64" in layers.stdout
+    out = tmp_path / "out.safetensors"
+    clipped = gclip_run("rescale", src, out, "--max-norm", "1", "--json")
+    assert clipped.returncode == 0, clipped.stderr
+    report = json.loads(clipped.stdout)
+    assert report["clipped"] and report["global_norm_after"] == pytest.approx(1.0, rel=1e-15)
+    exact = measure(values).finite_norm_exact()
+    assert np.array_equal(read_tensors(out, "safetensors")["g"], exactly_scaled(values, 1 / exact))

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from . import __version__, kernels
+from . import __version__, interrupts, kernels
+from .errors import ExitCode, Interrupted, Terminated
 
 # gclip makes no BLAS calls: spare the start-up and the spinning of OpenBLAS helper threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -142,7 +143,7 @@ def _reports_errors(
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         @wraps(command)
         def run(*args: Any, **kwargs: Any) -> None:
-            from .errors import ExitCode, GclipError, Terminated, UsageError
+            from .errors import GclipError, UsageError
 
             try:
                 command(*args, **kwargs)
@@ -150,13 +151,14 @@ def _reports_errors(
             except UsageError as exc:
                 raise click.UsageError(exc.message) from None
             except GclipError as exc:
+                _stop_if_signalled()
                 _traceback_if_debug()
                 click.echo(f"gclip: error: {exc}", err=True)
                 sys.exit(error_code or exc.exit_code)
             except BrokenPipeError:  # the reader went away (| head): stop quietly
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(ExitCode.BROKEN_PIPE)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Interrupted):
                 click.echo("gclip: interrupted", err=True)
                 sys.exit(error_code or ExitCode.INTERRUPTED)
             except Terminated:
@@ -166,6 +168,14 @@ def _reports_errors(
         return run
 
     return decorate
+
+
+def _stop_if_signalled() -> None:
+    """After Ctrl-C or SIGTERM an error is its consequence (a child stopped, an import cut
+    short): report the signal, not the error."""
+    signum = interrupts.received()
+    if signum is not None:
+        interrupts.exit_stopped(signum)
 
 
 def _traceback_if_debug() -> None:
@@ -366,7 +376,9 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
       cat g.safetensors | gclip rescale - - --max-norm 1 | gclip norm -
     """
     ctx.obj = _Settings(debug, color)
-    signal.signal(signal.SIGTERM, _terminate)
+    if not isinstance(signal.getsignal(signal.SIGTERM), interrupts.Stop):
+        # called from Python rather than as the gclip command: SIGTERM at least unwinds
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def entry_point() -> None:
@@ -376,14 +388,40 @@ def entry_point() -> None:
     by one) took 35-40 ms of every run, a fifth of a small file's; the system frees the memory
     at once.  Threads are still joined, exit handlers still run (this one last: exit handlers
     run in reverse order of registration) and the standard streams are flushed.
+
+    Click runs without its standalone mode, which would turn Ctrl-C while it parses the
+    command line into "Aborted!" and exit status 1: here it is exit status 130, as anywhere.
     """
+    interrupts.install()
     atexit.register(_exit_now)
     try:
-        main()
+        with interrupts.reported():
+            sys.exit(_run_click())
     except SystemExit as done:
-        if isinstance(done.code, int) or done.code is None:  # else Python prints it
-            _exit_status.append(done.code or 0)
+        code = interrupts.final_status(done.code)
+        if isinstance(code, int) or code is None:  # else Python prints it
+            _exit_status.append(code or 0)
+        if code != done.code:
+            raise SystemExit(code) from None
         raise
+
+
+def _run_click() -> int:
+    """main() as Click's standalone mode runs it, but for Ctrl-C; its exit status."""
+    try:
+        result = main.main(standalone_mode=False)
+    except click.exceptions.Abort as abort:
+        if isinstance(abort.__cause__, KeyboardInterrupt):
+            interrupts.exit_stopped(signal.SIGINT)
+        click.echo("Aborted!", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except BrokenPipeError:  # --help or --version into a closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
+    return result if isinstance(result, int) else 0  # an int: the code of a click Exit
 
 
 _exit_status: list[int] = []
@@ -402,8 +440,6 @@ def _exit_now() -> None:
 
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C does, so temporary files are removed on the way out."""
-    from .errors import Terminated
-
     raise Terminated
 
 

@@ -2,11 +2,13 @@
 one line and the documented exit code (or, for SIGKILL, in silence), with no process of
 gclip's left running."""
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,123 @@ from conftest import write_tensors
 
 import gclip_cli
 from gclip_cli import interrupts
+from gclip_cli.isolation import TEST_DELAY
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc"
 )
+
+STOPPED = {
+    signal.SIGINT: (130, "gclip: interrupted\n"),
+    signal.SIGTERM: (143, "gclip: terminated\n"),
+    signal.SIGKILL: (-signal.SIGKILL, ""),
+}
+
+
+def gclip(*args, delay: float | None = None, **popen) -> subprocess.Popen:
+    """gclip in a process group of its own (as a shell's job), which its children join; with
+    *delay*, each file's work starts that many seconds late (the test hook)."""
+    env = dict(os.environ, **({TEST_DELAY: str(delay)} if delay else {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "gclip_cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def live_processes(group: int) -> list[int]:
+    """The processes of process group *group* still alive (a zombie is dead, not yet reaped
+    by init)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            state, _, pgrp = stat.rpartition(")")[2].split()[:3]
+            if int(pgrp) == group and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def eventually(condition, seconds: float = 60) -> bool:
+    """Whether *condition*() holds within *seconds* (polled)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop(proc: subprocess.Popen, signum: int, group: bool) -> tuple[int, str]:
+    """Send *signum* to gclip (*group*: to its whole process group, as Ctrl-C at a terminal
+    does); its exit status and stderr."""
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+def assert_stopped_cleanly(proc: subprocess.Popen, signum: int, group: bool = False) -> None:
+    returncode, stderr = stop(proc, signum, group)
+    assert (returncode, stderr) == STOPPED[signum]
+    assert eventually(lambda: not live_processes(proc.pid), seconds=10), live_processes(proc.pid)
+
+
+SIGNALS = [
+    pytest.param(signal.SIGKILL, False, id="SIGKILL"),
+    pytest.param(signal.SIGTERM, False, id="SIGTERM"),
+    pytest.param(signal.SIGINT, True, id="Ctrl-C"),
+]
+
+
+@pytest.mark.parametrize(("signum", "group"), SIGNALS)
+def test_the_hdf5_child_dies_with_gclip(tmp_path, signum, group):
+    src = write_tensors(tmp_path / "g.h5", "hdf5", {"w": np.ones(1000, dtype=np.float32)})
+    proc = gclip("rescale", src, tmp_path / "out.h5", "--max-norm", "1", delay=60)
+    assert eventually(lambda: len(live_processes(proc.pid)) >= 2)  # gclip and its child
+    assert_stopped_cleanly(proc, signum, group)
+    if signum != signal.SIGKILL:  # nobody is left to remove a temporary file after SIGKILL
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
+
+
+@pytest.mark.parametrize("executor", [[], ["-j", "2"]], ids=["one process", "workers"])
+def test_an_input_truncated_under_rescale_is_an_error_that_leaves_nothing(tmp_path, executor):
+    """However the shrinking is found (mapping a window past the new end, or SIGBUS while a
+    window is read), exit 3 in one line and no temporary file."""
+    values = np.random.default_rng(5).standard_normal(16 << 20).astype(np.float32)
+    src = write_tensors(tmp_path / "g.safetensors", "safetensors", {"w": values})
+    out = tmp_path / "out.safetensors"
+    for _ in range(5):  # the input is truncated once pass 2 has begun to write
+        write_tensors(src, "safetensors", {"w": values})
+        proc = gclip("rescale", src, out, "--max-norm", "1", "--chunk-size", "1M", *executor)
+        temporary = eventually(lambda: any(temporaries(tmp_path)))
+        os.truncate(src, src.stat().st_size // 2)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode != 0 or not temporary:
+            break
+        out.unlink()
+    else:
+        pytest.skip("the machine finished every rescale before the input was truncated")
+    assert proc.returncode == 3, stderr
+    assert stderr.startswith(f"gclip: error: {src}: ") and stderr.count("\n") == 1
+    assert "shrank" in stderr or "truncated" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.safetensors"]
+
+
+def temporaries(folder: Path) -> list[int]:
+    """The sizes of the temporary files in *folder*."""
+    sizes = []
+    for path in folder.glob("*.gclip-tmp"):
+        with suppress(FileNotFoundError):  # renamed or removed meanwhile
+            sizes.append(path.stat().st_size)
+    return sizes
+
 
 # --- start-up ----------------------------------------------------------------------------------
 

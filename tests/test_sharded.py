@@ -120,17 +120,18 @@ def test_a_failing_write_leaves_nothing_partial_in_the_output_directory(
 ):
     index, _ = checkpoint
     out = tmp_path / "clipped"
-    attempts = []
+    attempts = tmp_path / "attempts"  # a file: each shard's work runs in a child process
 
     def write_half_then_fail(src, file_format, tmp, *args):
-        attempts.append(src.name)
+        with open(attempts, "a") as log:
+            log.write(f"{src.name}\n")
         tmp.write_bytes(b"half a shard")
         raise RuntimeError("worker lost")
 
     monkeypatch.setattr(api, "_write_shard", write_half_then_fail)
     with pytest.raises(RuntimeError, match="worker lost"):
         rescale_files([index], out, max_norm=1.0)
-    assert len(attempts) >= RETRIES + 1  # tried again before giving up
+    assert len(attempts.read_text().split()) >= RETRIES + 1  # tried again before giving up
     assert list(out.iterdir()) == []  # no shard, no temporary file, no staging directory
 
 

@@ -102,6 +102,44 @@ def test_the_hdf5_child_dies_with_gclip(tmp_path, signum, group):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]
 
 
+def shards(folder: Path, count: int = 4) -> Path:
+    folder.mkdir()
+    for n in range(count):
+        write_tensors(folder / f"s{n}.safetensors", "safetensors", {f"w{n}": np.ones(64)})
+    return folder
+
+
+def staging_started(out: Path) -> bool:
+    return out.is_dir() and any(p.name.startswith(".gclip-staging-") for p in out.iterdir())
+
+
+def stop_while_writing(tmp_path, executor: list[str], signum: int, group: bool) -> None:
+    """Stop ``rescale --out-dir`` once its workers write (each task starts 2 s late), then
+    check that nothing is left: processes, partial shards, staging folder."""
+    out = tmp_path / "out"
+    proc = gclip(
+        "rescale", shards(tmp_path / "in"), "--out-dir", out, "--max-norm", "1", *executor, delay=2
+    )
+    started = eventually(lambda: staging_started(out) or proc.poll() is not None)
+    if proc.poll() == 0:
+        pytest.skip("the machine finished the rescale before the signal arrived")
+    assert started, proc.communicate()[1]
+    assert_stopped_cleanly(proc, signum, group)
+    if signum != signal.SIGKILL:  # nobody is left to remove the staging folder after SIGKILL
+        assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("signum", "group"), SIGNALS)
+def test_the_process_pool_and_its_resource_tracker_die_with_gclip(tmp_path, signum, group):
+    stop_while_writing(tmp_path, ["-j", "2"], signum, group)
+
+
+@pytest.mark.parametrize(("signum", "group"), SIGNALS)
+def test_a_dask_local_cluster_dies_with_gclip(tmp_path, signum, group):
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    stop_while_writing(tmp_path, ["--scheduler", "local:2"], signum, group)
+
+
 @pytest.mark.parametrize("executor", [[], ["-j", "2"]], ids=["one process", "workers"])
 def test_an_input_truncated_under_rescale_is_an_error_that_leaves_nothing(tmp_path, executor):
     """However the shrinking is found (mapping a window past the new end, or SIGBUS while a

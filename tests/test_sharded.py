@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import exact_norm, exactly_scaled, read_tensors, write_tensors
 
-from gclip_cli import api
+from gclip_cli import InputError, api
 from gclip_cli.api import rescale_files
 from gclip_cli.cli import main
 from gclip_cli.sharded import RETRIES, executor_for, run_all
@@ -151,3 +152,40 @@ def test_progress_is_reported_per_shard_and_phase(checkpoint, tmp_path):
         progress=lambda phase, done, total: seen.append((phase, done, total)),
     )
     assert seen == [("measuring", i, 3) for i in range(4)] + [("writing", i, 3) for i in range(4)]
+
+
+def stopped_executors() -> list:
+    found = [pytest.param({"jobs": 2}, id="pool")]
+    try:
+        import distributed  # noqa: F401
+
+        found.append(pytest.param({"scheduler": "local:2"}, id="dask"))
+    except ImportError:
+        pass
+    return found
+
+
+@pytest.mark.parametrize("executor", stopped_executors())
+def test_a_failure_stops_the_other_tasks_at_once(tmp_path, executor):
+    """They may be writing into the staging folder, which goes next: their workers are
+    killed, not waited for."""
+    marker = tmp_path / "finished"
+    with executor_for(**executor) as running, pytest.raises(InputError, match="damaged"):
+        run_all(running, fail_at_once_or_sleep, [(None,), (str(marker),)])
+    assert not marker.exists()
+
+
+def fail_at_once_or_sleep(marker: str | None) -> None:
+    if marker is None:
+        raise InputError("/x/s0.safetensors", "damaged")
+    time.sleep(30)
+    Path(marker).touch()
+
+
+def test_tasks_in_this_thread_run_when_their_result_is_asked_for():
+    ran = []
+    with executor_for() as running:
+        futures = [running.submit(ran.append, n) for n in range(3)]
+        assert ran == []
+        assert [f.result() for f in futures[::-1]] == [None] * 3
+    assert ran == [2, 1, 0]

@@ -388,15 +388,12 @@ def entry_point() -> None:
     by one) took 35-40 ms of every run, a fifth of a small file's; the system frees the memory
     at once.  Threads are still joined, exit handlers still run (this one last: exit handlers
     run in reverse order of registration) and the standard streams are flushed.
-
-    Click runs without its standalone mode, which would turn Ctrl-C while it parses the
-    command line into "Aborted!" and exit status 1: here it is exit status 130, as anywhere.
     """
     interrupts.install()
     atexit.register(_exit_now)
     try:
         with interrupts.reported():
-            sys.exit(_run_click())
+            main()
     except SystemExit as done:
         code = interrupts.final_status(done.code)
         if isinstance(code, int) or code is None:  # else Python prints it
@@ -404,24 +401,6 @@ def entry_point() -> None:
         if code != done.code:
             raise SystemExit(code) from None
         raise
-
-
-def _run_click() -> int:
-    """main() as Click's standalone mode runs it, but for Ctrl-C; its exit status."""
-    try:
-        result = main.main(standalone_mode=False)
-    except click.exceptions.Abort as abort:
-        if isinstance(abort.__cause__, KeyboardInterrupt):
-            interrupts.exit_stopped(signal.SIGINT)
-        click.echo("Aborted!", err=True)
-        return 1
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except BrokenPipeError:  # --help or --version into a closed pipe
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.BROKEN_PIPE
-    return result if isinstance(result, int) else 0  # an int: the code of a click Exit
 
 
 _exit_status: list[int] = []

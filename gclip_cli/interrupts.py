@@ -76,7 +76,7 @@ class Stop:
             hook(unraisable)
 
     def _retry(self, signum: int) -> None:
-        """Act on *signum* a moment from now (by SIGALRM; without it, at once)."""
+        """Act on *signum* a moment from now (by SIGALRM)."""
         self.waiting = signum
         signal.signal(_RETRY, self)
         signal.setitimer(signal.ITIMER_REAL, _RETRY_AFTER)

@@ -9,7 +9,7 @@ milliseconds.  Where fork is not available the work simply runs in this process.
 
 Children pass the progress they make back to this process, which owns the display.  They
 leave Ctrl-C to this process, which stops them (SIGTERM), and die with it, even when it is
-killed by SIGKILL (interrupts.die_with_parent).
+killed by SIGKILL (see interrupts.py).
 
 The same holds for an input read through a mapping (every format reads plain values so): if
 the file shrinks meanwhile, touching a page past its new end kills the reader with SIGBUS,
@@ -36,7 +36,6 @@ from typing import TypeVar
 
 from . import interrupts, progress
 from .errors import GclipError, InputError
-from .interrupts import die_with_parent
 
 T = TypeVar("T")
 Task = tuple[Callable[..., object], tuple[object, ...]]
@@ -60,6 +59,7 @@ def run_isolated(path: Path, work: Callable[..., T], *args: object, crash: str =
 
 
 def _after_test_delay(work: Callable[..., T], *args: object) -> T:
+    """*work*(*args), TEST_DELAY seconds late when that is set."""
     delay = os.environ.get(TEST_DELAY)
     if delay:
         time.sleep(float(delay))
@@ -197,7 +197,7 @@ def _child(
 ) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops a child with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # after Ctrl-C, which is the parent's
-    die_with_parent(parent)
+    interrupts.die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.RAISING)
     global _tell
     progress.relay(functools.partial(_send, sender, "progress"))

@@ -26,7 +26,8 @@ from .engine import (
 )
 from .errors import InputError, NonFiniteError, OutputError, UsageError
 from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
-from .isolation import run_isolated
+from .formats.base import FileShrank
+from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
 from .parallel import available_cores
@@ -216,9 +217,10 @@ def diff_files(
     settings = Options(**options)
     a, b = Path(path_a), Path(path_b)
     format_a, format_b = file_format or detect_format(a), file_format or detect_format(b)
-    if crashes_on_damage(format_a) or crashes_on_damage(format_b):
-        return run_isolated(a, _diff, a, format_a, b, format_b, settings)
-    return _diff(a, format_a, b, format_b, settings)
+    # in a child, as every file's work (see _in_child_if_fragile)
+    fragile = crashes_on_damage(format_a) or crashes_on_damage(format_b)
+    crash = HDF5_CRASH if fragile else WORKER_CRASH
+    return run_isolated(a, _diff, a, format_a, b, format_b, settings, crash=crash)
 
 
 def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> Diff:
@@ -618,13 +620,13 @@ def _rewrite_file(
 def _in_child_if_fragile(
     src: PathLike, file_format: str | None, work: Callable[..., T], *args: object
 ) -> T:
-    """*work*(src, format, *args), in a child process for formats whose library can crash
-    (not raise) on damaged files."""
+    """*work*(src, format, *args), in a child process (where fork is available): a library
+    can crash (not raise) on a damaged file, and a mapped file that shrinks kills its reader
+    with SIGBUS; either is then an InputError (see isolation.py)."""
     src = Path(src)
     file_format = file_format or detect_format(src)
-    if crashes_on_damage(file_format):
-        return run_isolated(src, work, src, file_format, *args)
-    return work(src, file_format, *args)
+    crash = HDF5_CRASH if crashes_on_damage(file_format) else WORKER_CRASH
+    return run_isolated(src, work, src, file_format, *args, crash=crash)
 
 
 @contextmanager
@@ -635,7 +637,12 @@ def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFil
         typed = read_opaque_as(tfile.tensors, options.opaque)
         tfile.tensors = select(typed, options.include, options.exclude)
         refuse_opaque(src, tfile.tensors)
-        yield tfile
+        try:
+            yield tfile
+        except FileShrank as exc:
+            if not exc.concerns(src):  # another file opened around this one
+                raise
+            raise InputError(src, str(exc)) from None
 
 
 def _measure_file(

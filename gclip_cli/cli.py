@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from . import __version__, kernels
+from . import __version__, interrupts, kernels
+from .errors import ExitCode, Interrupted, Terminated
 
 # gclip makes no BLAS calls: spare the start-up and the spinning of OpenBLAS helper threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -143,7 +144,7 @@ def _reports_errors(
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         @wraps(command)
         def run(*args: Any, **kwargs: Any) -> None:
-            from .errors import ExitCode, GclipError, Terminated, UsageError
+            from .errors import GclipError, UsageError
             from .streams import STDOUT_NAME, stdout_failure
 
             try:
@@ -152,6 +153,7 @@ def _reports_errors(
             except UsageError as exc:
                 raise click.UsageError(exc.message) from None
             except GclipError as exc:
+                _stop_if_signalled()
                 _traceback_if_debug()
                 if exc.path == STDOUT_NAME:
                     _discard_stdout()
@@ -168,7 +170,7 @@ def _reports_errors(
                 _discard_stdout()
                 click.echo(f"gclip: error: {failure}", err=True)
                 sys.exit(error_code or failure.exit_code)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Interrupted):
                 click.echo("gclip: interrupted", err=True)
                 sys.exit(error_code or ExitCode.INTERRUPTED)
             except Terminated:
@@ -184,6 +186,14 @@ def _discard_stdout() -> None:
     """What is left in standard output's buffer goes nowhere: flushing it at exit would fail
     again (and print a traceback)."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _stop_if_signalled() -> None:
+    """After Ctrl-C or SIGTERM an error is its consequence (a child stopped, an import cut
+    short): report the signal, not the error."""
+    signum = interrupts.received()
+    if signum is not None:
+        interrupts.exit_stopped(signum)
 
 
 def _traceback_if_debug() -> None:
@@ -385,7 +395,9 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
       cat g.safetensors | gclip rescale - - --max-norm 1 | gclip norm -
     """
     ctx.obj = _Settings(debug, color)
-    signal.signal(signal.SIGTERM, _terminate)
+    if not isinstance(signal.getsignal(signal.SIGTERM), interrupts.Stop):
+        # called from Python rather than as the gclip command: SIGTERM at least unwinds
+        signal.signal(signal.SIGTERM, _terminate)
     _whole_writes()
 
 
@@ -419,12 +431,17 @@ def entry_point() -> None:
     at once.  Threads are still joined, exit handlers still run (this one last: exit handlers
     run in reverse order of registration) and the standard streams are flushed.
     """
+    interrupts.install()
     atexit.register(_exit_now)
     try:
-        main()
+        with interrupts.reported():
+            main()
     except SystemExit as done:
-        if isinstance(done.code, int) or done.code is None:  # else Python prints it
-            _exit_status.append(done.code or 0)
+        code = interrupts.final_status(done.code)
+        if isinstance(code, int) or code is None:  # else Python prints it
+            _exit_status.append(code or 0)
+        if code != done.code:
+            raise SystemExit(code) from None
         raise
 
 
@@ -444,8 +461,6 @@ def _exit_now() -> None:
 
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C does, so temporary files are removed on the way out."""
-    from .errors import Terminated
-
     raise Terminated
 
 

@@ -8,22 +8,34 @@ harmless and an interrupted one leaves no partial file.
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import interrupts
 from .errors import OutputError, UsageError
 
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
 RETRIES = 2  # how often a failing task is tried again (bad input fails at once)
+DASK_MISSING = "--scheduler needs Dask: pip install 'gclip[dask]'"
 
 
 @contextmanager
 def executor_for(jobs: int | None = None, scheduler: str | None = None) -> Iterator[Executor]:
-    """This process by default; ``jobs``: a process pool on this machine;
-    ``scheduler``: a Dask cluster at that address, or ``local[:N]`` for a LocalCluster of N
-    worker processes."""
+    """This thread by default; ``jobs``: a process pool on this machine; ``scheduler``: a Dask
+    cluster at that address, or ``local[:N]`` for a LocalCluster of N worker processes.
+
+    No process started here outlives gclip: a failure, Ctrl-C or SIGTERM stops them
+    (run_all), and pool workers die with gclip even when it is killed (SIGKILL), as Dask's
+    do.  None takes Ctrl-C itself: gclip stops them and says so in one line.
+    """
     if scheduler:
         with _dask_executor(scheduler) as executor:
             yield executor
@@ -31,51 +43,104 @@ def executor_for(jobs: int | None = None, scheduler: str | None = None) -> Itera
         with RestartingProcessPool(jobs) as executor:
             yield executor
     else:
-        yield InProcess()
+        yield InThisThread()
 
 
-class InProcess(Executor):
-    """Runs each task here, in the calling thread, when its result is asked for: Ctrl-C stops
-    the task itself, and no task runs after it (a thread would finish the queue first)."""
+class InThisThread(Executor):
+    """Each task runs in the calling thread when its result is first asked for: a signal
+    then reaches the work itself (and, through it, the children it forked)."""
 
     def submit(self, fn: Callable[..., object], /, *args: object, **kwargs: object) -> Future:
-        return _Deferred(fn, args, kwargs)
+        return _Deferred(functools.partial(fn, *args, **kwargs))
 
 
 class _Deferred(Future):
-    """A future that does its work the first time its result is asked for."""
-
-    def __init__(self, fn: Callable[..., object], args: tuple, kwargs: dict) -> None:
+    def __init__(self, call: Callable[[], object]) -> None:
         super().__init__()
-        self._work: tuple | None = (fn, args, kwargs)
+        self._call = call
 
     def result(self, timeout: float | None = None) -> object:
-        if self._work is not None and self.set_running_or_notify_cancel():
-            fn, args, kwargs = self._work
-            self._work = None
-            try:
-                self.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # Ctrl-C too: raised below, as any error
-                self.set_exception(exc)
+        self._run()
         return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._run()
+        return super().exception(timeout)
+
+    def _run(self) -> None:
+        if not self.done():
+            try:
+                self.set_result(self._call())
+            except Exception as exc:  # as a pool's future holds it; the rest propagates
+                self.set_exception(exc)
 
 
 @contextmanager
 def _dask_executor(scheduler: str) -> Iterator[Executor]:
+    import logging
+
+    _start_resource_tracker()
+    with ExitStack() as running:
+        # Dask starts threads as it is imported, and the workers from them: all must inherit
+        # the blocked Ctrl-C; and a cluster half started by an exception cannot be closed.
+        with interrupts.deferred(), interrupts.withheld_from_children():
+            try:
+                from distributed import Client, LocalCluster
+            except ImportError:
+                raise UsageError(None, DASK_MISSING) from None
+            cluster = None
+            if scheduler == "local" or scheduler.startswith("local:"):
+                workers = int(scheduler.partition(":")[2] or os.cpu_count() or 1)
+                cluster = LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",  # any free port: no warning when 8787 is taken
+                    # failures come back through the tasks, as gclip's one line; not logged
+                    silence_logs=logging.CRITICAL,
+                )
+                running.enter_context(cluster)
+            client = running.enter_context(Client(cluster or scheduler))
+        yield DaskExecutor(client, cluster)
+
+
+class DaskExecutor(Executor):
+    """A Dask client's executor; halt() stops its tasks, and a local cluster's workers."""
+
+    def __init__(self, client: object, cluster: object | None) -> None:
+        self._executor = client.get_executor(retries=RETRIES, pure=False)
+        self._cluster = cluster
+
+    def submit(self, fn: Callable[..., object], /, *args: object, **kwargs: object) -> Future:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def halt(self) -> None:
+        self._executor.shutdown(wait=False)  # cancels the tasks
+        if self._cluster is not None:  # its workers may be busy writing: kill them
+            for worker in self._cluster.workers.values():
+                if worker.pid is not None:
+                    _kill(worker.pid)
+
+
+def _kill(pid: int) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _start_resource_tracker() -> None:
+    """Start the process that removes the semaphores of spawned processes if gclip dies
+    before it does: now, outside interrupts.withheld_from_children(), since starting it
+    unblocks Ctrl-C in the thread that does (Python's resource_tracker); and told to remove
+    them quietly, as after a SIGKILL it would warn on stderr of semaphores "leaked"."""
+    import sys
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    sys.warnoptions.append(quiet)  # the tracker's interpreter gets this process's -W options
     try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise UsageError(None, "--scheduler needs Dask: pip install 'gclip[dask]'") from None
-    if scheduler == "local" or scheduler.startswith("local:"):
-        workers = int(scheduler.partition(":")[2] or os.cpu_count() or 1)
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        with cluster, Client(cluster) as client:
-            yield client.get_executor(retries=RETRIES, pure=False)
-    else:
-        with Client(scheduler) as client:
-            yield client.get_executor(retries=RETRIES, pure=False)
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(quiet)
 
 
 class RestartingProcessPool(Executor):
@@ -84,27 +149,55 @@ class RestartingProcessPool(Executor):
 
     def __init__(self, workers: int) -> None:
         self._workers = workers
+        _start_resource_tracker()
         self._pool = self._new_pool()
 
-    def _new_pool(self) -> Executor:
+    def _new_pool(self) -> ProcessPoolExecutor:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
         # spawn, not fork: the parent may run threads
-        return ProcessPoolExecutor(self._workers, mp_context=get_context("spawn"))
+        return ProcessPoolExecutor(
+            self._workers,
+            mp_context=get_context("spawn"),
+            initializer=interrupts.start_worker,
+            initargs=(os.getpid(),),
+        )
 
-    def submit(self, fn: Callable[..., object], /, *args: object, **kwargs: object):
+    def submit(self, fn: Callable[..., object], /, *args: object, **kwargs: object) -> Future:
         from concurrent.futures.process import BrokenProcessPool
 
-        try:
-            return self._pool.submit(fn, *args, **kwargs)
-        except BrokenProcessPool:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-            return self._pool.submit(fn, *args, **kwargs)
+        # submit() starts the workers: they must not take Ctrl-C, not even while starting
+        with interrupts.withheld_from_children():
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except BrokenProcessPool:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+                return self._pool.submit(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def halt(self) -> None:
+        """Stop now: the tasks not started dropped, the workers killed (they may be busy)."""
+        # Python 3.14's ProcessPoolExecutor.kill_workers(); before it, its _processes
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            worker.join()
+
+
+def _sendable_errors(task: Callable[..., object], *args: object) -> object:
+    """task(*args), its error fit to be sent back from a worker process."""
+    from .isolation import sendable
+
+    try:
+        return task(*args)
+    except Exception as error:
+        raise sendable(error) from None
 
 
 @contextmanager
@@ -157,19 +250,28 @@ def run_all(
     called as each result arrives (for progress)."""
     from .errors import GclipError
 
-    futures = [executor.submit(task, *args) for args in jobs]
-    results = []
-    for args, future in zip(jobs, futures, strict=True):
-        for attempt in range(RETRIES + 1):
-            try:
-                results.append(future.result())
-                if done:
-                    done()
-                break
-            except GclipError:
-                raise
-            except Exception:
-                if attempt == RETRIES:
+    task = functools.partial(_sendable_errors, task)
+    try:
+        futures = [executor.submit(task, *args) for args in jobs]
+        results = []
+        for args, future in zip(jobs, futures, strict=True):
+            for attempt in range(RETRIES + 1):
+                try:
+                    results.append(future.result())
+                    if done:
+                        done()
+                    break
+                except GclipError:
                     raise
-                future = executor.submit(task, *args)
+                except Exception:
+                    if attempt == RETRIES:
+                        raise
+                    future = executor.submit(task, *args)
+    except BaseException:  # the other tasks may be writing: stop them before what follows
+        halt = getattr(executor, "halt", None)
+        if halt is not None:
+            halt()
+        else:
+            executor.shutdown(wait=False, cancel_futures=True)
+        raise
     return results

@@ -337,20 +337,27 @@ def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path, fmt, optio
         pytest.skip("the machine finished the rescale before the signal arrived")
     assert proc.returncode == 143 and stderr == "gclip: terminated\n", stderr
     assert not out.exists() and leftovers(tmp_path) == []
-    assert not processes_in_group(proc.pid)
+    assert not processes_in_group(proc.pid, wait=10)
 
 
-def processes_in_group(group: int) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[2]) == group:
-                found.append(int(entry.name))
-    return found
+def processes_in_group(group: int, wait: float = 0) -> list[int]:
+    """The live processes of process group *group*, once none is left or *wait* seconds have
+    passed (a worker's own children die with it, a moment later)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(entry.path, "stat").read_text()
+                except OSError:
+                    continue
+                state, _, pgrp = stat.rpartition(")")[2].split()[:3]
+                if int(pgrp) == group and state != "Z":  # a zombie is dead, not yet reaped
+                    found.append(int(entry.name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def test_two_writers_of_one_output_end_with_one_complete_file(make_file, fmt, tmp_path):

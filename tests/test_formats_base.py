@@ -2,6 +2,7 @@
 
 import errno
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -9,10 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gclip_cli.formats.base import (
+    FileShrank,
     PipelinedWriter,
     TensorInfo,
     copy_range,
     gaps,
+    mapped,
     reserve,
     rewrite_at,
     window_buffer,
@@ -118,3 +121,17 @@ def test_gaps_are_exactly_the_bytes_no_block_covers(blocks):
         found[start : start + length] = True
         previous_end = start + length
     assert np.array_equal(found, ~covered)
+
+
+def test_a_window_past_the_end_of_a_shrunk_file_is_file_shrank(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(bytes(8192))
+    with open(path, "rb") as f:
+        os.truncate(path, 100)  # after its header was checked against the size, say
+        with pytest.raises(FileShrank) as err, mapped(f.fileno(), 4096, 4096):
+            pass
+    shrank = "the file shrank while gclip read it: it ends at byte 100, before byte 8,192"
+    assert str(err.value) == shrank
+    assert err.value.concerns(path) and not err.value.concerns(tmp_path)
+    back = pickle.loads(pickle.dumps(err.value))  # from the child process that read
+    assert (type(back), str(back), back.concerns(path)) == (FileShrank, str(err.value), True)

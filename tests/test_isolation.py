@@ -1,13 +1,16 @@
+import copyreg
 import faulthandler
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from gclip_cli import InputError, OutputError, isolation, progress
+from gclip_cli.formats.base import mapped
 from gclip_cli.isolation import run_forked, run_isolated, tell_parent
 
 
@@ -29,6 +32,7 @@ def test_result_comes_back(tmp_path):
 CRASHING_TESTS = (
     "test_a_crash_in_the_child_becomes_an_input_error",
     "test_a_child_killed_by_a_signal_names_the_signal",
+    "test_a_file_that_shrinks_under_its_mapping_is_an_input_error_saying_so",
 )
 
 
@@ -41,7 +45,7 @@ def test_the_deliberate_crashes_are_silent():
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 passed" in proc.stdout
+    assert f"{len(CRASHING_TESTS)} passed" in proc.stdout
     assert "Fatal Python error" not in proc.stdout + proc.stderr
 
 
@@ -139,3 +143,91 @@ def test_without_fork_a_failing_task_leaves_no_listener_behind(tmp_path, monkeyp
         run_forked(tmp_path, [(fail, ())], on_note=lambda index, value: notes.append(value))
     tell_parent("later, from elsewhere")
     assert notes == []
+
+
+def read_while_it_shrinks(path) -> int:
+    faulthandler.disable()  # as crash() does
+    with open(path, "rb") as f, mapped(f.fileno(), 0, 1 << 20) as window:
+        os.truncate(path, 4096)  # as another process might, while gclip reads
+        return int(window.sum())  # touches the pages past the new end: SIGBUS
+
+
+def test_a_file_that_shrinks_under_its_mapping_is_an_input_error_saying_so(tmp_path):
+    """SIGBUS cannot be caught in Python; the child it kills can be reported."""
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(b"\1" * (1 << 20))
+    with pytest.raises(InputError) as err:
+        run_isolated(path, read_while_it_shrinks, path, crash=isolation.WORKER_CRASH)
+    assert err.value.path == str(path)
+    assert err.value.message == (
+        "the file shrank from 1,048,576 to 4,096 bytes while gclip read it (SIGBUS)"
+    )
+
+
+def wait_forever() -> None:
+    while True:
+        time.sleep(1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_its_parent_even_by_sigkill(tmp_path):
+    """The parent runs run_forked; killed outright, it cannot stop its child."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from gclip_cli.isolation import run_forked\n"
+        "from test_isolation import wait_forever\n"
+        "run_forked(Path('.'), [(wait_forever, ())])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    deadline = time.monotonic() + 60
+    while not children.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(children.read_text().split()[0])
+    parent.kill()
+    parent.wait()
+    gone = eventually_gone(child)
+    if not gone:  # not to outlive the test either
+        os.kill(child, signal.SIGKILL)
+    assert gone
+
+
+def eventually_gone(pid: int, seconds: float = 10) -> bool:
+    """Whether process *pid* is dead (gone, or a zombie) within *seconds*."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def fail_over_a_local_error() -> None:
+    class Local(Exception):  # as ISA-L's errors, not to be found by its name
+        pass
+
+    try:
+        raise Local("inflate")
+    except Local as exc:
+        raise InputError("/x/g.h5", f"chunk at (0,): {exc}") from None
+
+
+def rebuild(path, message, context):
+    return InputError(path, message)
+
+
+def with_its_context(error):
+    return rebuild, (error.path, error.message, error.__context__)
+
+
+def test_an_error_comes_back_even_where_its_context_does_not_pickle(tmp_path, monkeypatch):
+    """tblib, which Dask installs, pickles an exception's context along with it."""
+    monkeypatch.setitem(copyreg.dispatch_table, InputError, with_its_context)
+    with pytest.raises(InputError, match=r"chunk at \(0,\): inflate"):
+        run_isolated(tmp_path, fail_over_a_local_error)

@@ -217,13 +217,16 @@ def test_cli_jobs_option_reaches_the_engine(tmp_path, always_parallel, monkeypat
     from gclip_cli.cli import main
 
     src = write("safetensors", tmp_path / "in.safetensors", gradients())
-    seen = []
+    seen = tmp_path / "parts"  # a file: the file's work runs in a child process
     real = parallel.cut
-    monkeypatch.setattr(
-        parallel, "cut", lambda spans, parts: seen.append(parts) or real(spans, parts)
-    )
+
+    def cut(spans, parts):
+        seen.write_text(f"{seen.read_text() if seen.exists() else ''}{parts}\n")
+        return real(spans, parts)
+
+    monkeypatch.setattr(parallel, "cut", cut)
     result = CliRunner().invoke(main, ["norm", str(src), "-j", "3"])
-    assert result.exit_code == 0 and seen == [3]
+    assert result.exit_code == 0 and seen.read_text().split() == ["3"]
 
 
 def write_layout(layout, path, tensors):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from conftest import exact_norm, exactly_scaled, read_tensors, write_tensors
 
 import gclip_cli
-from gclip_cli import api
+from gclip_cli import InputError, api
 from gclip_cli.api import rescale_files
 from gclip_cli.cli import main
 from gclip_cli.sharded import RETRIES, executor_for, run_all
@@ -121,17 +122,18 @@ def test_a_failing_write_leaves_nothing_partial_in_the_output_directory(
 ):
     index, _ = checkpoint
     out = tmp_path / "clipped"
-    attempts = []
+    attempts = tmp_path / "attempts"  # a file: each shard's work runs in a child process
 
     def write_half_then_fail(src, file_format, tmp, *args):
-        attempts.append(src.name)
+        with open(attempts, "a") as log:
+            log.write(f"{src.name}\n")
         tmp.write_bytes(b"half a shard")
         raise RuntimeError("worker lost")
 
     monkeypatch.setattr(api, "_write_shard", write_half_then_fail)
     with pytest.raises(RuntimeError, match="worker lost"):
         rescale_files([index], out, max_norm=1.0)
-    assert len(attempts) >= RETRIES + 1  # tried again before giving up
+    assert len(attempts.read_text().split()) >= RETRIES + 1  # tried again before giving up
     assert list(out.iterdir()) == []  # no shard, no temporary file, no staging directory
 
 
@@ -282,3 +284,40 @@ def test_two_files_whose_names_look_alike_may_not_share_an_output(tmp_path, monk
     with pytest.raises(gclip_cli.OutputError, match="would be written for both"):
         rescale_files(["x.safetensors", "sub/../x.safetensors"], "out", max_norm=1.0)
     assert not (tmp_path / "out").exists()
+
+
+def stopped_executors() -> list:
+    found = [pytest.param({"jobs": 2}, id="pool")]
+    try:
+        import distributed  # noqa: F401
+
+        found.append(pytest.param({"scheduler": "local:2"}, id="dask"))
+    except ImportError:
+        pass
+    return found
+
+
+@pytest.mark.parametrize("executor", stopped_executors())
+def test_a_failure_stops_the_other_tasks_at_once(tmp_path, executor):
+    """They may be writing into the staging folder, which goes next: their workers are
+    killed, not waited for."""
+    marker = tmp_path / "finished"
+    with executor_for(**executor) as running, pytest.raises(InputError, match="damaged"):
+        run_all(running, fail_at_once_or_sleep, [(None,), (str(marker),)])
+    assert not marker.exists()
+
+
+def fail_at_once_or_sleep(marker: str | None) -> None:
+    if marker is None:
+        raise InputError("/x/s0.safetensors", "damaged")
+    time.sleep(30)
+    Path(marker).touch()
+
+
+def test_tasks_in_this_thread_run_when_their_result_is_asked_for():
+    ran = []
+    with executor_for() as running:
+        futures = [running.submit(ran.append, n) for n in range(3)]
+        assert ran == []
+        assert [f.result() for f in futures[::-1]] == [None] * 3
+    assert ran == [2, 1, 0]

@@ -216,19 +216,52 @@ def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
     return items - items % BLOCK if items > BLOCK else items
 
 
+class FileShrank(EOFError):
+    """A file ends before bytes it was found to hold: it shrank while gclip read it (its
+    headers were checked against its size when it was opened)."""
+
+    def __init__(self, file_id: tuple[int, int], size: int, end: int) -> None:
+        self.file_id, self.size, self.end = file_id, size, end
+        super().__init__(
+            f"the file shrank while gclip read it: it ends at byte {size:,}, before byte {end:,}"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable, from the child that read
+        return type(self), (self.file_id, self.size, self.end)
+
+    @classmethod
+    def of(cls, fd: int, end: int) -> FileShrank:
+        """The file open as *fd* ends before byte *end*."""
+        stat = os.fstat(fd)
+        return cls((stat.st_dev, stat.st_ino), stat.st_size, end)
+
+    def concerns(self, path: Path) -> bool:
+        """Whether the file that shrank is *path*."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self.file_id
+
+
 @contextmanager
 def mapped(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
     """Bytes [start, start + length) of the open file *fd* as a read-only uint8 array.
 
     Mapping avoids copying through a read buffer; mapping one window at a time keeps the pages
-    counted in RSS bounded.  (A view still alive at exit keeps its window until it dies.)
+    counted in RSS bounded.  (A view still alive at exit keeps its window until it dies.)  A
+    file that no longer holds the window raises FileShrank; one that shrinks while the window
+    is read kills this process with SIGBUS (isolation.py turns that into an error).
     """
     if length == 0:
         yield np.empty(0, dtype=np.uint8)
         return
     skip = start % mmap.ALLOCATIONGRANULARITY
     flags = mmap.MAP_SHARED | mmap.MAP_POPULATE  # populate: one call instead of page faults
-    window = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
+    try:
+        window = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
+    except ValueError:  # "mmap length is greater than file size"
+        raise FileShrank.of(fd, start + length) from None
     try:
         yield np.frombuffer(window, dtype=np.uint8, count=length, offset=skip)
     finally:

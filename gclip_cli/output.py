@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
+from . import interrupts
 from .errors import InputError, OutputError
 
 TEMP_SUFFIX = ".gclip-tmp"
@@ -164,9 +165,13 @@ def atomic_output(
     with ExitStack() as stack:
         folder = stack.enter_context(_folder(target.parent, dst))
         temps = stack.enter_context(_folder(temp_dir, dst)) if temp_dir else folder
-        fd, name = _create_temporary(temps, dst)
-        stack.callback(os.close, fd)
+        fd = None
         try:
+            # a signal is held while the file is made, and acts inside this try: which then
+            # removes it (the file cannot be made inside the try and known to the except)
+            with interrupts.deferred():
+                fd, name = _create_temporary(temps, dst)
+                stack.callback(os.close, fd)
             yield _reachable(fd, temp_dir or target.parent, name)
             with _finishing(dst):
                 _check_ours(fd, temps, name, dst)
@@ -175,7 +180,8 @@ def atomic_output(
                 _refuse_special_entry(folder, target.name, dst)
                 _publish(temps, name, folder, target.name, clobber, dst)
         except BaseException:
-            _remove_if_ours(fd, temps, name)
+            if fd is not None:
+                _remove_if_ours(fd, temps, name)
             raise
 
 

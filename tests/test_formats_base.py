@@ -2,17 +2,25 @@
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import release_readers
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.numpy import save_file
 
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.formats import open_file
 from gclip_cli.formats.base import (
     PipelinedWriter,
     TensorInfo,
     copy_range,
     gaps,
+    one_line,
+    open_regular,
     reserve,
     rewrite_at,
     window_buffer,
@@ -118,3 +126,50 @@ def test_gaps_are_exactly_the_bytes_no_block_covers(blocks):
         found[start : start + length] = True
         previous_end = start + length
     assert np.array_equal(found, ~covered)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    regular = tmp_path / "a.bin"
+    regular.write_bytes(b"abc")
+    with open_regular(regular) as file:
+        assert file.read() == b"abc"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: opening must not wait for one
+    release_readers(fifo)
+    refusals = {
+        fifo: "is a pipe (FIFO), not a regular file",
+        Path("/dev/zero"): "is a character device, not a regular file",
+        tmp_path: "is a directory, not a file",
+        tmp_path / "missing": "no such file",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(InputError) as refused:
+            open_regular(path)
+        assert (refused.value.path, refused.value.message) == (str(path), message)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "hdf5"])
+def test_a_device_or_a_pipe_forced_into_a_format_is_refused(tmp_path, fmt):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    release_readers(fifo)
+    for path, kind in ((Path("/dev/zero"), "character device"), (fifo, "pipe")):
+        with pytest.raises(InputError, match=f"is a {kind}"):
+            open_file(path, fmt)
+
+
+def test_a_pipe_in_a_folder_is_listed_as_not_read_without_waiting_for_it(tmp_path):
+    os.mkfifo(tmp_path / "incoming.safetensors")  # detection used to wait for a writer
+    release_readers(tmp_path / "incoming.safetensors")
+    save_file({"w": np.array([3.0, 4.0], np.float32)}, str(tmp_path / "w.safetensors"))
+    report = gclip_cli.inspect_files([tmp_path])
+    assert report.global_norm == 5.0
+    assert dict(report.not_read) == {
+        str(tmp_path / "incoming.safetensors"): "is a pipe (FIFO), not a regular file"
+    }
+
+
+def test_messages_are_one_line_and_bounded():
+    assert one_line(ValueError("a\nb\n  c")) == "a b c"
+    assert one_line(ValueError("x" * 1000), limit=10) == "xxxxxxxxxx..."
+    assert one_line(KeyError()) == "KeyError"

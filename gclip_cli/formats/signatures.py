@@ -12,6 +12,8 @@ import zipfile
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from .base import READ_ERRORS
+
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # torch.save before PyTorch 1.6: a pickle (protocol 2) of the magic number 0x1950a86a20f9469cfc6c
 LEGACY_TORCH_SIGNATURE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -63,7 +65,7 @@ def zip_names(file: BinaryIO) -> list[str] | None:
         file.seek(0)
         with zipfile.ZipFile(file) as archive:
             return archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except READ_ERRORS:  # zipfile raises many kinds on a damaged directory
         return None
 
 

@@ -4,16 +4,19 @@ shards must hold exactly the tensors they list."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import strict_json
 from .errors import InputError
 from .formats import detect_format
+from .formats.base import open_regular, reading
 from .selection import name_key
 
 INDEX_SUFFIX = ".index.json"
+MAX_INDEX_BYTES = 100_000_000  # as for a safetensors header: real indexes are a few MB
+_INDEX_DEPTH = 16  # weight_map is 2 levels down; metadata may nest a little deeper
 _NAMES_SHOWN = 3  # tensors named in an index error; the rest are counted
 
 
@@ -96,16 +99,34 @@ def resolve(paths: Sequence[str | Path]) -> Inputs:
 
 def read_index(path: Path) -> Index:
     """A sharded checkpoint's index: its shards in the order they first appear."""
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name_key(name))
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(path, f"not a sharded checkpoint index ({exc})") from None
+    shards: dict[str, list[str]] = {}
+    for name, shard in _weight_map(path).items():
+        shards.setdefault(shard, []).append(name_key(name))
     return Index(path, {path.parent / shard: frozenset(n) for shard, n in shards.items()})
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of the index *path* (tensor name -> shard file name), read within
+    limits: a regular file of at most MAX_INDEX_BYTES, JSON nested at most _INDEX_DEPTH deep."""
+    with open_regular(path) as file, reading(path, "index"):
+        raw = file.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise InputError(path, f"index is larger than the limit of {MAX_INDEX_BYTES:,} bytes")
+    try:
+        index = strict_json.load(raw, _INDEX_DEPTH)
+    except strict_json.JsonLimitError as exc:
+        raise InputError(path, f"not a sharded checkpoint index: it {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(path, "not a sharded checkpoint index (no weight_map object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputError(
+                path,
+                f"not a sharded checkpoint index: weight_map gives tensor {strict_json.shown(name)}"
+                f" the shard {strict_json.shown(shard)}, not a file name",
+            )
+    return weight_map
 
 
 def _directory(folder: Path) -> tuple[list[Path], list[NotRead]]:

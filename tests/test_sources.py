@@ -1,13 +1,16 @@
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_tensors
+from conftest import release_readers, write_tensors
 
 import gclip_cli
-from gclip_cli import InputError
+from gclip_cli import InputError, sources
 from gclip_cli.sources import resolve
 
 
@@ -133,3 +136,58 @@ def test_torch_and_keras_archives_and_zips_without_arrays_are_named_and_refused(
         # --file-format npz does not make them archives of nothing
         with pytest.raises(InputError, match="not a readable" if name == "old.pt" else message):
             gclip_cli.inspect_file(tmp_path / name, file_format="npz")
+
+
+WEIGHT_MAP = '{"metadata": {"total_size": 8}, "weight_map": {"w": "a.safetensors"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (WEIGHT_MAP + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "levels deep"),
+        ('{"weight_map": ' + "{" * 100_000 + "}" * 100_000 + "}", "levels deep"),
+        ('{"weight_map": {"w": 5}}', "gives tensor 'w' the shard 5, not a file name"),
+        ('{"weight_map": {"w": ["a.safetensors"]}}', "the shard ['a.safetensors']"),
+        ('{"weight_map": {"w": {"f": 1}}}', "the shard {'f': 1}"),
+        ('{"weight_map": {"w": null}}', "the shard None"),
+        ('{"weight_map": {"w": ""}}', "the shard ''"),
+        ('{"weight_map": ["a.safetensors"]}', "no weight_map object"),
+        ("[1]", "no weight_map object"),
+        ('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}', "digits"),
+        (WEIGHT_MAP + ', "weight_map": {}}', "repeats the key 'weight_map'"),
+        ('{"weight_map": {"w": "a.safetensors"}', "brackets do not match"),
+        ('{"weight_map": {"w": "a.safetensors",}}', "not valid JSON"),
+    ],
+)
+def test_hostile_indexes_are_one_line_errors(tmp_path, text, problem):
+    """Each was a traceback (RecursionError, TypeError of a path joined to a number) or a
+    message naming a Python error."""
+    write_tensors(tmp_path / "a.safetensors", "safetensors", {"w": np.ones(2)})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gclip_cli", "norm", str(index)], capture_output=True, text=True
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith(f"gclip: error: {index}: ") and proc.stderr.count("\n") == 1
+    assert problem in proc.stderr and len(proc.stderr) < 400
+
+
+def test_an_index_is_read_within_a_size_limit(tmp_path, monkeypatch):
+    write_tensors(tmp_path / "a.safetensors", "safetensors", {"w": np.ones(2)})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"w": "a.safetensors"}}')
+    assert resolve([index]).files == (tmp_path / "a.safetensors",)
+    monkeypatch.setattr(sources, "MAX_INDEX_BYTES", 30)
+    with pytest.raises(InputError, match="larger than the limit of 30 bytes"):
+        resolve([index])
+
+
+def test_an_index_that_is_a_pipe_is_refused(tmp_path):
+    """Its shards are found beside it: an index must be a regular file (gclip used to wait for
+    a writer, then read all it wrote)."""
+    index = tmp_path / "model.safetensors.index.json"
+    os.mkfifo(index)
+    release_readers(index)
+    with pytest.raises(InputError, match="is a pipe"):
+        resolve([index])

@@ -509,6 +509,7 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     --as-given. NaN/Inf values: the report, then exit 4, unless --nonfinite zero or keep.
     """
     import json
+    from dataclasses import replace
 
     from . import history as chart
     from .api import history_of
@@ -516,8 +517,10 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     from .render import print_history
 
     file_format = options.pop("file_format")
-    with _local(files) as (paths, _), _byte_progress():
+    with _local(files) as (paths, names), _byte_progress():
         result = history_of(paths, file_format=file_format, **options)
+    steps = tuple(replace(s, file=names.get(s.file, s.file)) for s in result.steps)
+    result = replace(result, steps=steps)  # spools shown by the names given
     if plot is not None:
         chart.plot(result, plot)
     if as_json:
@@ -564,13 +567,19 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
     in --chunk-size, else they are listed as not compared.
     """
     import json
+    from dataclasses import replace
 
     from .api import diff_files
     from .errors import ExitCode
     from .render import print_diff
 
-    with _local((file_a, file_b)) as ((path_a, path_b), _):
+    with _local((file_a, file_b)) as ((path_a, path_b), names):
         result = diff_files(path_a, path_b, file_format=file_format, **options)
+    result = replace(  # spools shown by the names given
+        result,
+        file_a=names.get(result.file_a, result.file_a),
+        file_b=names.get(result.file_b, result.file_b),
+    )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
@@ -857,12 +866,14 @@ def _inspect(
 
 @contextmanager
 def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """Local paths for *files* (``-``: a spool of standard input), and the names to show
-    instead of the spools'."""
+    """Local paths for *files* (``-`` and pipes: spools of what they hold), and the names to
+    show instead of the spools'."""
     from .streams import STDIN_NAME, STDIO, local_inputs
 
     with local_inputs(list(files)) as paths:
-        names = {p: STDIN_NAME for f, p in zip(files, paths, strict=True) if f == STDIO}
+        names = {
+            p: STDIN_NAME if f == STDIO else f for f, p in zip(files, paths, strict=True) if p != f
+        }
         yield paths, names
 
 

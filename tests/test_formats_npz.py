@@ -11,6 +11,7 @@ from conftest import expected_scaled
 
 import gclip_cli
 from gclip_cli import InputError, parallel
+from gclip_cli.formats import npz, signatures
 from gclip_cli.norms import BLOCK, measure
 
 
@@ -428,3 +429,42 @@ def test_a_device_forced_to_be_an_npz_is_refused_at_once(device):
     """zipfile read /dev/urandom to its (missing) end looking for the end record: 22 GiB."""
     proc = gclip("inspect", "--file-format", "npz", device, memory=1 << 30, timeout=30)
     assert_one_line_refusal(proc, device, "is a character device, not a regular file")
+
+
+def directory_of(path) -> int:
+    """The central directory's size, from zipfile: from its start to the (zip64) end record."""
+    with zipfile.ZipFile(path) as z:
+        start = z.start_dir
+    raw = path.read_bytes()
+    zip64_end = raw.rfind(b"PK\x06\x06")
+    return (zip64_end if zip64_end > start else raw.rfind(b"PK\x05\x06")) - start
+
+
+def test_a_central_directory_over_the_limit_is_refused_before_zipfile_reads_it(
+    tmp_path, monkeypatch
+):
+    """zipfile keeps about 9 bytes of memory per byte of directory (a million members: 1 GB)."""
+    src = tmp_path / "in.npz"
+    np.savez(src, **{f"t{i}": np.ones(2) for i in range(20)})
+    size = directory_of(src)
+    with open(src, "rb") as file:
+        assert signatures.zip_directory_size(file) == size
+    monkeypatch.setattr(signatures, "MAX_ZIP_DIRECTORY", size - 1)
+    monkeypatch.setattr(npz, "MAX_ZIP_DIRECTORY", size - 1)
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda _: pytest.fail("read"))
+    with pytest.raises(InputError, match=f"central directory of {size:,} bytes exceeds"):
+        gclip_cli.inspect_file(src)
+
+
+def test_the_directory_size_of_a_zip64_archive_is_read_from_its_zip64_end_record(tmp_path):
+    src = tmp_path / "many.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        for i in range(70_000):  # more than 65,535 members: zipfile writes a zip64 end record
+            z.writestr(f"{i}.txt", b"")
+    size = directory_of(src)
+    raw = bytearray(src.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    raw[end + 12 : end + 16] = b"\xff\xff\xff\xff"  # the size is in the zip64 record only
+    with open(src, "rb") as file:
+        assert signatures.zip_directory_size(io.BytesIO(bytes(raw))) == size
+        assert signatures.zip_directory_size(file) == size

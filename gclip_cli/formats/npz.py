@@ -48,7 +48,7 @@ from .base import (
     write_all_at,
 )
 from .deflate import crc32, crc32_combine, faster_deflate
-from .signatures import zip_refusal
+from .signatures import MAX_ZIP_DIRECTORY, zip_directory_size, zip_refusal
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -85,10 +85,11 @@ class NpzFile:
         # first, so that a pipe or a device is refused before zipfile reads to its end
         self._raw: BinaryIO = open_regular(path)
         try:
-            self._zip = zipfile.ZipFile(path)
-        except READ_ERRORS as exc:
+            _check_directory_size(path, self._raw)
+            self._zip = _open_zip(path)
+        except BaseException:
             self._raw.close()
-            raise InputError(path, f"not a readable .npz (zip) file: {one_line(exc)}") from None
+            raise
         self._size = os.fstat(self._raw.fileno()).st_size
         self._checked: set[str] = set()  # members whose CRC-32 has been checked
         self._starts: dict[str, int] = {}  # where each member's bytes begin
@@ -375,6 +376,23 @@ class NpzFile:
             member = self._zip.open(info)
         with member:
             copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except READ_ERRORS as exc:
+        raise InputError(path, f"not a readable .npz (zip) file: {one_line(exc)}") from None
+
+
+def _check_directory_size(path: Path, raw: BinaryIO) -> None:
+    """Refuse a central directory larger than MAX_ZIP_DIRECTORY before zipfile reads it."""
+    with reading(path, "zip end record"):
+        size = zip_directory_size(raw)
+    if size is not None and size > MAX_ZIP_DIRECTORY:
+        raise InputError(
+            path, f"zip central directory of {size:,} bytes exceeds the limit of 100 MB"
+        )
 
 
 def _read_npy_header(member: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:

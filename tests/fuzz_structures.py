@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import re
 import struct
@@ -191,7 +192,8 @@ def st_retype_field(st, rng):
 
 def st_same_size_dtype(st, rng):
     entry = _entry(st, rng)
-    bits = SAFETENSORS_BITS.get(_get(entry, "dtype")) if entry is not None else None
+    code = _get(entry, "dtype") if entry is not None else None
+    bits = SAFETENSORS_BITS.get(code) if isinstance(code, str) else None
     if bits in SAME_SIZE:
         _set(entry, "dtype", rng.choice(SAME_SIZE[bits]))
 
@@ -207,7 +209,7 @@ def st_reshape(st, rng):
     shape = _get(entry, "shape") if entry is not None else None
     if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
         return
-    numel = int(np.prod(shape)) if shape else 1
+    numel = math.prod(shape)
     choices = [
         [numel],
         [1, numel],

@@ -322,7 +322,7 @@ class NpzFile:
             raise InputError(self.path, f"is {refusal}")
         repeated = [name for name, n in Counter(self._zip.namelist()).items() if n > 1]
         if repeated:
-            raise InputError(self.path, f"zip member {repeated[0]!r} appears more than once")
+            raise InputError(self.path, f"zip member {shown(repeated[0])} appears more than once")
         for info in self._zip.infolist():
             if info.flag_bits & _ENCRYPTED:
                 raise InputError(self.path, f"zip member {shown(info.filename)} is encrypted")

@@ -149,10 +149,12 @@ class SafetensorsFile:
         if bits % 8:  # packed: two or more values a byte
             return None
         begin, end = tensor.location
-        with reading(self.path, f"tensor {tensor.name!r}"):
+        with reading(self.path, f"tensor {shown(tensor.name)}"):
             data = os.pread(self._file.fileno(), end - begin, self._data_start + begin)
         if len(data) != end - begin:
-            raise InputError(self.path, f"tensor {tensor.name!r}: file ends early (truncated?)")
+            raise InputError(
+                self.path, f"tensor {shown(tensor.name)}: file ends early (truncated?)"
+            )
         return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
 
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:

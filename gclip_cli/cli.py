@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -366,7 +367,19 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
       cat g.safetensors | gclip rescale - - --max-norm 1 | gclip norm -
     """
     ctx.obj = _Settings(debug, color)
+    _quiet_warnings(debug)
     signal.signal(signal.SIGTERM, _terminate)
+
+
+def _quiet_warnings(debug: bool) -> None:
+    """numpy and h5py warn on stderr in two lines or more (a signalling NaN cast to float64, a
+    Python 2 ``.npy`` header); gclip says itself what it found, on one line.  Their warnings
+    are silenced, unless --debug: here and in forked workers by the filter, in spawned ones
+    (--out-dir) by the -W option multiprocessing gives them from sys.warnoptions."""
+    if not debug:
+        warnings.simplefilter("ignore")
+        if "ignore" not in sys.warnoptions:
+            sys.warnoptions.append("ignore")
 
 
 def entry_point() -> None:

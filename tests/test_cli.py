@@ -583,3 +583,27 @@ def test_the_cli_starts_numpy_without_blas_helper_threads(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "1"
+
+
+@pytest.mark.parametrize(
+    "command", [["inspect"], ["norm"], ["check", "--max-norm", "1"], ["rescale", "-", "-"]]
+)
+def test_numpy_warnings_never_reach_stderr(tmp_path, command):
+    """A signalling NaN cast to float64 made numpy print a two-line RuntimeWarning."""
+    signalling_nan = np.array([0x7F800001, 0x3F800000], dtype="<u4").view("<f4")
+    src = write_tensors(tmp_path / "in.safetensors", "safetensors", {"w": signalling_nan})
+    args = [command[0], str(src), *command[1:]]
+    if command[0] == "rescale":
+        args = [*command, "--max-norm", "1"]
+    for debug in ([], ["--debug"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gclip_cli", *debug, *args],
+            stdin=src.open("rb"),
+            capture_output=True,
+        )
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 4, stderr
+        if debug:
+            assert "RuntimeWarning" in stderr  # --debug shows them
+        else:
+            assert "Warning" not in stderr and stderr.count("\n") <= 1, stderr

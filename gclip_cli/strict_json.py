@@ -46,7 +46,7 @@ def load(raw: bytes, max_depth: int) -> object:
             parse_float=_finite_float,
         )
     except json.JSONDecodeError as exc:
-        raise JsonLimitError(f"is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+        raise JsonLimitError(f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
     if _SURROGATE_ESCAPE.search(raw):  # rare: only then can a string hold a lone surrogate
         _refuse_lone_surrogates(value)
     return value

@@ -18,6 +18,7 @@ INDEX_SUFFIX = ".index.json"
 MAX_INDEX_BYTES = 100_000_000  # as for a safetensors header: real indexes are a few MB
 _INDEX_DEPTH = 16  # weight_map is 2 levels down; metadata may nest a little deeper
 _NAMES_SHOWN = 3  # tensors named in an index error; the rest are counted
+_NAME_MAX, _PATH_MAX = 255, 4096  # bytes in a file name, in a path (Linux, macOS: 1024)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Index:
                 self._refuse(absent, f"listed for {shard.name} but not in it")
 
     def _refuse(self, names: Sequence[str], problem: str) -> None:
-        shown = ", ".join(repr(n) for n in names[:_NAMES_SHOWN])
+        shown = ", ".join(strict_json.shown(n) for n in names[:_NAMES_SHOWN])
         more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
         tensors = "tensor" if len(names) == 1 else "tensors"
         raise InputError(self.path, f"{tensors} {shown}{more} {problem}")
@@ -120,13 +121,22 @@ def _weight_map(path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict):
         raise InputError(path, "not a sharded checkpoint index (no weight_map object)")
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
+        if not _is_file_name(shard):
             raise InputError(
                 path,
                 f"not a sharded checkpoint index: weight_map gives tensor {strict_json.shown(name)}"
                 f" the shard {strict_json.shown(shard)}, not a file name",
             )
     return weight_map
+
+
+def _is_file_name(shard: object) -> bool:
+    """Whether *shard* can name a file: a string, not empty, without NUL, of parts no longer
+    than a file system allows (a name longer would only fail later, in a line as long)."""
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        return False
+    encoded = shard.encode("utf-8", "surrogateescape")
+    return len(encoded) < _PATH_MAX and all(len(p) <= _NAME_MAX for p in encoded.split(b"/"))
 
 
 def _directory(folder: Path) -> tuple[list[Path], list[NotRead]]:

@@ -141,6 +141,7 @@ def test_only_regular_files_are_opened(tmp_path):
         Path("/dev/zero"): "is a character device, not a regular file",
         tmp_path: "is a directory, not a file",
         tmp_path / "missing": "no such file",
+        tmp_path / "a\0b": "cannot read: embedded null byte",
     }
     for path, message in refusals.items():
         with pytest.raises(InputError) as refused:

@@ -151,6 +151,13 @@ WEIGHT_MAP = '{"metadata": {"total_size": 8}, "weight_map": {"w": "a.safetensors
         ('{"weight_map": {"w": {"f": 1}}}', "the shard {'f': 1}"),
         ('{"weight_map": {"w": null}}', "the shard None"),
         ('{"weight_map": {"w": ""}}', "the shard ''"),
+        ('{"weight_map": {"w": "' + "x" * 70_000 + '"}}', "the shard 'xxxxxxxx"),
+        ('{"weight_map": {"w": "a/' + "x" * 256 + '.safetensors"}}', "not a file name"),
+        ('{"weight_map": {"w": "a\\u0000.safetensors"}}', "the shard 'a\\x00.safetensors'"),
+        (
+            '{"weight_map": {"w": "a.safetensors", "' + "y" * 70_000 + '": "a.safetensors"}}',
+            "tensor 'yyyyyy",
+        ),
         ('{"weight_map": ["a.safetensors"]}', "no weight_map object"),
         ("[1]", "no weight_map object"),
         ('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}', "digits"),

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -395,6 +396,7 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
       cat g.safetensors | gclip rescale - - --max-norm 1 | gclip norm -
     """
     ctx.obj = _Settings(debug, color)
+    _quiet_warnings(debug)
     if not isinstance(signal.getsignal(signal.SIGTERM), interrupts.Stop):
         # called from Python rather than as the gclip command: SIGTERM at least unwinds
         signal.signal(signal.SIGTERM, _terminate)
@@ -421,6 +423,17 @@ def _whole_writes() -> None:
                 write_through=True,
             )
             setattr(sys, name, whole)
+
+
+def _quiet_warnings(debug: bool) -> None:
+    """numpy and h5py warn on stderr in two lines or more (a signalling NaN cast to float64, a
+    Python 2 ``.npy`` header); gclip says itself what it found, on one line.  Their warnings
+    are silenced, unless --debug: here and in forked workers by the filter, in spawned ones
+    (--out-dir) by the -W option multiprocessing gives them from sys.warnoptions."""
+    if not debug:
+        warnings.simplefilter("ignore")
+        if "ignore" not in sys.warnoptions:
+            sys.warnoptions.append("ignore")
 
 
 def entry_point() -> None:
@@ -925,13 +938,15 @@ def _inspect(
 
 @contextmanager
 def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """Local paths for *files* (``-``: a spool of standard input), and the names to show
-    instead of the spools'."""
+    """Local paths for *files* (``-`` and pipes: spools of what they hold), and the names to
+    show instead of the spools'."""
     from .streams import STDIN_NAME, STDIO, local_inputs, refuse_stdout_onto
 
     refuse_stdout_onto(files)  # a report appended to an input would damage it
     with local_inputs(list(files)) as paths:
-        names = {p: STDIN_NAME for f, p in zip(files, paths, strict=True) if f == STDIO}
+        names = {
+            p: STDIN_NAME if f == STDIO else f for f, p in zip(files, paths, strict=True) if p != f
+        }
         yield paths, names
 
 

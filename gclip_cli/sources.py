@@ -5,19 +5,23 @@ tensor files to read (each file once, however many names reach it), the files le
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import strict_json
 from .errors import InputError
 from .formats import detect_format
+from .formats.base import open_regular, reading
 from .selection import name_key
 
 INDEX_SUFFIX = ".index.json"
+MAX_INDEX_BYTES = 100_000_000  # as for a safetensors header: real indexes are a few MB
+_INDEX_DEPTH = 16  # weight_map is 2 levels down; metadata may nest a little deeper
 _NAMES_SHOWN = 3  # tensors named in an index error; the rest are counted
+_NAME_MAX, _PATH_MAX = 255, 4096  # bytes in a file name, in a path (Linux, macOS: 1024)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ class Index:
                 self._refuse(absent, f"listed for {shard.name} but not in it")
 
     def _refuse(self, names: Sequence[str], problem: str) -> None:
-        shown = ", ".join(repr(n) for n in names[:_NAMES_SHOWN])
+        shown = ", ".join(strict_json.shown(n) for n in names[:_NAMES_SHOWN])
         more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
         tensors = "tensor" if len(names) == 1 else "tensors"
         raise InputError(self.path, f"{tensors} {shown}{more} {problem}")
@@ -188,17 +192,11 @@ def _once_each(files: Sequence[Path]) -> tuple[list[Path], dict[Path, Identity],
 
 def read_index(path: Path) -> Index:
     """A sharded checkpoint's index: its shards in the order they first appear."""
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name_key(name))
-        for shard in shards:
-            _refuse_outside(path, shard)
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(path, f"not a sharded checkpoint index ({exc})") from None
+    shards: dict[str, list[str]] = {}
+    for name, shard in _weight_map(path).items():
+        shards.setdefault(shard, []).append(name_key(name))
+    for shard in shards:
+        _refuse_outside(path, shard)
     return Index(path, {path.parent / shard: frozenset(n) for shard, n in shards.items()})
 
 
@@ -209,6 +207,39 @@ def _refuse_outside(index: Path, shard: str) -> None:
     found = os.path.realpath(index.parent / shard)
     if os.path.commonpath([folder, found]) != folder or found == folder:
         raise InputError(index, f"shard {shard!r} lies outside the index's folder ({found})")
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of the index *path* (tensor name -> shard file name), read within
+    limits: a regular file of at most MAX_INDEX_BYTES, JSON nested at most _INDEX_DEPTH deep."""
+    with open_regular(path) as file, reading(path, "index"):
+        raw = file.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise InputError(path, f"index is larger than the limit of {MAX_INDEX_BYTES:,} bytes")
+    try:
+        index = strict_json.load(raw, _INDEX_DEPTH)
+    except strict_json.JsonLimitError as exc:
+        raise InputError(path, f"not a sharded checkpoint index: it {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(path, "not a sharded checkpoint index (no weight_map object)")
+    for name, shard in weight_map.items():
+        if not _is_file_name(shard):
+            raise InputError(
+                path,
+                f"not a sharded checkpoint index: weight_map gives tensor {strict_json.shown(name)}"
+                f" the shard {strict_json.shown(shard)}, not a file name",
+            )
+    return weight_map
+
+
+def _is_file_name(shard: object) -> bool:
+    """Whether *shard* can name a file: a string, not empty, without NUL, of parts no longer
+    than a file system allows (a name longer would only fail later, in a line as long)."""
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        return False
+    encoded = shard.encode("utf-8", "surrogateescape")
+    return len(encoded) < _PATH_MAX and all(len(p) <= _NAME_MAX for p in encoded.split(b"/"))
 
 
 def _directory(folder: Path) -> tuple[list[Path], list[NotRead]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -54,6 +56,24 @@ def read_tensors(path: Path, fmt: str) -> dict[str, np.ndarray]:
             lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
         )
     return out
+
+
+def release_readers(fifo: Path, seconds: float = 5.0) -> threading.Thread:
+    """Open *fifo* for writing, and close it, once a reader waits on it (within *seconds*):
+    a reader that waits for a writer gets an empty file instead of hanging the test."""
+
+    def writer() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # ENXIO: no reader yet
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    return thread
 
 
 def exact_norm(arrays: list[np.ndarray], p: float = 2.0) -> float:

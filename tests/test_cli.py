@@ -914,3 +914,27 @@ def test_a_norm_beyond_float64_is_inf_with_a_note_and_still_clips(make_file, tmp
     assert report["clipped"] and report["global_norm_after"] == pytest.approx(1.0, rel=1e-15)
     exact = measure(values).finite_norm_exact()
     assert np.array_equal(read_tensors(out, "safetensors")["g"], exactly_scaled(values, 1 / exact))
+
+
+@pytest.mark.parametrize(
+    "command", [["inspect"], ["norm"], ["check", "--max-norm", "1"], ["rescale", "-", "-"]]
+)
+def test_numpy_warnings_never_reach_stderr(tmp_path, command):
+    """A signalling NaN cast to float64 made numpy print a two-line RuntimeWarning."""
+    signalling_nan = np.array([0x7F800001, 0x3F800000], dtype="<u4").view("<f4")
+    src = write_tensors(tmp_path / "in.safetensors", "safetensors", {"w": signalling_nan})
+    args = [command[0], str(src), *command[1:]]
+    if command[0] == "rescale":
+        args = [*command, "--max-norm", "1"]
+    for debug in ([], ["--debug"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gclip_cli", *debug, *args],
+            stdin=src.open("rb"),
+            capture_output=True,
+        )
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 4, stderr
+        if debug:
+            assert "RuntimeWarning" in stderr  # --debug shows them
+        else:
+            assert "Warning" not in stderr and stderr.count("\n") <= 1, stderr

@@ -3,12 +3,18 @@
 import errno
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import release_readers
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.numpy import save_file
 
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.formats import open_file
 from gclip_cli.formats.base import (
     FileShrank,
     PipelinedWriter,
@@ -16,6 +22,8 @@ from gclip_cli.formats.base import (
     copy_range,
     gaps,
     mapped,
+    one_line,
+    open_regular,
     reserve,
     rewrite_at,
     window_buffer,
@@ -135,3 +143,51 @@ def test_a_window_past_the_end_of_a_shrunk_file_is_file_shrank(tmp_path):
     assert err.value.concerns(path) and not err.value.concerns(tmp_path)
     back = pickle.loads(pickle.dumps(err.value))  # from the child process that read
     assert (type(back), str(back), back.concerns(path)) == (FileShrank, str(err.value), True)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    regular = tmp_path / "a.bin"
+    regular.write_bytes(b"abc")
+    with open_regular(regular) as file:
+        assert file.read() == b"abc"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: opening must not wait for one
+    release_readers(fifo)
+    refusals = {
+        fifo: "is a pipe (FIFO), not a regular file",
+        Path("/dev/zero"): "is a character device, not a regular file",
+        tmp_path: "is a directory, not a file",
+        tmp_path / "missing": "no such file",
+        tmp_path / "a\0b": "cannot read: embedded null byte",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(InputError) as refused:
+            open_regular(path)
+        assert (refused.value.path, refused.value.message) == (str(path), message)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "hdf5"])
+def test_a_device_or_a_pipe_forced_into_a_format_is_refused(tmp_path, fmt):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    release_readers(fifo)
+    for path, kind in ((Path("/dev/zero"), "character device"), (fifo, "pipe")):
+        with pytest.raises(InputError, match=f"is a {kind}"):
+            open_file(path, fmt)
+
+
+def test_a_pipe_in_a_folder_is_listed_as_not_read_without_waiting_for_it(tmp_path):
+    os.mkfifo(tmp_path / "incoming.safetensors")  # detection used to wait for a writer
+    release_readers(tmp_path / "incoming.safetensors")
+    save_file({"w": np.array([3.0, 4.0], np.float32)}, str(tmp_path / "w.safetensors"))
+    report = gclip_cli.inspect_files([tmp_path])
+    assert report.global_norm == 5.0
+    assert dict(report.not_read) == {
+        str(tmp_path / "incoming.safetensors"): "is a pipe (FIFO), not a regular file"
+    }
+
+
+def test_messages_are_one_line_and_bounded():
+    assert one_line(ValueError("a\nb\n  c")) == "a b c"
+    assert one_line(ValueError("x" * 1000), limit=10) == "xxxxxxxxxx..."
+    assert one_line(KeyError()) == "KeyError"

@@ -1,15 +1,17 @@
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import exact_norm, write_tensors
+from conftest import exact_norm, release_readers, write_tensors
 
 import gclip_cli
-from gclip_cli import InputError
+from gclip_cli import InputError, sources
 from gclip_cli.sources import Identity, resolve
 
 
@@ -237,3 +239,65 @@ def test_an_identity_tells_a_file_replaced_modified_truncated_or_removed(tmp_pat
     path.unlink()
     with pytest.raises(InputError, match="was removed while gclip was reading it"):
         identity.check(path)
+
+
+WEIGHT_MAP = '{"metadata": {"total_size": 8}, "weight_map": {"w": "a.safetensors"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (WEIGHT_MAP + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "levels deep"),
+        ('{"weight_map": ' + "{" * 100_000 + "}" * 100_000 + "}", "levels deep"),
+        ('{"weight_map": {"w": 5}}', "gives tensor 'w' the shard 5, not a file name"),
+        ('{"weight_map": {"w": ["a.safetensors"]}}', "the shard ['a.safetensors']"),
+        ('{"weight_map": {"w": {"f": 1}}}', "the shard {'f': 1}"),
+        ('{"weight_map": {"w": null}}', "the shard None"),
+        ('{"weight_map": {"w": ""}}', "the shard ''"),
+        ('{"weight_map": {"w": "' + "x" * 70_000 + '"}}', "the shard 'xxxxxxxx"),
+        ('{"weight_map": {"w": "a/' + "x" * 256 + '.safetensors"}}', "not a file name"),
+        ('{"weight_map": {"w": "a\\u0000.safetensors"}}', "the shard 'a\\x00.safetensors'"),
+        (
+            '{"weight_map": {"w": "a.safetensors", "' + "y" * 70_000 + '": "a.safetensors"}}',
+            "tensor 'yyyyyy",
+        ),
+        ('{"weight_map": ["a.safetensors"]}', "no weight_map object"),
+        ("[1]", "no weight_map object"),
+        ('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}', "digits"),
+        (WEIGHT_MAP + ', "weight_map": {}}', "repeats the key 'weight_map'"),
+        ('{"weight_map": {"w": "a.safetensors"}', "brackets do not match"),
+        ('{"weight_map": {"w": "a.safetensors",}}', "not valid JSON"),
+    ],
+)
+def test_hostile_indexes_are_one_line_errors(tmp_path, text, problem):
+    """Each was a traceback (RecursionError, TypeError of a path joined to a number) or a
+    message naming a Python error."""
+    write_tensors(tmp_path / "a.safetensors", "safetensors", {"w": np.ones(2)})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gclip_cli", "norm", str(index)], capture_output=True, text=True
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith(f"gclip: error: {index}: ") and proc.stderr.count("\n") == 1
+    assert problem in proc.stderr and len(proc.stderr) < 400
+
+
+def test_an_index_is_read_within_a_size_limit(tmp_path, monkeypatch):
+    write_tensors(tmp_path / "a.safetensors", "safetensors", {"w": np.ones(2)})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"w": "a.safetensors"}}')
+    assert resolve([index]).files == (tmp_path / "a.safetensors",)
+    monkeypatch.setattr(sources, "MAX_INDEX_BYTES", 30)
+    with pytest.raises(InputError, match="larger than the limit of 30 bytes"):
+        resolve([index])
+
+
+def test_an_index_that_is_a_pipe_is_refused(tmp_path):
+    """Its shards are found beside it: an index must be a regular file (gclip used to wait for
+    a writer, then read all it wrote)."""
+    index = tmp_path / "model.safetensors.index.json"
+    os.mkfifo(index)
+    release_readers(index)
+    with pytest.raises(InputError, match="is a pipe"):
+        resolve([index])

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from ..errors import InputError
 from . import signatures
-from .base import TensorFile, TensorInfo, Transform
+from .base import TensorFile, TensorInfo, Transform, open_regular
 
 __all__ = [
     "FORMAT_NAMES",
@@ -44,16 +44,12 @@ def detect_format(path: Path) -> str:
     without arrays, a pickle) is refused with a message naming that kind.
     """
     try:
-        with open(path, "rb") as file:
+        with open_regular(path) as file:
             head = signatures.read_head(file)
             found = next(
                 (name for name, (test, _, _) in _FORMATS.items() if test(head, file)), None
             )
             kind = None if found else signatures.unsupported_kind(head, file)
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a file") from None
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
     if found:
@@ -71,6 +67,8 @@ def crashes_on_damage(name: str) -> bool:
 
 def open_file(path: Path, file_format: str | None = None) -> TensorFile:
     """Open *path* for reading, validating its structure before any data is read."""
+    if file_format:
+        open_regular(path).close()  # a device or a pipe forced into a format is refused too
     name = file_format or detect_format(path)
     _, module, cls = _FORMATS[name]
     opener = getattr(importlib.import_module(f".{module}", __package__), cls)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import lzma
 import math
 import mmap
 import os
+import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
@@ -36,6 +39,8 @@ READ_ERRORS = (
     SystemError,  # how h5py reports an error inside one of HDF5's callbacks (visits)
     zipfile.BadZipFile,
     zlib.error,
+    lzma.LZMAError,  # an LZMA member with bad properties (zipfile imports lzma anyway)
+    struct.error,  # a zip record shorter than its fixed part
     *DEFLATE_ERRORS,
 )
 
@@ -46,7 +51,7 @@ def reading(path: Path, what: str) -> Iterator[None]:
     try:
         yield
     except READ_ERRORS as exc:
-        raise InputError(path, f"{what}: {exc}") from None
+        raise InputError(path, f"{what}: {one_line(exc)}") from None
 
 
 # Called with each chunk of a gradient tensor as *src* (1-D, the file's dtype, maybe read-only)
@@ -457,3 +462,50 @@ def copy_range(src: int, dst: int, start: int, nbytes: int) -> None:
 
 
 _NO_SENDFILE = _NO_FALLOCATE
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """*path* open for reading, refused (one line) unless it is a regular file.
+
+    Every format seeks and maps its input, and memory must not depend on how long an input is:
+    a pipe or a device (``/dev/zero``, ``/dev/urandom``) never ends.  Opening does not wait for
+    a FIFO's writer, and the check is made on the file opened, not on the name.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise InputError(path, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        kind = _not_regular(os.fstat(fd).st_mode)
+        if kind:
+            raise InputError(path, kind)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of *mode* is not read as a tensor file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    kinds = {
+        stat.S_ISFIFO: "a pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    return f"is {kind}, not a regular file"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The message of *exc* on one line (numpy, zipfile and HDF5 messages span several), cut
+    after about *limit* characters (numpy quotes a whole damaged header)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -10,8 +10,12 @@ fortran_order, shape).  Pickled (object) arrays are refused without being unpick
 
 from __future__ import annotations
 
+import ast
+import io
 import os
 import struct
+import tokenize
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Set
@@ -24,6 +28,7 @@ import numpy as np
 from .. import progress
 from ..errors import InputError
 from ..norms import NormAccumulator, NormStats
+from ..strict_json import shown
 from .base import (
     MAX_WINDOW,
     READ_ERRORS,
@@ -35,13 +40,15 @@ from .base import (
     describe_array,
     items_per_chunk,
     mapped,
+    one_line,
+    open_regular,
     reading,
     rewrite_in_place,
     window_pieces,
     write_all_at,
 )
 from .deflate import crc32, crc32_combine, faster_deflate
-from .signatures import zip_refusal
+from .signatures import MAX_ZIP_DIRECTORY, zip_directory_size, zip_refusal
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -53,6 +60,13 @@ _LOCAL_CRC, _CENTRAL_CRC = 14, 16  # where the CRC-32 lies in each header
 _INFLATE_WINDOW = 4 << 20
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _NPY_SUFFIX = ".npy"
+_NPY_MAGIC_BYTES = 8  # \x93NUMPY, then the major and minor version
+_MAX_NPY_HEADER = 10_000  # numpy's max_header_size: it refuses longer headers
+_MAX_DIMS = 64  # numpy's limit on an array's dimensions
+_MAX_EXTENT = 1 << 63  # numpy's dimensions are signed 64-bit integers
+# What numpy's .npy header parser raises besides READ_ERRORS and tokenize.TokenError (headers
+# from Python 2 are tokenized): ast.literal_eval's SyntaxError, MemoryError on deep nesting.
+_HEADER_PARSE_ERRORS = (SyntaxError, MemoryError)
 _HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -68,11 +82,14 @@ class NpzFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # first, so that a pipe or a device is refused before zipfile reads to its end
+        self._raw: BinaryIO = open_regular(path)
         try:
-            self._zip = zipfile.ZipFile(path)
-        except READ_ERRORS as exc:
-            raise InputError(path, f"not a readable .npz (zip) file: {exc}") from None
-        self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+            _check_directory_size(path, self._raw)
+            self._zip = _open_zip(path)
+        except BaseException:
+            self._raw.close()
+            raise
         self._size = os.fstat(self._raw.fileno()).st_size
         self._checked: set[str] = set()  # members whose CRC-32 has been checked
         self._starts: dict[str, int] = {}  # where each member's bytes begin
@@ -99,7 +116,7 @@ class NpzFile:
         info, data_offset = tensor.location
         start = self._data_start(info)
         check = info.filename not in self._checked
-        with reading(self.path, f"member {info.filename!r}"):
+        with reading(self.path, f"member {shown(info.filename)}"):
             self._raw.seek(start)
             crc = crc32(self._raw.read(data_offset))
         pieces = window_pieces(
@@ -116,7 +133,7 @@ class NpzFile:
             self._checked.add(info.filename)
 
     def _bad_crc(self, info: zipfile.ZipInfo) -> InputError:
-        return InputError(self.path, f"member {info.filename!r}: bad CRC-32 (damaged data)")
+        return InputError(self.path, f"member {shown(info.filename)}: bad CRC-32 (damaged data)")
 
     def _data_start(self, info: zipfile.ZipInfo) -> int:
         """Where a member's (stored or compressed) bytes begin: after its local header, whose
@@ -126,7 +143,7 @@ class NpzFile:
         return self._starts[info.filename]
 
     def _read_data_start(self, info: zipfile.ZipInfo) -> int:
-        with reading(self.path, f"member {info.filename!r}"):
+        with reading(self.path, f"member {shown(info.filename)}"):
             self._raw.seek(info.header_offset)
             header = self._raw.read(_LOCAL_HEADER_SIZE)
             name_length, extra_length = struct.unpack("<HH", header[26:30])
@@ -134,7 +151,8 @@ class NpzFile:
         stored = info.compress_type == zipfile.ZIP_STORED  # then read as file_size bytes
         if start + (info.file_size if stored else info.compress_size) > self._size:
             raise InputError(
-                self.path, f"member {info.filename!r} runs past the end of the file (truncated?)"
+                self.path,
+                f"member {shown(info.filename)} runs past the end of the file (truncated?)",
             )
         return start
 
@@ -167,7 +185,7 @@ class NpzFile:
     def _member_crc(self, tensor: TensorInfo, values_crc: int) -> int:
         """A stored member's CRC-32 from that of its values: its .npy header's comes first."""
         info, data_offset = tensor.location
-        with reading(self.path, f"member {info.filename!r}"):
+        with reading(self.path, f"member {shown(info.filename)}"):
             header = os.pread(self._raw.fileno(), data_offset, self._data_start(info))
         return crc32_combine(crc32(header), values_crc, tensor.nbytes)
 
@@ -284,7 +302,12 @@ class NpzFile:
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         info = tensor.location[0]
-        with reading(self.path, f"member {info.filename!r}"), self._zip.open(info) as member:
+        with (
+            reading(self.path, f"member {shown(info.filename)}"),
+            self._zip.open(info) as member,
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")  # numpy warns on headers from Python 2
             return np.lib.format.read_array(member, allow_pickle=False)
 
     def close(self) -> None:
@@ -299,37 +322,37 @@ class NpzFile:
             raise InputError(self.path, f"is {refusal}")
         repeated = [name for name, n in Counter(self._zip.namelist()).items() if n > 1]
         if repeated:
-            raise InputError(self.path, f"zip member {repeated[0]!r} appears more than once")
+            raise InputError(self.path, f"zip member {shown(repeated[0])} appears more than once")
         for info in self._zip.infolist():
             if info.flag_bits & _ENCRYPTED:
-                raise InputError(self.path, f"zip member {info.filename!r} is encrypted")
+                raise InputError(self.path, f"zip member {shown(info.filename)} is encrypted")
             if info.compress_type not in _COMPRESSIONS:
                 raise InputError(
                     self.path,
-                    f"zip member {info.filename!r} uses compression method "
+                    f"zip member {shown(info.filename)} uses compression method "
                     f"{info.compress_type}, which gclip cannot read",
                 )
             # opening checks the member's local header against the directory (signature,
             # name), even for members that would otherwise only be copied
-            with reading(self.path, f"zip member {info.filename!r}"), self._zip.open(info):
+            with reading(self.path, f"zip member {shown(info.filename)}"), self._zip.open(info):
                 pass
 
     def _describe_member(self, info: zipfile.ZipInfo) -> TensorInfo:
         name = info.filename[: -len(_NPY_SUFFIX)]
         try:
             with self._zip.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if version not in _HEADER_READERS:
-                    raise ValueError(f"unsupported .npy format version {version}")
-                shape, fortran_order, dtype = _HEADER_READERS[version](member)
-                data_offset = member.tell()
-        except READ_ERRORS as exc:
+                shape, fortran_order, dtype, data_offset = _read_npy_header(member)
+        except tokenize.TokenError as exc:  # its message is a tuple
             raise InputError(
-                self.path, f"member {info.filename!r} is not a valid .npy: {exc}"
+                self.path, f"member {shown(info.filename)} is not a valid .npy: {exc.args[0]}"
+            ) from None
+        except (*READ_ERRORS, *_HEADER_PARSE_ERRORS) as exc:
+            raise InputError(
+                self.path, f"member {shown(info.filename)} is not a valid .npy: {one_line(exc)}"
             ) from None
         if dtype.hasobject:
             raise InputError(
-                self.path, f"member {info.filename!r} holds Python objects (a pickle); refused"
+                self.path, f"member {shown(info.filename)} holds Python objects (a pickle); refused"
             )
         tensor = replace(
             describe_array(name, dtype, tuple(shape), location=(info, data_offset)),
@@ -338,21 +361,75 @@ class NpzFile:
         if info.file_size != data_offset + tensor.nbytes:
             raise InputError(
                 self.path,
-                f"member {info.filename!r} is {info.file_size} bytes but its .npy header "
-                f"({dtype.str} {tuple(shape)}) needs {data_offset + tensor.nbytes}",
+                f"member {shown(info.filename)} is {info.file_size} bytes but its .npy header "
+                f"({dtype.str} {shown(tuple(shape))}) needs {data_offset + tensor.nbytes}",
             )
         return tensor
 
     def _npy_header(self, tensor: TensorInfo) -> bytes:
         info, data_offset = tensor.location
-        with reading(self.path, f"member {info.filename!r}"), self._zip.open(info) as member:
+        with reading(self.path, f"member {shown(info.filename)}"), self._zip.open(info) as member:
             return member.read(data_offset)
 
     def _copy_member(self, info: zipfile.ZipInfo, dst: BinaryIO, chunk_bytes: int) -> None:
-        with reading(self.path, f"member {info.filename!r}"):
+        with reading(self.path, f"member {shown(info.filename)}"):
             member = self._zip.open(info)
         with member:
             copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except READ_ERRORS as exc:
+        raise InputError(path, f"not a readable .npz (zip) file: {one_line(exc)}") from None
+
+
+def _check_directory_size(path: Path, raw: BinaryIO) -> None:
+    """Refuse a central directory larger than MAX_ZIP_DIRECTORY before zipfile reads it."""
+    with reading(path, "zip end record"):
+        size = zip_directory_size(raw)
+    if size is not None and size > MAX_ZIP_DIRECTORY:
+        raise InputError(
+            path, f"zip central directory of {size:,} bytes exceeds the limit of 100 MB"
+        )
+
+
+def _read_npy_header(member: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and data offset from the ``.npy`` header at the start of
+    *member*.
+
+    numpy reads as many header bytes as the header claims (up to 4 GiB) before checking them
+    against its limit, and its parser raises more than ValueError on a damaged header; here the
+    length is checked first, and numpy parses the bytes read, silenced (it warns on Python 2
+    headers)."""
+    magic = member.read(_NPY_MAGIC_BYTES)
+    version = np.lib.format.read_magic(io.BytesIO(magic))
+    if version not in _HEADER_READERS:
+        raise ValueError(f"unsupported .npy format version {version}")
+    length_format = "<H" if version == (1, 0) else "<I"
+    length_bytes = member.read(struct.calcsize(length_format))
+    if len(length_bytes) < struct.calcsize(length_format):
+        raise ValueError("file ends within the .npy header")
+    (length,) = struct.unpack(length_format, length_bytes)
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(
+            f".npy header of {length} bytes exceeds numpy's limit of {_MAX_NPY_HEADER} bytes"
+        )
+    header = member.read(length)
+    if len(header) < length:
+        raise ValueError("file ends within the .npy header")
+    if version == (3, 0):  # read as 2.0, but numpy rereads no 3.0 header as Python 2's
+        ast.literal_eval(header.decode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shape, fortran_order, dtype = _HEADER_READERS[version](io.BytesIO(length_bytes + header))
+    if len(shape) > _MAX_DIMS or any(type(n) is not int or not 0 <= n < _MAX_EXTENT for n in shape):
+        raise ValueError(f"shape {shown(shape)} is not one numpy can make")
+    if dtype.subdtype is not None:  # numpy writes ('<f4', (2,)) into the shape, and reads no other
+        base, extent = dtype.subdtype
+        raise ValueError(f"descr {(base.str, extent)} is an array type, which numpy cannot read")
+    return shape, fortran_order, dtype, len(magic) + len(length_bytes) + length
 
 
 def _member_values(
@@ -373,11 +450,11 @@ def _member_values(
                 count = min(step, left)
                 nbytes = count * dtype.itemsize
                 if member.readinto(raw[:nbytes]) != nbytes:
-                    raise InputError(path, f"member {info.filename!r} ends early")
+                    raise InputError(path, f"member {shown(info.filename)} ends early")
                 left -= count
                 yield buffer[:count]
     except READ_ERRORS as exc:
-        raise InputError(path, f"member {info.filename!r}: {exc}") from None
+        raise InputError(path, f"member {shown(info.filename)}: {one_line(exc)}") from None
 
 
 @dataclass(frozen=True)

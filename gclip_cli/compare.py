@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
-from .formats import TensorFile, TensorInfo
+from .formats import TensorFile, TensorInfo, detect_format
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
+from .options import Options
 from .selection import matches, name_key
 
 SAME, DIFFERS, ONLY_A, ONLY_B, NOT_COMPARED = (
@@ -91,19 +93,24 @@ class Diff:
         a, b = self.file_a, self.file_b
         return replace(self, file_a=names.get(a, a), file_b=names.get(b, b))
 
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
+    def to_dict(self, view: object = None) -> dict:
+        """The comparison as one JSON-ready object (*view*: none applies to it)."""
+        from .reports import SCHEMA_VERSION
 
-        from .report import SCHEMA_VERSION
-
-        def clean(value: object) -> object:
-            return None if isinstance(value, float) and not math.isfinite(value) else value
-
-        data = {k: clean(v) for k, v in asdict(self).items() if k != "tensors"}
+        data = {k: _clean(v) for k, v in asdict(self).items() if k != "tensors"}
         data["same"] = self.same
         data["counts"] = self.counts
-        data["tensors"] = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
+        data["tensors"] = self.rows()[1]
         return {"schema_version": SCHEMA_VERSION, **data}
+
+    def rows(self, view: object = None) -> tuple[str, list[dict]]:
+        """One row per tensor, for JSON Lines and CSV."""
+        return "tensor", [{k: _clean(v) for k, v in asdict(t).items()} for t in self.tensors]
+
+
+def _clean(value: object) -> object:
+    """JSON has no NaN or infinity."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @dataclass
@@ -125,6 +132,23 @@ class _Streamed:
     stats_b: NormStats
     dot: float  # over the values counted (NaN/Inf as 0)
     differing: int  # values that differ
+
+
+def diff(path_a: Path, path_b: Path, options: Options) -> Diff:
+    """Compare the files *path_a* and *path_b* (api.diff_files), both opened in one child."""
+    from .pipeline import in_child
+
+    format_b = options.file_format or detect_format(path_b)
+    return in_child(path_a, options, _diff, path_b, format_b)
+
+
+def _diff(a: Path, format_a: str, options: Options, b: Path, format_b: str) -> Diff:
+    from .pipeline import opened
+
+    with opened(a, format_a, options) as file_a, opened(b, format_b, options) as file_b:
+        return compare(
+            file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
+        )
 
 
 def compare(

@@ -6,7 +6,6 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from . import parallel, progress
 from .formats import TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats, p_norm_of
+from .options import NonFinite
 from .rounding import ScaleFactor, ScratchBuffers, scale
 
 
@@ -154,14 +154,6 @@ def _power_mean_roundoff(roundoffs: list[tuple[float, NormStats]], total: NormSt
         return worst
     mean = math.fsum(share * math.expm1(p * math.log1p(u)) for share, u in weighted)
     return math.expm1(math.log1p(mean) / p)
-
-
-class NonFinite(str, Enum):
-    """What to do with NaN and Inf values."""
-
-    ERROR = "error"  # refuse the file
-    ZERO = "zero"  # count them as 0 in the norm and write 0 in their place
-    KEEP = "keep"  # norm of the finite values; write NaN/Inf back exactly as they were
 
 
 class Rewriter:

@@ -132,7 +132,8 @@ def exactly_scaled(values: np.ndarray, q: Fraction) -> np.ndarray:
 
 def expected_scaled(values: np.ndarray, report) -> np.ndarray:
     """What rescale must have written for *values*, given its report."""
-    q = Fraction(report.max_norm) / (Fraction(report.global_norm) + Fraction(report.eps))
+    strategy = report.strategy  # GlobalNorm
+    q = Fraction(strategy.max_norm) / (Fraction(report.global_norm) + Fraction(strategy.eps))
     return exactly_scaled(values, q)
 
 

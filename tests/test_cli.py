@@ -527,8 +527,8 @@ def test_a_closed_pipe_stops_quietly(make_file):
 
 def test_option_choices_match_the_library():
     # the CLI spells them out so that --help need not import numpy; they must not drift
-    from gclip_cli.export import OUTPUT_FORMATS
     from gclip_cli.formats import FORMAT_NAMES
+    from gclip_cli.render.machine import OUTPUT_FORMATS
     from gclip_cli.views import SORT_KEYS
 
     params = {p.name: p for p in main.commands["inspect"].params}
@@ -730,7 +730,7 @@ def test_a_folder_or_index_given_as_one_file_is_a_usage_error(tmp_path):
     for args, hint in [
         (["rescale", folder, tmp_path / "o", "--max-norm", "1"], "give --out-dir DIR"),
         (["rescale", index, tmp_path / "o", "--max-norm", "1"], "give --out-dir DIR"),
-        (["clip-value", index, tmp_path / "o", "--max-value", "1"], "takes one file"),
+        (["clip-value", index, tmp_path / "o", "--max-value", "1"], "give --out-dir DIR"),
     ]:
         proc = gclip(*args)
         assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
@@ -767,9 +767,10 @@ def test_help_texts_belong_to_their_command():
         assert "--eps" not in help_of(command), command
     assert "max_norm / (norm + eps)" in help_of("inspect")
     assert "target_norm / (norm + eps)" in help_of("normalize")
-    for command in ("inspect", "norm", "check", "history", "clip-value", "normalize"):
+    for command in ("inspect", "norm", "check", "history"):
         assert "--out-dir" not in help_of(command), command
-    assert "with --out-dir, N shards at once" in help_of("rescale")
+    for command in ("rescale", "clip-value", "normalize"):  # every strategy on shards
+        assert "with --out-dir, N files at once" in help_of(command)
     for option in ("--sort", "--top", "--by-layer"):
         assert option not in help_of("rescale")
         assert run("rescale", "a", "b", "--max-norm", "1", option).exit_code == 2
@@ -858,12 +859,12 @@ def test_an_input_truncated_before_it_is_mapped_is_one_line_exit_3(make_file, tm
     out = tmp_path / "out.safetensors"
     script = f"""
 import os, sys
-import gclip_cli.api as api
-real = api.measure_tensors
+import gclip_cli.pipeline as pipeline
+real = pipeline.measure_tensors
 def truncated_first(*args):
     os.truncate({str(src)!r}, 4096)  # someone truncates the input as pass 1 begins
     return real(*args)
-api.measure_tensors = truncated_first
+pipeline.measure_tensors = truncated_first
 from gclip_cli.cli import entry_point
 sys.argv = ["gclip", "rescale", {str(src)!r}, {str(out)!r}, "--max-norm", "1"]
 entry_point()

@@ -16,6 +16,7 @@ from gclip_cli.engine import (
 )
 from gclip_cli.formats import TensorInfo
 from gclip_cli.norms import NormStats, measure
+from gclip_cli.options import Options
 from gclip_cli.rounding import ScaleFactor
 
 
@@ -110,9 +111,11 @@ def test_each_pass_announces_the_bytes_of_its_gradients_then_does_them(make_file
     src = make_file(fmt, values)
     seen = []
     with listening(seen.append):
-        gclip_cli.inspect_file(src, chunk_size=1024)
+        gclip_cli.inspect_file(src, options=Options(chunk_size=1024))
         inspected = len(seen)
-        gclip_cli.rescale_file(src, tmp_path / f"o{SUFFIX[fmt]}", max_norm=1.0, chunk_size=1024)
+        gclip_cli.rescale_file(
+            src, tmp_path / f"o{SUFFIX[fmt]}", max_norm=1.0, options=Options(chunk_size=1024)
+        )
     measuring = ("measuring", gradient_bytes, gradient_bytes)
     assert progress_by_phase(seen[:inspected]) == [measuring]
     assert progress_by_phase(seen[inspected:]) == [measuring, ("writing", *measuring[1:])]
@@ -126,7 +129,7 @@ def test_the_measuring_phase_counts_only_the_selected_tensors(make_file, fmt):
     values = {"w": np.ones(1000, np.float32), "h": np.ones(70, np.float64)}
     seen = []
     with listening(seen.append):
-        gclip_cli.inspect_file(make_file(fmt, values), exclude=("h",))
+        gclip_cli.inspect_file(make_file(fmt, values), options=Options(exclude=("h",)))
     assert progress_by_phase(seen) == [("measuring", values["w"].nbytes, values["w"].nbytes)]
 
 

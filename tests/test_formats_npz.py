@@ -13,6 +13,7 @@ import gclip_cli
 from gclip_cli import InputError, parallel
 from gclip_cli.formats import npz, signatures
 from gclip_cli.norms import BLOCK, measure
+from gclip_cli.options import Options
 
 
 def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
@@ -120,9 +121,9 @@ def test_damaged_stored_values_are_refused_whoever_reads_them(tmp_path, monkeypa
     raw[raw.find(values.tobytes()) + flipped] ^= 0x01
     src.write_bytes(bytes(raw))
     with pytest.raises(InputError, match=r"member 'w\.npy': bad CRC-32"):
-        gclip_cli.inspect_file(src, jobs=jobs)
+        gclip_cli.inspect_file(src, options=Options(jobs=jobs))
     with pytest.raises(InputError, match=r"member 'w\.npy': bad CRC-32"):
-        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0, jobs=jobs)
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0, options=Options(jobs=jobs))
     assert not (tmp_path / "out.npz").exists()
     assert src.read_bytes() == raw
 
@@ -274,11 +275,11 @@ def test_workers_inflate_deflated_members_to_the_same_norms(tmp_path, monkeypatc
     src = tmp_path / "in.npz"
     arrays = compressed_archive(src)
     for jobs in (1, 2, 3):
-        report = gclip_cli.inspect_file(src, jobs=jobs)
+        report = gclip_cli.inspect_file(src, options=Options(jobs=jobs))
         norms = {t.name: t.norm for t in report.tensors if t.skipped is None}
         assert norms == {n: measure(a).norm() for n, a in arrays.items() if n != "step"}, jobs
         out = tmp_path / f"out{jobs}.npz"
-        rescaled = gclip_cli.rescale_file(src, out, max_norm=1.0, jobs=jobs)
+        rescaled = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(jobs=jobs))
         with np.load(out) as z:
             assert np.array_equal(z["emb"], expected_scaled(arrays["emb"], rescaled))
 
@@ -295,7 +296,7 @@ def test_a_bad_crc_found_by_a_worker_is_one_error(tmp_path, monkeypatch):
     data[info.header_offset + 30 + len("w.npy") + info.compress_size // 2] ^= 0xFF
     src.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"member 'w\.npy'"):
-        gclip_cli.inspect_file(src, jobs=2)
+        gclip_cli.inspect_file(src, options=Options(jobs=2))
 
 
 def gclip(*args, memory: int | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

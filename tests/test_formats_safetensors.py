@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 import gclip_cli
 from gclip_cli import InputError
 from gclip_cli.formats import detect_format, open_file
+from gclip_cli.options import Options
 
 
 def raw_file(path, header: dict | str, data: bytes = b"", pad: bool = False):
@@ -124,7 +125,10 @@ def test_invalid_headers_are_refused_before_reading_data(tmp_path, header, data,
     src = raw_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(InputError, match=message) as err:
         gclip_cli.rescale_file(
-            src, tmp_path / "out.safetensors", max_norm=1.0, file_format="safetensors"
+            src,
+            tmp_path / "out.safetensors",
+            max_norm=1.0,
+            options=Options(file_format="safetensors"),
         )
     assert str(src) in str(err.value)
     assert not (tmp_path / "out.safetensors").exists()

@@ -52,6 +52,7 @@ from safetensors.numpy import save as safetensors_bytes
 import gclip_cli
 from gclip_cli import GclipError
 from gclip_cli.api import rescale_files
+from gclip_cli.options import Options
 
 MAX_MESSAGE = 1000  # characters in one error line: a hostile name must not make it megabytes
 
@@ -175,8 +176,8 @@ def check_one(fmt: str, data: bytes, folder: Path) -> str:
     src.write_bytes(data)
     out.unlink(missing_ok=True)
     try:
-        gclip_cli.inspect_file(src, chunk_size=64)
-        report = gclip_cli.rescale_file(src, out, max_norm=0.5, chunk_size=64)
+        gclip_cli.inspect_file(src, options=Options(chunk_size=64))
+        report = gclip_cli.rescale_file(src, out, max_norm=0.5, options=Options(chunk_size=64))
     except GclipError as exc:
         assert_clean_refusal(exc, [src, out])
         assert not out.exists()
@@ -209,8 +210,8 @@ def check_index(index: bytes, folder: Path) -> str:
     before = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     out = folder / "out"
     try:
-        gclip_cli.inspect_files([path], chunk_size=64)
-        report = rescale_files([path], out, max_norm=0.5, jobs=1)
+        gclip_cli.inspect_files([path], options=Options(chunk_size=64))
+        report = rescale_files([path], out, max_norm=0.5, options=Options(jobs=1))
     except GclipError as exc:
         assert_clean_refusal(exc, [folder])  # the index, a shard or a file it names
         assert not out.exists() or not any(out.iterdir())

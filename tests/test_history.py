@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from gclip_cli import UsageError
 from gclip_cli.api import history_of
 from gclip_cli.cli import main
-from gclip_cli.history import step_in_name
+from gclip_cli.steps import step_in_name
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 

@@ -26,6 +26,7 @@ from gclip_cli import InputError, OutputError, api, parallel
 from gclip_cli.engine import Rewriter
 from gclip_cli.formats import TensorInfo, base
 from gclip_cli.norms import BLOCK
+from gclip_cli.options import Options
 from gclip_cli.parallel import Span, cut
 
 
@@ -153,7 +154,7 @@ def test_rescale_writes_the_same_bytes_with_any_number_of_jobs(
     for jobs in (1, 2, 3):
         outputs[jobs] = tmp_path / f"out{jobs}{SUFFIX[fmt]}"
         reports[jobs] = api.rescale_file(
-            src, outputs[jobs], max_norm=1.0, jobs=jobs, chunk_size=chunk_size
+            src, outputs[jobs], max_norm=1.0, options=Options(jobs=jobs, chunk_size=chunk_size)
         )
     assert (
         reports[1]
@@ -183,28 +184,33 @@ def replace_output(report, output):
 
 def test_inspect_measures_alike_with_any_number_of_jobs(fmt, tmp_path, always_parallel):
     src = write(fmt, tmp_path / f"in{SUFFIX[fmt]}", gradients(3))
-    reports = [api.inspect_file(src, jobs=jobs, norm_type=p) for jobs in (1, 2) for p in (2, 3)]
+    reports = [
+        api.inspect_file(src, options=Options(jobs=jobs, norm_type=p))
+        for jobs in (1, 2)
+        for p in (2, 3)
+    ]
     assert reports[0] == reports[2] and reports[1] == reports[3]
 
 
 @pytest.mark.parametrize(
-    ("call", "arguments"),
+    ("call", "arguments", "nonfinite"),
     [
-        (api.clip_value_file, {"max_value": 0.5, "nonfinite": "keep"}),
-        (api.normalize_file, {"target_norm": 2.0, "nonfinite": "zero"}),
-        (api.rescale_file, {"max_norm": 1.0, "per_tensor": True, "nonfinite": "keep"}),
-        (api.rescale_file, {"max_norm": 1.0, "nonfinite": "keep"}),
-        (api.rescale_file, {"max_norm": 1.0, "nonfinite": "zero"}),
+        (api.clip_value_file, {"max_value": 0.5}, "keep"),
+        (api.normalize_file, {"target_norm": 2.0}, "zero"),
+        (api.rescale_file, {"max_norm": 1.0, "per_tensor": True}, "keep"),
+        (api.rescale_file, {"max_norm": 1.0}, "keep"),
+        (api.rescale_file, {"max_norm": 1.0}, "zero"),
     ],
 )
 def test_every_strategy_gives_the_same_result_on_workers(
-    tmp_path, always_parallel, call, arguments
+    tmp_path, always_parallel, call, arguments, nonfinite
 ):
     tensors = gradients(5)
     tensors["emb"][[5, BLOCK + 7, 3 * BLOCK]] = [np.nan, np.inf, -np.inf]
     src = write("safetensors", tmp_path / "in.safetensors", tensors)
-    serial = call(src, tmp_path / "one.safetensors", jobs=1, **arguments)
-    workers = call(src, tmp_path / "two.safetensors", jobs=2, **arguments)
+    one, two = (Options(jobs=jobs, nonfinite=nonfinite) for jobs in (1, 2))
+    serial = call(src, tmp_path / "one.safetensors", options=one, **arguments)
+    workers = call(src, tmp_path / "two.safetensors", options=two, **arguments)
     assert replace_output(workers, serial.output) == serial
     assert (tmp_path / "one.safetensors").read_bytes() == (
         tmp_path / "two.safetensors"
@@ -257,7 +263,9 @@ def test_the_workers_progress_reaches_the_listener_in_its_phases(
     monkeypatch.setattr(parallel, "run_forked", counted)
     seen = []
     with progress.listening(seen.append):
-        api.rescale_file(src, tmp_path / "out", max_norm=1.0, jobs=2, chunk_size=4100)
+        api.rescale_file(
+            src, tmp_path / "out", max_norm=1.0, options=Options(jobs=2, chunk_size=4100)
+        )
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
     forked = set(forks.read_text().split())
     assert "_measure_share" in forked  # deflated npz members are written in one process
@@ -281,7 +289,7 @@ def test_a_write_error_in_a_worker_fails_the_whole_rescale(tmp_path, always_para
     monkeypatch.setattr(base, "write_all_at", disk_full)
     out = tmp_path / "out.safetensors"
     with pytest.raises(OutputError, match="No space left on device"):
-        api.rescale_file(src, out, max_norm=1.0, jobs=2)
+        api.rescale_file(src, out, max_norm=1.0, options=Options(jobs=2))
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
     assert src.read_bytes() == before
 
@@ -294,4 +302,4 @@ def test_a_worker_killed_by_a_signal_becomes_one_error(tmp_path, always_parallel
 
     monkeypatch.setattr(parallel, "_measure_share", killed)
     with pytest.raises(InputError, match=r"a worker process died \(SIGKILL\)"):
-        api.inspect_file(src, jobs=2)
+        api.inspect_file(src, options=Options(jobs=2))

@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from conftest import exact_norm, exactly_scaled, read_tensors, write_tensors
 
 import gclip_cli
-from gclip_cli import InputError, api
+from gclip_cli import InputError, api, pipeline
 from gclip_cli.api import rescale_files
 from gclip_cli.cli import main
-from gclip_cli.sharded import RETRIES, executor_for, run_all
+from gclip_cli.executors import RETRIES, executor_for, run_all
+from gclip_cli.options import Options
 
 SHARDS = {  # file -> (format, tensors)
     "model-00001-of-00003.safetensors": ("safetensors", {"a.w": (40, 30), "a.b": (30,)}),
@@ -73,7 +74,10 @@ def test_every_executor_gives_the_same_bytes(checkpoint, tmp_path):
     results = []
     for i, executor in enumerate(executors()):
         out = tmp_path / f"out{i}"
-        report = rescale_files([index], out, max_norm=0.5, chunk_size=1000 * (i + 1), **executor)
+        options = Options(chunk_size=1000 * (i + 1), jobs=executor.get("jobs"))
+        report = rescale_files(
+            [index], out, max_norm=0.5, options=options, scheduler=executor.get("scheduler")
+        )
         raw = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".h5"}
         results.append((report.global_norm, report.global_norm_after, raw, outputs(out)))
     first = results[0]
@@ -124,13 +128,13 @@ def test_a_failing_write_leaves_nothing_partial_in_the_output_directory(
     out = tmp_path / "clipped"
     attempts = tmp_path / "attempts"  # a file: each shard's work runs in a child process
 
-    def write_half_then_fail(src, file_format, tmp, *args):
+    def write_half_then_fail(src, file_format, options, tmp, *args):
         with open(attempts, "a") as log:
             log.write(f"{src.name}\n")
         tmp.write_bytes(b"half a shard")
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(api, "_write_shard", write_half_then_fail)
+    monkeypatch.setattr(pipeline, "_write_file", write_half_then_fail)
     with pytest.raises(RuntimeError, match="worker lost"):
         rescale_files([index], out, max_norm=1.0)
     assert len(attempts.read_text().split()) >= RETRIES + 1  # tried again before giving up
@@ -150,7 +154,7 @@ def test_progress_is_reported_per_shard_and_phase(checkpoint, tmp_path):
         [index],
         tmp_path / "out",
         max_norm=1.0,
-        progress=lambda phase, done, total: seen.append((phase, done, total)),
+        shards=lambda phase, done, total: seen.append((phase, done, total)),
     )
     assert seen == [("measuring", i, 3) for i in range(4)] + [("writing", i, 3) for i in range(4)]
 
@@ -199,14 +203,14 @@ def test_a_shard_changed_between_the_passes_is_refused_before_any_write(
 ):
     index, _ = checkpoint
     first = index.parent / next(iter(SHARDS))
-    real = api._measure_file
+    real = pipeline._measure_file
 
     def measure_then_touch(src, *args):
         measured = real(src, *args)
         os.utime(first, ns=(0, first.stat().st_mtime_ns + 1))  # someone rewrites a shard
         return measured
 
-    monkeypatch.setattr(api, "_measure_file", measure_then_touch)
+    monkeypatch.setattr(pipeline, "_measure_file", measure_then_touch)
     out = tmp_path / "clipped"
     with pytest.raises(gclip_cli.InputError, match="changed while gclip was reading it"):
         rescale_files([index], out, max_norm=1.0)
@@ -217,7 +221,7 @@ def test_a_shard_replaced_during_its_write_is_refused_and_not_put_in_place(
     checkpoint, tmp_path, monkeypatch
 ):
     index, _ = checkpoint
-    real = api._write_shard
+    real = pipeline._write_file
 
     def write_then_replace(src, *args):
         written = real(src, *args)
@@ -226,7 +230,7 @@ def test_a_shard_replaced_during_its_write_is_refused_and_not_put_in_place(
         copy.replace(src)
         return written
 
-    monkeypatch.setattr(api, "_write_shard", write_then_replace)
+    monkeypatch.setattr(pipeline, "_write_file", write_then_replace)
     out = tmp_path / "clipped"
     with pytest.raises(gclip_cli.InputError, match="replaced by another file"):
         rescale_files([index], out, max_norm=1.0)
@@ -238,18 +242,18 @@ def test_ctrl_c_in_a_serial_run_stops_at_once_and_leaves_nothing(checkpoint, tmp
     # staging directory was being removed, which could leave it behind.
     index, _ = checkpoint
     started = []
-    real_task = api._write_task
+    real_task = pipeline.write_source
 
-    def count(src, *args):
-        started.append(src.name)
-        return real_task(src, *args)
+    def count(measured, *args):
+        started.append(measured.path.name)
+        return real_task(measured, *args)
 
-    def interrupted(src, file_format, tmp, *args):
+    def interrupted(src, file_format, options, tmp, *args):
         tmp.write_bytes(b"half a shard")
         raise KeyboardInterrupt  # Ctrl-C while the first shard is written
 
-    monkeypatch.setattr(api, "_write_task", count)
-    monkeypatch.setattr(api, "_write_shard", interrupted)
+    monkeypatch.setattr(pipeline, "write_source", count)
+    monkeypatch.setattr(pipeline, "_write_file", interrupted)
     out = tmp_path / "clipped"
     with pytest.raises(KeyboardInterrupt):
         rescale_files([index], out, max_norm=1.0)
@@ -262,14 +266,14 @@ def test_an_output_folder_moved_away_mid_run_is_an_error_that_leaves_nothing(
 ):
     index, _ = checkpoint
     out, moved = tmp_path / "clipped", tmp_path / "moved"
-    real = api._write_shard
+    real = pipeline._write_file
 
     def write_then_move(*args):
         written = real(*args)
         out.rename(moved)
         return written
 
-    monkeypatch.setattr(api, "_write_shard", write_then_move)
+    monkeypatch.setattr(pipeline, "_write_file", write_then_move)
     with pytest.raises(gclip_cli.OutputError, match="was moved or replaced"):
         rescale_files([index], out, max_norm=1.0)
     assert list(moved.iterdir()) == []

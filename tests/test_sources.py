@@ -12,6 +12,7 @@ from conftest import exact_norm, release_readers, write_tensors
 
 import gclip_cli
 from gclip_cli import InputError, sources
+from gclip_cli.options import Options
 from gclip_cli.sources import Identity, resolve
 
 
@@ -136,7 +137,7 @@ def test_torch_and_keras_archives_and_zips_without_arrays_are_named_and_refused(
             gclip_cli.inspect_file(tmp_path / name)
         # --file-format npz does not make them archives of nothing
         with pytest.raises(InputError, match="not a readable" if name == "old.pt" else message):
-            gclip_cli.inspect_file(tmp_path / name, file_format="npz")
+            gclip_cli.inspect_file(tmp_path / name, options=Options(file_format="npz"))
 
 
 def test_one_file_named_several_ways_is_counted_once(tmp_path, monkeypatch):

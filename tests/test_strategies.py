@@ -42,7 +42,7 @@ def test_per_tensor_clips_each_tensor_by_its_own_norm(make_file, fmt, tmp_path):
     grads = gradients()
     out = tmp_path / f"out{SUFFIX[fmt]}"
     report = gclip_cli.rescale_file(make_file(fmt, grads), out, max_norm=1.0, per_tensor=True)
-    assert report.strategy == "per-tensor" and report.clipped
+    assert report.strategy.name == "per-tensor" and report.clipped
     written = read_tensors(out, fmt)
     by_name = {t.name: t for t in report.tensors}
     for name, original in grads.items():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gclip_cli.errors import UsageError
-from gclip_cli.report import Report, TensorReport
+from gclip_cli.reports import InspectReport as Report
+from gclip_cli.reports import TensorReport
 from gclip_cli.views import (
     LayerReport,
     View,

@@ -1,9 +1,10 @@
-"""Many files, one global norm: the two phases as tasks on any ``concurrent.futures.Executor``.
+"""Where the pipeline's phases run: in this thread, on a process pool on this machine, or on a
+Dask cluster; each a ``concurrent.futures.Executor``.  run_all() runs a phase's tasks on one.
 
-Phase 1 measures each shard and returns its statistics (never arrays); the exact sums are
-merged here, so the global norm does not depend on the executor or the order tasks finish in.
-Phase 2 writes each shard to its own temporary file and renames it, so a retried task is
-harmless and an interrupted one leaves no partial file.
+Tasks return statistics, never arrays, and their exact sums are merged by the caller, so no
+result depends on the executor or the order tasks finish in; pass 2 writes each file to its own
+temporary file (in staging()) renamed when complete, so a retried task is harmless and an
+interrupted one leaves no partial file.
 """
 
 from __future__ import annotations

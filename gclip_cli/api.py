@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import progress
 from .engine import (
     Clamper,
     NonFinite,
@@ -31,6 +30,7 @@ from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
 from .norms import NormStats
 from .output import atomic_output, check_output_path
 from .parallel import available_cores
+from .progress import COPYING, SILENT, Listener, Progress
 from .report import Report, TensorReport, tensor_reports
 from .rounding import ScaleFactor
 from .selection import (
@@ -136,24 +136,35 @@ class _Measured:
     stats: list[NormStats | None]
 
 
-def inspect_file(path: PathLike, *, file_format: str | None = None, **options: object) -> Report:
+def inspect_file(
+    path: PathLike,
+    *,
+    file_format: str | None = None,
+    progress: Listener | None = None,
+    **options: object,
+) -> Report:
     """Measure every tensor of *path*; with max_norm, also the factor rescale would apply.
 
     *options* are those of :class:`Options`.  NaN/Inf values are counted per tensor; with
     nonfinite "zero" or "keep" the global norm is that of the finite values (as rescale would
-    use), else it is NaN/inf.
+    use), else it is NaN/inf.  *progress*, if given, is called with each progress event
+    (see progress.py), as the work advances.
     """
-    return inspect_files([path], file_format=file_format, **options)
+    return inspect_files([path], file_format=file_format, progress=progress, **options)
 
 
 def inspect_files(
-    paths: Sequence[PathLike], *, file_format: str | None = None, **options: object
+    paths: Sequence[PathLike],
+    *,
+    file_format: str | None = None,
+    progress: Listener | None = None,
+    **options: object,
 ) -> Report:
     """One report, and one global norm, over several files: paths may also be directories
     or sharded-checkpoint ``*.index.json`` files."""
     settings = Options(**options)
     inputs = resolve(paths)
-    measured = _measure_all(inputs, file_format, settings)
+    measured = _measure_all(inputs, file_format, settings, Progress(progress))
     tensors = [t for m in measured for t in m.tensors]
     before = [s for m in measured for s in m.stats]
     total = combine(before, settings.norm_type)
@@ -178,12 +189,14 @@ def inspect_files(
     )
 
 
-def _measure_all(inputs: Inputs, file_format: str | None, options: Options) -> list[_Measured]:
+def _measure_all(
+    inputs: Inputs, file_format: str | None, options: Options, progress: Progress
+) -> list[_Measured]:
     """Pass 1 over every input file, then the checks that need all of them: each shard holds
     what its index lists, each glob matches some tensor."""
     alone = len(inputs.files) == 1  # then the file checks the globs itself, before pass 1
     measured = [
-        _in_child_if_fragile(src, file_format, _measure_file, options, alone)
+        _in_child_if_fragile(src, file_format, _measure_file, options, alone, progress=progress)
         for src in progress.each_file(inputs.files)
     ]
     inputs.check_indexes({m.path: [t.name for t in m.tensors] for m in measured})
@@ -223,8 +236,12 @@ def diff_files(
     return run_isolated(a, _diff, a, format_a, b, format_b, settings, crash=crash)
 
 
-def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> Diff:
+def _diff(
+    progress: Progress, a: Path, format_a: str, b: Path, format_b: str, options: Options
+) -> Diff:
     from .compare import compare  # imported where needed, here and below: start-up counts
+
+    del progress  # comparing reports none
 
     with _opened(a, format_a, options) as file_a, _opened(b, format_b, options) as file_b:
         return compare(
@@ -239,6 +256,7 @@ def history_of(
     max_norm: float | None = None,
     as_given: bool = False,
     file_format: str | None = None,
+    progress: Listener | None = None,
     **options: object,
 ) -> History:
     """The global norm of each file (one training step each), in step order unless *as_given*,
@@ -248,7 +266,8 @@ def history_of(
     A file's step is a ``global_step`` or ``step`` entry of its metadata (safetensors
     ``__metadata__``, an HDF5 root attribute), else a 0-d integer tensor so named, else the
     number after step/iter/it in its name's stem, else the stem's last number.  In step order,
-    a file without a step, or two files with one step, are a UsageError.
+    a file without a step, or two files with one step, are a UsageError.  *progress*: as for
+    inspect_file.
     """
     if not 0 <= percentile <= 100:
         raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
@@ -258,8 +277,11 @@ def history_of(
     inputs = resolve(paths)
     steps: list[Step] = []
     tensors: list[str] = []
-    for src in progress.each_file(inputs.files):
-        measured, found = _in_child_if_fragile(src, file_format, _measure_with_step, settings)
+    sink = Progress(progress)
+    for src in sink.each_file(inputs.files):
+        measured, found = _in_child_if_fragile(
+            src, file_format, _measure_with_step, settings, progress=sink
+        )
         if not as_given:
             _check_step(src, found, steps)
         require_counted(src, counted_or_why(measured.tensors))  # no norm of 0 for nothing
@@ -301,6 +323,7 @@ def rescale_file(
     groups: Sequence[tuple[str, float]] = (),
     file_format: str | None = None,
     clobber: bool = True,
+    progress: Listener | None = None,
     **options: object,
 ) -> Report:
     """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
@@ -312,7 +335,8 @@ def rescale_file(
     *dst* appears only when complete.  NaN/Inf values: nonfinite "error" raises
     NonFiniteError before anything is written; "zero" counts them as 0 and writes 0; "keep"
     clips by the norm of the finite values and writes NaN/Inf back unchanged.  With *clobber*
-    off an existing *dst* is never replaced.  Other *options* are those of :class:`Options`.
+    off an existing *dst* is never replaced.  *progress*: as for inspect_file.  Other
+    *options* are those of :class:`Options`.
     """
     if groups:
         for glob, limit in groups:
@@ -322,7 +346,9 @@ def rescale_file(
         raise UsageError(None, "give a max norm, or groups with their own max norms")
     else:
         strategy = PerTensor(max_norm) if per_tensor else GlobalNorm(max_norm)
-    return _rewrite_file(src, dst, strategy, file_format, clobber, max_norm=max_norm, **options)
+    return _rewrite_file(
+        src, dst, strategy, file_format, clobber, progress, max_norm=max_norm, **options
+    )
 
 
 def rescale_files(
@@ -532,6 +558,7 @@ def _write_task(
 
 
 def _write_shard(
+    progress: Progress,
     src: Path,
     file_format: str,
     tmp: Path,
@@ -543,7 +570,9 @@ def _write_shard(
     with _opened(src, file_format, options) as tfile:
         gradients = dict.fromkeys((t.name for t in tfile.tensors if t.is_gradient), factor)
         scaler = Scaler(gradients, options.norm_type, options.policy, with_nonfinite)
-        return _write_or_copy(tfile, tmp, dst, scaler, factor.exact != 1, with_nonfinite, options)
+        return _write_or_copy(
+            tfile, tmp, dst, scaler, factor.exact != 1, with_nonfinite, options, progress
+        )
 
 
 def _write_or_copy(
@@ -554,14 +583,15 @@ def _write_or_copy(
     changes: bool,
     with_nonfinite: frozenset[str],
     options: Options,
+    progress: Progress,
 ) -> list[NormStats | None] | None:
     """Pass 2 into *tmp*, or, when no value would change, a byte copy (None: the values
     written are those pass 1 measured).  Zeroing NaN/Inf is a change too."""
     with _output_errors(dst):
         if changes or (with_nonfinite and options.policy is NonFinite.ZERO):
-            return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers)
+            return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers, progress)
         size = tfile.path.stat().st_size
-        progress.begin(progress.COPYING, size)
+        progress.begin(COPYING, size)
         _copy_file(tfile.path, tmp)
         progress.advance(size)
         return None
@@ -574,6 +604,7 @@ def normalize_file(
     target_norm: float,
     file_format: str | None = None,
     clobber: bool = True,
+    progress: Listener | None = None,
     **options: object,
 ) -> Report:
     """Scale *src* so that its global norm becomes *target_norm* (up or down) into *dst*.
@@ -582,7 +613,9 @@ def normalize_file(
     value would overflow its dtype.
     """
     _require_positive("target norm", target_norm)
-    return _rewrite_file(src, dst, Normalize(target_norm), file_format, clobber, **options)
+    return _rewrite_file(
+        src, dst, Normalize(target_norm), file_format, clobber, progress, **options
+    )
 
 
 def clip_value_file(
@@ -592,11 +625,12 @@ def clip_value_file(
     max_value: float,
     file_format: str | None = None,
     clobber: bool = True,
+    progress: Listener | None = None,
     **options: object,
 ) -> Report:
     """Clamp every gradient value of *src* to [-max_value, max_value] into *dst*."""
     _require_positive("max value", max_value)
-    return _rewrite_file(src, dst, ClipValue(max_value), file_format, clobber, **options)
+    return _rewrite_file(src, dst, ClipValue(max_value), file_format, clobber, progress, **options)
 
 
 def _rewrite_file(
@@ -605,28 +639,35 @@ def _rewrite_file(
     strategy: Strategy,
     file_format: str | None,
     clobber: bool,
+    progress: Listener | None,
     **options: object,
 ) -> Report:
     settings = Options(**options)
     src, dst = Path(src), Path(dst)
     check_output_path(src, dst, clobber)
     identity = Identity.of(src)  # the file measured must be the file written from
+    sink = Progress(progress)
     with atomic_output(dst, clobber, mode_from=src) as tmp, unchanged(src, identity):
         return _in_child_if_fragile(
-            src, file_format, _rewrite, dst, tmp, strategy, settings, identity
+            src, file_format, _rewrite, dst, tmp, strategy, settings, identity, progress=sink
         )
 
 
 def _in_child_if_fragile(
-    src: PathLike, file_format: str | None, work: Callable[..., T], *args: object
+    src: PathLike,
+    file_format: str | None,
+    work: Callable[..., T],
+    *args: object,
+    progress: Progress = SILENT,
 ) -> T:
-    """*work*(src, format, *args), in a child process (where fork is available): a library
-    can crash (not raise) on a damaged file, and a mapped file that shrinks kills its reader
-    with SIGBUS; either is then an InputError (see isolation.py)."""
+    """*work*(progress, src, format, *args), in a child process (where fork is available),
+    its progress reaching *progress*: a library can crash (not raise) on a damaged file, and
+    a mapped file that shrinks kills its reader with SIGBUS; either is then an InputError
+    (see isolation.py)."""
     src = Path(src)
     file_format = file_format or detect_format(src)
     crash = HDF5_CRASH if crashes_on_damage(file_format) else WORKER_CRASH
-    return run_isolated(src, work, src, file_format, *args, crash=crash)
+    return run_isolated(src, work, src, file_format, *args, crash=crash, progress=progress)
 
 
 @contextmanager
@@ -646,34 +687,39 @@ def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFil
 
 
 def _measure_file(
-    src: Path, file_format: str, options: Options, check_selection: bool = False
+    progress: Progress,
+    src: Path,
+    file_format: str,
+    options: Options,
+    check_selection: bool = False,
 ) -> _Measured:
     """Pass 1 of one file; *check_selection*: refuse globs that match none of its tensors
     first (when it is the only file, that is the whole check)."""
     with _opened(src, file_format, options) as tfile:
         if check_selection:
             check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
-        return _measure_opened(tfile, options)
+        return _measure_opened(tfile, options, progress)
 
 
-def _measure_opened(tfile: TensorFile, options: Options) -> _Measured:
-    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
+def _measure_opened(tfile: TensorFile, options: Options, progress: Progress) -> _Measured:
+    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers, progress)
     # locations are the format's handles: not needed by reports, and may not pickle
     tensors = [replace(t, location=None) for t in tfile.tensors]
     return _Measured(tfile.path, tfile.format_name, tensors, stats)
 
 
 def _measure_with_step(
-    src: Path, file_format: str, options: Options
+    progress: Progress, src: Path, file_format: str, options: Options
 ) -> tuple[_Measured, FoundStep | None]:
     """Pass 1 of one file and the training step it holds (history), in one opening."""
     from .history import step_of
 
     with _opened(src, file_format, options) as tfile:
-        return _measure_opened(tfile, options), step_of(tfile)
+        return _measure_opened(tfile, options, progress), step_of(tfile)
 
 
 def _rewrite(
+    progress: Progress,
     src: Path,
     file_format: str,
     dst: Path,
@@ -688,7 +734,9 @@ def _rewrite(
         tensors = list(tfile.tensors)
         check_globs([t.name for t in tensors], options.include, options.exclude)
         require_counted(src, counted_or_why(tensors))
-        before = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
+        before = measure_tensors(
+            tfile, options.norm_type, options.chunk_size, options.workers, progress
+        )
         identity.check(src)
         total = combine(before, options.norm_type)
         if options.policy is NonFinite.ERROR:
@@ -705,7 +753,9 @@ def _rewrite(
             planned = plan(strategy, tensors, before, options.norm, options.eps)
             rewriter = Scaler(planned.factors, options.norm_type, options.policy, with_nonfinite)
             changes = planned.changes_anything
-        written = _write_or_copy(tfile, tmp, dst, rewriter, changes, with_nonfinite, options)
+        written = _write_or_copy(
+            tfile, tmp, dst, rewriter, changes, with_nonfinite, options, progress
+        )
         after = before if written is None else written
         reports = tensor_reports(
             tensors, before, global_norm, options.norm, after, files=[str(src)] * len(tensors)

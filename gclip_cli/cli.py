@@ -28,6 +28,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .progress_display import ProgressDisplay
     from .report import Report
     from .views import View
 
@@ -594,8 +595,9 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
-    with _local(files) as (paths, names), _byte_progress():
-        result = history_of(paths, file_format=file_format, **options).shown_as(names)
+    with _local(files) as (paths, names), _byte_progress() as progress:
+        result = history_of(paths, file_format=file_format, progress=progress, **options)
+        result = result.shown_as(names)
     if plot is not None:
         chart.plot(result, plot)
     if as_json:
@@ -792,10 +794,16 @@ def _rewrite(
     with (
         _local((input_file,)) as ((src,), names),
         _destination(output_file, input_file) as dst,
-        _byte_progress(enabled=not quiet),
+        _byte_progress(enabled=not quiet) as progress,
     ):
         report = call(
-            src, dst, file_format=file_format, clobber=not no_clobber, **strategy, **arguments
+            src,
+            dst,
+            file_format=file_format,
+            clobber=not no_clobber,
+            progress=progress,
+            **strategy,
+            **arguments,
         )
         if output_file == STDIO:
             names[str(dst)] = STDOUT_NAME
@@ -870,20 +878,19 @@ def _rewrite_many(
 
 
 @contextmanager
-def _byte_progress(enabled: bool = True) -> Iterator[None]:
+def _byte_progress(enabled: bool = True) -> Iterator[ProgressDisplay | None]:
     """The phase, its percentage, bytes done, throughput and time left on stderr, for work
-    that takes more than about a second, when stderr is a terminal."""
+    that takes more than about a second, when stderr is a terminal: the display to give the
+    library as its progress (None: no display)."""
     from .streams import is_terminal
 
     if not (enabled and is_terminal(sys.stderr)):
-        yield
+        yield None
         return
-    from .progress import listening
     from .progress_display import ProgressDisplay
 
-    display = ProgressDisplay(_console(stderr=True), delay=_progress_delay())
-    with display, listening(display):
-        yield
+    with ProgressDisplay(_console(stderr=True), delay=_progress_delay()) as display:
+        yield display
 
 
 def _progress_delay() -> float:
@@ -928,8 +935,9 @@ def _inspect(
     from .selection import require_counted as refuse_if_none
 
     file_format = options.pop("file_format")
-    with _local(files) as (paths, names), _byte_progress():
-        report = inspect_files(paths, file_format=file_format, **options).shown_as(names)
+    with _local(files) as (paths, names), _byte_progress() as progress:
+        report = inspect_files(paths, file_format=file_format, progress=progress, **options)
+        report = report.shown_as(names)
     _tell_not_read(report)
     if require_counted:
         refuse_if_none(report.path, [(t.name, t.skipped) for t in report.tensors])

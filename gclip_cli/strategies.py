@@ -5,7 +5,7 @@
 - groups: tensors matched by name patterns clipped by their group's norm, each its own C;
 - normalise: every tensor scaled so that the global norm becomes the target, up or down.
 
-Clipping by value is not a factor; see :class:`ClipValue` and ``engine.Clamper``.
+Clipping by value is not a factor; see :class:`ClipValue` and ``rewriters.Clamper``.
 """
 
 from __future__ import annotations

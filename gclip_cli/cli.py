@@ -446,31 +446,30 @@ def entry_point() -> None:
     run in reverse order of registration) and the standard streams are flushed.
     """
     interrupts.install()
-    atexit.register(_exit_now)
+    status: list[int] = []  # the exit status, once known, for _exit_now
+    atexit.register(_exit_now, status)
     try:
         with interrupts.reported():
             main()
     except SystemExit as done:
         code = interrupts.final_status(done.code)
         if isinstance(code, int) or code is None:  # else Python prints it
-            _exit_status.append(code or 0)
+            status.append(code or 0)
         if code != done.code:
             raise SystemExit(code) from None
         raise
 
 
-_exit_status: list[int] = []
-
-
-def _exit_now() -> None:
-    if not _exit_status:
+def _exit_now(status: list[int]) -> None:
+    """Exit with *status*[0] at once, if the status is known (see entry_point)."""
+    if not status:
         return
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError:  # Python's own teardown reports it
         return
-    os._exit(_exit_status[0])
+    os._exit(status[0])
 
 
 def _terminate(signum: int, frame: object) -> None:

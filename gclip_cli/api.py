@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from . import pipeline
 from .errors import UsageError
 from .options import DEFAULT_CHUNK_SIZE, NonFinite, Options
+from .progress import Listener, Progress
 from .reports import InspectReport, RewriteReport
 from .sources import resolve
 from .strategies import ClipValue, GlobalNorm, Groups, Normalize, PerTensor, Strategy
@@ -58,6 +59,7 @@ def inspect_files(
     eps: float = 0.0,
     options: Options = _DEFAULTS,
     require_counted: bool = False,
+    progress: Listener | None = None,
 ) -> InspectReport:
     """Every tensor's norm, share, max |x| and NaN/Inf count, and one global norm over all
     of *paths*; with *max_norm*, also the factor rescale would apply (max_norm / (norm + eps)).
@@ -65,18 +67,29 @@ def inspect_files(
     With ``options.nonfinite`` "zero" or "keep" the global norm is that of the finite values
     (as rescale would use), else it is NaN/inf when the values hold NaN/Inf.  With
     *require_counted*, inputs with no tensor to count are refused (as norm and check do).
+    *progress*, if given, is called with each progress event (see progress.py) as the work
+    advances, here and in the children that do it.
     """
-    inputs = resolve(paths)
     return pipeline.inspect(
-        inputs, options, max_norm=max_norm, eps=eps, require_counted=require_counted
+        resolve(paths),
+        options,
+        max_norm=max_norm,
+        eps=eps,
+        require_counted=require_counted,
+        progress=Progress(progress),
     )
 
 
 def inspect_file(
-    path: PathLike, *, max_norm: float | None = None, eps: float = 0.0, options: Options = _DEFAULTS
+    path: PathLike,
+    *,
+    max_norm: float | None = None,
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
+    progress: Listener | None = None,
 ) -> InspectReport:
     """inspect_files of one path."""
-    return inspect_files([path], max_norm=max_norm, eps=eps, options=options)
+    return inspect_files([path], max_norm=max_norm, eps=eps, options=options, progress=progress)
 
 
 def rescale_strategy(
@@ -105,6 +118,7 @@ def rewrite_file(
     *,
     options: Options = _DEFAULTS,
     clobber: bool = True,
+    progress: Listener | None = None,
 ) -> RewriteReport:
     """Write *src* to *dst* (same format) with its values changed as *strategy* says; *src*
     is never modified.
@@ -112,10 +126,12 @@ def rewrite_file(
     *dst* appears only when complete; with *clobber* off an existing *dst* is never replaced.
     NaN/Inf values: ``options.nonfinite`` "error" raises NonFiniteError before anything is
     written; "zero" counts them as 0 and writes 0; "keep" clips by the norm of the finite
-    values and writes NaN/Inf back unchanged.
+    values and writes NaN/Inf back unchanged.  *progress*: as for inspect_files.
     """
     outputs = pipeline.Outputs.one_file(Path(dst), clobber)
-    return pipeline.rewrite_files(resolve([src]), outputs, strategy, options)
+    return pipeline.rewrite_files(
+        resolve([src]), outputs, strategy, options, progress=Progress(progress)
+    )
 
 
 def rewrite_files(
@@ -155,11 +171,12 @@ def rescale_file(
     eps: float = 0.0,
     options: Options = _DEFAULTS,
     clobber: bool = True,
+    progress: Listener | None = None,
 ) -> RewriteReport:
     """Clip *src* into *dst* as rescale_strategy() says (by the global norm by default); see
     rewrite_file."""
     strategy = rescale_strategy(max_norm, per_tensor=per_tensor, groups=groups, eps=eps)
-    return rewrite_file(src, dst, strategy, options=options, clobber=clobber)
+    return rewrite_file(src, dst, strategy, options=options, clobber=clobber, progress=progress)
 
 
 def rescale_files(
@@ -195,9 +212,11 @@ def clip_value_file(
     max_value: float,
     options: Options = _DEFAULTS,
     clobber: bool = True,
+    progress: Listener | None = None,
 ) -> RewriteReport:
     """Clamp every gradient value of *src* to [-max_value, max_value] into *dst*."""
-    return rewrite_file(src, dst, ClipValue(max_value=max_value), options=options, clobber=clobber)
+    strategy = ClipValue(max_value=max_value)
+    return rewrite_file(src, dst, strategy, options=options, clobber=clobber, progress=progress)
 
 
 def clip_value_files(
@@ -224,12 +243,13 @@ def normalize_file(
     eps: float = 0.0,
     options: Options = _DEFAULTS,
     clobber: bool = True,
+    progress: Listener | None = None,
 ) -> RewriteReport:
     """Scale *src* so that its global norm becomes *target_norm* (up or down) into *dst*: the
     factor is target_norm / (norm + eps); a zero gradient stays zero; refused when a value
     would overflow its dtype."""
     strategy = Normalize(target_norm=target_norm, eps=eps)
-    return rewrite_file(src, dst, strategy, options=options, clobber=clobber)
+    return rewrite_file(src, dst, strategy, options=options, clobber=clobber, progress=progress)
 
 
 def normalize_files(
@@ -256,6 +276,7 @@ def history_of(
     max_norm: float | None = None,
     as_given: bool = False,
     options: Options = _DEFAULTS,
+    progress: Listener | None = None,
 ) -> History:
     """The global norm of each file (one training step each), in step order unless
     *as_given*, with percentiles and a suggested max norm (the *percentile*-th); with
@@ -269,7 +290,12 @@ def history_of(
     from .history import history
 
     return history(
-        resolve(paths), options, percentile=percentile, max_norm=max_norm, as_given=as_given
+        resolve(paths),
+        options,
+        percentile=percentile,
+        max_norm=max_norm,
+        as_given=as_given,
+        progress=Progress(progress),
     )
 
 

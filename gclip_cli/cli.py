@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .compare import Diff
     from .history import History
     from .options import Options
+    from .progress_display import ProgressDisplay
     from .reports import InspectReport, Report, RewriteReport
     from .strategies import Strategy
     from .views import View
@@ -507,31 +508,30 @@ def entry_point() -> None:
     run in reverse order of registration) and the standard streams are flushed.
     """
     interrupts.install()
-    atexit.register(_exit_now)
+    status: list[int] = []  # the exit status, once known, for _exit_now
+    atexit.register(_exit_now, status)
     try:
         with interrupts.reported():
             main()
     except SystemExit as done:
         code = interrupts.final_status(done.code)
         if isinstance(code, int) or code is None:  # else Python prints it
-            _exit_status.append(code or 0)
+            status.append(code or 0)
         if code != done.code:
             raise SystemExit(code) from None
         raise
 
 
-_exit_status: list[int] = []
-
-
-def _exit_now() -> None:
-    if not _exit_status:
+def _exit_now(status: list[int]) -> None:
+    """Exit with *status*[0] at once, if the status is known (see entry_point)."""
+    if not status:
         return
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError:  # Python's own teardown reports it
         return
-    os._exit(_exit_status[0])
+    os._exit(status[0])
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -660,9 +660,14 @@ def history(
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
-    with _local(files) as (paths, names), _byte_progress():
+    with _local(files) as (paths, names), _byte_progress() as progress:
         found = history_of(
-            paths, percentile=percentile, max_norm=max_norm, as_given=as_given, options=options
+            paths,
+            percentile=percentile,
+            max_norm=max_norm,
+            as_given=as_given,
+            options=options,
+            progress=progress,
         )
     found = found.shown_as(names)
     if plot is not None:
@@ -878,9 +883,11 @@ def _rewrite_one(
     with (
         _local((input_file,)) as ((src,), names),
         _destination(output_file, input_file) as dst,
-        _byte_progress(enabled=not writing.quiet),
+        _byte_progress(enabled=not writing.quiet) as progress,
     ):
-        report = rewrite_file(src, dst, strategy, options=options, clobber=not writing.no_clobber)
+        report = rewrite_file(
+            src, dst, strategy, options=options, clobber=not writing.no_clobber, progress=progress
+        )
         if output_file == STDIO:
             names[str(dst)] = STDOUT_NAME
         report = report.shown_as(names)
@@ -930,20 +937,19 @@ def _rewrite_many(
 
 
 @contextmanager
-def _byte_progress(enabled: bool = True) -> Iterator[None]:
+def _byte_progress(enabled: bool = True) -> Iterator[ProgressDisplay | None]:
     """The phase, its percentage, bytes done, throughput and time left on stderr, for work
-    that takes more than about a second, when stderr is a terminal."""
+    that takes more than about a second, when stderr is a terminal: the display to give the
+    library as its progress (None: no display)."""
     from .streams import is_terminal
 
     if not (enabled and is_terminal(sys.stderr)):
-        yield
+        yield None
         return
-    from .progress import listening
     from .progress_display import ProgressDisplay
 
-    display = ProgressDisplay(_console(stderr=True), delay=_progress_delay())
-    with display, listening(display):
-        yield
+    with ProgressDisplay(_console(stderr=True), delay=_progress_delay()) as display:
+        yield display
 
 
 def _progress_delay() -> float:
@@ -991,9 +997,14 @@ def _inspect(
     *require_counted* no report without a tensor counted (a norm of nothing is no answer)."""
     from .api import inspect_files
 
-    with _local(files) as (paths, names), _byte_progress():
+    with _local(files) as (paths, names), _byte_progress() as progress:
         report = inspect_files(
-            paths, max_norm=max_norm, eps=eps, options=options, require_counted=require_counted
+            paths,
+            max_norm=max_norm,
+            eps=eps,
+            options=options,
+            require_counted=require_counted,
+            progress=progress,
         )
     report = report.shown_as(names)
     _tell_not_read(report)

@@ -23,6 +23,7 @@ import numpy as np
 from .formats import TensorFile, TensorInfo, detect_format
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
 from .options import Options
+from .progress import SILENT, Progress
 from .selection import matches, name_key
 
 SAME, DIFFERS, ONLY_A, ONLY_B, NOT_COMPARED = (
@@ -139,10 +140,13 @@ def diff(path_a: Path, path_b: Path, options: Options) -> Diff:
     from .pipeline import in_child
 
     format_b = options.file_format or detect_format(path_b)
-    return in_child(path_a, options, _diff, path_b, format_b)
+    return in_child(path_a, options, SILENT, _diff, path_b, format_b)
 
 
-def _diff(a: Path, format_a: str, options: Options, b: Path, format_b: str) -> Diff:
+def _diff(
+    progress: Progress, a: Path, format_a: str, options: Options, b: Path, format_b: str
+) -> Diff:
+    del progress  # comparing reports none
     from .pipeline import opened
 
     with opened(a, format_a, options) as file_a, opened(b, format_b, options) as file_b:

@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import ml_dtypes
-import numpy as np
 
-from . import parallel, progress
+from . import parallel
 from .formats import TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats, p_norm_of
-from .options import NonFinite
-from .rounding import ScaleFactor, ScratchBuffers, scale
+from .progress import MEASURING, SILENT, WRITING, Progress
+from .rewriters import Rewriter, counted
+from .rounding import ScaleFactor
 
 
 def measure_tensors(
-    tfile: TensorFile, norm_type: float, chunk_bytes: int, jobs: int = 1
+    tfile: TensorFile,
+    norm_type: float,
+    chunk_bytes: int,
+    jobs: int = 1,
+    progress: Progress = SILENT,
 ) -> list[NormStats | None]:
     """Pass 1: NormStats of every gradient tensor of *tfile* (None for skipped tensors), the
-    plain stored ones by *jobs* worker processes when that pays."""
-    progress.begin(progress.MEASURING, gradient_bytes(tfile.tensors))
+    plain stored ones by *jobs* worker processes when that pays; told to *progress*."""
+    progress.begin(MEASURING, gradient_bytes(tfile.tensors))
     pieces = parallel.measurable_pieces(tfile, jobs)
-    measured, crcs = parallel.measure_pieces(tfile.path, pieces, norm_type, chunk_bytes, jobs)
+    measured, crcs = parallel.measure_pieces(
+        tfile.path, pieces, norm_type, chunk_bytes, jobs, progress
+    )
     tfile.verify_checksums(crcs)
     return [
         None
         if not t.is_gradient
         else measured[t.name]
         if t.name in measured
-        else _measure_tensor(tfile, t, norm_type, chunk_bytes)
+        else _measure_tensor(tfile, t, norm_type, chunk_bytes, progress)
         for t in tfile.tensors
     ]
 
@@ -44,7 +49,7 @@ def gradient_bytes(tensors: Sequence[TensorInfo]) -> int:
 
 
 def _measure_tensor(
-    tfile: TensorFile, tensor: TensorInfo, norm_type: float, chunk_bytes: int
+    tfile: TensorFile, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
 ) -> NormStats:
     accumulator = NormAccumulator(norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
@@ -156,150 +161,32 @@ def _power_mean_roundoff(roundoffs: list[tuple[float, NormStats]], total: NormSt
     return math.expm1(math.log1p(mean) / p)
 
 
-class Rewriter:
-    """A pass-2 transform that measures what it writes, tensor by tensor.
-
-    Chunks of one tensor must arrive one after another (every writer goes tensor by tensor).
-    """
-
-    def __init__(self, norm_type: float) -> None:
-        self.norm_type = norm_type
-        self.after: dict[str, NormStats] = {}
-        self._current: tuple[str, NormAccumulator] | None = None
-
-    def __call__(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
-        self.rewrite(tensor, src, dst)
-        self._accumulator_for(tensor.name).add(dst)
-        progress.advance(dst.nbytes)
-
-    def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def blank(self) -> Rewriter:
-        """A rewriter like this one that has written nothing yet."""
-        fresh = copy.copy(self)
-        fresh.after, fresh._current = {}, None
-        return fresh
-
-    def merge(self, other: Rewriter) -> None:
-        """Take in what *other* (a blank() copy that worked elsewhere) wrote."""
-        for name, stats in other.finish().items():
-            self.after.setdefault(name, NormStats(self.norm_type)).merge(stats)
-
-    def finish(self) -> dict[str, NormStats]:
-        """The norms of the values written, per tensor name."""
-        if self._current is not None:
-            name, accumulator = self._current
-            self.after[name] = accumulator.finish()
-            self._current = None
-        return self.after
-
-    def _accumulator_for(self, name: str) -> NormAccumulator:
-        if self._current is None or self._current[0] != name:
-            self.finish()
-            self._current = (name, NormAccumulator(self.norm_type))
-        return self._current[1]
-
-
-class Scaler(Rewriter):
-    """Multiplies each tensor by its factor, rounding once (see rounding.py).
-
-    *with_nonfinite* names the tensors holding NaN/Inf, treated as *policy* says.
-    """
-
-    def __init__(
-        self,
-        factors: Mapping[str, ScaleFactor],
-        norm_type: float,
-        policy: NonFinite = NonFinite.ERROR,
-        with_nonfinite: frozenset[str] = frozenset(),
-    ) -> None:
-        super().__init__(norm_type)
-        self.factors = factors
-        self.policy = policy
-        self.with_nonfinite = with_nonfinite
-        self._scratch = ScratchBuffers()
-
-    def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
-        factor = self.factors[tensor.name]
-        if tensor.name in self.with_nonfinite:
-            self._scale_around_nonfinite(src, dst, factor)
-        else:
-            scale(src, dst, factor, self._scratch)
-
-    def _scale_around_nonfinite(
-        self, src: np.ndarray, dst: np.ndarray, factor: ScaleFactor
-    ) -> None:
-        bad = ~np.isfinite(src)
-        if self.policy is NonFinite.ZERO:
-            np.copyto(dst, src)
-            dst[bad] = 0
-            scale(dst, dst, factor, self._scratch)
-            return
-        kept = src[bad]  # copied first: src and dst may be the same array
-        with np.errstate(invalid="ignore", over="ignore"):
-            scale(src, dst, factor, self._scratch)
-        dst[bad] = kept  # exactly the original bits
-
-
-class Clamper(Rewriter):
-    """Clips every value to [-V, V], V rounded toward zero into each tensor's dtype, and counts
-    the values it changed.  NaN/Inf: 0 with policy ZERO, untouched with KEEP."""
-
-    def __init__(
-        self, max_value: float, norm_type: float, policy: NonFinite = NonFinite.ERROR
-    ) -> None:
-        super().__init__(norm_type)
-        self.max_value = max_value
-        self.policy = policy
-        self.clamped: dict[str, int] = {}
-
-    def blank(self) -> Clamper:
-        fresh = super().blank()
-        fresh.clamped = {}
-        return fresh
-
-    def merge(self, other: Rewriter) -> None:
-        super().merge(other)
-        for name, count in other.clamped.items():
-            self.clamped[name] = self.clamped.get(name, 0) + count
-
-    def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
-        bound = self.bound(src.dtype)
-        finite = np.isfinite(src)
-        changed = int(np.count_nonzero((np.abs(src) > bound) & finite))
-        kept = src[~finite]  # copied first: src and dst may be the same array
-        np.clip(src, -bound, bound, out=dst)
-        dst[~finite] = 0 if self.policy is NonFinite.ZERO else kept
-        self.clamped[tensor.name] = self.clamped.get(tensor.name, 0) + changed
-
-    def bound(self, dtype: np.dtype) -> np.generic:
-        """The largest value of *dtype* not above max_value."""
-        value = dtype.type(self.max_value)
-        if float(value) > self.max_value:
-            value = np.nextafter(value, dtype.type(0))
-        return value
-
-
 def rewrite(
-    tfile: TensorFile, out: Path, rewriter: Rewriter, chunk_bytes: int, jobs: int = 1
+    tfile: TensorFile,
+    out: Path,
+    rewriter: Rewriter,
+    chunk_bytes: int,
+    jobs: int = 1,
+    progress: Progress = SILENT,
 ) -> list[NormStats | None]:
     """Pass 2: write *tfile* to *out*, every gradient chunk passed through *rewriter*; the
-    plain stored tensors by *jobs* worker processes when that pays.
+    plain stored tensors by *jobs* worker processes when that pays; told to *progress*.
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
     """
-    progress.begin(progress.WRITING, gradient_bytes(tfile.tensors))
+    progress.begin(WRITING, gradient_bytes(tfile.tensors))
     spans = parallel.parallel_spans(tfile, jobs)
     pieces = parallel.encodable_pieces(tfile, jobs)
     leave = {s.tensor.name for s in spans} | {p.tensor.name for p in pieces}
-    tfile.write_transformed(out, rewriter, chunk_bytes, leave=leave)
+    tfile.write_transformed(out, counted(rewriter, progress), chunk_bytes, leave=leave)
     rewriter.finish()
     crcs = (
-        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs) if spans else {}
+        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs, progress)
+        if spans
+        else {}
     )
     if pieces:
-        parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs)
+        parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs, progress)
     tfile.finish_output(out, crcs)
     after = rewriter.after
     return [

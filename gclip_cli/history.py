@@ -12,6 +12,7 @@ import numpy as np
 from .engine import combine
 from .errors import UsageError
 from .options import NonFinite, Options
+from .progress import SILENT, Progress
 from .selection import counted_or_why, require_counted
 
 if TYPE_CHECKING:
@@ -82,13 +83,15 @@ def history(
     percentile: float = 95.0,
     max_norm: float | None = None,
     as_given: bool = False,
+    progress: Progress = SILENT,
 ) -> History:
     """The history of the files *inputs* name, one step each (see api.history_of)."""
     from .pipeline import measure
 
     if not 0 <= percentile <= 100:
         raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
-    steps = [_step(m, options, as_given) for m in measure(inputs, options, with_step=True).files]
+    measurement = measure(inputs, options, with_step=True, progress=progress)
+    steps = [_step(m, options, as_given) for m in measurement.files]
     if not as_given:
         _refuse_twins(steps)
         steps.sort(key=lambda s: s.step)

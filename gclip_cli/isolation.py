@@ -7,9 +7,9 @@ its result (or exception) comes back through a pipe, and a child killed by a sig
 InputError naming the file.  Forking a process that has already imported its libraries takes
 milliseconds.  Where fork is not available the work simply runs in this process.
 
-Children pass the progress they make back to this process, which owns the display.  They
-leave Ctrl-C to this process, which stops them (SIGTERM), and die with it, even when it is
-killed by SIGKILL (see interrupts.py).
+Children pass the progress they make back to this process, which owns the display, through
+the Channel each task is given.  They leave Ctrl-C to this process, which stops them
+(SIGTERM), and die with it, even when it is killed by SIGKILL (see interrupts.py).
 
 The same holds for an input read through a mapping (every format reads plain values so): if
 the file shrinks meanwhile, touching a page past its new end kills the reader with SIGBUS,
@@ -29,13 +29,15 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TypeVar
 
-from . import interrupts, progress
+from . import interrupts
 from .errors import GclipError, InputError
+from .progress import SILENT, Progress
 
 T = TypeVar("T")
 Task = tuple[Callable[..., object], tuple[object, ...]]
@@ -52,18 +54,39 @@ MAPPING_FAILED = (
 TEST_DELAY = "GCLIP_TEST_WORK_DELAY"
 
 
-def run_isolated(path: Path, work: Callable[..., T], *args: object, crash: str = HDF5_CRASH) -> T:
-    """*work*(*args) in a forked child; its exceptions are re-raised here, and its death by
-    a signal is an InputError on *path*, with the message *crash* (see run_forked)."""
-    return run_forked(path, [(_after_test_delay, (work, *args))], crash)[0]
+@dataclass(frozen=True)
+class Channel:
+    """What a task of run_forked has of its parent: *progress*, which reaches the parent's,
+    and note(value), which reaches the parent's on_note."""
+
+    progress: Progress = SILENT
+    send_note: Callable[[object], None] | None = None
+
+    def note(self, value: object) -> None:
+        """Hand *value* (picklable) to the parent's on_note, if it has one."""
+        if self.send_note is not None:
+            self.send_note(value)
 
 
-def _after_test_delay(work: Callable[..., T], *args: object) -> T:
-    """*work*(*args), TEST_DELAY seconds late when that is set."""
+def run_isolated(
+    path: Path,
+    work: Callable[..., T],
+    *args: object,
+    crash: str = HDF5_CRASH,
+    progress: Progress = SILENT,
+) -> T:
+    """*work*(child's progress, *args) in a forked child, its progress reaching *progress*;
+    its exceptions are re-raised here, and its death by a signal is an InputError on *path*,
+    with the message *crash* (see run_forked)."""
+    return run_forked(path, [(_after_test_delay, (work, *args))], crash, progress=progress)[0]
+
+
+def _after_test_delay(channel: Channel, work: Callable[..., T], *args: object) -> T:
+    """*work*(channel.progress, *args), TEST_DELAY seconds late when that is set."""
     delay = os.environ.get(TEST_DELAY)
     if delay:
         time.sleep(float(delay))
-    return work(*args)
+    return work(channel.progress, *args)
 
 
 def can_fork() -> bool:
@@ -78,18 +101,22 @@ def run_forked(
     path: Path,
     tasks: Sequence[Task],
     crash: str = WORKER_CRASH,
+    *,
     on_note: Callable[[int, object], None] | None = None,
+    progress: Progress = SILENT,
 ) -> list:
-    """Each task's work(*args), all at once, each in its own forked child; results in order.
+    """Each task's work(channel, *args), all at once, each in its own forked child; results
+    in order.
 
-    What a task passes to tell_parent() arrives here, while it works, as on_note(index of the
-    task, value).  The first exception raised in a child (or by on_note) is raised here, and
-    the children are stopped.  A child killed by a signal becomes an InputError on *path* with
-    the message *crash* (``{how}`` names the signal), or, killed by SIGBUS, one saying that the
-    file shrank.  Without fork the tasks run here, one after another.
+    The task's progress on channel.progress reaches *progress* here, and what it passes to
+    channel.note() arrives, while it works, as on_note(index of the task, value).  The first
+    exception raised in a child (or by on_note) is raised here, and the children are stopped.
+    A child killed by a signal becomes an InputError on *path* with the message *crash*
+    (``{how}`` names the signal), or, killed by SIGBUS, one saying that the file shrank.
+    Without fork the tasks run here, one after another.
     """
     if not can_fork():
-        return [_run_here(index, task, on_note) for index, task in enumerate(tasks)]
+        return [_run_here(index, task, on_note, progress) for index, task in enumerate(tasks)]
     context = multiprocessing.get_context("fork")
     size = _size(path)
     children: list[tuple[BaseProcess, Connection]] = []
@@ -101,12 +128,14 @@ def run_forked(
         for work, args in tasks:
             receiver, sender = context.Pipe(duplex=False)
             # not daemonic: a child may fork workers of its own (HDF5 work on several cores)
-            child = context.Process(target=_child, args=(os.getpid(), sender, work, args))
+            channel = _channel_to_parent(sender, progress.listening, on_note is not None)
+            child = context.Process(target=_child, args=(os.getpid(), sender, channel, work, args))
             with _signals_held():
                 child.start()
                 children.append((child, receiver))  # before a signal can act: to be stopped
             sender.close()
-        return _collect(path, children, functools.partial(_death, path, size, crash), on_note)
+        death = functools.partial(_death, path, size, crash)
+        return _collect(path, children, death, on_note, progress)
     except BaseException:  # an error or an interruption here: stop every child too
         for child, _ in children:
             child.terminate()
@@ -129,24 +158,22 @@ def _release_free_heap() -> None:
         trim(0)
 
 
-def _run_here(index: int, task: Task, on_note: Callable[[int, object], None] | None) -> object:
-    """Run *task* in this process, its notes going straight to on_note."""
-    global _tell
+def _run_here(
+    index: int, task: Task, on_note: Callable[[int, object], None] | None, progress: Progress
+) -> object:
+    """Run *task* in this process, its notes and progress going straight to on_note and
+    *progress*."""
     work, args = task
-    before, _tell = _tell, functools.partial(on_note, index) if on_note else None
-    try:
-        return work(*args)
-    finally:
-        _tell = before
+    return work(Channel(progress, functools.partial(on_note, index) if on_note else None), *args)
 
 
-def tell_parent(value: object) -> None:
-    """From a task of run_forked: hand *value* to its on_note (picklable)."""
-    if _tell is not None:
-        _tell(value)
-
-
-_tell: Callable[[object], None] | None = None
+def _channel_to_parent(sender: Connection, progress: bool, notes: bool) -> Channel:
+    """The channel of a child that sends through *sender*: its progress if the parent
+    listens to progress, its notes if the parent takes notes (else nothing is sent)."""
+    return Channel(
+        Progress(functools.partial(_send, sender, "progress")) if progress else SILENT,
+        functools.partial(_send, sender, "note") if notes else None,
+    )
 
 
 def _collect(
@@ -154,6 +181,7 @@ def _collect(
     children: list[tuple[BaseProcess, Connection]],
     death: Callable[[int | None], str],
     on_note: Callable[[int, object], None] | None,
+    progress: Progress,
 ) -> list:
     """Wait for every child's result, passing their progress and notes on as they arrive."""
     results: dict[int, object] = {}
@@ -193,17 +221,18 @@ def _signals_held() -> Iterator[None]:
 
 
 def _child(
-    parent: int, sender: Connection, work: Callable[..., object], args: tuple[object, ...]
+    parent: int,
+    sender: Connection,
+    channel: Channel,
+    work: Callable[..., object],
+    args: tuple[object, ...],
 ) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent stops a child with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # after Ctrl-C, which is the parent's
     interrupts.die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.RAISING)
-    global _tell
-    progress.relay(functools.partial(_send, sender, "progress"))
-    _tell = functools.partial(_send, sender, "note")
     try:
-        outcome = ("result", work(*args))
+        outcome = ("result", work(channel, *args))
     except BaseException as exc:  # everything goes back to the parent, which decides
         outcome = ("error", sendable(exc))
     try:

@@ -4,6 +4,7 @@ by a Python caller) and passed whole; validated when made."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -78,13 +79,16 @@ class Options:
     @property
     def processes(self) -> int:
         """Worker processes for one file."""
-        from .parallel import available_cores
-
         return self.jobs or available_cores()
 
     def norm(self, stats: NormStats) -> float:
         """The norm that counts: NaN/Inf propagate unless a policy says how to treat them."""
         return stats.norm() if self.nonfinite is NonFinite.ERROR else stats.finite_norm()
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def opaque_types(names: tuple[str, ...]) -> dict[int, np.dtype]:

@@ -24,7 +24,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import progress
 from .engine import combine, dividing_norm, measure_tensors, rewrite
 from .errors import InputError, NonFiniteError, OutputError
 from .executors import InThisThread, executor_for, run_all, staging
@@ -34,6 +33,7 @@ from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
 from .norms import NormStats
 from .options import NonFinite, Options
 from .output import atomic_output, check_output_path
+from .progress import COPYING, SILENT, File, Progress
 from .reports import InspectReport, RewriteReport, TensorReport, tensor_reports
 from .selection import check_globs, counted_or_why, read_opaque_as, refuse_opaque, select
 from .selection import require_counted as refuse_if_none_counted
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Record = tuple[str, TensorInfo, NormStats | None]  # (file, tensor, pass-1 statistics)
 ShardProgress = Callable[[str, int, int], None]  # (phase, files done, files)
+_ALONE = File(1, 1)
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,21 @@ def measure(
     with_step: bool = False,
     require_counted: bool = False,
     shards: ShardProgress | None = None,
+    progress: Progress = SILENT,
 ) -> Measurement:
-    """Pass 1 over every source, and the checks that need them all (Measurement.check)."""
+    """Pass 1 over every source, and the checks that need them all (Measurement.check).
+
+    *progress* hears of the bytes measured where the work runs in this process's children
+    (shards on a pool or a cluster report to *shards*, as each is done)."""
+    executor = executor or InThisThread()
     alone = len(inputs.files) == 1  # then the file checks the globs itself, before pass 1
     count = len(inputs.files)
-    jobs = [(src, options, alone, with_step, (n, count)) for n, src in enumerate(inputs.files, 1)]
-    measured = run_all(
-        executor or InThisThread(), measure_source, jobs, _counter("measuring", count, shards)
-    )
+    here = progress if isinstance(executor, InThisThread) else SILENT
+    jobs = [
+        (src, options, alone, with_step, File(n, count), here)
+        for n, src in enumerate(inputs.files, 1)
+    ]
+    measured = run_all(executor, measure_source, jobs, _counter("measuring", count, shards))
     measurement = Measurement(inputs, options, tuple(measured))
     measurement.check(require_counted)
     return measurement
@@ -165,23 +173,29 @@ def measure_source(
     options: Options,
     check_selection: bool = False,
     with_step: bool = False,
-    position: tuple[int, int] = (1, 1),
+    position: File = _ALONE,
+    progress: Progress = SILENT,
 ) -> Measured:
     """Pass 1 of one file (a task: in a child of its own); *check_selection*: refuse globs that
     match none of its tensors before reading values (when it is the only file, that is the
     whole check); *with_step*: also the training step it holds; *position*: which file of how
-    many, for the progress display."""
-    progress.forward(progress.File(*position))
-    return in_child(src, options, _measure_file, check_selection, with_step)
+    many, told to *progress*."""
+    progress.forward(position)
+    return in_child(src, options, progress, _measure_file, check_selection, with_step)
 
 
 def _measure_file(
-    src: Path, file_format: str, options: Options, check_selection: bool, with_step: bool
+    progress: Progress,
+    src: Path,
+    file_format: str,
+    options: Options,
+    check_selection: bool,
+    with_step: bool,
 ) -> Measured:
     with opened(src, file_format, options) as tfile:
         if check_selection:
             check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
-        measured = measure_opened(tfile, options)
+        measured = measure_opened(tfile, options, progress)
         if with_step:
             from .steps import step_of
 
@@ -189,8 +203,9 @@ def _measure_file(
         return measured
 
 
-def measure_opened(tfile: TensorFile, options: Options) -> Measured:
-    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.processes)
+def measure_opened(tfile: TensorFile, options: Options, progress: Progress = SILENT) -> Measured:
+    jobs = options.processes
+    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, jobs, progress)
     # locations are the format's handles: not needed by reports, and may not pickle
     tensors = tuple(replace(t, location=None) for t in tfile.tensors)
     return Measured(tfile.path, tfile.format_name, tensors, tuple(stats))
@@ -212,13 +227,15 @@ def opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile
             raise InputError(src, str(exc)) from None
 
 
-def in_child(src: Path, options: Options, work: Callable[..., T], *args: object) -> T:
-    """*work*(src, format, options, *args) in a forked child (where fork is available): a
-    library can crash (not raise) on a damaged file, and a mapped file that shrinks kills its
-    reader with SIGBUS; either is then an InputError (see isolation.py)."""
+def in_child(
+    src: Path, options: Options, progress: Progress, work: Callable[..., T], *args: object
+) -> T:
+    """*work*(the child's progress, src, format, options, *args) in a forked child (where fork
+    is available): a library can crash (not raise) on a damaged file, and a mapped file that
+    shrinks kills its reader with SIGBUS; either is then an InputError (see isolation.py)."""
     file_format = options.file_format or detect_format(src)
     crash = HDF5_CRASH if crashes_on_damage(file_format) else WORKER_CRASH
-    return run_isolated(src, work, src, file_format, options, *args, crash=crash)
+    return run_isolated(src, work, src, file_format, options, *args, crash=crash, progress=progress)
 
 
 # --- inspect -------------------------------------------------------------------------------
@@ -231,9 +248,10 @@ def inspect(
     max_norm: float | None = None,
     eps: float = 0.0,
     require_counted: bool = False,
+    progress: Progress = SILENT,
 ) -> InspectReport:
     """Measure every tensor; with *max_norm*, also what clipping by the global norm would do."""
-    measurement = measure(inputs, options, require_counted=require_counted)
+    measurement = measure(inputs, options, require_counted=require_counted, progress=progress)
     preview = None
     if (
         max_norm is not None
@@ -304,6 +322,7 @@ def rewrite_files(
     jobs: int | None = None,
     scheduler: str | None = None,
     shards: ShardProgress | None = None,
+    progress: Progress = SILENT,
 ) -> RewriteReport:
     """Rewrite every source through *strategy* into *outputs*: one plan over all of them.
 
@@ -313,13 +332,18 @@ def rewrite_files(
     """
     outputs.check(inputs)
     if len(inputs.files) == 1 and outputs.out_dir is None and scheduler is None:
-        return _rewrite_alone(inputs, outputs, strategy, options)
+        return _rewrite_alone(inputs, outputs, strategy, options, progress)
     # shards at once, each in one process; or shard after shard, each on every core
     pool = jobs if scheduler or ((jobs or 1) > 1 and len(inputs.files) > 1) else None
     options = replace(options, jobs=1) if pool else options
     with ExitStack() as cleanup, executor_for(pool, scheduler) as executor:
         measurement = measure(
-            inputs, options, executor=executor, require_counted=True, shards=shards
+            inputs,
+            options,
+            executor=executor,
+            require_counted=True,
+            shards=shards,
+            progress=progress,
         )
         measurement.refuse_nonfinite()
         plan = measurement.plan(strategy)
@@ -327,8 +351,19 @@ def rewrite_files(
         _make_folders([dst.parent for dst in [*outputs.targets, *(c for _, c in outputs.copies)]])
         outputs.check(inputs, made=True)
         temp_dir = cleanup.enter_context(staging(outputs.out_dir or outputs.targets[0].parent))
+        here = progress if isinstance(executor, InThisThread) else SILENT
         tasks = [
-            (m, dst, temp_dir, strategy, plan, options, outputs.clobber, inputs.identities[m.path])
+            (
+                m,
+                dst,
+                temp_dir,
+                strategy,
+                plan,
+                options,
+                outputs.clobber,
+                inputs.identities[m.path],
+                here,
+            )
             for m, dst in zip(measurement.files, outputs.targets, strict=True)
         ]
         written = run_all(executor, write_source, tasks, _counter("writing", len(tasks), shards))
@@ -342,20 +377,20 @@ def rewrite_files(
 
 
 def _rewrite_alone(
-    inputs: Inputs, outputs: Outputs, strategy: Strategy, options: Options
+    inputs: Inputs, outputs: Outputs, strategy: Strategy, options: Options, progress: Progress
 ) -> RewriteReport:
     """One source: pass 1, the plan and pass 2 in one child, the file open throughout."""
     src, dst = inputs.files[0], outputs.targets[0]
     identity = inputs.identities[src]  # the file measured must be the file written from
     with atomic_output(dst, outputs.clobber, mode_from=src) as tmp, unchanged(src, identity):
-        measured, plan, written = in_child(
-            src, options, _session, tmp, dst, strategy, inputs, identity
-        )
+        work = (tmp, dst, strategy, inputs, identity)
+        measured, plan, written = in_child(src, options, progress, _session, *work)
     measurement = Measurement(inputs, options, (measured,))
     return rewrite_report(measurement, strategy, plan, [written], outputs)
 
 
 def _session(
+    progress: Progress,
     src: Path,
     file_format: str,
     options: Options,
@@ -368,13 +403,14 @@ def _session(
     with opened(src, file_format, options) as tfile:
         check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
         refuse_if_none_counted(src, counted_or_why(tfile.tensors))
-        measurement = Measurement(inputs, options, (measure_opened(tfile, options),))
+        measurement = Measurement(inputs, options, (measure_opened(tfile, options, progress),))
         identity.check(src)
         measurement.check(require_counted=True)
         measurement.refuse_nonfinite()
         plan = measurement.plan(strategy)
         measured = measurement.files[0]
-        written = write_opened(tfile, tmp, dst, strategy, plan, options, measured.with_nonfinite)
+        work = (strategy, plan, options, measured.with_nonfinite, progress)
+        written = write_opened(tfile, tmp, dst, *work)
     return measured, plan, written
 
 
@@ -387,6 +423,7 @@ def write_source(
     options: Options,
     clobber: bool,
     identity: Identity,
+    progress: Progress = SILENT,
 ) -> Written:
     """Pass 2 of one file (a task): a temporary file in *temp_dir*, renamed into place when
     complete (so a task tried again, or killed, leaves nothing half-written at *dst*), and
@@ -394,10 +431,11 @@ def write_source(
     src = measured.path
     with atomic_output(dst, clobber, temp_dir, mode_from=src) as tmp, unchanged(src, identity):
         work = (tmp, dst, strategy, plan, measured.with_nonfinite)
-        return in_child(src, options, _write_file, *work)
+        return in_child(src, options, progress, _write_file, *work)
 
 
 def _write_file(
+    progress: Progress,
     src: Path,
     file_format: str,
     options: Options,
@@ -408,7 +446,7 @@ def _write_file(
     with_nonfinite: frozenset[str],
 ) -> Written:
     with opened(src, file_format, options) as tfile:
-        return write_opened(tfile, tmp, dst, strategy, plan, options, with_nonfinite)
+        return write_opened(tfile, tmp, dst, strategy, plan, options, with_nonfinite, progress)
 
 
 def write_opened(
@@ -419,16 +457,18 @@ def write_opened(
     plan: Plan,
     options: Options,
     with_nonfinite: frozenset[str],
+    progress: Progress = SILENT,
 ) -> Written:
     """Pass 2 into *tmp*, or, when no value would change, a byte copy.  Zeroing NaN/Inf is a
     change too."""
     with _output_errors(dst):
         if plan.changes or (with_nonfinite and options.nonfinite is NonFinite.ZERO):
             rewriter = strategy.rewriter(plan, str(tfile.path), options, with_nonfinite)
-            after = rewrite(tfile, tmp, rewriter, options.chunk_size, options.processes)
+            jobs = options.processes
+            after = rewrite(tfile, tmp, rewriter, options.chunk_size, jobs, progress)
             return Written(tuple(after), getattr(rewriter, "clamped", {}))
         size = tfile.path.stat().st_size
-        progress.begin(progress.COPYING, size)
+        progress.begin(COPYING, size)
         _copy_file(tfile.path, tmp)
         progress.advance(size)
         return Written()

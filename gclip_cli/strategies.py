@@ -5,7 +5,7 @@ rewriter that applies them, and what its report says.
 - PerTensor: each tensor clipped by its own norm (Keras ``clipnorm``);
 - Groups: tensors matched by name patterns clipped by their group's norm, each its own C;
 - Normalize: every tensor scaled so that the global norm becomes the target, up or down;
-- ClipValue: every value clamped to [-V, V] (no factor: engine.Clamper).
+- ClipValue: every value clamped to [-V, V] (no factor: rewriters.Clamper).
 
 A new strategy is one class here and one option in cli.py.  Plans key tensors by (file, name),
 so that one plan serves a file or the shards of a checkpoint alike.
@@ -23,12 +23,13 @@ from typing import ClassVar, Protocol
 import ml_dtypes
 import numpy as np
 
-from .engine import Clamper, Rewriter, Scaler, clip_factor, combine, dividing_norm, rounding_bound
+from .engine import clip_factor, combine, dividing_norm, rounding_bound
 from .errors import UsageError
 from .formats import TensorInfo
 from .norms import NormStats
 from .options import Options, require_eps, require_positive
 from .render.text import number
+from .rewriters import Clamper, Rewriter, Scaler
 from .rounding import ScaleFactor, ScratchBuffers, scale
 from .selection import matches
 

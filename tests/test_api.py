@@ -86,13 +86,10 @@ def test_within_max_norm_the_output_is_the_input_byte_for_byte(make_file, fmt, t
 
 
 def test_progress_of_a_rescale_that_copies_says_so_and_counts_the_file(make_file, fmt, tmp_path):
-    from gclip_cli import progress
-
     tensors = sample_tensors()
     src = make_file(fmt, tensors)
     seen = []
-    with progress.listening(seen.append):
-        gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1e6)
+    gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1e6, progress=seen.append)
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
     size = src.stat().st_size
     assert progress_by_phase(seen) == [
@@ -110,8 +107,7 @@ def test_progress_tells_which_of_several_files_is_read(make_file, tmp_path):
     history = functools.partial(gclip_cli.api.history_of, as_given=True)  # one step tensor
     for run in (gclip_cli.inspect_files, history):
         seen = []
-        with progress.listening(seen.append):
-            run(files)
+        run(files, progress=seen.append)
         positions = [e for e in seen if isinstance(e, progress.File)]
         assert positions == [progress.File(n, len(FORMATS)) for n in range(1, len(FORMATS) + 1)]
         assert progress_by_phase(seen) == [("measuring", float_bytes, float_bytes)] * len(FORMATS)

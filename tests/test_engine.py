@@ -7,7 +7,6 @@ from conftest import SUFFIX, progress_by_phase
 
 from gclip_cli.engine import (
     RoundingBound,
-    Scaler,
     clip_factor,
     combine,
     dividing_norm,
@@ -17,7 +16,6 @@ from gclip_cli.engine import (
 from gclip_cli.formats import TensorInfo
 from gclip_cli.norms import NormStats, measure
 from gclip_cli.options import Options
-from gclip_cli.rounding import ScaleFactor
 
 
 @pytest.mark.parametrize(
@@ -85,37 +83,19 @@ def _tensor(name: str, dtype) -> TensorInfo:
     return TensorInfo(name, np.dtype(dtype).name, (4,), 16, dtype=np.dtype(dtype))
 
 
-def test_scaler_scales_in_place_and_measures_each_tensor_written():
-    scaler = Scaler(dict.fromkeys(("a", "b"), ScaleFactor.of(0.5)), 2.0)
-    a, b = _tensor("a", np.float32), _tensor("b", np.float64)
-    first = np.array([3.0, 4.0], dtype=np.float32)
-    written = np.empty_like(first)
-    scaler(a, first, written)
-    zeros = np.zeros(2, dtype=np.float32)
-    scaler(a, zeros, zeros)
-    in_place = np.array([6.0, 8.0])
-    scaler(b, in_place, in_place)
-    after = scaler.finish()
-    assert first.tolist() == [3.0, 4.0] and written.tolist() == [1.5, 2.0]
-    assert in_place.tolist() == [3.0, 4.0]
-    assert after["a"].norm() == 2.5
-    assert after["b"].norm() == 5.0
-
-
 def test_each_pass_announces_the_bytes_of_its_gradients_then_does_them(make_file, fmt, tmp_path):
     import gclip_cli
-    from gclip_cli.progress import listening
 
     values = {"w": np.ones(1000, np.float32), "h": np.ones((30, 7), np.float16), "n": np.arange(9)}
     gradient_bytes = values["w"].nbytes + values["h"].nbytes  # not the integers
     src = make_file(fmt, values)
     seen = []
-    with listening(seen.append):
-        gclip_cli.inspect_file(src, options=Options(chunk_size=1024))
-        inspected = len(seen)
-        gclip_cli.rescale_file(
-            src, tmp_path / f"o{SUFFIX[fmt]}", max_norm=1.0, options=Options(chunk_size=1024)
-        )
+    gclip_cli.inspect_file(src, progress=seen.append, options=Options(chunk_size=1024))
+    inspected = len(seen)
+    out = tmp_path / f"o{SUFFIX[fmt]}"
+    gclip_cli.rescale_file(
+        src, out, max_norm=1.0, progress=seen.append, options=Options(chunk_size=1024)
+    )
     measuring = ("measuring", gradient_bytes, gradient_bytes)
     assert progress_by_phase(seen[:inspected]) == [measuring]
     assert progress_by_phase(seen[inspected:]) == [measuring, ("writing", *measuring[1:])]
@@ -124,12 +104,12 @@ def test_each_pass_announces_the_bytes_of_its_gradients_then_does_them(make_file
 
 def test_the_measuring_phase_counts_only_the_selected_tensors(make_file, fmt):
     import gclip_cli
-    from gclip_cli.progress import listening
 
     values = {"w": np.ones(1000, np.float32), "h": np.ones(70, np.float64)}
     seen = []
-    with listening(seen.append):
-        gclip_cli.inspect_file(make_file(fmt, values), options=Options(exclude=("h",)))
+    gclip_cli.inspect_file(
+        make_file(fmt, values), progress=seen.append, options=Options(exclude=("h",))
+    )
     assert progress_by_phase(seen) == [("measuring", values["w"].nbytes, values["w"].nbytes)]
 
 

@@ -9,24 +9,32 @@ from pathlib import Path
 
 import pytest
 
-from gclip_cli import InputError, OutputError, isolation, progress
+from gclip_cli import InputError, OutputError, isolation
 from gclip_cli.formats.base import mapped
-from gclip_cli.isolation import run_forked, run_isolated, tell_parent
+from gclip_cli.isolation import Channel, run_forked, run_isolated
+from gclip_cli.progress import Phase, Progress
+
+# A task is given its link to the parent first: a Channel (run_forked), a Progress
+# (run_isolated); the tasks below that need neither take it as *_*.
 
 
-def crash() -> None:
+def crash(_: object) -> None:
     # pytest's faulthandler, inherited by the forked child, would print a "Fatal Python error"
     # report of this deliberate crash on the suite's output
     faulthandler.disable()
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def fail() -> None:
+def fail(_: object) -> None:
     raise OutputError("/x/out.h5", "disk full")
 
 
+def power(_: object, base: int, exponent: int) -> int:
+    return base**exponent
+
+
 def test_result_comes_back(tmp_path):
-    assert run_isolated(tmp_path, pow, 2, 10) == 1024
+    assert run_isolated(tmp_path, power, 2, 10) == 1024
 
 
 CRASHING_TESTS = (
@@ -60,34 +68,45 @@ def test_errors_in_the_child_come_back_whole(tmp_path):
     assert (err.value.path, err.value.message) == ("/x/out.h5", "disk full")
 
 
-def report_progress(nbytes: int, result: str) -> str:
-    progress.begin(result, nbytes)
-    progress.advance(nbytes)
+def report_progress(channel: Channel, nbytes: int, result: str) -> str:
+    channel.progress.begin(result, nbytes)
+    channel.progress.advance(nbytes)
     return result
 
 
 def test_several_children_return_their_results_in_order_and_their_progress(tmp_path):
     seen = []
-    with progress.listening(seen.append):
-        results = run_forked(tmp_path, [(report_progress, (n, f"r{n}")) for n in (3, 5, 7)])
+    tasks = [(report_progress, (n, f"r{n}")) for n in (3, 5, 7)]
+    results = run_forked(tmp_path, tasks, progress=Progress(seen.append))
     assert results == ["r3", "r5", "r7"]
     for n in (3, 5, 7):  # each child's phase, then its bytes (children interleave)
-        phase = progress.Phase(f"r{n}", n)
+        phase = Phase(f"r{n}", n)
         assert phase in seen and n in seen[seen.index(phase) :]
+
+
+def fork_again(progress: Progress, path: Path) -> list:
+    return run_forked(path, [(report_progress, (4, "inner"))], progress=progress)
 
 
 def test_progress_relayed_through_two_generations_of_children(tmp_path):
     seen = []
-    with progress.listening(seen.append):
-        result = run_isolated(tmp_path, run_forked, tmp_path, [(report_progress, (4, "inner"))])
-    assert result == ["inner"] and seen == [progress.Phase("inner", 4), 4]
+    result = run_isolated(tmp_path, fork_again, tmp_path, progress=Progress(seen.append))
+    assert result == ["inner"] and seen == [Phase("inner", 4), 4]
 
 
-def test_children_report_progress_only_when_someone_listens(tmp_path):
-    assert run_forked(tmp_path, [(report_progress, (1, "quiet"))]) == ["quiet"]
+def listened_to(channel: Channel) -> bool:
+    return channel.progress.listening
 
 
-def sleep_then(seconds: float, marker: str) -> None:
+@pytest.mark.parametrize("fork", [True, False])
+def test_children_report_progress_only_when_someone_listens(tmp_path, monkeypatch, fork):
+    if not fork:
+        monkeypatch.setattr(isolation, "can_fork", lambda: False)
+    assert run_forked(tmp_path, [(listened_to, ())]) == [False]
+    assert run_forked(tmp_path, [(listened_to, ())], progress=Progress([].append)) == [True]
+
+
+def sleep_then(_: object, seconds: float, marker: str) -> None:
     import time
 
     time.sleep(seconds)
@@ -106,9 +125,9 @@ def test_a_child_killed_by_a_signal_names_the_signal(tmp_path):
         run_forked(tmp_path / "x.safetensors", [(crash, ())])
 
 
-def tell_each(*values: int) -> int:
+def tell_each(channel: Channel, *values: int) -> int:
     for value in values:
-        tell_parent(value)
+        channel.note(value)
     return sum(values)
 
 
@@ -125,7 +144,6 @@ def test_notes_reach_on_note_with_the_index_of_their_task(tmp_path, monkeypatch,
         20,
         30,
     ]
-    tell_parent("after the tasks: nobody listens, nothing happens")
 
 
 def test_an_error_in_on_note_stops_the_children(tmp_path):
@@ -133,19 +151,19 @@ def test_an_error_in_on_note_stops_the_children(tmp_path):
         raise OutputError("/x/out.h5", f"cannot place {value}")
 
     with pytest.raises(OutputError, match="cannot place 1"):
-        run_forked(tmp_path, [(tell_each, (1,)), (time.sleep, (60,))], on_note=refuse)
+        run_forked(tmp_path, [(tell_each, (1,)), (sleep_then, (60, "never"))], on_note=refuse)
 
 
-def test_without_fork_a_failing_task_leaves_no_listener_behind(tmp_path, monkeypatch):
+def test_without_fork_a_failing_task_raises_here_after_its_notes(tmp_path, monkeypatch):
     monkeypatch.setattr(isolation, "can_fork", lambda: False)
     notes = []
+    tasks = [(tell_each, (1,)), (fail, ())]
     with pytest.raises(OutputError):
-        run_forked(tmp_path, [(fail, ())], on_note=lambda index, value: notes.append(value))
-    tell_parent("later, from elsewhere")
-    assert notes == []
+        run_forked(tmp_path, tasks, on_note=lambda index, value: notes.append(value))
+    assert notes == [1]
 
 
-def read_while_it_shrinks(path) -> int:
+def read_while_it_shrinks(_: object, path) -> int:
     faulthandler.disable()  # as crash() does
     with open(path, "rb") as f, mapped(f.fileno(), 0, 1 << 20) as window:
         os.truncate(path, 4096)  # as another process might, while gclip reads
@@ -164,7 +182,7 @@ def test_a_file_that_shrinks_under_its_mapping_is_an_input_error_saying_so(tmp_p
     )
 
 
-def wait_forever() -> None:
+def wait_forever(_: object) -> None:
     while True:
         time.sleep(1)
 
@@ -208,7 +226,7 @@ def eventually_gone(pid: int, seconds: float = 10) -> bool:
     return False
 
 
-def fail_over_a_local_error() -> None:
+def fail_over_a_local_error(_: object) -> None:
     class Local(Exception):  # as ISA-L's errors, not to be found by its name
         pass
 

@@ -23,11 +23,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gclip_cli import InputError, OutputError, api, parallel
-from gclip_cli.engine import Rewriter
 from gclip_cli.formats import TensorInfo, base
 from gclip_cli.norms import BLOCK
 from gclip_cli.options import Options
 from gclip_cli.parallel import Span, cut
+from gclip_cli.rewriters import Rewriter
 
 
 @pytest.fixture
@@ -248,8 +248,6 @@ def write_layout(layout, path, tensors):
 def test_the_workers_progress_reaches_the_listener_in_its_phases(
     layout, tmp_path, always_parallel, monkeypatch
 ):
-    from gclip_cli import progress
-
     tensors = gradients()
     src = write_layout(layout, tmp_path / f"in{SUFFIX[layout.split('-')[0]]}", tensors)
     forks = tmp_path / "forks"  # a file: the HDF5 work forks its workers in a child process
@@ -262,10 +260,10 @@ def test_the_workers_progress_reaches_the_listener_in_its_phases(
 
     monkeypatch.setattr(parallel, "run_forked", counted)
     seen = []
-    with progress.listening(seen.append):
-        api.rescale_file(
-            src, tmp_path / "out", max_norm=1.0, options=Options(jobs=2, chunk_size=4100)
-        )
+    out = tmp_path / "out"
+    api.rescale_file(
+        src, out, max_norm=1.0, progress=seen.append, options=Options(jobs=2, chunk_size=4100)
+    )
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
     forked = set(forks.read_text().split())
     assert "_measure_share" in forked  # deflated npz members are written in one process

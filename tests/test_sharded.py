@@ -128,7 +128,7 @@ def test_a_failing_write_leaves_nothing_partial_in_the_output_directory(
     out = tmp_path / "clipped"
     attempts = tmp_path / "attempts"  # a file: each shard's work runs in a child process
 
-    def write_half_then_fail(src, file_format, options, tmp, *args):
+    def write_half_then_fail(progress, src, file_format, options, tmp, *args):
         with open(attempts, "a") as log:
             log.write(f"{src.name}\n")
         tmp.write_bytes(b"half a shard")
@@ -205,8 +205,8 @@ def test_a_shard_changed_between_the_passes_is_refused_before_any_write(
     first = index.parent / next(iter(SHARDS))
     real = pipeline._measure_file
 
-    def measure_then_touch(src, *args):
-        measured = real(src, *args)
+    def measure_then_touch(*args):
+        measured = real(*args)
         os.utime(first, ns=(0, first.stat().st_mtime_ns + 1))  # someone rewrites a shard
         return measured
 
@@ -223,8 +223,8 @@ def test_a_shard_replaced_during_its_write_is_refused_and_not_put_in_place(
     index, _ = checkpoint
     real = pipeline._write_file
 
-    def write_then_replace(src, *args):
-        written = real(src, *args)
+    def write_then_replace(progress, src, *args):
+        written = real(progress, src, *args)
         copy = src.with_name("copy")
         copy.write_bytes(src.read_bytes())
         copy.replace(src)
@@ -248,7 +248,7 @@ def test_ctrl_c_in_a_serial_run_stops_at_once_and_leaves_nothing(checkpoint, tmp
         started.append(measured.path.name)
         return real_task(measured, *args)
 
-    def interrupted(src, file_format, options, tmp, *args):
+    def interrupted(progress, src, file_format, options, tmp, *args):
         tmp.write_bytes(b"half a shard")
         raise KeyboardInterrupt  # Ctrl-C while the first shard is written
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from ..errors import InputError
 from ..norms import BLOCK, NormStats
 from .deflate import ERRORS as DEFLATE_ERRORS
 from .deflate import crc32
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 # What reading a damaged or truncated input raises, from the OS, zipfile, zlib, numpy or h5py.
 READ_ERRORS = (
@@ -118,9 +121,9 @@ class ValuePiece(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
         """The statistics of the piece's values, read from *fd* at most *window* bytes at a
-        time; progress.advance() is told of the bytes read."""
+        time; *progress* is told of the bytes read."""
         ...
 
 

@@ -21,11 +21,10 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from .. import progress
 from ..errors import InputError
 from ..norms import NormAccumulator, NormStats
 from ..strict_json import shown
@@ -49,6 +48,9 @@ from .base import (
 )
 from .deflate import crc32, crc32_combine, faster_deflate
 from .signatures import MAX_ZIP_DIRECTORY, zip_directory_size, zip_refusal
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 FORMAT_NAME = "npz"
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -468,7 +470,7 @@ class DeflatedMember:
     def nbytes(self) -> int:
         return self.tensor.nbytes
 
-    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
         del fd  # zipfile reads through a file object of its own: inherited ones share offsets
         accumulator = NormAccumulator(norm_type)
         with faster_deflate(), zipfile.ZipFile(self.path) as archive:

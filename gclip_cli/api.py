@@ -157,7 +157,7 @@ def rewrite_files(
     inputs = resolve(paths)
     outputs = pipeline.Outputs.folder(inputs, Path(out_dir), clobber)
     return pipeline.rewrite_files(
-        inputs, outputs, strategy, options, jobs=options.jobs, scheduler=scheduler, shards=shards
+        inputs, outputs, strategy, options, scheduler=scheduler, shards=shards
     )
 
 

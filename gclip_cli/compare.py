@@ -144,12 +144,13 @@ def diff(path_a: Path, path_b: Path, options: Options) -> Diff:
 
 
 def _diff(
-    progress: Progress, a: Path, format_a: str, options: Options, b: Path, format_b: str
+    file_a: TensorFile, options: Options, progress: Progress, b: Path, format_b: str
 ) -> Diff:
+    """A opened (by in_child), then B beside it."""
     del progress  # comparing reports none
     from .pipeline import opened
 
-    with opened(a, format_a, options) as file_a, opened(b, format_b, options) as file_b:
+    with opened(b, format_b, options) as file_b:
         return compare(
             file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
         )

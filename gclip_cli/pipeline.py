@@ -125,7 +125,13 @@ class Measurement:
             raise NonFiniteError(where, _nonfinite_message(bad))
 
     def plan(self, strategy: Strategy) -> Plan:
-        return strategy.plan(self.members, self.options)
+        """What *strategy* does to these tensors; NaN/Inf refused first unless a policy says
+        how to treat them."""
+        self.refuse_nonfinite()
+        members = self.members
+        nonfinite = frozenset(m.key for m in members if m.stats.nonfinite)
+        planned = strategy.plan(members, self.options)
+        return replace(planned, strategy=strategy, nonfinite=nonfinite)
 
 
 @dataclass(frozen=True)
@@ -185,22 +191,20 @@ def measure_source(
 
 
 def _measure_file(
-    progress: Progress,
-    src: Path,
-    file_format: str,
+    tfile: TensorFile,
     options: Options,
+    progress: Progress,
     check_selection: bool,
     with_step: bool,
 ) -> Measured:
-    with opened(src, file_format, options) as tfile:
-        if check_selection:
-            check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
-        measured = measure_opened(tfile, options, progress)
-        if with_step:
-            from .steps import step_of
+    if check_selection:
+        check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
+    measured = measure_opened(tfile, options, progress)
+    if with_step:
+        from .steps import step_of
 
-            measured = replace(measured, step=step_of(tfile))
-        return measured
+        measured = replace(measured, step=step_of(tfile))
+    return measured
 
 
 def measure_opened(tfile: TensorFile, options: Options, progress: Progress = SILENT) -> Measured:
@@ -230,12 +234,26 @@ def opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile
 def in_child(
     src: Path, options: Options, progress: Progress, work: Callable[..., T], *args: object
 ) -> T:
-    """*work*(the child's progress, src, format, options, *args) in a forked child (where fork
-    is available): a library can crash (not raise) on a damaged file, and a mapped file that
-    shrinks kills its reader with SIGBUS; either is then an InputError (see isolation.py)."""
+    """*work*(the file *src* opened, options, the child's progress, *args) in a forked child
+    (where fork is available): a library can crash (not raise) on a damaged file, and a mapped
+    file that shrinks kills its reader with SIGBUS; either is then an InputError (see
+    isolation.py)."""
     file_format = options.file_format or detect_format(src)
     crash = HDF5_CRASH if crashes_on_damage(file_format) else WORKER_CRASH
-    return run_isolated(src, work, src, file_format, options, *args, crash=crash, progress=progress)
+    task = (src, file_format, options, work, *args)
+    return run_isolated(src, _on_opened, *task, crash=crash, progress=progress)
+
+
+def _on_opened(
+    progress: Progress,
+    src: Path,
+    file_format: str,
+    options: Options,
+    work: Callable[..., T],
+    *args: object,
+) -> T:
+    with opened(src, file_format, options) as tfile:
+        return work(tfile, options, progress, *args)
 
 
 # --- inspect -------------------------------------------------------------------------------
@@ -313,13 +331,23 @@ class Outputs:
                 check_output_path(src, dst, self.clobber)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where pass 2 writes one file: *dst*, through a temporary file in *temp_dir*, and only
+    if the input is still the file pass 1 measured (*identity*)."""
+
+    dst: Path
+    temp_dir: Path | None
+    clobber: bool
+    identity: Identity
+
+
 def rewrite_files(
     inputs: Inputs,
     outputs: Outputs,
     strategy: Strategy,
     options: Options,
     *,
-    jobs: int | None = None,
     scheduler: str | None = None,
     shards: ShardProgress | None = None,
     progress: Progress = SILENT,
@@ -327,41 +355,33 @@ def rewrite_files(
     """Rewrite every source through *strategy* into *outputs*: one plan over all of them.
 
     A lone source (without a scheduler) is measured and written in one child, its file open
-    from pass 1 to pass 2; several go through the executor *jobs* or *scheduler* choose (see
-    executors.executor_for), phase after phase.
+    from pass 1 to pass 2; several go through the executor that options.jobs and *scheduler*
+    choose (see executors.executor_for), phase after phase.
     """
     outputs.check(inputs)
     if len(inputs.files) == 1 and outputs.out_dir is None and scheduler is None:
-        return _rewrite_alone(inputs, outputs, strategy, options, progress)
-    # shards at once, each in one process; or shard after shard, each on every core
+        dst = outputs.targets[0]
+        return _rewrite_alone(inputs, dst, strategy, options, outputs.clobber, progress)
+    # several files at once, each in one process; or one after another, each on every core
+    jobs = options.jobs
     pool = jobs if scheduler or ((jobs or 1) > 1 and len(inputs.files) > 1) else None
     options = replace(options, jobs=1) if pool else options
     with ExitStack() as cleanup, executor_for(pool, scheduler) as executor:
+        here = progress if isinstance(executor, InThisThread) else SILENT
         measurement = measure(
-            inputs,
-            options,
-            executor=executor,
-            require_counted=True,
-            shards=shards,
-            progress=progress,
+            inputs, options, executor=executor, require_counted=True, shards=shards, progress=here
         )
-        measurement.refuse_nonfinite()
         plan = measurement.plan(strategy)
         inputs.check_unchanged()  # pass 2 writes from the files pass 1 measured
         _make_folders([dst.parent for dst in [*outputs.targets, *(c for _, c in outputs.copies)]])
         outputs.check(inputs, made=True)
         temp_dir = cleanup.enter_context(staging(outputs.out_dir or outputs.targets[0].parent))
-        here = progress if isinstance(executor, InThisThread) else SILENT
         tasks = [
             (
                 m,
-                dst,
-                temp_dir,
-                strategy,
+                Target(dst, temp_dir, outputs.clobber, inputs.identities[m.path]),
                 plan,
                 options,
-                outputs.clobber,
-                inputs.identities[m.path],
                 here,
             )
             for m, dst in zip(measurement.files, outputs.targets, strict=True)
@@ -373,100 +393,70 @@ def rewrite_files(
                 _output_errors(dst),
             ):
                 _copy_file(src, tmp)
-    return rewrite_report(measurement, strategy, plan, written, outputs)
+    return rewrite_report(measurement, plan, written, outputs)
 
 
 def _rewrite_alone(
-    inputs: Inputs, outputs: Outputs, strategy: Strategy, options: Options, progress: Progress
+    inputs: Inputs,
+    dst: Path,
+    strategy: Strategy,
+    options: Options,
+    clobber: bool,
+    progress: Progress,
 ) -> RewriteReport:
     """One source: pass 1, the plan and pass 2 in one child, the file open throughout."""
-    src, dst = inputs.files[0], outputs.targets[0]
+    src = inputs.files[0]
     identity = inputs.identities[src]  # the file measured must be the file written from
-    with atomic_output(dst, outputs.clobber, mode_from=src) as tmp, unchanged(src, identity):
-        work = (tmp, dst, strategy, inputs, identity)
+    with atomic_output(dst, clobber, mode_from=src) as tmp, unchanged(src, identity):
+        work = (tmp, dst, strategy, inputs)
         measured, plan, written = in_child(src, options, progress, _session, *work)
     measurement = Measurement(inputs, options, (measured,))
-    return rewrite_report(measurement, strategy, plan, [written], outputs)
+    return rewrite_report(measurement, plan, [written], Outputs.one_file(dst, clobber))
 
 
 def _session(
-    progress: Progress,
-    src: Path,
-    file_format: str,
+    tfile: TensorFile,
     options: Options,
+    progress: Progress,
     tmp: Path,
     dst: Path,
     strategy: Strategy,
     inputs: Inputs,
-    identity: Identity,
 ) -> tuple[Measured, Plan, Written]:
-    with opened(src, file_format, options) as tfile:
-        check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
-        refuse_if_none_counted(src, counted_or_why(tfile.tensors))
-        measurement = Measurement(inputs, options, (measure_opened(tfile, options, progress),))
-        identity.check(src)
-        measurement.check(require_counted=True)
-        measurement.refuse_nonfinite()
-        plan = measurement.plan(strategy)
-        measured = measurement.files[0]
-        work = (strategy, plan, options, measured.with_nonfinite, progress)
-        written = write_opened(tfile, tmp, dst, *work)
-    return measured, plan, written
+    """The lone source's two passes, on the file opened once."""
+    check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
+    refuse_if_none_counted(tfile.path, counted_or_why(tfile.tensors))
+    measurement = Measurement(inputs, options, (measure_opened(tfile, options, progress),))
+    inputs.identities[tfile.path].check(tfile.path)
+    plan = measurement.plan(strategy)
+    return measurement.files[0], plan, write_opened(tfile, options, progress, tmp, dst, plan)
 
 
 def write_source(
-    measured: Measured,
-    dst: Path,
-    temp_dir: Path,
-    strategy: Strategy,
-    plan: Plan,
-    options: Options,
-    clobber: bool,
-    identity: Identity,
-    progress: Progress = SILENT,
+    measured: Measured, target: Target, plan: Plan, options: Options, progress: Progress = SILENT
 ) -> Written:
-    """Pass 2 of one file (a task): a temporary file in *temp_dir*, renamed into place when
-    complete (so a task tried again, or killed, leaves nothing half-written at *dst*), and
-    only if the file is still the one pass 1 measured (*identity*)."""
-    src = measured.path
-    with atomic_output(dst, clobber, temp_dir, mode_from=src) as tmp, unchanged(src, identity):
-        work = (tmp, dst, strategy, plan, measured.with_nonfinite)
-        return in_child(src, options, progress, _write_file, *work)
-
-
-def _write_file(
-    progress: Progress,
-    src: Path,
-    file_format: str,
-    options: Options,
-    tmp: Path,
-    dst: Path,
-    strategy: Strategy,
-    plan: Plan,
-    with_nonfinite: frozenset[str],
-) -> Written:
-    with opened(src, file_format, options) as tfile:
-        return write_opened(tfile, tmp, dst, strategy, plan, options, with_nonfinite, progress)
+    """Pass 2 of one file (a task): a temporary file in the target's folder of temporary
+    files, renamed into place when complete (so a task tried again, or killed, leaves nothing
+    half-written at the target), and only if the file is still the one pass 1 measured."""
+    src, dst = measured.path, target.dst
+    with (
+        atomic_output(dst, target.clobber, target.temp_dir, mode_from=src) as tmp,
+        unchanged(src, target.identity),
+    ):
+        return in_child(src, options, progress, write_opened, tmp, dst, plan)
 
 
 def write_opened(
-    tfile: TensorFile,
-    tmp: Path,
-    dst: Path,
-    strategy: Strategy,
-    plan: Plan,
-    options: Options,
-    with_nonfinite: frozenset[str],
-    progress: Progress = SILENT,
+    tfile: TensorFile, options: Options, progress: Progress, tmp: Path, dst: Path, plan: Plan
 ) -> Written:
-    """Pass 2 into *tmp*, or, when no value would change, a byte copy.  Zeroing NaN/Inf is a
-    change too."""
+    """Pass 2 into *tmp*, or, when no value would change, a byte copy (errors name *dst*)."""
+    file = str(tfile.path)
     with _output_errors(dst):
-        if plan.changes or (with_nonfinite and options.nonfinite is NonFinite.ZERO):
-            rewriter = strategy.rewriter(plan, str(tfile.path), options, with_nonfinite)
+        if plan.rewrites(file, options):
+            rewriter = plan.rewriter(file, options)
             jobs = options.processes
             after = rewrite(tfile, tmp, rewriter, options.chunk_size, jobs, progress)
-            return Written(tuple(after), getattr(rewriter, "clamped", {}))
+            return Written(tuple(after), rewriter.clamped)
         size = tfile.path.stat().st_size
         progress.begin(COPYING, size)
         _copy_file(tfile.path, tmp)
@@ -475,11 +465,7 @@ def write_opened(
 
 
 def rewrite_report(
-    measurement: Measurement,
-    strategy: Strategy,
-    plan: Plan,
-    written: Sequence[Written],
-    outputs: Outputs,
+    measurement: Measurement, plan: Plan, written: Sequence[Written], outputs: Outputs
 ) -> RewriteReport:
     """The report of a rewrite: what pass 1 measured, what the plan gave each tensor, what
     pass 2 wrote."""
@@ -497,7 +483,7 @@ def rewrite_report(
     total_after = combine(after, options.norm_type)
     base = _inspect_report(measurement)
     tensors = tensor_reports(measurement.records, measurement.global_norm, options.norm, after)
-    tensors = tuple(_with_changes(t, plan, clamped, strategy) for t in tensors)
+    tensors = tuple(_with_changes(t, plan, clamped) for t in tensors)
     copied = outputs.out_dir is not None
     return RewriteReport(
         path=base.path,
@@ -508,17 +494,17 @@ def rewrite_report(
         files=base.files,
         nonfinite_policy=base.nonfinite_policy,
         not_read=_not_read(measurement.inputs, copied=copied),
-        strategy=strategy,
+        strategy=plan.strategy,
         output=str(outputs.out_dir or outputs.targets[0]),
         global_norm_after=options.norm(total_after),
         scale=plan.scale,
         clipped=plan.changes,
-        groups=plan.groups if strategy.groups_table else (),
+        groups=plan.groups if plan.strategy.groups_table else (),
     )
 
 
 def _with_changes(
-    tensor: TensorReport, plan: Plan, clamped: dict[tuple[str, str], int], strategy: Strategy
+    tensor: TensorReport, plan: Plan, clamped: dict[tuple[str, str], int]
 ) -> TensorReport:
     """*tensor* with the factor it was multiplied by, or the count of values clamped."""
     if tensor.skipped:

@@ -29,6 +29,7 @@ class Rewriter:
     def __init__(self, norm_type: float) -> None:
         self.norm_type = norm_type
         self.after: dict[str, NormStats] = {}
+        self.clamped: dict[str, int] = {}  # values clamped, by tensor (clipping by value)
         self._current: tuple[str, NormAccumulator] | None = None
 
     def __call__(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
@@ -41,13 +42,15 @@ class Rewriter:
     def blank(self) -> Rewriter:
         """A rewriter like this one that has written nothing yet."""
         fresh = copy.copy(self)
-        fresh.after, fresh._current = {}, None
+        fresh.after, fresh.clamped, fresh._current = {}, {}, None
         return fresh
 
     def merge(self, other: Rewriter) -> None:
         """Take in what *other* (a blank() copy that worked elsewhere) wrote."""
         for name, stats in other.finish().items():
             self.after.setdefault(name, NormStats(self.norm_type)).merge(stats)
+        for name, count in other.clamped.items():
+            self.clamped[name] = self.clamped.get(name, 0) + count
 
     def finish(self) -> dict[str, NormStats]:
         """The norms of the values written, per tensor name."""
@@ -115,17 +118,6 @@ class Clamper(Rewriter):
         super().__init__(norm_type)
         self.max_value = max_value
         self.policy = policy
-        self.clamped: dict[str, int] = {}
-
-    def blank(self) -> Clamper:
-        fresh = super().blank()
-        fresh.clamped = {}
-        return fresh
-
-    def merge(self, other: Rewriter) -> None:
-        super().merge(other)
-        for name, count in other.clamped.items():
-            self.clamped[name] = self.clamped.get(name, 0) + count
 
     def rewrite(self, tensor: TensorInfo, src: np.ndarray, dst: np.ndarray) -> None:
         bound = self.bound(src.dtype)

@@ -27,7 +27,7 @@ from .engine import clip_factor, combine, dividing_norm, rounding_bound
 from .errors import UsageError
 from .formats import TensorInfo
 from .norms import NormStats
-from .options import Options, require_eps, require_positive
+from .options import NonFinite, Options, require_eps, require_positive
 from .render.text import number
 from .rewriters import Clamper, Rewriter, Scaler
 from .rounding import ScaleFactor, ScratchBuffers, scale
@@ -84,15 +84,32 @@ class GroupReport:
 @dataclass(frozen=True)
 class Plan:
     """What a strategy will do: the factor of every counted tensor (by file and name; none for
-    clip-value), the groups it formed, and whether any value changes."""
+    clip-value), the groups it formed, and whether any value changes; with the strategy that
+    made it and the tensors holding NaN/Inf (Measurement.plan adds both), what pass 2 needs."""
 
     factors: Mapping[Key, ScaleFactor] = field(default_factory=dict)
     groups: tuple[GroupReport, ...] = ()
     changes: bool = False
+    strategy: Strategy | None = None
+    nonfinite: frozenset[Key] = frozenset()
 
     def factors_of(self, file: str) -> dict[str, ScaleFactor]:
         """The factors of one file's tensors, by name (what a rewriter of that file needs)."""
         return {name: f for (owner, name), f in self.factors.items() if owner == file}
+
+    def nonfinite_of(self, file: str) -> frozenset[str]:
+        """The tensors of *file* that hold NaN/Inf."""
+        return frozenset(name for owner, name in self.nonfinite if owner == file)
+
+    def rewrites(self, file: str, options: Options) -> bool:
+        """Whether pass 2 changes any value of *file* (else it is copied): a factor, a clamp,
+        or NaN/Inf written as 0."""
+        zeroing = options.nonfinite is NonFinite.ZERO and bool(self.nonfinite_of(file))
+        return self.changes or zeroing
+
+    def rewriter(self, file: str, options: Options) -> Rewriter:
+        """What pass 2 passes *file*'s values through."""
+        return self.strategy.rewriter(self, file, options, self.nonfinite_of(file))
 
     @property
     def scale(self) -> float | None:

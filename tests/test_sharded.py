@@ -128,13 +128,13 @@ def test_a_failing_write_leaves_nothing_partial_in_the_output_directory(
     out = tmp_path / "clipped"
     attempts = tmp_path / "attempts"  # a file: each shard's work runs in a child process
 
-    def write_half_then_fail(progress, src, file_format, options, tmp, *args):
+    def write_half_then_fail(tfile, options, progress, tmp, *args):
         with open(attempts, "a") as log:
-            log.write(f"{src.name}\n")
+            log.write(f"{tfile.path.name}\n")
         tmp.write_bytes(b"half a shard")
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(pipeline, "_write_file", write_half_then_fail)
+    monkeypatch.setattr(pipeline, "write_opened", write_half_then_fail)
     with pytest.raises(RuntimeError, match="worker lost"):
         rescale_files([index], out, max_norm=1.0)
     assert len(attempts.read_text().split()) >= RETRIES + 1  # tried again before giving up
@@ -221,16 +221,17 @@ def test_a_shard_replaced_during_its_write_is_refused_and_not_put_in_place(
     checkpoint, tmp_path, monkeypatch
 ):
     index, _ = checkpoint
-    real = pipeline._write_file
+    real = pipeline.write_opened
 
-    def write_then_replace(progress, src, *args):
-        written = real(progress, src, *args)
+    def write_then_replace(tfile, *args):
+        written = real(tfile, *args)
+        src = tfile.path
         copy = src.with_name("copy")
         copy.write_bytes(src.read_bytes())
         copy.replace(src)
         return written
 
-    monkeypatch.setattr(pipeline, "_write_file", write_then_replace)
+    monkeypatch.setattr(pipeline, "write_opened", write_then_replace)
     out = tmp_path / "clipped"
     with pytest.raises(gclip_cli.InputError, match="replaced by another file"):
         rescale_files([index], out, max_norm=1.0)
@@ -248,12 +249,12 @@ def test_ctrl_c_in_a_serial_run_stops_at_once_and_leaves_nothing(checkpoint, tmp
         started.append(measured.path.name)
         return real_task(measured, *args)
 
-    def interrupted(progress, src, file_format, options, tmp, *args):
+    def interrupted(tfile, options, progress, tmp, *args):
         tmp.write_bytes(b"half a shard")
         raise KeyboardInterrupt  # Ctrl-C while the first shard is written
 
     monkeypatch.setattr(pipeline, "write_source", count)
-    monkeypatch.setattr(pipeline, "_write_file", interrupted)
+    monkeypatch.setattr(pipeline, "write_opened", interrupted)
     out = tmp_path / "clipped"
     with pytest.raises(KeyboardInterrupt):
         rescale_files([index], out, max_norm=1.0)
@@ -266,14 +267,14 @@ def test_an_output_folder_moved_away_mid_run_is_an_error_that_leaves_nothing(
 ):
     index, _ = checkpoint
     out, moved = tmp_path / "clipped", tmp_path / "moved"
-    real = pipeline._write_file
+    real = pipeline.write_opened
 
     def write_then_move(*args):
         written = real(*args)
         out.rename(moved)
         return written
 
-    monkeypatch.setattr(pipeline, "_write_file", write_then_move)
+    monkeypatch.setattr(pipeline, "write_opened", write_then_move)
     with pytest.raises(gclip_cli.OutputError, match="was moved or replaced"):
         rescale_files([index], out, max_norm=1.0)
     assert list(moved.iterdir()) == []

@@ -14,13 +14,28 @@ from typing import BinaryIO
 
 from ..errors import InputError
 from . import signatures
-from .base import TensorFile, TensorInfo, Transform, open_regular
+from .base import (
+    Checksummed,
+    ChunkedPieces,
+    Metadata,
+    PlainValues,
+    TensorFile,
+    TensorInfo,
+    Transform,
+    WholeArrays,
+    open_regular,
+)
 
 __all__ = [
     "FORMAT_NAMES",
+    "Checksummed",
+    "ChunkedPieces",
+    "Metadata",
+    "PlainValues",
     "TensorFile",
     "TensorInfo",
     "Transform",
+    "WholeArrays",
     "crashes_on_damage",
     "detect_format",
     "open_file",

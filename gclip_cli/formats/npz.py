@@ -79,8 +79,10 @@ _HEADER_READERS = {
 
 
 class NpzFile:
+    """A TensorFile with PlainValues (stored members), Checksummed (a CRC-32 per member),
+    ChunkedPieces (compressed members, whole) and WholeArrays; no metadata of its own."""
+
     format_name = FORMAT_NAME
-    checksummed = True  # a CRC-32 per member
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -298,9 +300,6 @@ class NpzFile:
             target = writer.buffer(chunk.nbytes).view(chunk.dtype)
             transform(tensor, chunk, target)
             writer.submit(target, member_out)
-
-    def attribute(self, key: str) -> object | None:
-        return None  # an archive of arrays has no metadata of its own
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         info = tensor.location[0]

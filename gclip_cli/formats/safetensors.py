@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator, Set
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -83,12 +83,9 @@ _TYPE_FIELDS: dict[str, dict[str, object]] = {
 }
 
 
-class DataOffsets(NamedTuple):
-    """Where a safetensors tensor's values lie (its TensorInfo.location): bytes [begin, end)
-    of the data buffer, which follows the header."""
-
-    begin: int
-    end: int
+# Where a safetensors tensor's values lie (its TensorInfo.location): bytes [begin, end) of the
+# data buffer, which follows the header.  A plain pair: a header may describe 10^6 tensors.
+DataOffsets = tuple[int, int]
 
 
 class SafetensorsFile:
@@ -115,7 +112,7 @@ class SafetensorsFile:
                 yield raw.view(tensor.dtype)
 
     def plain_offsets(self) -> dict[str, int]:
-        return {t.name: self._data_start + t.location.begin for t in self.tensors if t.is_gradient}
+        return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
@@ -233,7 +230,7 @@ def _describe_tensor(path: Path, name: str, entry: object) -> TensorInfo:
         name=name,
         shape=tuple(shape),
         nbytes=end - begin,
-        location=DataOffsets(begin, end),
+        location=(begin, end),
         **_TYPE_FIELDS[code],
     )
 

@@ -21,6 +21,7 @@ import click
 
 from . import __version__, interrupts, kernels
 from .errors import ExitCode, Interrupted, Terminated
+from .formats.registry import FORMAT_NAMES  # light: names only, no numpy
 
 # gclip makes no BLAS calls: spare the start-up and the spinning of OpenBLAS helper threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -323,7 +324,7 @@ _SELECTION_OPTIONS = (
     ),
     click.option(
         "--file-format",
-        type=click.Choice(["safetensors", "npz", "hdf5"]),
+        type=click.Choice(FORMAT_NAMES),
         help="The input's format, instead of detecting it from its content.",
     ),
 )

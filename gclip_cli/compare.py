@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import TensorFile, TensorInfo, detect_format
+from .formats import TensorFile, TensorInfo, WholeArrays, detect_format
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
 from .options import Options
 from .progress import SILENT, Progress
@@ -333,6 +333,8 @@ def _compare_bytes(
         return _row((ta, tb), DIFFERS, f"dtypes differ ({ta.dtype_name}, {tb.dtype_name})")
     if max(ta.nbytes, tb.nbytes) > chunk_bytes:
         return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: larger than --chunk-size")
+    if not (isinstance(a, WholeArrays) and isinstance(b, WholeArrays)):
+        return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: its format reads no whole arrays")
     values_a, values_b = a.read_array(ta), b.read_array(tb)
     kinds = {v.dtype.kind if v is not None else "" for v in (values_a, values_b)}
     if not kinds <= set(_PLAIN_NUMBERS):

@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_dtypes
 
 from . import parallel
-from .formats import TensorFile, TensorInfo
+from .formats import Checksummed, TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats, p_norm_of
 from .progress import MEASURING, SILENT, WRITING, Progress
 from .rewriters import Rewriter, counted
@@ -32,7 +32,8 @@ def measure_tensors(
     measured, crcs = parallel.measure_pieces(
         tfile.path, pieces, norm_type, chunk_bytes, jobs, progress
     )
-    tfile.verify_checksums(crcs)
+    if isinstance(tfile, Checksummed):
+        tfile.verify_checksums(crcs)
     return [
         None
         if not t.is_gradient
@@ -187,7 +188,8 @@ def rewrite(
     )
     if pieces:
         parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs, progress)
-    tfile.finish_output(out, crcs)
+    if isinstance(tfile, Checksummed):
+        tfile.finish_output(out, crcs)
     after = rewriter.after
     return [
         after.get(tensor.name, NormStats(rewriter.norm_type)) if tensor.is_gradient else None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .formats import TensorFile, TensorInfo
+from .formats import Checksummed, ChunkedPieces, PlainValues, TensorFile, TensorInfo
 from .formats.base import (
     MAX_WINDOW,
     EncodablePiece,
@@ -96,7 +96,7 @@ def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece | Span]:
     of chunked tensors (none when one process would do as well)."""
     if not _can_share(jobs):
         return []
-    return _worth_sharing([*_plain_spans(tfile), *tfile.chunked_pieces()])
+    return _worth_sharing([*_plain_spans(tfile), *_chunked_pieces(tfile)])
 
 
 def encodable_pieces(tfile: TensorFile, jobs: int) -> list[EncodablePiece]:
@@ -104,7 +104,7 @@ def encodable_pieces(tfile: TensorFile, jobs: int) -> list[EncodablePiece]:
     would do as well)."""
     if not _can_share(jobs):
         return []
-    return _worth_sharing([p for p in tfile.chunked_pieces() if isinstance(p, EncodablePiece)])
+    return _worth_sharing([p for p in _chunked_pieces(tfile) if isinstance(p, EncodablePiece)])
 
 
 def _can_share(jobs: int) -> bool:
@@ -112,12 +112,22 @@ def _can_share(jobs: int) -> bool:
 
 
 def _plain_spans(tfile: TensorFile) -> list[Span]:
+    """Every gradient tensor the format stores as plain bytes, whole (none for a format
+    without PlainValues)."""
+    if not isinstance(tfile, PlainValues):
+        return []
     offsets = tfile.plain_offsets()
+    checksummed = isinstance(tfile, Checksummed)
     return [
-        Span(t, offsets[t.name], 0, t.numel, tfile.checksummed)
+        Span(t, offsets[t.name], 0, t.numel, checksummed)
         for t in tfile.tensors
         if t.is_gradient and t.name in offsets
     ]
+
+
+def _chunked_pieces(tfile: TensorFile) -> list[ValuePiece]:
+    """The format's pieces of its other gradient tensors (none without ChunkedPieces)."""
+    return tfile.chunked_pieces() if isinstance(tfile, ChunkedPieces) else []
 
 
 def _worth_sharing(pieces: list[P]) -> list[P]:

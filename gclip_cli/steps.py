@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .formats import Metadata, WholeArrays
+
 if TYPE_CHECKING:
     from .formats import TensorFile
 
@@ -29,17 +31,30 @@ class FoundStep:
 def step_of(tfile: TensorFile) -> FoundStep | None:
     """The training step *tfile* holds: a step entry of its metadata, else a 0-d integer
     tensor so named, else the number its file name gives (step_in_name)."""
-    for key in STEP_KEYS:
-        value = _as_step(tfile.attribute(key))
-        if value is not None:
-            return FoundStep(value, "metadata")
-    for key in STEP_KEYS:
-        tensor = next((t for t in tfile.tensors if t.name == key and t.shape == ()), None)
-        value = None if tensor is None or tensor.is_gradient else tfile.read_array(tensor)
-        if value is not None and value.dtype.kind in "iu" and value.item() >= 0:
-            return FoundStep(int(value.item()), "tensor")
+    found = _step_in_metadata(tfile) or _step_tensor(tfile)
+    if found is not None:
+        return found
     value = step_in_name(tfile.path)
     return None if value is None else FoundStep(value, "name")
+
+
+def _step_in_metadata(tfile: TensorFile) -> FoundStep | None:
+    if isinstance(tfile, Metadata):
+        for key in STEP_KEYS:
+            value = _as_step(tfile.attribute(key))
+            if value is not None:
+                return FoundStep(value, "metadata")
+    return None
+
+
+def _step_tensor(tfile: TensorFile) -> FoundStep | None:
+    if isinstance(tfile, WholeArrays):
+        for key in STEP_KEYS:
+            tensor = next((t for t in tfile.tensors if t.name == key and t.shape == ()), None)
+            value = None if tensor is None or tensor.is_gradient else tfile.read_array(tensor)
+            if value is not None and value.dtype.kind in "iu" and value.item() >= 0:
+                return FoundStep(int(value.item()), "tensor")
+    return None
 
 
 def step_in_name(path: str | Path) -> int | None:

@@ -173,3 +173,22 @@ def progress_by_phase(events) -> list[tuple[str, int, int]]:
             name, total, done = phases[-1]
             phases[-1] = (name, total, done + event)
     return phases
+
+
+class CoreOnly:
+    """A tensor file with the core protocol only (formats/base.py's TensorFile, none of its
+    capabilities): the open file *tfile* through its reader's core methods.  For formats whose
+    write_transformed completes the output alone (not Checksummed ones)."""
+
+    def __init__(self, tfile) -> None:
+        self._tfile = tfile
+        self.path, self.format_name, self.tensors = tfile.path, tfile.format_name, tfile.tensors
+
+    def read_chunks(self, tensor, chunk_bytes):
+        return self._tfile.read_chunks(tensor, chunk_bytes)
+
+    def write_transformed(self, out, transform, chunk_bytes, leave=frozenset()):
+        self._tfile.write_transformed(out, transform, chunk_bytes, leave)
+
+    def close(self) -> None:
+        self._tfile.close()

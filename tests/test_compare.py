@@ -4,17 +4,19 @@ import json
 import math
 import subprocess
 import sys
+from contextlib import closing
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, exact_norm, neighbours, read_tensors
+from conftest import SUFFIX, CoreOnly, exact_norm, neighbours, read_tensors, write_tensors
 
 import gclip_cli
+from gclip_cli import compare
 from gclip_cli.api import diff_files
 from gclip_cli.cli import main
 from gclip_cli.compare import pair_by_name
-from gclip_cli.formats import TensorInfo
+from gclip_cli.formats import TensorInfo, open_file
 from gclip_cli.options import Options
 
 
@@ -296,3 +298,16 @@ def test_what_same_means_for_nonfinite_values(make_file, value_a, value_b, zero,
             0 if expected == "same" else 1
         )
     assert gclip("diff", a, b).returncode == 4  # whatever they compare as
+
+
+def test_integers_are_compared_only_where_the_format_reads_whole_arrays(tmp_path):
+    a = write_tensors(tmp_path / "a.safetensors", "safetensors", {"n": np.arange(4)})
+    b = write_tensors(tmp_path / "b.safetensors", "safetensors", {"n": np.arange(4) + 1})
+    with closing(open_file(a)) as fa, closing(open_file(b)) as fb:
+        ta, tb = fa.tensors[0], fb.tensors[0]
+        assert compare._compare_bytes(fa, fb, ta, tb, 1 << 20).status == compare.DIFFERS
+        row = compare._compare_bytes(CoreOnly(fa), fb, ta, tb, 1 << 20)
+    assert (row.status, row.note) == (
+        compare.NOT_COMPARED,
+        "int64: its format reads no whole arrays",
+    )

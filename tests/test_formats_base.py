@@ -3,11 +3,12 @@
 import errno
 import os
 import pickle
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import release_readers
+from conftest import CoreOnly, release_readers
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
@@ -16,9 +17,15 @@ import gclip_cli
 from gclip_cli import InputError
 from gclip_cli.formats import open_file
 from gclip_cli.formats.base import (
+    Checksummed,
+    ChunkedPieces,
     FileShrank,
+    Metadata,
     PipelinedWriter,
+    PlainValues,
+    TensorFile,
     TensorInfo,
+    WholeArrays,
     copy_range,
     gaps,
     mapped,
@@ -191,3 +198,25 @@ def test_messages_are_one_line_and_bounded():
     assert one_line(ValueError("a\nb\n  c")) == "a b c"
     assert one_line(ValueError("x" * 1000), limit=10) == "xxxxxxxxxx..."
     assert one_line(KeyError()) == "KeyError"
+
+
+CAPABILITIES = (PlainValues, Checksummed, ChunkedPieces, Metadata, WholeArrays)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "offered"),
+    [
+        ("safetensors", {PlainValues, Metadata, WholeArrays}),
+        ("npz", {PlainValues, Checksummed, ChunkedPieces, WholeArrays}),
+        ("hdf5", {PlainValues, ChunkedPieces, Metadata, WholeArrays}),
+    ],
+)
+def test_each_format_offers_the_capabilities_it_has_and_no_stubs(make_file, fmt, offered):
+    """safetensors and HDF5 keep no checksums, npz no metadata, safetensors no chunks: none
+    of them carries a method that does nothing."""
+    src = make_file(fmt, {"w": np.ones(3, dtype=np.float32)})
+    with closing(open_file(src)) as tfile:
+        assert isinstance(tfile, TensorFile)
+        assert {c for c in CAPABILITIES if isinstance(tfile, c)} == offered
+        assert not hasattr(tfile, "checksummed")
+        assert all(not isinstance(CoreOnly(tfile), c) for c in CAPABILITIES)

@@ -4,6 +4,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from conftest import expected_scaled
 
 import gclip_cli
 from gclip_cli import InputError, parallel
-from gclip_cli.formats import npz, signatures
+from gclip_cli.formats import open_file, signatures, ziparchive
 from gclip_cli.norms import BLOCK, measure
 from gclip_cli.options import Options
 
@@ -177,17 +178,11 @@ def test_directory_entry_pointing_past_the_end_is_refused(tmp_path):
         gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)
 
 
-def test_faster_deflate_is_ordinary_deflate_and_restores_zipfile(tmp_path):
+def test_isal_deflate_is_ordinary_deflate(tmp_path):
     pytest.importorskip("isal", reason="the fast extra is not installed")
-    from gclip_cli.formats.deflate import faster_deflate
-
-    original = zipfile._get_compressor
     values = np.random.default_rng(0).standard_normal(50_000).astype(np.float32)
     src = tmp_path / "in.npz"
     np.savez_compressed(src, g=values)
-    with faster_deflate():
-        assert zipfile._get_compressor is not original
-    assert zipfile._get_compressor is original
     out = tmp_path / "out.npz"
     report = gclip_cli.rescale_file(src, out, max_norm=1.0)
     with zipfile.ZipFile(out) as z:  # inflated here by the standard library's zlib
@@ -282,6 +277,29 @@ def test_workers_inflate_deflated_members_to_the_same_norms(tmp_path, monkeypatc
         rescaled = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(jobs=jobs))
         with np.load(out) as z:
             assert np.array_equal(z["emb"], expected_scaled(arrays["emb"], rescaled))
+
+
+def test_zipfile_is_left_as_it_is_while_archives_are_read_and_written(tmp_path):
+    """No patching of zipfile's module (test_house reads the source for it; this runs it)."""
+    src, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    arrays = compressed_archive(src)
+    original = (zipfile._get_compressor, zipfile._get_decompressor, zipfile.crc32)
+    seen = []
+
+    def negate(tensor, values, target):
+        seen.append((zipfile._get_compressor, zipfile._get_decompressor, zipfile.crc32))
+        np.negative(values, out=target)
+
+    with closing(open_file(src)) as tfile:
+        for tensor in tfile.tensors:
+            if tensor.is_gradient:
+                for _ in tfile.read_chunks(tensor, 4100):
+                    seen.append((zipfile._get_compressor, zipfile._get_decompressor, zipfile.crc32))
+        tfile.write_transformed(out, negate, 4100)
+    assert seen and all(state == original for state in seen)
+    with np.load(out) as written:
+        assert np.array_equal(written["emb"], -arrays["emb"])
+        assert np.array_equal(written["step"], arrays["step"])
 
 
 def test_a_bad_crc_found_by_a_worker_is_one_error(tmp_path, monkeypatch):
@@ -451,7 +469,7 @@ def test_a_central_directory_over_the_limit_is_refused_before_zipfile_reads_it(
     with open(src, "rb") as file:
         assert signatures.zip_directory_size(file) == size
     monkeypatch.setattr(signatures, "MAX_ZIP_DIRECTORY", size - 1)
-    monkeypatch.setattr(npz, "MAX_ZIP_DIRECTORY", size - 1)
+    monkeypatch.setattr(ziparchive, "MAX_ZIP_DIRECTORY", size - 1)
     monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda _: pytest.fail("read"))
     with pytest.raises(InputError, match=f"central directory of {size:,} bytes exceeds"):
         gclip_cli.inspect_file(src)

@@ -3,19 +3,21 @@
 import json
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, exact_norm, write_tensors
+from conftest import SUFFIX, CoreOnly, exact_norm, write_tensors
 from safetensors.numpy import save_file
 
 from gclip_cli import UsageError
 from gclip_cli.api import history_of
 from gclip_cli.cli import main
-from gclip_cli.steps import step_in_name
+from gclip_cli.formats import open_file
+from gclip_cli.steps import FoundStep, step_in_name, step_of
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 
@@ -131,6 +133,18 @@ def test_step_tensor_comes_before_the_name(tmp_path):
         (10, "tensor"),
         (11, "name"),
     ]
+
+
+def test_a_format_without_metadata_or_whole_arrays_has_the_step_of_its_name(tmp_path):
+    src = write_safetensors(tmp_path / "ckpt_5.safetensors", [1.0], {"step": "7"})
+    with_step = write_tensors(
+        tmp_path / "ckpt_6.safetensors", "safetensors", {"step": np.array(8, np.int64)}
+    )
+    with closing(open_file(src)) as tfile, closing(open_file(with_step)) as other:
+        assert step_of(tfile) == FoundStep(7, "metadata")
+        assert step_of(other) == FoundStep(8, "tensor")
+        assert step_of(CoreOnly(tfile)) == FoundStep(5, "name")
+        assert step_of(CoreOnly(other)) == FoundStep(6, "name")
 
 
 @pytest.mark.parametrize(

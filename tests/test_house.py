@@ -31,8 +31,6 @@ ALLOWED = {
     ("gclip_cli.cli", "_quiet_warnings"): "the interpreter's warning options (for spawned "
     "workers), set at the edge",
     ("gclip_cli.interrupts", "install"): "sys.unraisablehook, the interpreter's hook for it",
-    ("gclip_cli.formats.deflate", "faster_deflate"): "zipfile's deflate and crc32 swapped "
-    "while a block runs; replaced by the zip layer of issue 21 (then remove this entry)",
 }
 
 

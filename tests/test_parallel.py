@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import zlib
+from contextlib import closing
 from dataclasses import replace
 
 import h5py
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
     SUFFIX,
+    CoreOnly,
     exact_norm,
     expected_scaled,
     progress_by_phase,
@@ -22,8 +24,8 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gclip_cli import InputError, OutputError, api, parallel
-from gclip_cli.formats import TensorInfo, base
+from gclip_cli import InputError, OutputError, api, engine, parallel
+from gclip_cli.formats import TensorInfo, base, open_file
 from gclip_cli.norms import BLOCK
 from gclip_cli.options import Options
 from gclip_cli.parallel import Span, cut
@@ -215,6 +217,44 @@ def test_every_strategy_gives_the_same_result_on_workers(
     assert (tmp_path / "one.safetensors").read_bytes() == (
         tmp_path / "two.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
+def test_a_format_without_capabilities_is_read_serially_to_the_same_bits(
+    fmt, tmp_path, always_parallel, monkeypatch
+):
+    """The engine asks for what a format can do besides the core protocol: without
+    PlainValues or ChunkedPieces, nothing goes to workers, and every bit comes out the same."""
+    src = write(fmt, tmp_path / f"in{SUFFIX[fmt]}", gradients())
+    forked = []
+    real = parallel.run_forked
+
+    def counted(path, tasks, *args, **kwargs):
+        forked.extend(task.__name__ for task, _ in tasks)
+        return real(path, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(parallel, "run_forked", counted)
+    measured, written, forks = {}, {}, {}
+    for kind, wrap in (("capable", lambda tfile: tfile), ("core", CoreOnly)):
+        forked.clear()
+        out = tmp_path / f"{kind}{SUFFIX[fmt]}"
+        with closing(wrap(open_file(src))) as tfile:
+            stats = engine.measure_tensors(tfile, 2.0, 4100, jobs=3)
+            after = engine.rewrite(tfile, out, Negate(2.0), 4100, jobs=3)
+        measured[kind] = [s and (s.norm(), s.numel, s.max_abs) for s in stats]
+        written[kind] = [s and (s.norm(), s.numel) for s in after], read_tensors(out, fmt)
+        forks[kind] = set(forked)
+    assert forks["capable"] >= {"_measure_share"} and forks["core"] == set()
+    assert measured["core"] == measured["capable"]
+    assert written["core"][0] == written["capable"][0]
+    for name, values in gradients().items():
+        expected = -values if values.dtype.kind == "f" else values
+        assert written["core"][1][name].tobytes() == expected.tobytes(), name
+        assert written["capable"][1][name].tobytes() == expected.tobytes(), name
+    if fmt == "safetensors":
+        assert (tmp_path / "core.safetensors").read_bytes() == (
+            tmp_path / "capable.safetensors"
+        ).read_bytes()
 
 
 def test_cli_jobs_option_reaches_the_engine(tmp_path, always_parallel, monkeypatch):

@@ -72,7 +72,9 @@ class TensorInfo:
     nbytes: int
     dtype: np.dtype | None = None  # set only when the values are gradients gclip scales
     skip_reason: str | None = None  # why the values are copied through untouched
-    location: object = field(default=None, repr=False, compare=False)  # the format's own handle
+    # The format's handle on the values: a safetensors.DataOffsets, an npz.NpyMember, the
+    # HDF5 dataset's path in the file.  Only the format reads it.
+    location: object = field(default=None, repr=False, compare=False)
     fortran_order: bool = False  # values stored column-major (npz); else in C order
     # Raw 1- or 2-byte values whose type the file does not record (numpy's |V2, HDF5's opaque
     # type): how np.savez and h5py store bfloat16 and float8.  Their item size; else 0.
@@ -145,29 +147,19 @@ class EncodablePiece(ValuePiece, Protocol):
         ...
 
 
+@runtime_checkable
 class TensorFile(Protocol):
-    """An open input file: its tensors, their values in chunks, and a faithful rewrite."""
+    """An open input file: its tensors, their values in chunks, and a faithful rewrite.  What
+    every format is; what some can do besides, the engine, history and diff ask for with
+    isinstance() on the capabilities below (PlainValues, Checksummed, ChunkedPieces, Metadata,
+    WholeArrays): a format without one is read and written by this protocol alone."""
 
     path: Path
     format_name: str
     tensors: Sequence[TensorInfo]
-    # Whether the file keeps CRC-32s of the plain values (plain_offsets()): then the workers
-    # that read or write them compute theirs, for verify_checksums() and finish_output().
-    checksummed: bool
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_bytes* bytes."""
-        ...
-
-    def plain_offsets(self) -> dict[str, int]:
-        """Where gradient tensors stored as plain bytes begin, in this file and in what
-        write_transformed writes (by name; tensors stored otherwise are not listed)."""
-        ...
-
-    def chunked_pieces(self) -> list[ValuePiece]:
-        """Pieces of the gradient tensors not stored as plain bytes that worker processes can
-        measure on their own, and encode too where they are EncodablePieces ([] when
-        there are none)."""
         ...
 
     def write_transformed(
@@ -175,33 +167,71 @@ class TensorFile(Protocol):
     ) -> None:
         """Copy the file to *out*, every gradient chunk passed through *transform*.
 
-        The values of the tensors named in *leave* (some of plain_offsets() or chunked_pieces())
-        are not written: the caller fills them in.
+        The values of the tensors named in *leave* are not written: the caller fills them in
+        (only tensors a capability offered: PlainValues' plain_offsets() or ChunkedPieces'
+        pieces; a format without them is never asked to leave any).
         """
         ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class PlainValues(Protocol):
+    """Gradient tensors stored as plain bytes, which write_transformed keeps at the same
+    offsets: worker processes measure them and rewrite them there (parallel.py)."""
+
+    def plain_offsets(self) -> dict[str, int]:
+        """Where gradient tensors stored as plain bytes begin, in this file and in what
+        write_transformed writes (by name; tensors stored otherwise are not listed)."""
+        ...
+
+
+@runtime_checkable
+class Checksummed(PlainValues, Protocol):
+    """Plain values the file keeps CRC-32s of (.npz): the workers that read or write them
+    compute theirs, checked here as read and written into the output."""
 
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:
         """Check the CRC-32s of plain values as read, by tensor name (from workers)."""
         ...
 
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        """Complete *out* once every value is in place (e.g. checksums over the values);
+        """Complete *out* once every value is in place (the checksums over the values);
         *crcs*: the CRC-32s of plain values as written, by tensor name, where workers wrote
         them."""
         ...
 
-    def attribute(self, key: str) -> object | None:
-        """The file-level metadata entry *key* (a safetensors ``__metadata__`` string, an HDF5
-        root attribute); None when absent or when the format has none (npz)."""
+
+@runtime_checkable
+class ChunkedPieces(Protocol):
+    """Gradient tensors not stored as plain bytes that worker processes can measure piece by
+    piece (compressed .npz members, HDF5 chunks), and encode too where the pieces are
+    EncodablePieces."""
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        """Those pieces ([] when there are none)."""
         ...
+
+
+@runtime_checkable
+class Metadata(Protocol):
+    """File-level metadata (a safetensors ``__metadata__``, HDF5 root attributes)."""
+
+    def attribute(self, key: str) -> object | None:
+        """The metadata entry *key*; None when absent."""
+        ...
+
+
+@runtime_checkable
+class WholeArrays(Protocol):
+    """Tensors of any element type read whole (a step counter, the integers diff compares)."""
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         """All values of *tensor*, whatever its element type, in memory (so only for small
-        tensors, such as a step counter); None when they are not a numpy array (packed 4- and
-        6-bit floats, an HDF5 null dataspace)."""
+        tensors); None when they are not a numpy array (packed 4- and 6-bit floats, an HDF5
+        null dataspace)."""
         ...
-
-    def close(self) -> None: ...
 
 
 # Mapped pages count in RSS while mapped: keep windows small (mapping more often costs little).

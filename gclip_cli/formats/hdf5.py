@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterator, Set
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,8 +52,10 @@ Selection = tuple[slice, ...]
 
 
 class Hdf5File:
+    """A TensorFile with PlainValues (contiguous datasets), ChunkedPieces (chunks gclip
+    decodes itself), Metadata and WholeArrays.  A tensor's location is its dataset's path."""
+
     format_name = FORMAT_NAME
-    checksummed = False  # the file keeps no checksums of the values
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -164,12 +166,6 @@ class Hdf5File:
                 found = raw_chunks(dataset, _chunk_address_base(self._file), self._size)
             self._chunk_index[tensor.name] = found
         return self._chunk_index[tensor.name]
-
-    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
-        pass  # not checksummed: there are none
-
-    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        pass  # nothing outside the values depends on them
 
     def attribute(self, key: str) -> object | None:
         with reading(self.path, f"root attribute {key!r}"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterator, Set
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +27,6 @@ from .base import (
     PipelinedWriter,
     TensorInfo,
     Transform,
-    ValuePiece,
     mapped,
     open_regular,
     reading,
@@ -84,9 +83,15 @@ _TYPE_FIELDS: dict[str, dict[str, object]] = {
 }
 
 
+# Where a safetensors tensor's values lie (its TensorInfo.location): bytes [begin, end) of the
+# data buffer, which follows the header.  A plain pair: a header may describe 10^6 tensors.
+DataOffsets = tuple[int, int]
+
+
 class SafetensorsFile:
+    """A TensorFile with PlainValues (every tensor), Metadata and WholeArrays."""
+
     format_name = FORMAT_NAME
-    checksummed = False  # the file keeps no checksums of the values
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -108,9 +113,6 @@ class SafetensorsFile:
 
     def plain_offsets(self) -> dict[str, int]:
         return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
-
-    def chunked_pieces(self) -> list[ValuePiece]:
-        return []  # every value is plain bytes (plain_offsets)
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
@@ -156,12 +158,6 @@ class SafetensorsFile:
                 self.path, f"tensor {shown(tensor.name)}: file ends early (truncated?)"
             )
         return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
-
-    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
-        pass  # not checksummed: there are none
-
-    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        pass  # nothing outside the values depends on them
 
     def close(self) -> None:
         self._file.close()

@@ -143,9 +143,7 @@ def diff(path_a: Path, path_b: Path, options: Options) -> Diff:
     return in_child(path_a, options, SILENT, _diff, path_b, format_b)
 
 
-def _diff(
-    file_a: TensorFile, options: Options, progress: Progress, b: Path, format_b: str
-) -> Diff:
+def _diff(file_a: TensorFile, options: Options, progress: Progress, b: Path, format_b: str) -> Diff:
     """A opened (by in_child), then B beside it."""
     del progress  # comparing reports none
     from .pipeline import opened

@@ -1,7 +1,8 @@
 """Recognising a format from a file's structure, without importing its library.
 
-A zip archive is an ``.npz`` only when it holds ``.npy`` arrays; PyTorch, TorchScript and Keras
-archives are zips too, and are named (and refused) rather than read as archives without arrays.
+A zip archive is an ``.npz`` only when it holds ``.npy`` arrays, a PyTorch checkpoint when it
+holds ``NAME/data.pkl``; TorchScript and Keras archives are zips too, and are named (and
+refused) rather than read as archives without arrays.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def is_npz(head: bytes, file: BinaryIO) -> bool:
         return False
     names = zip_names(file)
     return names is None or zip_kind(names) == "npz"
+
+
+def is_torch(head: bytes, file: BinaryIO) -> bool:
+    """A zip archive of ``NAME/data.pkl`` and its storages, as torch.save writes (not a
+    TorchScript archive, which holds code too)."""
+    if not is_zip(head):
+        return False
+    names = zip_names(file)
+    return names is not None and zip_kind(names) == "torch"
 
 
 def is_hdf5(head: bytes, file: BinaryIO) -> bool:
@@ -114,7 +124,7 @@ def zip_kind(names: Sequence[str]) -> str:
 
 
 _UNSUPPORTED = {
-    "torch": "a PyTorch checkpoint (torch.save), which gclip cannot read yet",
+    "torch": "a PyTorch checkpoint (torch.save), not an .npz: read it as --file-format torch",
     "torchscript": "a TorchScript archive (a saved program, not a tensor file)",
     "keras": "a Keras archive (.keras): give the model.weights.h5 inside it instead",
     "zip": "a zip archive without .npy arrays, not an .npz",

@@ -1,0 +1,382 @@
+"""PyTorch checkpoints (``torch.save``'s zip format, the default since PyTorch 1.6), read and
+written without torch.
+
+The archive holds ``NAME/data.pkl``, a pickle of the saved object in which each tensor is a view
+(offset, shape, strides) of a storage, and one stored member ``NAME/data/<key>`` per storage,
+aligned for mapping.  ``data.pkl`` is read by torch_pickle.py's restricted unpickler, which runs
+nothing; tensors are named by their path in the saved containers (``lstm.weight_hh_l1``,
+``state.0.exp_avg_sq``).  A tensor saved under several names (tied weights), or views covering
+the same values, are one tensor, named ``first (= second, ...)``: counted and scaled once.
+
+Every view must cover a contiguous run of its storage's items, in any order of its dimensions
+(a transposed matrix does): its values are then read and scaled in storage order, which changes
+neither a norm's exact sum nor an element-wise product.  Views with gaps between their items
+(a strided slice) and views that partly overlap another are refused.
+
+The output is a byte copy of the archive with the values rewritten in place (pickle, member
+order, alignment and every other byte kept); only the CRC-32s of the storages that changed are
+patched, in the central directory and the data descriptors torch writes after each member.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, Set
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import InputError
+from ..strict_json import shown
+from . import torch_pickle
+from .base import (
+    READ_ERRORS,
+    TensorInfo,
+    Transform,
+    describe_array,
+    mapped,
+    one_line,
+    reading,
+    rewrite_in_place,
+    window_pieces,
+)
+from .deflate import crc32, crc32_combine
+from .signatures import zip_kind, zip_refusal
+from .torch_pickle import TORCH_DTYPES, Refused, Storage, TensorView
+from .ziparchive import ZipArchive, stored_crc
+
+FORMAT_NAME = "torch"
+MAX_PICKLE_BYTES = 100_000_000  # as for a safetensors header: a state dict's is kilobytes
+_PICKLE = re.compile(r"^([^/]+)/data\.pkl$")
+_STEP = "step"  # an optimizer's step count: a float tensor in torch 2, not a gradient
+_PICKLE_ERRORS = (pickle.UnpicklingError, RecursionError, MemoryError, AttributeError)
+
+
+@dataclass(frozen=True)
+class StorageSlice:
+    """Where a torch tensor's values lie (its TensorInfo.location): *nbytes* bytes from byte
+    *start* of the storage member *info*; *view* as the pickle describes it."""
+
+    info: zipfile.ZipInfo
+    start: int
+    view: TensorView
+
+
+class TorchFile:
+    """A TensorFile with PlainValues and Checksummed (every gradient tensor lies in a stored
+    member whose CRC-32 the archive keeps) and WholeArrays; no metadata of its own."""
+
+    format_name = FORMAT_NAME
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._archive = ZipArchive(path, "PyTorch")
+        try:
+            self._prefix = self._check_members()
+            root = self._read_pickle()
+            self.tensors = self._describe(root)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        where: StorageSlice = tensor.location
+        begin = self._archive.data_start(where.info) + where.start
+        crc = 0
+        fd = self._archive.fd
+        for offset, nbytes in window_pieces(begin, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes):
+            with mapped(fd, offset, nbytes) as raw:
+                crc = crc32(raw, crc)
+                yield raw.view(tensor.dtype)
+        self._verify_member(where.info, {tensor.name: crc})
+
+    def plain_offsets(self) -> dict[str, int]:
+        start = self._archive.data_start
+        return {t.name: start(t.location.info) + t.location.start for t in self._gradients()}
+
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        """Check the CRC-32s of the storages from those of their tensors' values (by tensor
+        name, computed by workers as read); the rest of each storage is read here."""
+        for info in {t.location.info.filename: t.location.info for t in self._gradients()}.values():
+            self._verify_member(info, crcs)
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        where: StorageSlice = tensor.location
+        view = where.view
+        dtype = _numpy_dtype(view.dtype)
+        with reading(self.path, f"storage {shown(where.info.filename)}"):
+            data = os.pread(
+                self._archive.fd, tensor.nbytes, self._archive.data_start(where.info) + where.start
+            )
+        if len(data) != tensor.nbytes:
+            raise InputError(self.path, f"storage {shown(where.info.filename)} ends early")
+        flat = np.frombuffer(data, dtype=dtype)  # from the view's first item on
+        if not flat.size:
+            return flat.reshape(view.shape)
+        strides = tuple(s * dtype.itemsize for s in view.stride)
+        array = np.lib.stride_tricks.as_strided(flat, view.shape, strides, writeable=False).copy()
+        if view.negated and dtype.kind in "fiuc":
+            array = -array
+        return array
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+    ) -> None:
+        offsets = self.plain_offsets()
+        placed = {t: offsets[t.name] for t in self._gradients()}
+        self._archive.verify_stored(list({t.location.info for t in placed}))
+        rewrite_in_place(self._archive.fd, out, placed, transform, chunk_bytes, leave)
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
+        """The new CRC-32s of the storages rewritten, from those of the values written in
+        *crcs* (by workers), the rest read from *out*."""
+        members = {t.location.info.filename: t.location.info for t in self._gradients()}
+        new = {}
+        with open(out, "rb") as copy:
+            for name, info in members.items():
+                new[name] = self._member_crc(copy.fileno(), info, crcs)
+        self._archive.patch_crcs(out, new)
+
+    def close(self) -> None:
+        self._archive.close()
+
+    # --- checksums -----------------------------------------------------------------------------
+
+    def _verify_member(self, info: zipfile.ZipInfo, crcs: Mapping[str, int]) -> None:
+        """Check the CRC-32 of storage member *info* once, from the CRC-32s *crcs* of values of
+        its tensors (by name) and the rest of its bytes, read here."""
+        if not self._archive.checked(info):
+            self._archive.verify_crc(info, self._member_crc(self._archive.fd, info, crcs))
+
+    def _member_crc(self, fd: int, info: zipfile.ZipInfo, crcs: Mapping[str, int]) -> int:
+        """The CRC-32 of storage member *info* in file *fd* (the input or the output, whose
+        members lie at the same places), from the known CRC-32s of its tensors' values (*crcs*,
+        by name) and the other bytes, read from *fd*."""
+        known = sorted(
+            (t.location.start, t.nbytes, crcs[t.name])
+            for t in self._gradients()
+            if t.location.info.filename == info.filename and t.name in crcs
+        )
+        base = self._archive.data_start(info)
+        crc, position = 0, 0
+        with reading(self.path, f"storage {shown(info.filename)}"):
+            for start, nbytes, values_crc in [*known, (info.file_size, 0, 0)]:
+                if start > position:
+                    gap = stored_crc(fd, base + position, start - position)
+                    crc = crc32_combine(crc, gap, start - position)
+                crc = crc32_combine(crc, values_crc, nbytes)
+                position = start + nbytes
+        return crc
+
+    # --- structure -----------------------------------------------------------------------------
+
+    def _gradients(self) -> list[TensorInfo]:
+        return [t for t in self.tensors if t.is_gradient]
+
+    def _check_members(self) -> str:
+        """Refuse archives that are no torch.save checkpoint, or that could not be copied
+        faithfully; the folder its records lie in."""
+        names = self._archive.names
+        if zip_kind(names) != "torch":
+            refusal = zip_refusal(names) or "an .npz (a zip of .npy arrays)"
+            raise InputError(self.path, f"is {refusal}, not a PyTorch checkpoint")
+        pickles = [m.group(1) for m in map(_PICKLE.match, names) if m]
+        if len(pickles) != 1:
+            found = "no" if not pickles else f"{len(pickles)}"
+            raise InputError(self.path, f"PyTorch archive has {found} NAME/data.pkl records")
+        self._archive.check_members()
+        if not self._archive.members_apart():
+            raise InputError(self.path, "zip members overlap (not an archive torch.save wrote)")
+        prefix = pickles[0]
+        order = self._member(f"{prefix}/byteorder")
+        if order is not None and self._small_member(order, 16) != b"little":
+            raise InputError(
+                self.path, "PyTorch checkpoint is big-endian (byteorder), which gclip cannot read"
+            )
+        return prefix
+
+    def _member(self, name: str) -> zipfile.ZipInfo | None:
+        try:
+            return self._archive._zip.getinfo(name)
+        except KeyError:
+            return None
+
+    def _small_member(self, info: zipfile.ZipInfo, limit: int) -> bytes:
+        if info.file_size > limit:
+            raise InputError(
+                self.path, f"record {shown(info.filename)} is {info.file_size:,} bytes, over {limit:,}"
+            )
+        with reading(self.path, f"record {shown(info.filename)}"):
+            with self._archive.open_member(info) as member:
+                return member.read(info.file_size)
+
+    def _read_pickle(self) -> object:
+        info = self._member(f"{self._prefix}/data.pkl")
+        data = self._small_member(info, MAX_PICKLE_BYTES)
+        try:
+            return torch_pickle.load(data)
+        except Refused as exc:
+            raise InputError(self.path, str(exc)) from None
+        except (*_PICKLE_ERRORS, *READ_ERRORS) as exc:
+            raise InputError(self.path, f"data.pkl is not a valid pickle: {one_line(exc)}") from None
+
+    def _describe(self, root: object) -> list[TensorInfo]:
+        """One TensorInfo per set of values, in the saved order, named by every path that
+        reaches them."""
+        try:
+            found = list(torch_pickle.walk(root))
+        except Refused as exc:
+            raise InputError(self.path, str(exc)) from None
+        names: dict[TensorView, list[str]] = {}
+        for path, view in found:
+            names.setdefault(view, []).append(self._name(path))
+        _refuse_repeated_names(self.path, [n for group in names.values() for n in group])
+        storages: dict[str, Storage] = {}
+        groups: dict[tuple[str, int, int, str], list[TensorView]] = {}
+        for view in names:
+            self._check_storage(view.storage, storages)
+            start, end = self._byte_range(view, names[view][0])
+            key = (view.storage.key, start, end if end > start else -id(view), view.dtype)
+            groups.setdefault(key, []).append(view)
+        self._refuse_overlaps(groups, names)
+        optimizer = isinstance(root, dict) and {"state", "param_groups"} <= set(root)
+        return [
+            self._tensor(key[1], views, [n for v in views for n in names[v]], optimizer)
+            for key, views in groups.items()
+        ]
+
+    def _name(self, path: list[object]) -> str:
+        return ".".join(map(str, path)) if path else self._prefix
+
+    def _check_storage(self, storage: Storage, seen: dict[str, Storage]) -> None:
+        """A storage's member must exist, be stored, and hold its items exactly; every
+        reference to a key must describe the same storage."""
+        first = seen.setdefault(storage.key, storage)
+        if first != storage:
+            raise InputError(
+                self.path,
+                f"storage {shown(storage.key)} is described twice, as {first.numel} "
+                f"{first.dtype} and as {storage.numel} {storage.dtype}",
+            )
+        if first is not storage:
+            return
+        info = self._storage_member(storage)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise InputError(
+                self.path, f"storage {shown(info.filename)} is compressed (torch stores them)"
+            )
+        if info.file_size != storage.nbytes:
+            raise InputError(
+                self.path,
+                f"storage {shown(info.filename)} is {info.file_size:,} bytes but data.pkl says "
+                f"it holds {storage.numel:,} {storage.dtype} ({storage.nbytes:,} bytes)",
+            )
+
+    def _storage_member(self, storage: Storage) -> zipfile.ZipInfo:
+        info = self._member(f"{self._prefix}/data/{storage.key}")
+        if info is None:
+            raise InputError(
+                self.path, f"data.pkl names storage {shown(storage.key)}, which the archive lacks"
+            )
+        return info
+
+    def _byte_range(self, view: TensorView, name: str) -> tuple[int, int]:
+        """The bytes [start, end) of its storage a view covers, all of them: refused when it
+        runs past the storage's end or leaves gaps between its items."""
+        itemsize = view.itemsize
+        if view.storage.nbytes % itemsize:
+            raise InputError(
+                self.path,
+                f"tensor {shown(name)}: its storage of {view.storage.nbytes} bytes is no whole "
+                f"number of {view.dtype} items",
+            )
+        offsets = list(_item_offsets(view))
+        first, last = (min(offsets), max(offsets)) if offsets else (view.offset, view.offset - 1)
+        if (last + 1) * itemsize > view.storage.nbytes:
+            raise InputError(
+                self.path,
+                f"tensor {shown(name)} {view.dtype} {list(view.shape)} (offset {view.offset}, "
+                f"strides {list(view.stride)}) runs past the end of its storage of "
+                f"{view.storage.nbytes // itemsize:,} items",
+            )
+        if view.numel and not _is_dense(view):
+            raise InputError(
+                self.path,
+                f"tensor {shown(name)} {list(view.shape)} with strides {list(view.stride)} is a "
+                "view with gaps between its values (a strided slice), which gclip cannot rewrite "
+                "yet: save it with .contiguous() or .clone()",
+            )
+        return first * itemsize, (last + 1) * itemsize
+
+    def _refuse_overlaps(
+        self, groups: dict[tuple[str, int, int, str], list[TensorView]], names: dict
+    ) -> None:
+        """Views of one storage must cover the same values (one tensor) or none in common."""
+        ranges = sorted((k[0], k[1], k[2], k[3], v[0]) for k, v in groups.items() if k[2] > k[1])
+        for before, after in zip(ranges, ranges[1:]):
+            if before[0] == after[0] and after[1] < before[2]:
+                first, second = names[before[4]][0], names[after[4]][0]
+                raise InputError(
+                    self.path,
+                    f"tensors {shown(first)} and {shown(second)} share values of storage "
+                    f"{shown(before[0])} without being the same view (partly overlapping "
+                    "views, or one dtype over another's bytes); refused",
+                )
+
+    def _tensor(
+        self, start: int, views: list[TensorView], names: list[str], optimizer: bool
+    ) -> TensorInfo:
+        view = views[0]
+        name = names[0] if len(names) == 1 else f"{names[0]} (= {', '.join(names[1:])})"
+        location = StorageSlice(self._storage_member(view.storage), start, view)
+        # the dtype is recorded: ml_dtypes' types are not raw values of unknown type here
+        tensor = replace(
+            describe_array(name, _numpy_dtype(view.dtype), view.shape, location), opaque_itemsize=0
+        )
+        if optimizer and tensor.is_gradient and names[0].rpartition(".")[2] == _STEP:
+            return replace(tensor, dtype=None, skip_reason="an optimizer's step count")
+        return tensor
+
+
+def _item_offsets(view: TensorView) -> Iterator[int]:
+    """The first and last item a view covers (none for an empty view)."""
+    if not view.numel:
+        return
+    yield view.offset
+    yield view.offset + sum((n - 1) * s for n, s in zip(view.shape, view.stride, strict=True))
+
+
+def _is_dense(view: TensorView) -> bool:
+    """Whether a view's items are a contiguous run of its storage, in some order of its
+    dimensions (C order, transposed, permuted): no gaps, no item twice."""
+    expected = 1
+    dims = sorted(((s, n) for n, s in zip(view.shape, view.stride, strict=True) if n != 1))
+    for stride, extent in dims:
+        if stride != expected:
+            return False
+        expected *= extent
+    return True
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    numpy_name = TORCH_DTYPES[name][0]
+    if hasattr(ml_dtypes, numpy_name):
+        return np.dtype(getattr(ml_dtypes, numpy_name))
+    return np.dtype(numpy_name).newbyteorder("<")
+
+
+def _refuse_repeated_names(path: Path, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InputError(path, f"two tensors are named {shown(name)} (keys with dots?)")
+        seen.add(name)

@@ -73,7 +73,9 @@ def to_torch(values: np.ndarray):
     """A numpy array as a torch tensor of the same dtype (ml_dtypes' bfloat16 and float8 by
     their bits), native byte order."""
     torch = import_torch()
-    values = values.astype(values.dtype.newbyteorder("=")) if values.dtype.byteorder == ">" else values
+    values = (
+        values.astype(values.dtype.newbyteorder("=")) if values.dtype.byteorder == ">" else values
+    )
     if hasattr(torch, values.dtype.name) and values.dtype.kind == "V":  # ml_dtypes
         bits = torch.from_numpy(values.view(f"u{values.dtype.itemsize}").copy())
         return bits.view(getattr(torch, values.dtype.name))

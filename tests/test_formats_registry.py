@@ -111,7 +111,9 @@ def test_a_format_is_added_with_one_line(tmp_path):
     assert registry.names == ("safetensors", "npz", "hdf5", "torch", "dummy")
     assert [registry.detect(path) for path in (src, other)] == ["dummy", "safetensors"]
     assert registry.listed() == "safetensors, .npz, HDF5, PyTorch or dummy"
-    with pytest.raises(InputError, match=r"is not a safetensors, \.npz, HDF5, PyTorch or dummy file"):
+    with pytest.raises(
+        InputError, match=r"is not a safetensors, \.npz, HDF5, PyTorch or dummy file"
+    ):
         registry.detect(junk)
     assert "dummy" not in FORMATS.names  # the package's registry is left as it is
     with pytest.raises(InputError, match="unrecognised content"):

@@ -141,7 +141,7 @@ def test_torchscript_and_keras_archives_and_zips_without_arrays_are_named_and_re
             gclip_cli.inspect_file(tmp_path / name, options=Options(file_format="npz"))
     # a PyTorch checkpoint is read as one, and named when forced into another format
     assert gclip_cli.inspect_file(tmp_path / "grads.pt").global_norm == pytest.approx(3**0.5)
-    with pytest.raises(InputError, match="is a PyTorch checkpoint .* --file-format torch"):
+    with pytest.raises(InputError, match=r"is a PyTorch checkpoint .* --file-format torch"):
         gclip_cli.inspect_file(tmp_path / "grads.pt", options=Options(file_format="npz"))
 
 

@@ -20,6 +20,7 @@ patched, in the central directory and the data descriptors torch writes after ea
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
@@ -91,7 +92,9 @@ class TorchFile:
         begin = self._archive.data_start(where.info) + where.start
         crc = 0
         fd = self._archive.fd
-        for offset, nbytes in window_pieces(begin, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes):
+        for offset, nbytes in window_pieces(
+            begin, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes
+        ):
             with mapped(fd, offset, nbytes) as raw:
                 crc = crc32(raw, crc)
                 yield raw.view(tensor.dtype)
@@ -213,11 +216,13 @@ class TorchFile:
     def _small_member(self, info: zipfile.ZipInfo, limit: int) -> bytes:
         if info.file_size > limit:
             raise InputError(
-                self.path, f"record {shown(info.filename)} is {info.file_size:,} bytes, over {limit:,}"
+                self.path,
+                f"record {shown(info.filename)} is {info.file_size:,} bytes, over {limit:,}",
             )
         with reading(self.path, f"record {shown(info.filename)}"):
-            with self._archive.open_member(info) as member:
-                return member.read(info.file_size)
+            member = self._archive.open_member(info)
+        with member:
+            return member.read(info.file_size)
 
     def _read_pickle(self) -> object:
         info = self._member(f"{self._prefix}/data.pkl")
@@ -227,7 +232,9 @@ class TorchFile:
         except Refused as exc:
             raise InputError(self.path, str(exc)) from None
         except (*_PICKLE_ERRORS, *READ_ERRORS) as exc:
-            raise InputError(self.path, f"data.pkl is not a valid pickle: {one_line(exc)}") from None
+            raise InputError(
+                self.path, f"data.pkl is not a valid pickle: {one_line(exc)}"
+            ) from None
 
     def _describe(self, root: object) -> list[TensorInfo]:
         """One TensorInfo per set of values, in the saved order, named by every path that
@@ -322,7 +329,7 @@ class TorchFile:
     ) -> None:
         """Views of one storage must cover the same values (one tensor) or none in common."""
         ranges = sorted((k[0], k[1], k[2], k[3], v[0]) for k, v in groups.items() if k[2] > k[1])
-        for before, after in zip(ranges, ranges[1:]):
+        for before, after in itertools.pairwise(ranges):
             if before[0] == after[0] and after[1] < before[2]:
                 first, second = names[before[4]][0], names[after[4]][0]
                 raise InputError(

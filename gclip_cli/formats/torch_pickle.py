@@ -246,7 +246,9 @@ def _rebuild_tensor_v3(
     return _view(storage, offset, shape, stride, dtype.name, metadata)
 
 
-def _rebuild_parameter(data: object, requires_grad: object, hooks: object, *state: object) -> object:
+def _rebuild_parameter(
+    data: object, requires_grad: object, hooks: object, *state: object
+) -> object:
     """An nn.Parameter: its tensor (Python attributes set on it are dropped)."""
     if not isinstance(data, TensorView) or len(state) > 1:
         raise Refused(f"a parameter is rebuilt from {shown(data)}, not from a tensor")
@@ -336,7 +338,7 @@ def walk(root: object) -> Iterator[tuple[list[object], TensorView]]:
         if id(value) in seen:
             raise Refused(f"data.pkl holds the container at {_dotted(path)} twice")
         seen.add(id(value))
-        stack.extend((path + [key], child) for key, child in reversed(children))
+        stack.extend(([*path, key], child) for key, child in reversed(children))
 
 
 def _children(value: object) -> list[tuple[object, object]] | None:

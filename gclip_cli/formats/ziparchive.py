@@ -204,7 +204,10 @@ class ZipArchive:
             for info in self.members:
                 if info.filename in crcs:
                     field = memoryview(struct.pack("<I", crcs[info.filename]))
-                    for offset in (*self._local_crc_fields(info), central[info.filename] + _CENTRAL_CRC):
+                    for offset in (
+                        *self._local_crc_fields(info),
+                        central[info.filename] + _CENTRAL_CRC,
+                    ):
                         write_all_at(copy.fileno(), field, offset)
 
     def _local_crc_fields(self, info: zipfile.ZipInfo) -> list[int]:

@@ -168,6 +168,27 @@ def test_an_adam_state_names_its_tensors_by_path_and_skips_steps_and_settings(tm
     assert report.global_norm == exact_norm([t.numpy() for t in counted])
 
 
+def test_a_model_state_dict_and_an_optimizer_with_two_groups(tmp_path):
+    model = trained_model()
+    state = model.state_dict()  # an OrderedDict with a _metadata attribute
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    report = gclip_cli.inspect_file(src)
+    assert [t.name for t in report.tensors] == list(state)
+    assert "lstm.weight_hh_l1" in state
+    assert report.global_norm == pytest.approx(
+        exact_norm([t.numpy() for t in state.values()]), rel=1e-15
+    )
+    groups = [{"params": [p]} for p in model.parameters()]
+    optimizer = torch.optim.Adam(groups, lr=1e-3)  # the groups share one tuple of betas
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert saved["param_groups"][0]["betas"] is saved["param_groups"][1]["betas"]
+    torch.save(saved, tmp_path / "optimizer.pt")
+    names = [t.name for t in gclip_cli.inspect_file(tmp_path / "optimizer.pt").tensors]
+    assert len(names) == 3 * len(groups)
+
+
 def test_tied_weights_are_one_tensor_counted_and_scaled_once_as_torch_does(tmp_path):
     model = trained_model(tied=True)
     grads = grads_of(model)  # named_parameters() lists the tied parameter once
@@ -530,6 +551,29 @@ def test_a_container_graph_whose_paths_explode_is_refused(tmp_path):
     src = forged(tmp_path / "bomb.pt", level, {"0": FLOATS})
     with pytest.raises(InputError, match="twice"):
         gclip_cli.inspect_file(src)
+
+
+def test_tensors_nested_too_deep_are_refused_and_deep_nesting_without_them_is_read(tmp_path):
+    deep: object = {"w": Forged("0", torch.FloatStorage, 8, 0, [8], [1])}
+    for _ in range(1500):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # pickling nests as deep as the lists
+    try:
+        src = forged(tmp_path / "deep.pt", deep, {"0": FLOATS})
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(InputError, match="more than 1000 containers deep"):
+        gclip_cli.inspect_file(src)
+    real = tmp_path / "real.pt"
+    torch.save({"w": torch.tensor([3.0, 4.0])}, real)
+    with zipfile.ZipFile(real) as archive:
+        saved = archive.read("real/data.pkl")
+    depth = 100_000  # lists in lists, no tensor in them: not entered (pickle.dumps cannot)
+    nested = b"]" * depth + b"a" * (depth - 1)
+    key = b"X" + len(b"config").to_bytes(4, "little") + b"config"
+    data = saved[:-1] + key + nested + b"s."  # {"w": ..., "config": [[[...]]]}
+    assert gclip_cli.inspect_file(replaced_pickle(real, tmp_path / "c.pt", data)).global_norm == 5
 
 
 def test_keys_that_join_to_one_name_are_refused(tmp_path):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..strict_json import shown
 
 MAX_DIMS = 64  # numpy's limit on an array's dimensions
+MAX_NESTING = 1000  # containers around a tensor (a state dict: 1, an optimizer's state: 3)
 _MAX_EXTENT = 1 << 63  # dimensions, strides and offsets are signed 64-bit integers in torch
 
 # torch dtype name -> (numpy dtype name, item size); numpy names for ml_dtypes' types
@@ -322,9 +323,13 @@ _MARKERS = frozenset(
 
 def walk(root: object) -> Iterator[tuple[list[object], TensorView]]:
     """(path, tensor) for every tensor in the unpickled *root*: the keys and indexes that lead
-    to it, in the saved order.  A container reached twice (which no torch.save of a state dict
-    or an optimizer makes; a pickle can make a graph whose paths grow exponentially) is refused;
-    a tensor reached twice is listed at each of its paths."""
+    to it, in the saved order; a tensor reached twice is listed at each of its paths.
+
+    Containers without tensors are not entered (an optimizer's param_groups may share one
+    tuple of betas).  A container with tensors reached twice, which no torch.save of a state
+    dict or an optimizer makes, is refused: a pickle can make a graph of shared containers
+    whose paths grow exponentially.  So are tensors nested deeper than MAX_NESTING."""
+    holding = _holding_tensors(root)
     seen: set[int] = set()
     stack: list[tuple[list[object], object]] = [([], root)]
     while stack:
@@ -332,13 +337,36 @@ def walk(root: object) -> Iterator[tuple[list[object], TensorView]]:
         if isinstance(value, TensorView):
             yield path, value
             continue
-        children = _children(value)
-        if children is None:
+        if id(value) not in holding:
             continue
         if id(value) in seen:
             raise Refused(f"data.pkl holds the container at {_dotted(path)} twice")
+        if len(path) >= MAX_NESTING:
+            raise Refused(f"data.pkl nests tensors more than {MAX_NESTING} containers deep")
         seen.add(id(value))
+        children = _children(value) or []
         stack.extend(([*path, key], child) for key, child in reversed(children))
+
+
+def _holding_tensors(root: object) -> set[int]:
+    """The ids of the containers in *root* that hold a tensor at some depth, each container
+    looked into once (depth first, without recursion: a pickle may nest a million deep)."""
+    holding: set[int] = set()
+    entered: set[int] = set()
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        value, left = stack.pop()
+        children = _children(value)
+        if children is None:
+            continue
+        if left:  # every child has been looked into
+            if any(isinstance(c, TensorView) or id(c) in holding for _, c in children):
+                holding.add(id(value))
+        elif id(value) not in entered:
+            entered.add(id(value))
+            stack.append((value, True))
+            stack.extend((child, False) for _, child in children)
+    return holding
 
 
 def _children(value: object) -> list[tuple[object, object]] | None:

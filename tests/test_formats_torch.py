@@ -20,6 +20,7 @@ from conftest import exact_norm, exactly_scaled, expected_scaled, from_torch
 import gclip_cli
 from gclip_cli.errors import InputError
 from gclip_cli.formats import detect_format, open_file
+from gclip_cli.options import Options
 
 torch = pytest.importorskip("torch", reason="torch is not installed: pip install torch==2.13.0")
 
@@ -246,6 +247,48 @@ def test_a_transposed_view_is_read_in_storage_order_and_scaled_alike(tmp_path):
     )
 
 
+def test_views_with_gaps_are_read_and_written_through_their_strides(tmp_path):
+    rng = np.random.default_rng(2)
+    matrix = torch.from_numpy(rng.standard_normal((70, 9)).astype(np.float32))
+    vector = torch.from_numpy(rng.standard_normal(1001).astype(np.float64))
+    cube = torch.from_numpy(rng.standard_normal((4, 5, 6)).astype(np.float32)).to(torch.bfloat16)
+    saved = {
+        "columns": matrix[:, 2:5],  # rows of 3 values, 9 apart
+        "every_third": vector[1::3],
+        "corner": cube[1:3, ::2, 3:].transpose(0, 2),
+    }
+    src, out = tmp_path / "strided.pt", tmp_path / "out.pt"
+    torch.save(saved, src)
+    arrays = {name: from_torch(t) for name, t in saved.items()}
+    report = gclip_cli.inspect_file(src, options=Options(chunk_size=64))  # pieces of a window
+    assert [t.shape for t in report.tensors] == [tuple(t.shape) for t in saved.values()]
+    assert report.global_norm == pytest.approx(exact_norm(list(arrays.values())), rel=1e-15)
+    for chunk_size in (64, 1 << 20):
+        out = tmp_path / f"out{chunk_size}.pt"
+        rewritten = gclip_cli.rescale_file(
+            src, out, max_norm=1.0, options=Options(chunk_size=chunk_size)
+        )
+        loaded = torch.load(out, weights_only=True, mmap=True)
+        for name, values in arrays.items():
+            np.testing.assert_array_equal(
+                from_torch(loaded[name]), expected_scaled(values, rewritten)
+            )
+        # the storages' other values are untouched
+        whole = torch.tensor([], dtype=torch.float32).set_(loaded["columns"].untyped_storage())
+        kept = np.ones((70, 9), bool)
+        kept[:, 2:5] = False
+        np.testing.assert_array_equal(whole.reshape(70, 9).numpy()[kept], matrix.numpy()[kept])
+        assert zipfile.ZipFile(out).testzip() is None
+
+
+def test_views_with_gaps_that_interleave_are_refused(tmp_path):
+    matrix = torch.arange(12.0).reshape(3, 4)
+    src = tmp_path / "halves.pt"
+    torch.save({"left": matrix[:, :2], "right": matrix[:, 2:]}, src)
+    with pytest.raises(InputError, match="share values of storage"):
+        gclip_cli.inspect_file(src)
+
+
 def test_whole_arrays_of_integers_follow_their_strides(tmp_path):
     counts = torch.arange(6).reshape(2, 3)
     src = tmp_path / "c.pt"
@@ -466,7 +509,12 @@ FLOATS = np.arange(1.0, 9.0, dtype="<f4").tobytes()  # 8 float32
             {"0": FLOATS},
             "described twice",
         ),
-        ({"w": Forged("0", torch.FloatStorage, 8, 0, [2, 2], [4, 2])}, {"0": FLOATS}, "with gaps"),
+        (
+            {"w": Forged("0", torch.FloatStorage, 8, 0, [2, 3], [1, 1])},
+            {"0": FLOATS},
+            "more than once",
+        ),
+        ({"w": Forged("0", torch.FloatStorage, 8, 0, [4, 2], [0, 1])}, {"0": FLOATS}, "broadcast"),
         (
             {"w": Forged("0", torch.FloatStorage, 8, 0, [2], [-1])},
             {"0": FLOATS},
@@ -488,7 +536,8 @@ FLOATS = np.arange(1.0, 9.0, dtype="<f4").tobytes()  # 8 float32
         "missing-storage",
         "partial-overlap",
         "two-types",
-        "strided-gaps",
+        "overlapping-rows",
+        "broadcast",
         "negative-stride",
         "string-type",
         "bad-metadata",

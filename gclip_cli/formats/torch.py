@@ -36,6 +36,7 @@ from ..errors import InputError
 from ..strict_json import shown
 from . import torch_pickle
 from .base import (
+    MAX_WINDOW,
     READ_ERRORS,
     TensorInfo,
     Transform,
@@ -45,10 +46,12 @@ from .base import (
     reading,
     rewrite_in_place,
     window_pieces,
+    write_all_at,
 )
 from .deflate import crc32, crc32_combine
 from .signatures import zip_kind, zip_refusal
 from .torch_pickle import TORCH_DTYPES, Refused, Storage, TensorView
+from .torch_views import Piece, covers_items_once, is_dense, item_range, pieces
 from .ziparchive import ZipArchive, stored_crc
 
 FORMAT_NAME = "torch"
@@ -60,12 +63,15 @@ _PICKLE_ERRORS = (pickle.UnpicklingError, RecursionError, MemoryError, Attribute
 
 @dataclass(frozen=True)
 class StorageSlice:
-    """Where a torch tensor's values lie (its TensorInfo.location): *nbytes* bytes from byte
-    *start* of the storage member *info*; *view* as the pickle describes it."""
+    """Where a torch tensor's values lie (its TensorInfo.location): in the *extent* bytes from
+    byte *start* of the storage member *info*, all of them when *dense*, else as *view* (as the
+    pickle describes it) picks them."""
 
     info: zipfile.ZipInfo
     start: int
+    extent: int
     view: TensorView
+    dense: bool
 
 
 class TorchFile:
@@ -89,6 +95,11 @@ class TorchFile:
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         where: StorageSlice = tensor.location
+        if not where.dense:
+            for _, values in self._strided_values(self._archive.fd, tensor, chunk_bytes):
+                yield values
+            self._verify_member(where.info, {})
+            return
         begin = self._archive.data_start(where.info) + where.start
         crc = 0
         fd = self._archive.fd
@@ -100,15 +111,35 @@ class TorchFile:
                 yield raw.view(tensor.dtype)
         self._verify_member(where.info, {tensor.name: crc})
 
+    def _strided_values(
+        self, fd: int, tensor: TensorInfo, chunk_bytes: int
+    ) -> Iterator[tuple[Piece, np.ndarray]]:
+        """The values of a view with gaps, from file *fd*, in storage order, a bounded window
+        of its storage at a time: (piece, its values in a new 1-D array)."""
+        where: StorageSlice = tensor.location
+        dtype = tensor.dtype
+        storage_start = self._archive.data_start(where.info)  # its item 0
+        max_items = min(chunk_bytes, MAX_WINDOW) // dtype.itemsize
+        for piece in pieces(where.view, max_items):
+            position = storage_start + piece.offset * dtype.itemsize
+            with mapped(fd, position, piece.extent * dtype.itemsize) as raw:
+                yield piece, _picked(raw.view(dtype), piece).reshape(-1)
+
     def plain_offsets(self) -> dict[str, int]:
         start = self._archive.data_start
-        return {t.name: start(t.location.info) + t.location.start for t in self._gradients()}
+        return {
+            t.name: start(t.location.info) + t.location.start
+            for t in self._gradients()
+            if t.location.dense
+        }
 
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:
         """Check the CRC-32s of the storages from those of their tensors' values (by tensor
         name, computed by workers as read); the rest of each storage is read here."""
-        for info in {t.location.info.filename: t.location.info for t in self._gradients()}.values():
-            self._verify_member(info, crcs)
+        members = {t.location.info.filename: t.location.info for t in self._gradients()}
+        measured = {t.location.info.filename for t in self._gradients() if t.name in crcs}
+        for name in measured:
+            self._verify_member(members[name], crcs)
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         where: StorageSlice = tensor.location
@@ -116,9 +147,9 @@ class TorchFile:
         dtype = _numpy_dtype(view.dtype)
         with reading(self.path, f"storage {shown(where.info.filename)}"):
             data = os.pread(
-                self._archive.fd, tensor.nbytes, self._archive.data_start(where.info) + where.start
+                self._archive.fd, where.extent, self._archive.data_start(where.info) + where.start
             )
-        if len(data) != tensor.nbytes:
+        if len(data) != where.extent:
             raise InputError(self.path, f"storage {shown(where.info.filename)} ends early")
         flat = np.frombuffer(data, dtype=dtype)  # from the view's first item on
         if not flat.size:
@@ -135,9 +166,30 @@ class TorchFile:
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
     ) -> None:
         offsets = self.plain_offsets()
-        placed = {t: offsets[t.name] for t in self._gradients()}
-        self._archive.verify_stored(list({t.location.info for t in placed}))
+        placed = {t: offsets[t.name] for t in self._gradients() if t.name in offsets}
+        self._archive.verify_stored(list({t.location.info for t in self._gradients()}))
         rewrite_in_place(self._archive.fd, out, placed, transform, chunk_bytes, leave)
+        strided = [t for t in self._gradients() if not t.location.dense]
+        if strided:
+            with open(out, "r+b") as copy:
+                for tensor in strided:
+                    self._write_strided(tensor, copy.fileno(), transform, chunk_bytes)
+
+    def _write_strided(
+        self, tensor: TensorInfo, out: int, transform: Transform, chunk_bytes: int
+    ) -> None:
+        """The values of a view with gaps passed through *transform* into the byte copy *out*,
+        each piece's window read from it, its values replaced, and written back."""
+        dtype = tensor.dtype
+        where: StorageSlice = tensor.location
+        storage_start = self._archive.data_start(where.info)  # its item 0
+        for piece, values in self._strided_values(self._archive.fd, tensor, chunk_bytes):
+            target = np.empty_like(values)
+            transform(tensor, values, target)
+            position = storage_start + piece.offset * dtype.itemsize
+            window = bytearray(os.pread(out, piece.extent * dtype.itemsize, position))
+            _picked(np.frombuffer(window, dtype=dtype), piece)[...] = target.reshape(piece.shape)
+            write_all_at(out, memoryview(window), position)
 
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """The new CRC-32s of the storages rewritten, from those of the values written in
@@ -248,16 +300,18 @@ class TorchFile:
             names.setdefault(view, []).append(self._name(path))
         _refuse_repeated_names(self.path, [n for group in names.values() for n in group])
         storages: dict[str, Storage] = {}
-        groups: dict[tuple[str, int, int, str], list[TensorView]] = {}
+        groups: dict[tuple[object, ...], list[TensorView]] = {}
         for view in names:
             self._check_storage(view.storage, storages)
-            start, end = self._byte_range(view, names[view][0])
-            key = (view.storage.key, start, end if end > start else -id(view), view.dtype)
+            start, end, dense = self._span(view, names[view][0])
+            # dense views over the same bytes hold the same values; others only when the same
+            how = None if dense else (view.shape, view.stride)
+            key = (view.storage.key, start, end if end > start else -id(view), view.dtype, how)
             groups.setdefault(key, []).append(view)
         self._refuse_overlaps(groups, names)
         optimizer = isinstance(root, dict) and {"state", "param_groups"} <= set(root)
         return [
-            self._tensor(key[1], views, [n for v in views for n in names[v]], optimizer)
+            self._tensor(key, views, [n for v in views for n in names[v]], optimizer)
             for key, views in groups.items()
         ]
 
@@ -296,9 +350,9 @@ class TorchFile:
             )
         return info
 
-    def _byte_range(self, view: TensorView, name: str) -> tuple[int, int]:
-        """The bytes [start, end) of its storage a view covers, all of them: refused when it
-        runs past the storage's end or leaves gaps between its items."""
+    def _span(self, view: TensorView, name: str) -> tuple[int, int, bool]:
+        """The bytes [start, end) of its storage a view spans, and whether it covers them all
+        (dense): refused when it runs past the storage's end or holds an item twice."""
         itemsize = view.itemsize
         if view.storage.nbytes % itemsize:
             raise InputError(
@@ -306,32 +360,34 @@ class TorchFile:
                 f"tensor {shown(name)}: its storage of {view.storage.nbytes} bytes is no whole "
                 f"number of {view.dtype} items",
             )
-        offsets = list(_item_offsets(view))
-        first, last = (min(offsets), max(offsets)) if offsets else (view.offset, view.offset - 1)
-        if (last + 1) * itemsize > view.storage.nbytes:
+        first, end = item_range(view)
+        if end * itemsize > view.storage.nbytes or first * itemsize > view.storage.nbytes:
             raise InputError(
                 self.path,
                 f"tensor {shown(name)} {view.dtype} {list(view.shape)} (offset {view.offset}, "
                 f"strides {list(view.stride)}) runs past the end of its storage of "
                 f"{view.storage.nbytes // itemsize:,} items",
             )
-        if view.numel and not _is_dense(view):
+        if view.numel and not covers_items_once(view):
             raise InputError(
                 self.path,
-                f"tensor {shown(name)} {list(view.shape)} with strides {list(view.stride)} is a "
-                "view with gaps between its values (a strided slice), which gclip cannot rewrite "
-                "yet: save it with .contiguous() or .clone()",
+                f"tensor {shown(name)} {list(view.shape)} with strides {list(view.stride)} "
+                "holds some values more than once (a broadcast or overlapping view); refused",
             )
-        return first * itemsize, (last + 1) * itemsize
+        return first * itemsize, end * itemsize, not view.numel or is_dense(view)
 
     def _refuse_overlaps(
-        self, groups: dict[tuple[str, int, int, str], list[TensorView]], names: dict
+        self, groups: dict[tuple[object, ...], list[TensorView]], names: dict
     ) -> None:
-        """Views of one storage must cover the same values (one tensor) or none in common."""
-        ranges = sorted((k[0], k[1], k[2], k[3], v[0]) for k, v in groups.items() if k[2] > k[1])
+        """Views of one storage must cover the same values (one tensor) or none of the bytes
+        the other spans (views with gaps that interleave are refused too)."""
+        ranges = sorted(
+            ((k[0], k[1], k[2], v[0]) for k, v in groups.items() if k[2] > k[1]),
+            key=lambda r: r[:3],
+        )
         for before, after in itertools.pairwise(ranges):
             if before[0] == after[0] and after[1] < before[2]:
-                first, second = names[before[4]][0], names[after[4]][0]
+                first, second = names[before[3]][0], names[after[3]][0]
                 raise InputError(
                     self.path,
                     f"tensors {shown(first)} and {shown(second)} share values of storage "
@@ -340,11 +396,13 @@ class TorchFile:
                 )
 
     def _tensor(
-        self, start: int, views: list[TensorView], names: list[str], optimizer: bool
+        self, key: tuple[object, ...], views: list[TensorView], names: list[str], optimizer: bool
     ) -> TensorInfo:
         view = views[0]
         name = names[0] if len(names) == 1 else f"{names[0]} (= {', '.join(names[1:])})"
-        location = StorageSlice(self._storage_member(view.storage), start, view)
+        _, start, end, _, how = key
+        info = self._storage_member(view.storage)
+        location = StorageSlice(info, start, max(end - start, 0), view, how is None)
         # the dtype is recorded: ml_dtypes' types are not raw values of unknown type here
         tensor = replace(
             describe_array(name, _numpy_dtype(view.dtype), view.shape, location), opaque_itemsize=0
@@ -354,24 +412,11 @@ class TorchFile:
         return tensor
 
 
-def _item_offsets(view: TensorView) -> Iterator[int]:
-    """The first and last item a view covers (none for an empty view)."""
-    if not view.numel:
-        return
-    yield view.offset
-    yield view.offset + sum((n - 1) * s for n, s in zip(view.shape, view.stride, strict=True))
-
-
-def _is_dense(view: TensorView) -> bool:
-    """Whether a view's items are a contiguous run of its storage, in some order of its
-    dimensions (C order, transposed, permuted): no gaps, no item twice."""
-    expected = 1
-    dims = sorted(((s, n) for n, s in zip(view.shape, view.stride, strict=True) if n != 1))
-    for stride, extent in dims:
-        if stride != expected:
-            return False
-        expected *= extent
-    return True
+def _picked(items: np.ndarray, piece: Piece) -> np.ndarray:
+    """The values of *piece* in *items*, the storage's items from the piece's first on (a
+    view into them)."""
+    strides = tuple(s * items.itemsize for s in piece.stride)
+    return np.lib.stride_tricks.as_strided(items, piece.shape, strides, subok=False)
 
 
 def _numpy_dtype(name: str) -> np.dtype:

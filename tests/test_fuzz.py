@@ -75,6 +75,15 @@ def seed_file(fmt: str, folder: Path) -> bytes:
             np.save(buffer, np.linspace(-1, 1, 50, dtype=np.float32))
             z.writestr("z.npy", buffer.getvalue())
             z.writestr("notes.txt", b"hello")
+    if fmt == "torch":  # also a slice of a storage and a view with gaps
+        import torch
+
+        extra = {
+            "s": torch.arange(12.0)[2:9],
+            "c": torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(4, 6)[:, 1:3],
+        }
+        tensors = {name: torch.from_numpy(v) for name, v in seed_tensors().items()}
+        torch.save({**tensors, **extra}, path)
     if fmt == "hdf5":
         with h5py.File(path, "a") as f:
             f.create_dataset(
@@ -128,6 +137,21 @@ def mutate(data: bytes, steps: list[tuple[str, int, bytes]]) -> bytes:
         elif kind == "insert":
             out[position:position] = payload
     return bytes(out)
+
+
+def mutate_torch_pickle(rng: random.Random) -> bytes:
+    """The torch seed with its data.pkl mutated (and its CRC-32 right, so the unpickler reads
+    the mutation), or the pickle of a random Python object instead."""
+    seed = seed_bytes("torch")
+    with zipfile.ZipFile(io.BytesIO(seed)) as old:
+        members = [(info.filename, old.read(info)) for info in old.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as new:
+        for name, data in members:
+            if name.endswith("/data.pkl"):
+                data = byte_mutations(rng, data)
+            new.writestr(name, data)
+    return out.getvalue()
 
 
 def byte_mutations(rng: random.Random, data: bytes) -> bytes:
@@ -250,6 +274,11 @@ FUZZERS: dict[str, tuple[Callable[[random.Random], bytes], Callable[[bytes, Path
         lambda rng: byte_mutations(rng, seed_bytes("hdf5")),
         lambda data, folder: check_one("hdf5", data, folder),
     ),
+    "torch-bytes": (
+        lambda rng: byte_mutations(rng, seed_bytes("torch")),
+        lambda data, folder: check_one("torch", data, folder),
+    ),
+    "torch-pickle": (mutate_torch_pickle, lambda data, folder: check_one("torch", data, folder)),
     "safetensors-header": (
         lambda rng: mutate_safetensors(seed_bytes("safetensors"), rng),
         lambda data, folder: check_one("safetensors", data, folder),
@@ -293,6 +322,7 @@ def test_mutated_files_never_crash(fmt, tmp_path_factory, data):
     "name",
     [
         "safetensors-header",
+        "torch-pickle",
         "zip-records",
         "npy-header",
         "index",

@@ -273,8 +273,8 @@ class TorchFile:
             )
         with reading(self.path, f"record {shown(info.filename)}"):
             member = self._archive.open_member(info)
-        with member:
-            return member.read(info.file_size)
+            with member:  # its CRC-32 is checked as its end is read
+                return member.read(info.file_size)
 
     def _read_pickle(self) -> object:
         info = self._member(f"{self._prefix}/data.pkl")

@@ -61,8 +61,6 @@ _LEGACY_STORAGES = {
     "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128",
 }
-# torch's aliases of dtype names, as a pickle may spell them (``torch float``)
-_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64"}
 
 
 class Refused(ValueError):
@@ -163,10 +161,10 @@ def _allowed(module: str, name: str) -> object | None:
         return _FUNCTIONS[module, name]
     if module == "torch" and name in _LEGACY_STORAGES:
         return StorageType(_LEGACY_STORAGES[name])
-    if (module, name) in (("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")):
+    if (module, name) == ("torch.storage", "UntypedStorage"):
         return StorageType("uint8")
-    if module == "torch" and _DTYPE_ALIASES.get(name, name) in TORCH_DTYPES:
-        return DType(_DTYPE_ALIASES.get(name, name))
+    if module == "torch" and name in TORCH_DTYPES:
+        return DType(name)
     if (module, name) in _MARKERS:
         return _Marker(f"{module}.{name}")
     return None
@@ -309,16 +307,23 @@ _FUNCTIONS: dict[tuple[str, str], Callable[..., object]] = {
     ("collections", "OrderedDict"): _ordered_dict,
     ("torch", "Size"): _size,
     ("_codecs", "encode"): _encode,
-    **{
-        (module, kind.__name__): _plain(kind)
-        for module in ("builtins", "__builtin__")
-        for kind in (set, frozenset, bytearray)
-    },
+    # (pickle maps protocol 2's __builtin__ to builtins before it asks)
+    ("builtins", "set"): _plain(set),
+    ("builtins", "bytearray"): _plain(bytearray),
 }
 # Named, never called: the types _rebuild_from_type_v2 is given
-_MARKERS = frozenset(
-    {("torch", "Tensor"), ("torch._tensor", "Tensor"), ("torch.nn.parameter", "Parameter")}
-)
+_MARKERS = frozenset({("torch", "Tensor"), ("torch.nn.parameter", "Parameter")})
+
+
+def allowed_globals() -> list[tuple[str, str]]:
+    """Every (module, name) data.pkl may name: a subset of torch's weights_only allow-list."""
+    return [
+        *_FUNCTIONS,
+        *(("torch", name) for name in _LEGACY_STORAGES),
+        ("torch.storage", "UntypedStorage"),
+        *(("torch", name) for name in TORCH_DTYPES),
+        *_MARKERS,
+    ]
 
 
 def walk(root: object) -> Iterator[tuple[list[object], TensorView]]:

@@ -3,7 +3,8 @@
 The model reads the Zen of Python (shipped with CPython, so nothing is downloaded) and is trained
 with plain SGD at a learning rate that is too high and no clipping, which is how gradient
 explosions in RNNs usually happen.  The gradients of the step with the largest global norm are
-saved as .npz, .safetensors (float32 and a bfloat16 copy) and HDF5.
+saved as .npz, .safetensors (float32 and a bfloat16 copy), HDF5 and a PyTorch checkpoint
+(``torch.save`` of the gradients by parameter name).
 
     pip install torch==2.13.0 safetensors h5py ml_dtypes numpy
     python sample_data/make_sample_data.py
@@ -92,6 +93,7 @@ def main() -> None:
     bf16 = {name: values.astype(ml_dtypes.bfloat16) for name, values in grads.items()}
     save_file(bf16, f"{stem}_bf16.safetensors", metadata=meta | {"dtype": "bfloat16"})
     np.savez(f"{stem}.npz", **grads, step=np.array(step, dtype=np.int64))
+    torch.save({name: torch.from_numpy(values) for name, values in grads.items()}, f"{stem}.pt")
     with h5py.File(f"{stem}.h5", "w") as f:
         f.attrs.update(meta)
         for name, values in grads.items():

@@ -84,9 +84,15 @@ class TorchFile:
         self.path = path
         self._archive = ZipArchive(path, "PyTorch")
         try:
+            self._infos = {info.filename: info for info in self._archive.members}
             self._prefix = self._check_members()
             root = self._read_pickle()
             self.tensors = self._describe(root)
+            # gradient tensors by the storage member they lie in
+            self._by_member: dict[str, list[TensorInfo]] = {}
+            for tensor in self.tensors:
+                if tensor.is_gradient:
+                    self._by_member.setdefault(tensor.location.info.filename, []).append(tensor)
         except BaseException:
             self.close()
             raise
@@ -136,10 +142,9 @@ class TorchFile:
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:
         """Check the CRC-32s of the storages from those of their tensors' values (by tensor
         name, computed by workers as read); the rest of each storage is read here."""
-        members = {t.location.info.filename: t.location.info for t in self._gradients()}
-        measured = {t.location.info.filename for t in self._gradients() if t.name in crcs}
-        for name in measured:
-            self._verify_member(members[name], crcs)
+        for name, tensors in self._by_member.items():
+            if any(t.name in crcs for t in tensors):
+                self._verify_member(self._infos[name], crcs)
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         where: StorageSlice = tensor.location
@@ -167,7 +172,7 @@ class TorchFile:
     ) -> None:
         offsets = self.plain_offsets()
         placed = {t: offsets[t.name] for t in self._gradients() if t.name in offsets}
-        self._archive.verify_stored(list({t.location.info for t in self._gradients()}))
+        self._archive.verify_stored([self._infos[name] for name in self._by_member])
         rewrite_in_place(self._archive.fd, out, placed, transform, chunk_bytes, leave)
         strided = [t for t in self._gradients() if not t.location.dense]
         if strided:
@@ -194,11 +199,10 @@ class TorchFile:
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """The new CRC-32s of the storages rewritten, from those of the values written in
         *crcs* (by workers), the rest read from *out*."""
-        members = {t.location.info.filename: t.location.info for t in self._gradients()}
         new = {}
         with open(out, "rb") as copy:
-            for name, info in members.items():
-                new[name] = self._member_crc(copy.fileno(), info, crcs)
+            for name in self._by_member:
+                new[name] = self._member_crc(copy.fileno(), self._infos[name], crcs)
         self._archive.patch_crcs(out, new)
 
     def close(self) -> None:
@@ -218,8 +222,8 @@ class TorchFile:
         by name) and the other bytes, read from *fd*."""
         known = sorted(
             (t.location.start, t.nbytes, crcs[t.name])
-            for t in self._gradients()
-            if t.location.info.filename == info.filename and t.name in crcs
+            for t in self._by_member.get(info.filename, [])
+            if t.name in crcs
         )
         base = self._archive.data_start(info)
         crc, position = 0, 0
@@ -260,10 +264,7 @@ class TorchFile:
         return prefix
 
     def _member(self, name: str) -> zipfile.ZipInfo | None:
-        try:
-            return self._archive._zip.getinfo(name)
-        except KeyError:
-            return None
+        return self._infos.get(name)
 
     def _small_member(self, info: zipfile.ZipInfo, limit: int) -> bytes:
         if info.file_size > limit:

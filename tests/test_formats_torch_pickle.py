@@ -100,6 +100,21 @@ def test_allowed_names_do_only_what_torch_save_needs(data, error):
         torch_pickle.load(data)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x80\x05\x96\x01\x00\x00\x00\x00\x00\x00\x00x.", "protocol 5"),  # BYTEARRAY8
+        (b"\x80\x02\x98.", "protocol 5"),  # READONLY_BUFFER
+        (b"\x80\x05N.", "protocol 5"),
+        (b"\x80\x02Nr\xff\xff\xff\x7f.", "memo index"),  # a 16 GiB memo for 8 bytes
+    ],
+    ids=["bytearray8", "buffer", "proto-5", "memo-bomb"],
+)
+def test_opcodes_torch_save_does_not_write_are_refused_unread(data, message):
+    with pytest.raises(Refused, match=message):
+        torch_pickle.load(data)
+
+
 def test_build_on_a_stand_in_sets_no_code(tmp_path):
     # BUILD with a __setstate__ key: a dict's attribute, never a method that runs
     data = opcodes(b"ccollections\nOrderedDict\n)R}X\x0c\x00\x00\x00__setstate__K\x01sb")

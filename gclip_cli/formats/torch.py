@@ -58,7 +58,13 @@ FORMAT_NAME = "torch"
 MAX_PICKLE_BYTES = 100_000_000  # as for a safetensors header: a state dict's is kilobytes
 _PICKLE = re.compile(r"^([^/]+)/data\.pkl$")
 _STEP = "step"  # an optimizer's step count: a float tensor in torch 2, not a gradient
-_PICKLE_ERRORS = (pickle.UnpicklingError, RecursionError, MemoryError, AttributeError)
+_PICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    RecursionError,
+    MemoryError,
+    AttributeError,
+    OverflowError,  # a length beyond what the machine can hold
+)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import pickletools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from ..strict_json import shown
 
 MAX_DIMS = 64  # numpy's limit on an array's dimensions
+MAX_PROTOCOL = 4  # torch.save writes 2 (pickle_protocol= may ask for more)
 MAX_NESTING = 1000  # containers around a tensor (a state dict: 1, an optimizer's state: 3)
 _MAX_EXTENT = 1 << 63  # dimensions, strides and offsets are signed 64-bit integers in torch
 
@@ -129,19 +131,40 @@ class _Marker:
 def load(data: bytes) -> object:
     """The object pickled in *data* (a checkpoint's data.pkl), tensors as TensorViews.
 
-    Raises Refused for a global or a call outside the allow-list, and what pickle raises for a
-    damaged pickle (pickle.UnpicklingError, EOFError, ValueError, ...)."""
+    Its opcodes are checked first (scanned, not run): only those of pickle protocols 0-4, and
+    only allowed globals by name.  Raises Refused for an opcode, a global or a call outside
+    what torch.save writes, and what pickle raises for a damaged pickle
+    (pickle.UnpicklingError, EOFError, ValueError, ...)."""
+    _check_opcodes(data)
     return _Unpickler(io.BytesIO(data), encoding="utf-8").load()
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Refuse opcodes beyond protocol 4 (torch.save writes protocol 2; protocol 5's
+    out-of-band buffers have no use here and upset CPython's unpickler on hostile input) and
+    globals named outside the allow-list, before anything is unpickled."""
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.proto > MAX_PROTOCOL or (opcode.name == "PROTO" and argument > MAX_PROTOCOL):
+            raise Refused(
+                f"data.pkl uses the opcode {opcode.name} of pickle protocol "
+                f"{max(opcode.proto, argument if opcode.name == 'PROTO' else 0)}, which "
+                "torch.save does not write (refused; nothing was run)"
+            )
+        # CPython's unpickler makes its memo as long as the largest index put (8 bytes each,
+        # zeroed): five bytes could ask for 32 GiB.  A pickler numbers its entries from 0.
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(argument) > len(data):
+            raise Refused(f"data.pkl puts a value at memo index {argument}, beyond its size")
+        if opcode.name in ("GLOBAL", "INST"):
+            module, _, name = argument.partition(" ")
+            if _allowed(module, name) is None:
+                raise Refused(_foreign_global(module, name))
 
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         found = _allowed(module, name)
         if found is None:
-            raise Refused(
-                f"data.pkl names the global {shown(f'{module}.{name}')}, which is not one "
-                "torch.save writes for tensors (refused; nothing was run)"
-            )
+            raise Refused(_foreign_global(module, name))
         return found
 
     def persistent_load(self, pid: object) -> Storage:
@@ -153,6 +176,13 @@ class _Unpickler(pickle.Unpickler):
         if not isinstance(key, str) or not _is_count(numel):
             raise Refused(f"storage {shown(key)} is described as {shown(pid)}")
         return Storage(key, kind.dtype, numel)
+
+
+def _foreign_global(module: str, name: str) -> str:
+    return (
+        f"data.pkl names the global {shown(f'{module}.{name}')}, which is not one torch.save "
+        "writes for tensors (refused; nothing was run)"
+    )
 
 
 def _allowed(module: str, name: str) -> object | None:

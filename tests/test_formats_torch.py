@@ -214,6 +214,16 @@ def test_tied_weights_are_one_tensor_counted_and_scaled_once_as_torch_does(tmp_p
     )  # scaled once, not twice
 
 
+def test_a_tensor_saved_under_many_names_names_a_few(tmp_path):
+    weight = torch.tensor([3.0, 4.0])
+    src = tmp_path / "many.pt"
+    torch.save({f"block.{i}.w": weight for i in range(1000)}, src)
+    report = gclip_cli.inspect_file(src)
+    others = ", ".join(f"block.{i}.w" for i in range(1, 9))
+    assert [t.name for t in report.tensors] == [f"block.0.w (= {others} and 991 more)"]
+    assert report.global_norm == 5.0
+
+
 def test_a_saved_slice_is_its_view_the_rest_of_its_storage_untouched(tmp_path):
     whole = torch.arange(1.0, 11.0)
     src, out = tmp_path / "slice.pt", tmp_path / "out.pt"

@@ -57,6 +57,7 @@ from .ziparchive import ZipArchive, stored_crc
 FORMAT_NAME = "torch"
 MAX_PICKLE_BYTES = 100_000_000  # as for a safetensors header: a state dict's is kilobytes
 _PICKLE = re.compile(r"^([^/]+)/data\.pkl$")
+MAX_ALIASES = 8  # other names of a tied tensor shown in its name
 _STEP = "step"  # an optimizer's step count: a float tensor in torch 2, not a gradient
 _PICKLE_ERRORS = (
     pickle.UnpicklingError,
@@ -406,7 +407,7 @@ class TorchFile:
         self, key: tuple[object, ...], views: list[TensorView], names: list[str], optimizer: bool
     ) -> TensorInfo:
         view = views[0]
-        name = names[0] if len(names) == 1 else f"{names[0]} (= {', '.join(names[1:])})"
+        name = _aliased(names)
         _, start, end, _, how = key
         info = self._storage_member(view.storage)
         location = StorageSlice(info, start, max(end - start, 0), view, how is None)
@@ -417,6 +418,16 @@ class TorchFile:
         if optimizer and tensor.is_gradient and names[0].rpartition(".")[2] == _STEP:
             return replace(tensor, dtype=None, skip_reason="an optimizer's step count")
         return tensor
+
+
+def _aliased(names: list[str]) -> str:
+    """One tensor's name from the names it was saved under: ``first (= second, third)``, at
+    most MAX_ALIASES of the others spelled out (a pickle can repeat a tensor a million times)."""
+    if len(names) == 1:
+        return names[0]
+    others = names[1 : 1 + MAX_ALIASES]
+    more = len(names) - 1 - len(others)
+    return f"{names[0]} (= {', '.join(others)}{f' and {more:,} more' if more else ''})"
 
 
 def _picked(items: np.ndarray, piece: Piece) -> np.ndarray:

@@ -470,7 +470,9 @@ class StorageId:
         self.pid = pid
 
 
-def forged(path: Path, obj, storages: dict[str, bytes], extra_members=()) -> Path:
+def forged(
+    path: Path, obj, storages: dict[str, bytes], extra_members=(), byteorder: str = "little"
+) -> Path:
     """A torch-like archive: data.pkl pickling *obj* (Forged tensors in it), the storages."""
     import io
 
@@ -478,7 +480,7 @@ def forged(path: Path, obj, storages: dict[str, bytes], extra_members=()) -> Pat
     ForgingPickler(buffer, protocol=2).dump(obj)
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/byteorder", byteorder)
         for key, data in storages.items():
             archive.writestr(f"archive/data/{key}", data)
         for name, data in extra_members:
@@ -603,6 +605,14 @@ def _corrupt_storage(path: Path) -> bytes:
     at = info.header_offset + 30 + len(info.filename) + len(_local_extra(path, info)) + 100
     raw[at] ^= 0xFF
     return bytes(raw)
+
+
+def test_a_big_endian_checkpoint_is_refused(tmp_path):
+    tensors = {"w": Forged("0", torch.FloatStorage, 8, 0, [8], [1])}
+    src = forged(tmp_path / "big.pt", tensors, {"0": FLOATS}, byteorder="big")
+    with pytest.raises(InputError, match="big-endian"):
+        gclip_cli.inspect_file(src)
+    assert gclip_cli.inspect_file(forged(tmp_path / "little.pt", tensors, {"0": FLOATS})).tensors
 
 
 def test_a_container_graph_whose_paths_explode_is_refused(tmp_path):

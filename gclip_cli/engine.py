@@ -15,6 +15,7 @@ import numpy as np
 
 from . import parallel, progress
 from .formats import TensorFile, TensorInfo
+from .formats.base import SelfMeasuring
 from .norms import NormAccumulator, NormStats
 from .rounding import ScaleFactor, ScratchBuffers, scale
 
@@ -46,6 +47,10 @@ def gradient_bytes(tensors: Sequence[TensorInfo]) -> int:
 def _measure_tensor(
     tfile: TensorFile, tensor: TensorInfo, norm_type: float, chunk_bytes: int
 ) -> NormStats:
+    if isinstance(tfile, SelfMeasuring):
+        stats = tfile.measure_tensor(tensor, norm_type, chunk_bytes)
+        if stats is not None:
+            return stats
     accumulator = NormAccumulator(norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
         accumulator.add(chunk)

@@ -196,6 +196,19 @@ class TensorFile(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SelfMeasuring(Protocol):
+    """A file that can measure some tensors without reading every value (an HDF5 dataset's
+    unallocated chunks are its fill value, however many there are)."""
+
+    def measure_tensor(
+        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int
+    ) -> NormStats | None:
+        """The statistics of gradient *tensor*, or None when read_chunks() is the way; tells
+        progress.advance() of the bytes of values it covers."""
+        ...
+
+
 # Mapped pages count in RSS while mapped: keep windows small (mapping more often costs little).
 MAX_WINDOW = 16 << 20
 

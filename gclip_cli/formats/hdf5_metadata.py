@@ -1,0 +1,270 @@
+"""Whether the places where gclip would write values lie inside an HDF5 file's metadata.
+
+gclip's output starts as a byte copy of the input, and values are rewritten where the file says
+they lie.  A crafted address can put a dataset's values over the superblock, an object header
+or a B-tree: rewriting them would leave an unreadable file.  HDF5 does not tell where its
+metadata lies, but it can tell whether some bytes matter to it: the file is opened a second
+time through a view in which every byte gclip would write is inverted, and everything HDF5
+reports about the file's structure (links, object headers, types, shapes, layouts, filters,
+fill values, chunk indexes, attributes, and the values of compact and variable-length
+datasets, which lie in metadata) must come out the same.  In a sound file those bytes are
+values only, so nothing changes and nothing is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import InputError
+from ..isolation import run_forked
+from .hdf5_storage import read_chunk_index
+
+
+class _InvertedView(io.RawIOBase):
+    """The file *fd*, read-only, with the bytes of the (offset, size) *ranges* inverted."""
+
+    def __init__(self, fd: int, ranges: np.ndarray) -> None:
+        super().__init__()
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
+        self._starts, self._ends = ranges[:, 0], ranges[:, 0] + ranges[:, 1]
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = os.pread(self._fd, len(buffer), self._position)
+        view = np.frombuffer(bytearray(data), dtype=np.uint8)
+        end = self._position + len(data)
+        # the ranges are disjoint, so sorted by their ends too
+        first = int(np.searchsorted(self._ends, self._position, side="right"))
+        last = int(np.searchsorted(self._starts, end, side="left"))
+        for start, stop in zip(self._starts[first:last], self._ends[first:last], strict=True):
+            low, high = max(int(start), self._position), min(int(stop), end)
+            view[low - self._position : high - self._position] ^= 0xFF
+        memoryview(buffer).cast("B")[: len(data)] = view.tobytes()
+        self._position = end
+        return len(data)
+
+
+def refuse_values_in_metadata(
+    path: Path, root: h5py.File, fd: int, ranges: dict[str, np.ndarray]
+) -> None:
+    """Refuse the file if writing values at *ranges* ((offset, size) rows by dataset name) of
+    the open file *fd* would change what HDF5 reads as its structure (*root*: the file as
+    HDF5 opened it)."""
+    written = [rows for rows in ranges.values() if len(rows)]
+    if not written:
+        return
+    started = time.monotonic()
+    expected = describe_structure(root)
+    # HDF5 reading crafted metadata can loop for ever: the view is read in a child process
+    # killed after this long (a sound file's view is read as fast as the file itself).
+    seconds = 10 + math.ceil(20 * (time.monotonic() - started))
+    check = functools.partial(_same_with_inverted, path, fd, expected, seconds)
+    if check(np.concatenate(written)):
+        return
+    culprit = next((name for name, rows in ranges.items() if len(rows) and not check(rows)), None)
+    what = f"dataset {culprit!r}" if culprit else "some datasets"
+    raise InputError(
+        path,
+        f"the values of {what} would lie inside the file's metadata (their address points "
+        "into it); rewriting them would break the file; damaged file",
+    )
+
+
+def _same_with_inverted(
+    path: Path, fd: int, expected: list[object], seconds: int, ranges: np.ndarray
+) -> bool:
+    """Whether HDF5 reads the structure *expected* from *fd* with *ranges* inverted: in a
+    child process, so that a crash or an endless loop of HDF5 means "no"."""
+    task = (_compare_view, (fd, ranges, expected, seconds, os.getpid()))
+    try:
+        return run_forked(path, [task])[0]
+    except InputError:  # the child died
+        return False
+
+
+def _compare_view(
+    fd: int, ranges: np.ndarray, expected: list[object], seconds: int, parent: int
+) -> bool:
+    if os.getpid() != parent:  # in a child (where fork is not available, no time limit)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # ends the process, even inside HDF5
+        signal.alarm(seconds)
+    try:
+        with _opened_view(fd, ranges) as root:
+            return describe_structure(root) == expected
+    except Exception:  # any failure to read the view means the bytes matter
+        return False
+
+
+@contextmanager
+def _opened_view(fd: int, ranges: np.ndarray) -> Iterator[h5py.File]:
+    with _InvertedView(fd, ranges) as view, h5py.File(view, "r") as root:
+        yield root
+
+
+def describe_structure(root: h5py.File) -> list[object]:
+    """What HDF5 reports about the file's structure, as comparable values."""
+    links: list[tuple[str, object]] = []
+    root.visititems_links(lambda name, link: links.append((name, link)))  # type: ignore[func-returns-value]
+    found: list[object] = [("file", root.userblock_size, root.id.get_filesize())]
+    found.extend(_describe_object(root))
+    for name, link in links:
+        found.append(("link", name, type(link).__name__, *_link_target(link)))
+        if isinstance(link, h5py.HardLink):
+            found.extend(_guarded(name, lambda n=name: _describe_object(root[n])))
+    return found
+
+
+def _link_target(link: object) -> tuple[object, ...]:
+    return tuple(getattr(link, key, None) for key in ("path", "filename"))
+
+
+def _guarded(name: str, describe: object) -> list[object]:
+    """describe(), or a record of how it failed (each object on its own: one that cannot be
+    read must not hide the others)."""
+    try:
+        return describe()  # type: ignore[operator]
+    except Exception as exc:
+        return [("failed", name, type(exc).__name__, str(exc))]
+
+
+def _describe_object(obj: h5py.HLObject) -> list[object]:
+    info = h5py.h5o.get_info(obj.id)
+    header = info.hdr
+    found: list[object] = [
+        (
+            "object",
+            obj.name,
+            info.type,
+            info.rc,
+            info.num_attrs,
+            header.version,
+            header.nmesgs,
+            header.nchunks,
+            header.flags,
+            header.space.total,
+            header.space.meta,
+            header.space.mesg,
+            header.space.free,
+            header.mesg.present,
+            header.mesg.shared,
+            info.meta_size.obj.index_size,
+            info.meta_size.obj.heap_size,
+            info.meta_size.attr.index_size,
+            info.meta_size.attr.heap_size,
+        )
+    ]
+    for key in obj.attrs:
+        found.extend(_guarded(key, lambda k=key: [_describe_attribute(obj.attrs, k)]))
+    if isinstance(obj, h5py.Dataset):
+        found.extend(_describe_dataset(obj))
+    elif isinstance(obj, h5py.Datatype):
+        found.append(("type", obj.id.encode()))
+    return found
+
+
+def _describe_attribute(attrs: h5py.AttributeManager, key: str) -> object:
+    attribute = attrs.get_id(key)
+    kind = attribute.get_type()
+    found = ("attribute", key, kind.encode(), attribute.shape, attribute.get_storage_size())
+    if not _small(attribute.shape, kind.get_size()):
+        return found
+    return (*found, _comparable(attrs[key]))
+
+
+# Values read to compare them are read only when their shape says they are at most this large:
+# the inverted view can make a shape claim anything, and reading it would take as long.
+_VALUES_READ = 1 << 20
+
+
+def _small(shape: tuple[int, ...] | None, itemsize: int) -> bool:
+    count = 1
+    for n in shape or ():
+        count *= n
+    return count * itemsize <= _VALUES_READ
+
+
+def _describe_dataset(dataset: h5py.Dataset) -> list[object]:
+    dsid = dataset.id
+    plist = dsid.get_create_plist()
+    space = dsid.get_space()
+    filters = [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+    layout = plist.get_layout()
+    fill = np.zeros(1, dtype=dataset.dtype)
+    plist.get_fill_value(fill)
+    found: list[object] = [
+        (
+            "dataset",
+            dsid.get_type().encode(),
+            space.get_simple_extent_type(),
+            space.get_simple_extent_dims(),
+            space.get_simple_extent_dims(maxdims=True),
+            layout,
+            plist.get_chunk() if layout == h5py.h5d.CHUNKED else None,
+            filters,
+            plist.get_alloc_time(),
+            plist.get_fill_time(),
+            plist.fill_value_defined(),
+            _comparable(fill),
+            dsid.get_storage_size(),
+        )
+    ]
+    if layout == h5py.h5d.CONTIGUOUS:
+        found.append(("offset", _offset(dsid)))
+    elif layout == h5py.h5d.CHUNKED:
+        index = read_chunk_index(dataset, base=0)
+        found.append(("chunks", index.cells.tobytes(), index.ranges().tobytes()))
+    if (
+        layout == h5py.h5d.COMPACT
+        or dataset.dtype.kind == "O"
+        or h5py.check_vlen_dtype(dataset.dtype)
+    ):  # their values lie in the object header or in global heaps: metadata
+        found.append(("values", _comparable(dataset[()])))
+    return found
+
+
+def _offset(dsid: h5py.h5d.DatasetID) -> int | None:
+    try:
+        return dsid.get_offset()
+    except RuntimeError:  # address 0
+        return 0
+
+
+def _comparable(value: object) -> object:
+    """*value* as something == compares by content (arrays by their bytes, object arrays by
+    their elements)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "O":
+            return (value.shape, tuple(_comparable(v) for v in value.ravel()))
+        return (value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, np.generic):
+        return (value.dtype.str, value.tobytes())
+    if isinstance(value, bytes | str | int | float | type(None)):
+        return value
+    return repr(value)

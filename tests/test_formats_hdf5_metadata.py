@@ -1,0 +1,76 @@
+"""Values whose address points into an HDF5 file's metadata: refused before anything is
+written, or written into an output that reads back with the same structure; never an
+unreadable output."""
+
+import struct
+
+import h5py
+import numpy as np
+import pytest
+from conftest import expected_scaled
+
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.formats.hdf5_metadata import describe_structure
+
+
+def small_file(path, libver: str) -> tuple[int, int]:
+    """A file with a group, attributes and two datasets; (where x's values begin, where the
+    layout message keeps their address)."""
+    with h5py.File(path, "w", libver=libver) as f:
+        f.attrs["note"] = "kept"
+        f.create_group("g").attrs["units"] = np.arange(3)
+        f["x"] = np.linspace(-4, 4, 8, dtype=np.float32)
+        f["g/y"] = np.arange(6, dtype=np.int64)
+        start, size = f["x"].id.get_offset(), f["x"].id.get_storage_size()
+    data = path.read_bytes()
+    at = data.find(struct.pack("<QQ", start, size))
+    assert at > 0 and data.find(struct.pack("<QQ", start, size), at + 1) < 0
+    return start, at
+
+
+@pytest.mark.parametrize(("libver", "step"), [("earliest", 40), ("latest", 96)])
+def test_values_pointed_into_metadata_never_give_an_unreadable_output(tmp_path, libver, step):
+    """Addresses from the superblock through the metadata (groups, heaps, headers): before,
+    some gave an output HDF5 could not open (or whose structure had changed), with exit 0.
+    (Checksummed metadata, libver latest, is refused throughout.)"""
+    seed = tmp_path / "seed.h5"
+    start, at = small_file(seed, libver)
+    template = bytearray(seed.read_bytes())
+    refused = written = 0
+    for address in range(step, min(start, 2400), step):
+        src, out = tmp_path / f"in{address}.h5", tmp_path / f"out{address}.h5"
+        template[at : at + 8] = struct.pack("<Q", address)
+        src.write_bytes(bytes(template))
+        try:
+            report = gclip_cli.rescale_file(src, out, max_norm=1e-3, nonfinite="keep")
+        except InputError as exc:
+            assert "\n" not in str(exc) and not out.exists()
+            refused += 1
+            continue
+        written += 1
+        with h5py.File(src) as a, h5py.File(out) as b:
+            assert describe_structure(b) == describe_structure(a), address
+            assert np.array_equal(b["g/y"][()], a["g/y"][()])
+            expected = expected_scaled(a["x"][()], report) if report.clipped else a["x"][()]
+            assert np.array_equal(b["x"][()], expected, equal_nan=True), address
+        src.unlink()
+        out.unlink()
+    assert refused
+    assert written or libver == "latest"  # unused bytes of metadata may take values
+
+
+def test_the_dataset_whose_values_lie_in_metadata_is_named(tmp_path):
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w") as f:
+        f["a"] = np.ones(4, dtype=np.float32)
+        f["x"] = np.ones(8, dtype=np.float32)
+        header = h5py.h5o.get_info(f["x"].id).addr  # x's values moved onto its own header
+        start, size = f["x"].id.get_offset(), f["x"].id.get_storage_size()
+    data = bytearray(src.read_bytes())
+    at = data.find(struct.pack("<QQ", start, size))
+    data[at : at + 8] = struct.pack("<Q", header)
+    src.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="values of dataset 'x' would lie inside the file's"):
+        gclip_cli.rescale_file(src, tmp_path / "out.h5", max_norm=1e-3, nonfinite="keep")
+    assert not (tmp_path / "out.h5").exists()

@@ -228,6 +228,34 @@ def test_chunks_declared_larger_than_the_limit_are_refused(tmp_path):
     assert peak < 512 << 20
 
 
+def test_chunks_at_the_limit_are_read_and_written_within_the_memory_bound(tmp_path):
+    """One 64 MiB chunk with gzip and Fletcher-32 (so HDF5 decodes and encodes it)."""
+    src, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    count = MAX_CHUNK_BYTES // 4
+    with h5py.File(src, "w") as f:
+        ds = f.create_dataset(
+            "x", shape=(count,), chunks=(count,), dtype="<f4", compression="gzip",
+            fletcher32=True,
+        )  # fmt: skip
+        ds[::4096] = np.arange(count // 4096, dtype=np.float32)
+    proc, peak = peak_rss_of("rescale", src, out, "--max-norm", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert peak < 512 << 20
+    report = gclip_cli.inspect_file(src)
+    with h5py.File(src) as a, h5py.File(out) as b:
+        assert np.array_equal(b["x"][::4096], expected_scaled(a["x"][::4096], _clip(report)))
+        assert not np.any(b["x"][1:4096])
+
+
+def _clip(report):
+    """What expected_scaled reads of a rescale report, from an inspect report's norm."""
+
+    class Clipped:
+        max_norm, global_norm, eps = 1.0, report.global_norm, 0.0
+
+    return Clipped
+
+
 def test_lzf_chunks_declared_larger_than_the_limit_are_refused(tmp_path):
     src = tmp_path / "big_lzf.h5"
     count = 32 << 20  # float32 values: 128 MiB

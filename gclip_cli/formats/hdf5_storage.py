@@ -51,7 +51,7 @@ class ChunkIndex:
 
     @property
     def grid(self) -> tuple[int, ...]:
-        return tuple(math.ceil(n / c) for n, c in zip(self.shape, self.chunk_shape, strict=True))
+        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunk_shape, strict=True))
 
     @property
     def complete(self) -> bool:
@@ -115,11 +115,12 @@ class FileSpace:
             index = read_chunk_index(dataset, self.base)
             if dataset.id.get_create_plist().get_nfilters() == 0:
                 # HDF5 reads an unfiltered chunk whole, whatever size its index gives
-                np.maximum(index.sizes, declared_chunk_bytes(dataset), out=index.sizes)
-        self._check_chunks(name, dataset, index)
+                stored = math.prod(dataset.chunks) * dataset.id.get_type().get_size()
+                np.maximum(index.sizes, stored, out=index.sizes)
+        self._check_chunks(name, index)
         return index
 
-    def _check_chunks(self, name: str, dataset: h5py.Dataset, index: ChunkIndex) -> None:
+    def _check_chunks(self, name: str, index: ChunkIndex) -> None:
         if np.any(index.cells < 0):
             raise InputError(
                 self.path,
@@ -197,9 +198,10 @@ def read_chunk_index(dataset: h5py.Dataset, base: int) -> ChunkIndex:
 def _cells(coordinates: np.ndarray, shape: tuple[int, ...], chunks: tuple[int, ...]) -> np.ndarray:
     """Each chunk's place in the C order of the chunk grid; -1 for coordinates that are not a
     chunk's first value inside the dataset."""
-    grid = np.array([math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)], np.int64)
+    grid = np.array([-(-n // c) for n, c in zip(shape, chunks, strict=True)], np.int64)
     size = np.array(chunks, dtype=np.int64)
-    valid = np.all((coordinates % size == 0) & (coordinates < np.array(shape)), axis=1)
+    extent = np.minimum(np.array(shape, dtype=object), _HUGE).astype(np.int64)
+    valid = np.all((coordinates % size == 0) & (coordinates < extent), axis=1)
     cells = np.ravel_multi_index((coordinates // size * valid[:, None]).T, grid)
     return np.where(valid, cells, -1).astype(np.int64)
 
@@ -209,7 +211,8 @@ def _coordinates(index: ChunkIndex, k: int) -> tuple[int, ...]:
 
 
 def declared_chunk_bytes(dataset: h5py.Dataset) -> int:
-    """The decoded size of one chunk, in the file's type and in memory, whichever is larger."""
+    """The decoded size of one chunk, in the file's type or in memory, whichever is larger
+    (HDF5 converts a chunk's values in place)."""
     itemsize = max(dataset.id.get_type().get_size(), dataset.dtype.itemsize)
     return math.prod(dataset.chunks) * itemsize
 

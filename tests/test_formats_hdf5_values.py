@@ -153,14 +153,18 @@ def test_a_contiguous_dataset_never_written_is_all_fill(tmp_path):
 def test_counting_copies_is_exact_whatever_the_count():
     from gclip_cli.formats.hdf5_values import repeated
 
-    one = measure(np.array([0.1], dtype=np.float64))
-    (square,) = one.sums[0]  # 0.1**2 rounded, as for any value: count * square needs partials
+    value = np.float32(0.1)  # its square is exact in float64, and count times it needs partials
+    one = measure(np.array([value]))
     for count in (0, 1, 3, 1000, 2**40 + 12345):
         stats = repeated(one, count)
         assert stats.numel == count
-        assert sum(map(Fraction, stats.sums.get(0, []))) == count * Fraction(square)
+        assert stats.norm() == math.sqrt(float(count * Fraction(float(value)) ** 2))
+    merged = NormStats(2.0)
+    for _ in range(1000):
+        merged.merge(one)
+    assert repeated(one, 1000).norm() == merged.norm()
     nan = repeated(measure(np.array([np.nan])), 7)
-    assert (nan.nan, nan.numel) == (7, 7) and isinstance(nan, NormStats)
+    assert (nan.nan, nan.numel) == (7, 7)
 
 
 # --- HDF5's failures while writing ---------------------------------------------------------

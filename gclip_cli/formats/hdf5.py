@@ -102,7 +102,9 @@ class Hdf5File:
         if stored.raw is not None:  # chunks gclip decodes itself
             return read_values(self.path, self._raw.fileno(), tensor, stored.raw, chunk_bytes)
         dataset = self._datasets[tensor.location]
-        return (values.reshape(-1) for _, values in slabs(self.path, dataset, chunk_bytes))
+        # viewed as the tensor's dtype: raw (opaque) values may have been given a type
+        found = slabs(self.path, dataset, chunk_bytes)
+        return (values.reshape(-1).view(tensor.dtype) for _, values in found)
 
     def measure_tensor(
         self, tensor: TensorInfo, norm_type: float, chunk_bytes: int
@@ -113,7 +115,7 @@ class Hdf5File:
         if sparse is None:
             return None
         dataset = self._datasets[tensor.location]
-        return measure_sparse(self.path, dataset, sparse, norm_type, chunk_bytes)
+        return measure_sparse(self.path, dataset, sparse, tensor, norm_type, chunk_bytes)
 
     def _mapped_chunks(
         self, start: int, tensor: TensorInfo, chunk_bytes: int

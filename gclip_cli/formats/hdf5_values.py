@@ -93,7 +93,7 @@ def rewrite_slabs(
 ) -> None:
     """Pass every value of *dataset* (in a copy of the file) through *transform*, in C order."""
     for selection, values in slabs(path, dataset, chunk_bytes):
-        flat = values.reshape(-1)
+        flat = values.reshape(-1).view(tensor.dtype)  # raw values may have been given a type
         transform(tensor, flat, flat)
         dataset.write_direct(values, dest_sel=selection)
     dataset.flush()  # the chunks still in the cache: a failure is raised here, not lost
@@ -117,20 +117,25 @@ class Sparse:
     @property
     def keeps_fill(self) -> bool:
         """Whether every transform leaves the fill value as it is (it is 0)."""
-        return not np.any(self.fill)
+        return not any(self.fill.tobytes())
 
 
 def measure_sparse(
-    path: Path, dataset: h5py.Dataset, sparse: Sparse, norm_type: float, chunk_bytes: int
+    path: Path,
+    dataset: h5py.Dataset,
+    sparse: Sparse,
+    tensor: TensorInfo,
+    norm_type: float,
+    chunk_bytes: int,
 ) -> NormStats:
-    """The statistics of every value of a sparse *dataset*: the allocated chunks' values, read,
-    and the unallocated ones, counted."""
+    """The statistics of every value of a sparse *dataset* (*tensor*): the allocated chunks'
+    values, read, and the unallocated ones, counted."""
     accumulator = NormAccumulator(norm_type)
     for _, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
-        accumulator.add(values.reshape(-1))
+        accumulator.add(values.reshape(-1).view(tensor.dtype))  # raw values may have a type
         progress.advance(values.nbytes)
     stats = accumulator.finish()
-    stats.merge(repeated(measure(sparse.fill, norm_type), sparse.unallocated))
+    stats.merge(repeated(measure(sparse.fill.view(tensor.dtype), norm_type), sparse.unallocated))
     progress.advance(sparse.unallocated * dataset.dtype.itemsize)
     return stats
 
@@ -151,7 +156,7 @@ def rewrite_sparse(
         rewrite_slabs(path, dataset, tensor, transform, chunk_bytes)
         return
     for selection, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
-        flat = values.reshape(-1)
+        flat = values.reshape(-1).view(tensor.dtype)
         transform(tensor, flat, flat)
         dataset.write_direct(values, dest_sel=selection)
     dataset.flush()

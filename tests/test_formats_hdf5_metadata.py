@@ -74,3 +74,22 @@ def test_the_dataset_whose_values_lie_in_metadata_is_named(tmp_path):
     with pytest.raises(InputError, match="values of dataset 'x' would lie inside the file's"):
         gclip_cli.rescale_file(src, tmp_path / "out.h5", max_norm=1e-3, nonfinite="keep")
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_an_output_whose_structure_hdf5_broke_while_writing_is_refused(tmp_path):
+    """The last key of a chunk B-tree bounds its chunks; lowered to 0, HDF5 writing the last
+    chunk inserted it again: the clipped output (exit 0) listed a chunk twice, and gclip
+    itself refused to read it."""
+    src, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    values = np.random.default_rng(7).standard_normal(30).astype("f2")
+    with h5py.File(src, "w", libver="earliest") as f:
+        f.create_dataset("sh", data=values, chunks=(8,), shuffle=True)
+    data = bytearray(src.read_bytes())
+    node = data.find(b"TREE\x01")  # the B-tree node of the chunks (type 1)
+    (entries,) = struct.unpack("<H", data[node + 6 : node + 8])
+    last_key = node + 24 + entries * 32  # a 24-byte header, then (key, child) pairs
+    data[last_key + 8 : last_key + 16] = struct.pack("<Q", 0)  # its first coordinate
+    src.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="rewriting its values changed the file's structure"):
+        gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert not out.exists()

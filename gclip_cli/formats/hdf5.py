@@ -38,7 +38,7 @@ from .base import (
     window_pieces,
 )
 from .hdf5_chunks import RawChunks, band_pieces, raw_chunks, read_values, rewrite_values
-from .hdf5_metadata import refuse_values_in_metadata
+from .hdf5_metadata import refuse_broken_output, refuse_values_in_metadata
 from .hdf5_plugins import load_plugins_if_needed, missing_filter, unavailable_filter_message
 from .hdf5_storage import (
     FileSpace,
@@ -244,7 +244,11 @@ class Hdf5File:
         pass  # not checksummed: there are none
 
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        pass  # nothing outside the values depends on them
+        """Check that the output has the input's structure (nothing else depends on the
+        values)."""
+        gradients = [self._datasets[t.location] for t in self.tensors if t.is_gradient]
+        rewritten = {h5py.h5o.get_info(dataset.id).addr for dataset in gradients}
+        refuse_broken_output(self.path, self._file, out, rewritten)
 
     def attribute(self, key: str) -> object | None:
         with reading(self.path, f"root attribute {key!r}"):

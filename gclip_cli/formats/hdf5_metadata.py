@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..isolation import run_forked
-from .hdf5_storage import read_chunk_index
+from .hdf5_storage import ChunkIndex, read_chunk_index
 
 
 class _InvertedView(io.RawIOBase):
@@ -128,17 +128,41 @@ def _opened_view(fd: int, ranges: np.ndarray) -> Iterator[h5py.File]:
         yield root
 
 
-def describe_structure(root: h5py.File) -> list[object]:
-    """What HDF5 reports about the file's structure, as comparable values."""
+def describe_structure(root: h5py.File, rewritten: Set[int] | None = None) -> list[object]:
+    """What HDF5 reports about the file's structure, as comparable values.  With *rewritten*
+    (the object header addresses of datasets whose values were rewritten), what a rewrite
+    keeps: not which chunks are allocated, where they lie or how large they are (only that
+    their index is sound), nor the file's size."""
     links: list[tuple[str, object]] = []
     root.visititems_links(lambda name, link: links.append((name, link)))  # type: ignore[func-returns-value]
-    found: list[object] = [("file", root.userblock_size, root.id.get_filesize())]
-    found.extend(_describe_object(root))
+    size = root.id.get_filesize() if rewritten is None else None
+    found: list[object] = [("file", root.userblock_size, size)]
+    moved = frozenset(rewritten or ())
+    found.extend(_describe_object(root, moved))
     for name, link in links:
         found.append(("link", name, type(link).__name__, *_link_target(link)))
         if isinstance(link, h5py.HardLink):
-            found.extend(_guarded(name, lambda n=name: _describe_object(root[n])))
+            found.extend(_guarded(name, lambda n=name: _describe_object(root[n], moved)))
     return found
+
+
+def refuse_broken_output(path: Path, root: h5py.File, out: Path, rewritten: Set[int]) -> None:
+    """Refuse the output *out* of the input *path* (*root*) if HDF5 reads another structure in
+    it than in the input, beyond what rewriting the datasets *rewritten* changes.  HDF5
+    updates chunk indexes as it writes chunks, following pointers that reading never uses: a
+    damaged one there breaks the output of an input that reads well."""
+    expected = describe_structure(root, rewritten)
+    try:
+        with h5py.File(out, "r") as copy:
+            found = describe_structure(copy, rewritten)
+    except Exception as exc:  # HDF5 cannot open it at all
+        found = [("unreadable", type(exc).__name__, str(exc))]
+    if found != expected:
+        raise InputError(
+            path,
+            "rewriting its values changed the file's structure (HDF5 followed damaged "
+            "metadata while writing); damaged file; nothing written",
+        )
 
 
 def _link_target(link: object) -> tuple[object, ...]:
@@ -154,7 +178,7 @@ def _guarded(name: str, describe: object) -> list[object]:
         return [("failed", name, type(exc).__name__, str(exc))]
 
 
-def _describe_object(obj: h5py.HLObject) -> list[object]:
+def _describe_object(obj: h5py.HLObject, moved: frozenset[str]) -> list[object]:
     info = h5py.h5o.get_info(obj.id)
     header = info.hdr
     found: list[object] = [
@@ -183,7 +207,7 @@ def _describe_object(obj: h5py.HLObject) -> list[object]:
     for key in obj.attrs:
         found.extend(_guarded(key, lambda k=key: [_describe_attribute(obj.attrs, k)]))
     if isinstance(obj, h5py.Dataset):
-        found.extend(_describe_dataset(obj))
+        found.extend(_describe_dataset(obj, info.addr in moved))
     elif isinstance(obj, h5py.Datatype):
         found.append(("type", obj.id.encode()))
     return found
@@ -210,7 +234,8 @@ def _small(shape: tuple[int, ...] | None, itemsize: int) -> bool:
     return count * itemsize <= _VALUES_READ
 
 
-def _describe_dataset(dataset: h5py.Dataset) -> list[object]:
+def _describe_dataset(dataset: h5py.Dataset, moved: bool) -> list[object]:
+    """*moved*: its chunks may have moved (and changed size) in a rewrite."""
     dsid = dataset.id
     plist = dsid.get_create_plist()
     space = dsid.get_space()
@@ -232,21 +257,32 @@ def _describe_dataset(dataset: h5py.Dataset) -> list[object]:
             plist.get_fill_time(),
             plist.fill_value_defined(),
             _comparable(fill),
-            dsid.get_storage_size(),
+            None if moved else dsid.get_storage_size(),
         )
     ]
     if layout == h5py.h5d.CONTIGUOUS:
         found.append(("offset", _offset(dsid)))
     elif layout == h5py.h5d.CHUNKED:
         index = read_chunk_index(dataset, base=0)
-        found.append(("chunks", index.cells.tobytes(), index.ranges().tobytes()))
-    if (
-        layout == h5py.h5d.COMPACT
-        or dataset.dtype.kind == "O"
-        or h5py.check_vlen_dtype(dataset.dtype)
-    ):  # their values lie in the object header or in global heaps: metadata
+        if moved:
+            found.append(("chunks", _sound(index, dataset.file)))
+        else:
+            found.append(("chunks", index.cells.tobytes(), index.ranges().tobytes()))
+    in_metadata = layout == h5py.h5d.COMPACT or dataset.dtype.kind == "O"
+    if in_metadata and not moved and _small(dataset.shape, dataset.dtype.itemsize):
+        # their values lie in the object header, or in global heaps (variable-length data)
         found.append(("values", _comparable(dataset[()])))
     return found
+
+
+def _sound(index: ChunkIndex, root: h5py.File) -> bool:
+    """Whether a chunk index lists chunks of the dataset, none twice, inside the file."""
+    distinct = np.unique(index.cells).size == index.cells.size
+    inside = not index.cells.size or (
+        index.offsets.min() >= root.userblock_size
+        and (index.offsets + index.sizes).max() <= root.id.get_filesize()
+    )
+    return bool(distinct and inside and np.all(index.cells >= 0))
 
 
 def _offset(dsid: h5py.h5d.DatasetID) -> int | None:

@@ -113,12 +113,27 @@ class FileSpace:
         to be a chunk of the dataset, none twice."""
         with reading(self.path, f"dataset {name!r}, chunk index"):
             index = read_chunk_index(dataset, self.base)
-            if dataset.id.get_create_plist().get_nfilters() == 0:
-                # HDF5 reads an unfiltered chunk whole, whatever size its index gives
-                stored = math.prod(dataset.chunks) * dataset.id.get_type().get_size()
-                np.maximum(index.sizes, stored, out=index.sizes)
+            filters = dataset.id.get_create_plist().get_nfilters()
+            raw_bytes = math.prod(dataset.chunks) * dataset.id.get_type().get_size()
         self._check_chunks(name, index)
+        self._check_unfiltered_sizes(name, index, filters, raw_bytes)
         return index
+
+    def _check_unfiltered_sizes(
+        self, name: str, index: ChunkIndex, filters: int, raw_bytes: int
+    ) -> None:
+        """A chunk stored without filters (none, or all skipped) holds the chunk's bytes as
+        they are: HDF5 takes as many as the index says and leaves the rest of its buffer as
+        it was (values read from uninitialised memory, different on every run)."""
+        unfiltered = index.masks & ((1 << filters) - 1) == (1 << filters) - 1
+        wrong = unfiltered & (index.sizes != raw_bytes)
+        if np.any(wrong):
+            k = int(np.argmax(wrong))
+            raise InputError(
+                self.path,
+                f"dataset {name!r}: its chunk at {_coordinates(index, k)} is stored unfiltered "
+                f"in {int(index.sizes[k]):,} bytes, not {raw_bytes:,}; damaged file",
+            )
 
     def _check_chunks(self, name: str, index: ChunkIndex) -> None:
         if np.any(index.cells < 0):

@@ -317,3 +317,21 @@ def _fletcher32(data: bytes) -> bytes:
     sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
     sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
     return struct.pack("<I", sum2 << 16 | sum1)
+
+
+def test_unfiltered_chunks_stored_in_another_size_are_refused(tmp_path):
+    """A chunk index saying 0 bytes for an unfiltered 400-byte chunk of a sparse dataset (which
+    HDF5 reads): HDF5 took the chunk's values from uninitialised memory (other ones on each
+    run), and gclip counted them."""
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w", libver="earliest") as f:
+        ds = f.create_dataset("x", shape=(300,), chunks=(100,), dtype="<f4")
+        ds[:200] = np.arange(200, dtype=np.float32)
+    data = bytearray(src.read_bytes())
+    node = data.find(b"TREE\x01")  # the B-tree node of the chunks: keys begin with the size
+    first_key = node + 24
+    assert struct.unpack("<I", data[first_key : first_key + 4]) == (400,)
+    data[first_key : first_key + 4] = struct.pack("<I", 0)
+    src.write_bytes(bytes(data))
+    line = one_error_line(gclip("norm", src))
+    assert "'x': its chunk at (0,) is stored unfiltered in 0 bytes, not 400" in line

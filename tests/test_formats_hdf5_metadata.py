@@ -93,3 +93,32 @@ def test_an_output_whose_structure_hdf5_broke_while_writing_is_refused(tmp_path)
     with pytest.raises(InputError, match="rewriting its values changed the file's structure"):
         gclip_cli.rescale_file(src, out, max_norm=1.0)
     assert not out.exists()
+
+
+def test_values_in_the_unused_part_of_a_chunk_index_node_are_refused(tmp_path):
+    """A B-tree node has room for more chunks than it lists; reading does not depend on those
+    bytes, but HDF5 writes the node back whole when it rewrites the chunks: values put there
+    were overwritten (found by the structure fuzzer: an lzf chunk the output could not
+    decode, exit 0)."""
+    src, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    values = np.random.default_rng(3).standard_normal(20).astype(np.float32)
+    with h5py.File(src, "w", libver="earliest") as f:
+        f.create_dataset("lzf", data=values, chunks=(5,), compression="lzf")
+        first = []
+        f["lzf"].id.chunk_iter(first.append)
+    data = bytearray(src.read_bytes())
+    node = data.find(b"TREE\x01")
+    (entries,) = struct.unpack("<H", data[node + 6 : node + 8])
+    unused = node + 24 + (entries + 1) * 32 + 64  # past the last key
+    old = struct.pack("<Q", first[0].byte_offset)
+    at = data.find(old, node)
+    data[at : at + 8] = struct.pack("<Q", unused)
+    data[unused : unused + first[0].size] = src.read_bytes()[
+        first[0].byte_offset : first[0].byte_offset + first[0].size
+    ]  # the chunk's bytes, moved there: the input reads as it did
+    src.write_bytes(bytes(data))
+    with h5py.File(src) as f:
+        assert np.array_equal(f["lzf"][()], values)
+    with pytest.raises(InputError, match="would lie inside an object header or chunk index"):
+        gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert not out.exists()

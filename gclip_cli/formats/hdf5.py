@@ -38,7 +38,11 @@ from .base import (
     window_pieces,
 )
 from .hdf5_chunks import RawChunks, band_pieces, raw_chunks, read_values, rewrite_values
-from .hdf5_metadata import refuse_broken_output, refuse_values_in_metadata
+from .hdf5_metadata import (
+    refuse_broken_output,
+    refuse_values_in_metadata,
+    refuse_values_in_rewritten_blocks,
+)
 from .hdf5_plugins import load_plugins_if_needed, missing_filter, unavailable_filter_message
 from .hdf5_storage import (
     FileSpace,
@@ -218,7 +222,10 @@ class Hdf5File:
                 refuse_filling_beyond_limit(self.path, tensor.name, sparse)
         written = {t.name: self._storage(t).ranges for t in gradients}
         refuse_overlaps(self.path, {**self._other_ranges(), **written}.items())
-        refuse_values_in_metadata(self.path, self._file, self._raw.fileno(), written)
+        fd = self._raw.fileno()
+        refuse_values_in_metadata(self.path, self._file, fd, written)
+        by_hdf5 = [self._datasets[t.location] for t in self._chunked_gradients()]
+        refuse_values_in_rewritten_blocks(self.path, fd, written, by_hdf5)
 
     def _other_ranges(self) -> dict[str, np.ndarray]:
         """Where the values of the datasets gclip does not rewrite lie (they must stay)."""

@@ -36,6 +36,7 @@ class _InvertedView(io.RawIOBase):
 
     def __init__(self, fd: int, ranges: np.ndarray) -> None:
         super().__init__()
+        self.reads: list[tuple[int, int]] = []  # (offset, length) of every read, in order
         self._fd = fd
         self._size = os.fstat(fd).st_size
         ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
@@ -58,6 +59,7 @@ class _InvertedView(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:
         data = os.pread(self._fd, len(buffer), self._position)
+        self.reads.append((self._position, len(data)))
         view = np.frombuffer(bytearray(data), dtype=np.uint8)
         end = self._position + len(data)
         # the ranges are disjoint, so sorted by their ends too
@@ -304,3 +306,75 @@ def _comparable(value: object) -> object:
     if isinstance(value, bytes | str | int | float | type(None)):
         return value
     return repr(value)
+
+
+# The blocks of a chunk index (v1 and v2 B-tree nodes, fixed and extensible arrays), by the
+# signature each begins with; HDF5 reads each whole, and writes each whole when it changes it.
+_INDEX_SIGNATURES = (
+    b"TREE\x01",  # a v1 B-tree node of chunks (type 1)
+    b"BTHD",
+    b"BTIN",
+    b"BTLF",
+    b"FAHD",
+    b"FADB",
+    b"EAHD",
+    b"EAIB",
+    b"EASB",
+    b"EADB",
+)
+
+
+def refuse_values_in_rewritten_blocks(
+    path: Path, fd: int, ranges: dict[str, np.ndarray], written_by_hdf5: list[h5py.Dataset]
+) -> None:
+    """Refuse values that lie in a block HDF5 will write back: the object header and the
+    chunk index of each dataset HDF5 writes values of.  HDF5 writes such a block whole when it
+    changes it (a chunk's new place, a modification time), unused bytes included: values lying
+    there (which reading does not depend on, so refuse_values_in_metadata lets them pass) would
+    be overwritten, or would overwrite the block."""
+    rows = [r for r in ranges.values() if len(r)]
+    if not rows or not written_by_hdf5:
+        return
+    blocks = [_header_extent(fd, h5py.h5o.get_info(d.id).addr) for d in written_by_hdf5]
+    blocks += _index_blocks(fd, [d.name for d in written_by_hdf5 if d.chunks is not None])
+    starts = np.array([b[0] for b in blocks], dtype=np.int64)
+    ends = np.array([b[0] + b[1] for b in blocks], dtype=np.int64)
+    for name, found in ranges.items():
+        for start, size in found.tolist():
+            if size and np.any((starts < start + size) & (ends > start)):
+                raise InputError(
+                    path,
+                    f"the values of dataset {name!r} would lie inside an object header or "
+                    "chunk index that HDF5 rewrites; damaged file",
+                )
+
+
+def _header_extent(fd: int, address: int) -> tuple[int, int]:
+    """(start, length) of the first chunk of the object header at *address*, from its prefix
+    (version 1: 16 bytes and the size; version 2: "OHDR", flags, optional times and phase
+    change values, the size in 1 to 8 bytes, and a checksum after the messages)."""
+    head = os.pread(fd, 32, address)
+    if head[:4] == b"OHDR" and len(head) >= 6:
+        flags = head[5]
+        at = 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
+        width = 1 << (flags & 3)
+        size = int.from_bytes(head[at : at + width], "little")
+        return address, at + width + size + 4
+    if len(head) >= 12:
+        return address, 16 + int.from_bytes(head[8:12], "little")
+    return address, len(head)
+
+
+def _index_blocks(fd: int, names: list[str]) -> list[tuple[int, int]]:
+    """(start, length) of the blocks HDF5 reads to list the chunks of datasets *names*."""
+    if not names:
+        return []
+    view = _InvertedView(fd, np.zeros((0, 2), dtype=np.int64))
+    with view, h5py.File(view, "r") as root:
+        for name in names:
+            read_chunk_index(root[name], base=0)
+    return [
+        (offset, length)
+        for offset, length in set(view.reads)
+        if os.pread(fd, 5, offset).startswith(_INDEX_SIGNATURES)
+    ]

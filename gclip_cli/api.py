@@ -1,286 +1,164 @@
-"""The library API: what the CLI calls, and what a Python user can call directly."""
+"""The library API: one function per command, with explicit keyword parameters; the options
+every command shares come whole, as an :class:`~gclip_cli.options.Options`.
+
+    >>> from gclip_cli import Options, inspect_files, rescale_file
+    >>> inspect_files(["grads.h5"], max_norm=1.0).scale
+    >>> rescale_file("grads.npz", "clipped.npz", max_norm=1.0, options=Options(norm_type=2.0))
+
+Paths may name files, folders (their tensor files) and sharded checkpoints' ``*.index.json``.
+Failures raise :class:`~gclip_cli.errors.GclipError` subclasses, each with the CLI's exit code.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from . import progress
-from .engine import (
-    Clamper,
-    NonFinite,
-    Rewriter,
-    Scaler,
-    clip_factor,
-    combine,
-    measure_tensors,
-    rewrite,
-    rounding_bound,
-)
-from .errors import NonFiniteError, OutputError, UsageError
-from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
-from .isolation import run_isolated
-from .norms import NormStats
-from .output import atomic_output, check_output_path
-from .parallel import available_cores
-from .report import Report, TensorReport, tensor_reports
-from .rounding import ScaleFactor
-from .selection import (
-    check_globs,
-    counted_or_why,
-    read_opaque_as,
-    refuse_opaque,
-    require_counted,
-    select,
-)
-from .sources import Inputs, resolve
-from .strategies import (
-    ClipValue,
-    GlobalNorm,
-    Groups,
-    Normalize,
-    PerTensor,
-    Plan,
-    Strategy,
-    plan,
-)
+from . import pipeline
+from .errors import UsageError
+from .options import DEFAULT_CHUNK_SIZE, NonFinite, Options
+from .progress import Listener, Progress
+from .reports import InspectReport, RewriteReport
+from .sources import resolve
+from .strategies import ClipValue, GlobalNorm, Groups, Normalize, PerTensor, Strategy
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from .compare import Diff
-    from .history import FoundStep, History, Step
+    from .history import History
 
-DEFAULT_CHUNK_SIZE = 64 << 20  # bytes read per chunk
-T = TypeVar("T")
 PathLike = str | os.PathLike[str]
+ShardProgress = Callable[[str, int, int], None]
+_DEFAULTS = Options()
 
-
-@dataclass(frozen=True)
-class Options:
-    """How to measure and clip: the options every command shares."""
-
-    norm_type: float = 2.0
-    max_norm: float | None = None
-    eps: float = 0.0
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    jobs: int | None = None  # worker processes for one large file (None: every core)
-    nonfinite: str = "error"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    opaque_dtypes: tuple[str, ...] = ()  # what raw 1-/2-byte values are, e.g. ("bfloat16",)
-
-    def __post_init__(self) -> None:
-        if self.nonfinite not in {p.value for p in NonFinite}:
-            raise UsageError(None, f"nonfinite must be error, zero or keep, not {self.nonfinite!r}")
-        if not (self.norm_type > 0):
-            raise UsageError(None, f"norm type must be a number > 0 or inf, not {self.norm_type}")
-        if self.max_norm is not None:
-            _require_positive("max norm", self.max_norm)
-        if not (0 <= self.eps < math.inf):
-            raise UsageError(None, f"eps must be a finite number >= 0, not {self.eps}")
-        if self.chunk_size < 1:
-            raise UsageError(None, f"chunk size must be at least 1 byte, not {self.chunk_size}")
-        if self.jobs is not None and self.jobs < 1:
-            raise UsageError(None, f"jobs must be at least 1, not {self.jobs}")
-        self.opaque  # noqa: B018 - validates the names
-
-    @property
-    def opaque(self) -> dict[int, np.dtype]:
-        """The types raw values are read as, by item size."""
-        from .dtypes import OPAQUE_DTYPES
-
-        types: dict[int, np.dtype] = {}
-        for name in self.opaque_dtypes:
-            if name not in OPAQUE_DTYPES:
-                known = ", ".join(OPAQUE_DTYPES)
-                raise UsageError(None, f"opaque dtype {name!r} is not one of {known}")
-            dtype = OPAQUE_DTYPES[name]
-            if types.setdefault(dtype.itemsize, dtype) != dtype:
-                raise UsageError(None, f"two opaque dtypes of {dtype.itemsize} byte(s) given")
-        return types
-
-    @property
-    def workers(self) -> int:
-        return self.jobs or available_cores()
-
-    @property
-    def policy(self) -> NonFinite:
-        return NonFinite(self.nonfinite)
-
-    def norm(self, stats: NormStats) -> float:
-        """The norm that counts: NaN/Inf propagate unless a policy says how to treat them."""
-        return stats.norm() if self.policy is NonFinite.ERROR else stats.finite_norm()
-
-
-def _require_positive(what: str, value: float) -> None:
-    if not 0 < value < math.inf:
-        raise UsageError(None, f"{what} must be a finite number > 0, not {value}")
-
-
-@dataclass(frozen=True)
-class _Measured:
-    """Pass 1 of one file: its tensors (after selection) and their statistics."""
-
-    path: Path
-    file_format: str
-    tensors: list[TensorInfo]
-    stats: list[NormStats | None]
-
-
-def inspect_file(path: PathLike, *, file_format: str | None = None, **options: object) -> Report:
-    """Measure every tensor of *path*; with max_norm, also the factor rescale would apply.
-
-    *options* are those of :class:`Options`.  NaN/Inf values are counted per tensor; with
-    nonfinite "zero" or "keep" the global norm is that of the finite values (as rescale would
-    use), else it is NaN/inf.
-    """
-    return inspect_files([path], file_format=file_format, **options)
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "NonFinite",
+    "Options",
+    "clip_value_file",
+    "clip_value_files",
+    "diff_files",
+    "history_of",
+    "inspect_file",
+    "inspect_files",
+    "normalize_file",
+    "normalize_files",
+    "rescale_file",
+    "rescale_files",
+    "rescale_strategy",
+    "rewrite_file",
+    "rewrite_files",
+]
 
 
 def inspect_files(
-    paths: Sequence[PathLike], *, file_format: str | None = None, **options: object
-) -> Report:
-    """One report, and one global norm, over several files: paths may also be directories
-    or sharded-checkpoint ``*.index.json`` files."""
-    settings = Options(**options)
-    inputs = resolve(paths)
-    measured = _measure_all(inputs, file_format, settings)
-    tensors = [t for m in measured for t in m.tensors]
-    before = [s for m in measured for s in m.stats]
-    total = combine(before, settings.norm_type)
-    global_norm = settings.norm(total)
-    factor = None
-    if settings.max_norm is not None and math.isfinite(global_norm):
-        factor = _factor(tensors, before, total, settings)
-    files = [str(m.path) for m in measured for _ in m.tensors]
-    return Report(
-        path=str(measured[0].path) if len(measured) == 1 else f"{len(measured)} files",
-        file_format=",".join(dict.fromkeys(m.file_format for m in measured)),
-        norm_type=settings.norm_type,
-        global_norm=global_norm,
-        tensors=tensor_reports(tensors, before, global_norm, settings.norm, files=files),
-        files=tuple(str(m.path) for m in measured),
-        max_norm=settings.max_norm,
-        eps=settings.eps,
-        nonfinite_policy=settings.nonfinite,
-        scale=None if factor is None else factor.hi,
-        clipped=None if factor is None else factor.exact != 1,
-        not_read=_not_read(inputs),
-    )
-
-
-def _measure_all(inputs: Inputs, file_format: str | None, options: Options) -> list[_Measured]:
-    """Pass 1 over every input file, then the checks that need all of them: each shard holds
-    what its index lists, each glob matches some tensor."""
-    alone = len(inputs.files) == 1  # then the file checks the globs itself, before pass 1
-    measured = [
-        _in_child_if_fragile(src, file_format, _measure_file, options, alone)
-        for src in progress.each_file(inputs.files)
-    ]
-    inputs.check_indexes({m.path: [t.name for t in m.tensors] for m in measured})
-    check_globs([t.name for m in measured for t in m.tensors], options.include, options.exclude)
-    return measured
-
-
-def _not_read(inputs: Inputs, copied: bool = False) -> tuple[tuple[str, str], ...]:
-    """(path, why) of what the inputs held but gclip did not read; *copied*: into --out-dir."""
-    if not copied:
-        return tuple((str(n.path), n.reason) for n in inputs.not_read)
-    return tuple(
-        (str(n.path), f"{n.reason}; {'copied unchanged' if n.path.is_file() else 'not copied'}")
-        for n in inputs.not_read
-    )
-
-
-def diff_files(
-    path_a: PathLike, path_b: PathLike, *, file_format: str | None = None, **options: object
-) -> Diff:
-    """Whether two dumps hold the same tensors with the same values (Diff.same), each one's
-    own global L2 norm, and per tensor the L2 norms side by side, their ratio and cosine
-    similarity.  Names are paired with ``.`` and ``/`` alike.  *options*: chunk_size,
-    nonfinite, include and exclude of :class:`Options` (see compare.py for what is compared)."""
-    settings = Options(**options)
-    a, b = Path(path_a), Path(path_b)
-    format_a, format_b = file_format or detect_format(a), file_format or detect_format(b)
-    if crashes_on_damage(format_a) or crashes_on_damage(format_b):
-        return run_isolated(a, _diff, a, format_a, b, format_b, settings)
-    return _diff(a, format_a, b, format_b, settings)
-
-
-def _diff(a: Path, format_a: str, b: Path, format_b: str, options: Options) -> Diff:
-    from .compare import compare  # imported where needed, here and below: start-up counts
-
-    with _opened(a, format_a, options) as file_a, _opened(b, format_b, options) as file_b:
-        return compare(
-            file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
-        )
-
-
-def history_of(
     paths: Sequence[PathLike],
     *,
-    percentile: float = 95.0,
     max_norm: float | None = None,
-    as_given: bool = False,
-    file_format: str | None = None,
-    **options: object,
-) -> History:
-    """The global norm of each file (one training step each), in step order unless *as_given*,
-    with percentiles and a suggested max norm (the *percentile*-th); with *max_norm*, how many
-    steps it would clip.
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
+    require_counted: bool = False,
+    progress: Listener | None = None,
+) -> InspectReport:
+    """Every tensor's norm, share, max |x| and NaN/Inf count, and one global norm over all
+    of *paths*; with *max_norm*, also the factor rescale would apply (max_norm / (norm + eps)).
 
-    A file's step is a ``global_step`` or ``step`` entry of its metadata (safetensors
-    ``__metadata__``, an HDF5 root attribute), else a 0-d integer tensor so named, else the
-    number after step/iter/it in its name's stem, else the stem's last number.  In step order,
-    a file without a step, or two files with one step, are a UsageError.
+    With ``options.nonfinite`` "zero" or "keep" the global norm is that of the finite values
+    (as rescale would use), else it is NaN/inf when the values hold NaN/Inf.  With
+    *require_counted*, inputs with no tensor to count are refused (as norm and check do).
+    *progress*, if given, is called with each progress event (see progress.py) as the work
+    advances, here and in the children that do it.
     """
-    if not 0 <= percentile <= 100:
-        raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
-    from .history import Step, summarise
+    return pipeline.inspect(
+        resolve(paths),
+        options,
+        max_norm=max_norm,
+        eps=eps,
+        require_counted=require_counted,
+        progress=Progress(progress),
+    )
 
-    settings = Options(max_norm=max_norm, **options)
+
+def inspect_file(
+    path: PathLike,
+    *,
+    max_norm: float | None = None,
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
+    progress: Listener | None = None,
+) -> InspectReport:
+    """inspect_files of one path."""
+    return inspect_files([path], max_norm=max_norm, eps=eps, options=options, progress=progress)
+
+
+def rescale_strategy(
+    max_norm: float | None = None,
+    *,
+    per_tensor: bool = False,
+    groups: Sequence[tuple[str, float]] = (),
+    eps: float = 0.0,
+) -> Strategy:
+    """The clipping rescale does: by the global norm; each tensor by its own (*per_tensor*);
+    or each group of *groups* ((glob, max_norm) pairs, first match wins) by its own, the
+    tensors no glob matches by *max_norm* (or not at all without it)."""
+    if groups:
+        return Groups(groups=tuple(groups), default=max_norm, eps=eps)
+    if max_norm is None:
+        raise UsageError(None, "give a max norm, or groups with their own max norms")
+    if per_tensor:
+        return PerTensor(max_norm=max_norm, eps=eps)
+    return GlobalNorm(max_norm=max_norm, eps=eps)
+
+
+def rewrite_file(
+    src: PathLike,
+    dst: PathLike,
+    strategy: Strategy,
+    *,
+    options: Options = _DEFAULTS,
+    clobber: bool = True,
+    progress: Listener | None = None,
+) -> RewriteReport:
+    """Write *src* to *dst* (same format) with its values changed as *strategy* says; *src*
+    is never modified.
+
+    *dst* appears only when complete; with *clobber* off an existing *dst* is never replaced.
+    NaN/Inf values: ``options.nonfinite`` "error" raises NonFiniteError before anything is
+    written; "zero" counts them as 0 and writes 0; "keep" clips by the norm of the finite
+    values and writes NaN/Inf back unchanged.  *progress*: as for inspect_files.
+    """
+    outputs = pipeline.Outputs.one_file(Path(dst), clobber)
+    return pipeline.rewrite_files(
+        resolve([src]), outputs, strategy, options, progress=Progress(progress)
+    )
+
+
+def rewrite_files(
+    paths: Sequence[PathLike],
+    out_dir: PathLike,
+    strategy: Strategy,
+    *,
+    options: Options = _DEFAULTS,
+    clobber: bool = True,
+    scheduler: str | None = None,
+    shards: ShardProgress | None = None,
+) -> RewriteReport:
+    """Rewrite the files *paths* name (files, folders, ``*.index.json``) into *out_dir* with
+    one plan over all of them, each under its path relative to their common folder; indexes
+    and the folders' other files are copied unchanged, so *out_dir* is a whole checkpoint.
+
+    Where it runs: file after file here, each large file on every core (``options.jobs``
+    processes); with ``options.jobs`` > 1 and several files, that many files at once in a
+    process pool; with *scheduler*, on the Dask cluster at that address (``local[:N]`` starts
+    one here).  The result is identical to the last bit whichever.  *shards*(phase, files done,
+    files) is called as files finish.
+    """
     inputs = resolve(paths)
-    steps: list[Step] = []
-    tensors: list[str] = []
-    for src in progress.each_file(inputs.files):
-        measured, found = _in_child_if_fragile(src, file_format, _measure_with_step, settings)
-        if not as_given:
-            _check_step(src, found, steps)
-        require_counted(src, counted_or_why(measured.tensors))  # no norm of 0 for nothing
-        tensors += (t.name for t in measured.tensors)
-        total = combine(measured.stats, settings.norm_type)
-        value, source = (None, None) if found is None else (found.value, found.source)
-        steps.append(Step(str(src), value, settings.norm(total), total.nonfinite, source))
-    check_globs(tensors, settings.include, settings.exclude)
-    if not as_given:
-        steps.sort(key=lambda s: s.step)
-    return summarise(steps, settings.norm_type, percentile, max_norm, settings.nonfinite)
-
-
-def _check_step(src: Path, found: FoundStep | None, earlier: Sequence[Step]) -> None:
-    """Ordering by step needs one step per file, each its own."""
-    if found is None:
-        raise UsageError(
-            None,
-            f"{src}: no step found (no step or global_step in its metadata or tensors, no "
-            "number in its name); give --as-given to keep the order of the command line",
-        )
-    twin = next((s for s in earlier if s.step == found.value), None)
-    if twin is not None:
-        sources = dict.fromkeys((twin.step_source, found.source))
-        raise UsageError(
-            None,
-            f"{twin.file} and {src} both hold step {found.value} (from their "
-            f"{' and '.join(map(str, sources))}); give --as-given to keep the order of the "
-            "command line",
-        )
+    outputs = pipeline.Outputs.folder(inputs, Path(out_dir), clobber)
+    return pipeline.rewrite_files(
+        inputs, outputs, strategy, options, scheduler=scheduler, shards=shards
+    )
 
 
 def rescale_file(
@@ -290,248 +168,41 @@ def rescale_file(
     max_norm: float | None = None,
     per_tensor: bool = False,
     groups: Sequence[tuple[str, float]] = (),
-    file_format: str | None = None,
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
     clobber: bool = True,
-    **options: object,
-) -> Report:
-    """Clip *src* by its global norm into *dst* (same format); *src* is never modified.
-
-    With *per_tensor*, each tensor is clipped by its own norm instead; with *groups*
-    ((glob, max_norm) pairs, first match wins) each group by its own norm, the tensors no glob
-    matches by *max_norm* (or not at all without it).
-
-    *dst* appears only when complete.  NaN/Inf values: nonfinite "error" raises
-    NonFiniteError before anything is written; "zero" counts them as 0 and writes 0; "keep"
-    clips by the norm of the finite values and writes NaN/Inf back unchanged.  With *clobber*
-    off an existing *dst* is never replaced.  Other *options* are those of :class:`Options`.
-    """
-    if groups:
-        for glob, limit in groups:
-            _require_positive(f"group {glob!r}: max norm", limit)
-        strategy: Strategy = Groups(tuple((g, float(c)) for g, c in groups), max_norm)
-    elif max_norm is None:
-        raise UsageError(None, "give a max norm, or groups with their own max norms")
-    else:
-        strategy = PerTensor(max_norm) if per_tensor else GlobalNorm(max_norm)
-    return _rewrite_file(src, dst, strategy, file_format, clobber, max_norm=max_norm, **options)
+    progress: Listener | None = None,
+) -> RewriteReport:
+    """Clip *src* into *dst* as rescale_strategy() says (by the global norm by default); see
+    rewrite_file."""
+    strategy = rescale_strategy(max_norm, per_tensor=per_tensor, groups=groups, eps=eps)
+    return rewrite_file(src, dst, strategy, options=options, clobber=clobber, progress=progress)
 
 
 def rescale_files(
     paths: Sequence[PathLike],
     out_dir: PathLike,
     *,
-    max_norm: float,
-    jobs: int | None = None,
+    max_norm: float | None = None,
+    per_tensor: bool = False,
+    groups: Sequence[tuple[str, float]] = (),
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
+    clobber: bool = True,
     scheduler: str | None = None,
-    file_format: str | None = None,
-    clobber: bool = True,
-    progress: Callable[[str, int, int], None] | None = None,
-    **options: object,
-) -> Report:
-    """Clip the shards *paths* (files, directories, ``*.index.json``) by their one global norm
-    into *out_dir*, each under its own name (an index file is copied unchanged).
-
-    The two phases run shard by shard here (each large shard cut into parts for every core),
-    as tasks on a process pool of *jobs* processes (*jobs* shards at once), or on the Dask
-    cluster *scheduler* (``local[:N]`` starts one here); the result is identical to the last
-    bit whichever.  *progress*(phase, shards done, shards) is called as shards finish.
-    """
-    from .sharded import executor_for, run_all, staging
-
-    inputs, out_dir = resolve(paths), Path(out_dir)
-    files = inputs.files
-    if scheduler or ((jobs or 1) > 1 and len(files) > 1):
-        pool, jobs = jobs, 1  # shards at once, each in one process
-    else:
-        pool = None
-    settings = Options(max_norm=max_norm, jobs=jobs, **options)
-    targets = [out_dir / src.name for src in files]
-    copies = _copies(inputs, out_dir)
-    if out_dir.is_dir():  # else checked once made, after pass 1
-        _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
-    with executor_for(pool, scheduler) as executor:
-        measured = run_all(
-            executor,
-            _measure_task,
-            [(src, file_format, settings) for src in files],
-            _counter("measuring", len(files), progress),
-        )
-        inputs.check_indexes({m.path: [t.name for t in m.tensors] for m in measured})
-        tensors = [t for m in measured for t in m.tensors]
-        check_globs([t.name for t in tensors], settings.include, settings.exclude)
-        require_counted(", ".join(map(str, paths)), counted_or_why(tensors))
-        before = [s for m in measured for s in m.stats]
-        total = combine(before, settings.norm_type)
-        bad = [
-            (f"{m.path.name}: {t.name}", s)
-            for m in measured
-            for t, s in zip(m.tensors, m.stats, strict=True)
-            if s is not None and s.nonfinite
-        ]
-        if bad and settings.policy is NonFinite.ERROR:
-            raise NonFiniteError(measured[0].path.parent, _nonfinite_message(bad))
-        factor = _factor(tensors, before, total, settings)
-        _make_out_dir(out_dir)
-        _check_outputs([*zip(files, targets, strict=True), *copies], clobber)
-        with staging(out_dir) as temp_dir:
-            tasks = [
-                (
-                    m.path,
-                    m.file_format,
-                    dst,
-                    temp_dir,
-                    factor,
-                    settings,
-                    clobber,
-                    _with_nonfinite(m),
-                )
-                for m, dst in zip(measured, targets, strict=True)
-            ]
-            after = run_all(executor, _write_task, tasks, _counter("writing", len(tasks), progress))
-            for src, dst in copies:
-                with atomic_output(dst, clobber, temp_dir) as tmp, _output_errors(dst):
-                    shutil.copyfile(src, tmp)
-    global_norm = settings.norm(total)
-    written = [
-        s
-        for m, shard in zip(measured, after, strict=True)
-        for s in (m.stats if shard is None else shard)
-    ]
-    return Report(
-        path=f"{len(files)} files" if len(files) > 1 else str(files[0]),
-        file_format=",".join(dict.fromkeys(m.file_format for m in measured)),
-        norm_type=settings.norm_type,
-        global_norm=global_norm,
-        tensors=tensor_reports(
-            tensors,
-            before,
-            global_norm,
-            settings.norm,
-            written,
-            files=[str(m.path) for m in measured for _ in m.tensors],
-        ),
-        files=tuple(str(m.path) for m in measured),
-        max_norm=max_norm,
-        eps=settings.eps,
-        nonfinite_policy=settings.nonfinite,
-        scale=factor.hi,
-        clipped=factor.exact != 1,
-        output=str(out_dir),
-        global_norm_after=settings.norm(combine(written, settings.norm_type)),
-        not_read=_not_read(inputs, copied=True),
+    shards: ShardProgress | None = None,
+) -> RewriteReport:
+    """Clip the files *paths* name by one plan into *out_dir*; see rewrite_files."""
+    strategy = rescale_strategy(max_norm, per_tensor=per_tensor, groups=groups, eps=eps)
+    return rewrite_files(
+        paths,
+        out_dir,
+        strategy,
+        options=options,
+        clobber=clobber,
+        scheduler=scheduler,
+        shards=shards,
     )
-
-
-def _copies(inputs: Inputs, out_dir: Path) -> list[tuple[Path, Path]]:
-    """The files copied unchanged into *out_dir* beside the shards, so that it is a whole
-    checkpoint: the indexes (scaling changes no size) and the other files of the folders
-    given (config, tokenizer, ...); folders inside them are not copied."""
-    others = [n.path for n in inputs.not_read if n.path.is_file()]
-    return [(path, out_dir / path.name) for path in [*(i.path for i in inputs.indexes), *others]]
-
-
-def _check_outputs(pairs: Sequence[tuple[Path, Path]], clobber: bool) -> None:
-    for src, dst in pairs:
-        check_output_path(src, dst, clobber)
-
-
-def _make_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(out_dir, f"cannot make the folder: {exc.strerror or exc}") from None
-
-
-def _counter(
-    phase: str, total: int, progress: Callable[[str, int, int], None] | None
-) -> Callable[[], None] | None:
-    if progress is None:
-        return None
-    count = iter(range(1, total + 1))
-    progress(phase, 0, total)
-    return lambda: progress(phase, next(count), total)
-
-
-def _measure_task(src: Path, file_format: str | None, options: Options) -> _Measured:
-    return _in_child_if_fragile(src, file_format, _measure_file, options)
-
-
-def _with_nonfinite(measured: _Measured) -> frozenset[str]:
-    return frozenset(
-        t.name for t, s in zip(measured.tensors, measured.stats, strict=True) if s and s.nonfinite
-    )
-
-
-def _write_task(
-    src: Path,
-    file_format: str,
-    dst: Path,
-    temp_dir: Path,
-    factor: ScaleFactor,
-    options: Options,
-    clobber: bool,
-    with_nonfinite: frozenset[str],
-) -> list[NormStats | None] | None:
-    """Phase 2 for one shard: a temporary file in *temp_dir*, renamed into place when
-    complete (so a task tried again, or killed, leaves nothing half-written at *dst*)."""
-    with atomic_output(dst, clobber, temp_dir) as tmp:
-        return _in_child_if_fragile(
-            src, file_format, _write_shard, tmp, dst, factor, options, with_nonfinite
-        )
-
-
-def _write_shard(
-    src: Path,
-    file_format: str,
-    tmp: Path,
-    dst: Path,
-    factor: ScaleFactor,
-    options: Options,
-    with_nonfinite: frozenset[str],
-) -> list[NormStats | None] | None:
-    with _opened(src, file_format, options) as tfile:
-        gradients = dict.fromkeys((t.name for t in tfile.tensors if t.is_gradient), factor)
-        scaler = Scaler(gradients, options.norm_type, options.policy, with_nonfinite)
-        return _write_or_copy(tfile, tmp, dst, scaler, factor.exact != 1, with_nonfinite, options)
-
-
-def _write_or_copy(
-    tfile: TensorFile,
-    tmp: Path,
-    dst: Path,
-    rewriter: Rewriter,
-    changes: bool,
-    with_nonfinite: frozenset[str],
-    options: Options,
-) -> list[NormStats | None] | None:
-    """Pass 2 into *tmp*, or, when no value would change, a byte copy (None: the values
-    written are those pass 1 measured).  Zeroing NaN/Inf is a change too."""
-    with _output_errors(dst):
-        if changes or (with_nonfinite and options.policy is NonFinite.ZERO):
-            return rewrite(tfile, tmp, rewriter, options.chunk_size, options.workers)
-        size = tfile.path.stat().st_size
-        progress.begin(progress.COPYING, size)
-        shutil.copyfile(tfile.path, tmp)
-        progress.advance(size)
-        return None
-
-
-def normalize_file(
-    src: PathLike,
-    dst: PathLike,
-    *,
-    target_norm: float,
-    file_format: str | None = None,
-    clobber: bool = True,
-    **options: object,
-) -> Report:
-    """Scale *src* so that its global norm becomes *target_norm* (up or down) into *dst*.
-
-    The factor is target_norm / (norm + eps); a zero gradient stays zero.  Refused when a
-    value would overflow its dtype.
-    """
-    _require_positive("target norm", target_norm)
-    return _rewrite_file(src, dst, Normalize(target_norm), file_format, clobber, **options)
 
 
 def clip_value_file(
@@ -539,173 +210,100 @@ def clip_value_file(
     dst: PathLike,
     *,
     max_value: float,
-    file_format: str | None = None,
+    options: Options = _DEFAULTS,
     clobber: bool = True,
-    **options: object,
-) -> Report:
+    progress: Listener | None = None,
+) -> RewriteReport:
     """Clamp every gradient value of *src* to [-max_value, max_value] into *dst*."""
-    _require_positive("max value", max_value)
-    return _rewrite_file(src, dst, ClipValue(max_value), file_format, clobber, **options)
+    strategy = ClipValue(max_value=max_value)
+    return rewrite_file(src, dst, strategy, options=options, clobber=clobber, progress=progress)
 
 
-def _rewrite_file(
+def clip_value_files(
+    paths: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    max_value: float,
+    options: Options = _DEFAULTS,
+    clobber: bool = True,
+    scheduler: str | None = None,
+) -> RewriteReport:
+    """clip_value_file for the files *paths* name, into *out_dir*; see rewrite_files."""
+    strategy = ClipValue(max_value=max_value)
+    return rewrite_files(
+        paths, out_dir, strategy, options=options, clobber=clobber, scheduler=scheduler
+    )
+
+
+def normalize_file(
     src: PathLike,
     dst: PathLike,
-    strategy: Strategy,
-    file_format: str | None,
-    clobber: bool,
-    **options: object,
-) -> Report:
-    settings = Options(**options)
-    src, dst = Path(src), Path(dst)
-    check_output_path(src, dst, clobber)
-    with atomic_output(dst, clobber) as tmp:
-        return _in_child_if_fragile(src, file_format, _rewrite, dst, tmp, strategy, settings)
+    *,
+    target_norm: float,
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
+    clobber: bool = True,
+    progress: Listener | None = None,
+) -> RewriteReport:
+    """Scale *src* so that its global norm becomes *target_norm* (up or down) into *dst*: the
+    factor is target_norm / (norm + eps); a zero gradient stays zero; refused when a value
+    would overflow its dtype."""
+    strategy = Normalize(target_norm=target_norm, eps=eps)
+    return rewrite_file(src, dst, strategy, options=options, clobber=clobber, progress=progress)
 
 
-def _in_child_if_fragile(
-    src: PathLike, file_format: str | None, work: Callable[..., T], *args: object
-) -> T:
-    """*work*(src, format, *args), in a child process for formats whose library can crash
-    (not raise) on damaged files."""
-    src = Path(src)
-    file_format = file_format or detect_format(src)
-    if crashes_on_damage(file_format):
-        return run_isolated(src, work, src, file_format, *args)
-    return work(src, file_format, *args)
+def normalize_files(
+    paths: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    target_norm: float,
+    eps: float = 0.0,
+    options: Options = _DEFAULTS,
+    clobber: bool = True,
+    scheduler: str | None = None,
+) -> RewriteReport:
+    """normalize_file for the files *paths* name, by their one global norm, into *out_dir*."""
+    strategy = Normalize(target_norm=target_norm, eps=eps)
+    return rewrite_files(
+        paths, out_dir, strategy, options=options, clobber=clobber, scheduler=scheduler
+    )
 
 
-@contextmanager
-def _opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile]:
-    """The file, with raw values read as the types *options* name, and the tensors *options*
-    do not select marked skipped; raw values of no type are refused."""
-    with closing(open_file(src, file_format)) as tfile:
-        typed = read_opaque_as(tfile.tensors, options.opaque)
-        tfile.tensors = select(typed, options.include, options.exclude)
-        refuse_opaque(src, tfile.tensors)
-        yield tfile
+def history_of(
+    paths: Sequence[PathLike],
+    *,
+    percentile: float = 95.0,
+    max_norm: float | None = None,
+    as_given: bool = False,
+    options: Options = _DEFAULTS,
+    progress: Listener | None = None,
+) -> History:
+    """The global norm of each file (one training step each), in step order unless
+    *as_given*, with percentiles and a suggested max norm (the *percentile*-th); with
+    *max_norm*, how many steps it would clip.
+
+    A file's step is a ``global_step`` or ``step`` entry of its metadata (safetensors
+    ``__metadata__``, an HDF5 root attribute), else a 0-d integer tensor so named, else the
+    number after step/iter/it in its name's stem, else the stem's last number.  In step order,
+    a file without a step, or two files with one step, are a UsageError.
+    """
+    from .history import history
+
+    return history(
+        resolve(paths),
+        options,
+        percentile=percentile,
+        max_norm=max_norm,
+        as_given=as_given,
+        progress=Progress(progress),
+    )
 
 
-def _measure_file(
-    src: Path, file_format: str, options: Options, check_selection: bool = False
-) -> _Measured:
-    """Pass 1 of one file; *check_selection*: refuse globs that match none of its tensors
-    first (when it is the only file, that is the whole check)."""
-    with _opened(src, file_format, options) as tfile:
-        if check_selection:
-            check_globs([t.name for t in tfile.tensors], options.include, options.exclude)
-        return _measure_opened(tfile, options)
+def diff_files(path_a: PathLike, path_b: PathLike, *, options: Options = _DEFAULTS) -> Diff:
+    """Whether two dumps hold the same tensors with the same values (Diff.same), each one's
+    own global L2 norm, and per tensor the L2 norms side by side, their ratio and cosine
+    similarity.  Names are paired with ``.`` and ``/`` alike (see compare.py for what is
+    compared); of *options*, chunk_size, nonfinite, include, exclude and file_format count."""
+    from .compare import diff
 
-
-def _measure_opened(tfile: TensorFile, options: Options) -> _Measured:
-    stats = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
-    # locations are the format's handles: not needed by reports, and may not pickle
-    tensors = [replace(t, location=None) for t in tfile.tensors]
-    return _Measured(tfile.path, tfile.format_name, tensors, stats)
-
-
-def _measure_with_step(
-    src: Path, file_format: str, options: Options
-) -> tuple[_Measured, FoundStep | None]:
-    """Pass 1 of one file and the training step it holds (history), in one opening."""
-    from .history import step_of
-
-    with _opened(src, file_format, options) as tfile:
-        return _measure_opened(tfile, options), step_of(tfile)
-
-
-def _rewrite(
-    src: Path, file_format: str, dst: Path, tmp: Path, strategy: Strategy, options: Options
-) -> Report:
-    """Pass 1, the plan, then pass 2 (or a plain copy when nothing changes) into *tmp*."""
-    with _opened(src, file_format, options) as tfile:
-        tensors = list(tfile.tensors)
-        check_globs([t.name for t in tensors], options.include, options.exclude)
-        require_counted(src, counted_or_why(tensors))
-        before = measure_tensors(tfile, options.norm_type, options.chunk_size, options.workers)
-        total = combine(before, options.norm_type)
-        if options.policy is NonFinite.ERROR:
-            _refuse_nonfinite(tfile, before)
-        global_norm = options.norm(total)
-        with_nonfinite = frozenset(
-            t.name for t, s in zip(tensors, before, strict=True) if s and s.nonfinite
-        )
-        if isinstance(strategy, ClipValue):
-            rewriter: Rewriter = Clamper(strategy.max_value, options.norm_type, options.policy)
-            changes = any(s.max_abs > strategy.max_value for s in before if s)
-            planned = Plan({}, ())
-        else:
-            planned = plan(strategy, tensors, before, options.norm, options.eps)
-            rewriter = Scaler(planned.factors, options.norm_type, options.policy, with_nonfinite)
-            changes = planned.changes_anything
-        written = _write_or_copy(tfile, tmp, dst, rewriter, changes, with_nonfinite, options)
-        after = before if written is None else written
-        reports = tensor_reports(
-            tensors, before, global_norm, options.norm, after, files=[str(src)] * len(tensors)
-        )
-        reports = tuple(_with_changes(t, planned, rewriter) for t in reports)
-        scales = {f.hi for f in planned.factors.values()}
-        return Report(
-            path=str(src),
-            file_format=tfile.format_name,
-            norm_type=options.norm_type,
-            global_norm=global_norm,
-            tensors=reports,
-            files=(str(src),),
-            max_norm=getattr(strategy, "max_norm", None),
-            eps=options.eps,
-            nonfinite_policy=options.nonfinite,
-            scale=scales.pop() if len(scales) == 1 else None,
-            clipped=changes,
-            output=str(dst),
-            global_norm_after=options.norm(combine(after, options.norm_type)),
-            strategy=strategy.name,
-            groups=planned.groups if isinstance(strategy, (PerTensor, Groups)) else (),
-            max_value=getattr(strategy, "max_value", None),
-            target_norm=getattr(strategy, "target_norm", None),
-        )
-
-
-def _with_changes(tensor: TensorReport, planned: Plan, rewriter: Rewriter) -> TensorReport:
-    """*tensor* with the factor it was multiplied by, or the count of values clamped."""
-    if tensor.skipped:
-        return tensor
-    if isinstance(rewriter, Clamper):
-        return replace(tensor, clamped=rewriter.clamped.get(tensor.name, 0))
-    return replace(tensor, scale=planned.factors[tensor.name].hi)
-
-
-def _factor(
-    tensors: Sequence[TensorInfo],
-    before: Sequence[NormStats | None],
-    total: NormStats,
-    options: Options,
-) -> ScaleFactor:
-    bound = rounding_bound(tensors, before, total)
-    return clip_factor(options.norm(total), options.max_norm, options.eps, bound)
-
-
-def _refuse_nonfinite(tfile: TensorFile, stats: list[NormStats | None]) -> None:
-    bad = [
-        (t.name, s)
-        for t, s in zip(tfile.tensors, stats, strict=True)
-        if s is not None and s.nonfinite
-    ]
-    if not bad:
-        return
-    raise NonFiniteError(tfile.path, _nonfinite_message(bad))
-
-
-def _nonfinite_message(bad: list[tuple[str, NormStats]]) -> str:
-    listed = ", ".join(f"{name!r} ({s.nan} NaN, {s.inf} Inf)" for name, s in bad[:5])
-    more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
-    return f"non-finite values in {listed}{more}; nothing written"
-
-
-@contextmanager
-def _output_errors(dst: Path) -> Iterator[None]:
-    """OS errors while writing are the output's (input errors are raised as InputError)."""
-    try:
-        yield
-    except OSError as exc:
-        raise OutputError(dst, f"cannot write: {exc.strerror or exc}") from None
+    return diff(Path(path_a), Path(path_b), options)

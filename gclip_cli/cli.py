@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import io
 import math
 import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from . import __version__, kernels
+from . import __version__, interrupts, kernels
+from .errors import ExitCode, Interrupted, Terminated
+from .formats.registry import FORMAT_NAMES  # light: names only, no numpy
 
 # gclip makes no BLAS calls: spare the start-up and the spinning of OpenBLAS helper threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -25,8 +29,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .report import Report
+    from .compare import Diff
+    from .history import History
+    from .options import Options
+    from .progress_display import ProgressDisplay
+    from .reports import InspectReport, Report, RewriteReport
+    from .strategies import Strategy
     from .views import View
+
+Decorator = Callable[[Callable[..., None]], Callable[..., None]]
 
 EXIT_CODES_HELP = """\b
 Every tensor of every input is counted, or named as not counted with the
@@ -142,21 +153,33 @@ def _reports_errors(
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         @wraps(command)
         def run(*args: Any, **kwargs: Any) -> None:
-            from .errors import ExitCode, GclipError, Terminated, UsageError
+            from .errors import GclipError, UsageError
+            from .streams import STDOUT_NAME, stdout_failure
 
             try:
                 command(*args, **kwargs)
-                sys.stdout.flush()  # a reader gone away is found here, not at exit
+                sys.stdout.flush()  # a reader gone away, a full disk: found here, not at exit
             except UsageError as exc:
                 raise click.UsageError(exc.message) from None
             except GclipError as exc:
+                _stop_if_signalled()
                 _traceback_if_debug()
+                if exc.path == STDOUT_NAME:
+                    _discard_stdout()
                 click.echo(f"gclip: error: {exc}", err=True)
                 sys.exit(error_code or exc.exit_code)
             except BrokenPipeError:  # the reader went away (| head): stop quietly
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                _discard_stdout()
                 sys.exit(ExitCode.BROKEN_PIPE)
-            except KeyboardInterrupt:
+            except OSError as exc:  # the report could not be written: never exit 0
+                failure = stdout_failure(exc)
+                if failure is None:
+                    raise
+                _traceback_if_debug()
+                _discard_stdout()
+                click.echo(f"gclip: error: {failure}", err=True)
+                sys.exit(error_code or failure.exit_code)
+            except (KeyboardInterrupt, Interrupted):
                 click.echo("gclip: interrupted", err=True)
                 sys.exit(error_code or ExitCode.INTERRUPTED)
             except Terminated:
@@ -166,6 +189,20 @@ def _reports_errors(
         return run
 
     return decorate
+
+
+def _discard_stdout() -> None:
+    """What is left in standard output's buffer goes nowhere: flushing it at exit would fail
+    again (and print a traceback)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _stop_if_signalled() -> None:
+    """After Ctrl-C or SIGTERM an error is its consequence (a child stopped, an import cut
+    short): report the signal, not the error."""
+    signum = interrupts.received()
+    if signum is not None:
+        interrupts.exit_stopped(signum)
 
 
 def _traceback_if_debug() -> None:
@@ -201,7 +238,39 @@ def _env_option(*names: str, envvar: str, **settings: Any):
     return click.option(*names, cls=_EnvOption, envvar=envvar, show_envvar=True, **settings)
 
 
-_norm_options = _options(
+def _gathered(keyword: str, build: Callable[..., object], *decorators: Decorator) -> Decorator:
+    """Options (*decorators*) whose values reach the command as one object: *keyword* =
+    build(**their values).  So a command takes Options, a View, ... whole, never a dict of
+    options to pop by key."""
+
+    def probe() -> None: ...
+
+    names = [p.name for p in _options(*decorators)(probe).__click_params__]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @wraps(command)
+        def run(*args: Any, **kwargs: Any) -> None:
+            from .errors import UsageError
+
+            values = {name: kwargs.pop(name) for name in names}
+            try:
+                made = build(**values)
+            except UsageError as exc:
+                raise click.UsageError(exc.message) from None
+            command(*args, **{keyword: made}, **kwargs)
+
+        return _options(*decorators)(run)
+
+    return decorate
+
+
+def _make_options(**values: Any) -> Options:
+    from .options import Options
+
+    return Options(**values)
+
+
+_NORM_OPTIONS = (
     _env_option(
         "--norm-type",
         "-p",
@@ -221,20 +290,7 @@ _norm_options = _options(
         "they are (the norm is then that of the finite values).",
     ),
 )
-
-
-def _eps_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    return _env_option(
-        "--eps",
-        type=PositiveFiniteParam(allow_zero=True),
-        default=0.0,
-        show_default=True,
-        envvar="GCLIP_EPS",
-        help=help_text,
-    )
-
-
-_selection_options = _options(
+_SELECTION_OPTIONS = (
     click.option(
         "--include",
         multiple=True,
@@ -246,7 +302,8 @@ _selection_options = _options(
         "--exclude",
         multiple=True,
         metavar="GLOB",
-        help="Do not count (and do not scale) tensors whose name matches (repeatable).",
+        help="Do not count tensors whose name matches (repeatable); rewriting commands "
+        "copy them untouched.",
     ),
     click.option(
         "--opaque-dtype",
@@ -267,27 +324,44 @@ _selection_options = _options(
     ),
     click.option(
         "--file-format",
-        type=click.Choice(["safetensors", "npz", "hdf5"]),
+        type=click.Choice(FORMAT_NAMES),
         help="The input's format, instead of detecting it from its content.",
     ),
 )
+_DIFF_NONFINITE = _env_option(
+    "--nonfinite",
+    type=click.Choice(["error", "zero", "keep"]),
+    default="error",
+    show_default=True,
+    envvar="GCLIP_NONFINITE",
+    help="NaN/Inf values: exit 4 after the report (norms holding them are nan/inf); compare "
+    "and count them as 0; or keep them (a NaN matches a NaN, an Inf the same Inf; norms of "
+    "the finite values).",
+)
 
 
-def _measure_options(jobs_help: str = "a large file is cut into N parts."):
-    return _options(
-        _norm_options,
-        _selection_options,
-        _env_option(
-            "--jobs",
-            "-j",
-            type=click.IntRange(min=1),
-            envvar="GCLIP_JOBS",
-            help=f"Processes to use [default: all cores]: {jobs_help}",
-        ),
+def _jobs_option(jobs_help: str) -> Decorator:
+    return _env_option(
+        "--jobs",
+        "-j",
+        type=click.IntRange(min=1),
+        envvar="GCLIP_JOBS",
+        help=f"Processes to use [default: all cores]: {jobs_help}",
     )
 
 
-_report_format_options = _options(
+def _measure_options(jobs_help: str = "a large file is cut into N parts.") -> Decorator:
+    """The options of Options, given to the command as ``options``."""
+    return _gathered(
+        "options", _make_options, *_NORM_OPTIONS, *_SELECTION_OPTIONS, _jobs_option(jobs_help)
+    )
+
+
+def _output_format(output_format: str, as_json: bool) -> str:
+    return "json" if as_json else output_format
+
+
+_REPORT_FORMAT_DECORATORS = (
     _env_option(
         "--format",
         "output_format",
@@ -299,11 +373,22 @@ _report_format_options = _options(
     ),
     click.option("--json", "as_json", is_flag=True, help="Short for --format json."),
 )
-_view_options = _options(
+_report_format_options = _gathered("output_format", _output_format, *_REPORT_FORMAT_DECORATORS)
+
+
+def _make_view(**values: Any) -> View:
+    from .views import View
+
+    return View(**values)
+
+
+_view_options = _gathered(
+    "view",
+    _make_view,
     click.option(
         "--sort",
         type=click.Choice(["name", "norm", "size", "file"]),
-        help="Order the tensors (default: as in the file).",
+        help="Order the tensors (default: as in the file), or the layers with --by-layer.",
     ),
     click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show the first N only."),
     click.option(
@@ -320,9 +405,18 @@ _view_options = _options(
 )
 
 
-def _max_norm_option(
-    required: bool, help_text: str
-) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _eps_option(help_text: str) -> Decorator:
+    return _env_option(
+        "--eps",
+        type=PositiveFiniteParam(allow_zero=True),
+        default=0.0,
+        show_default=True,
+        envvar="GCLIP_EPS",
+        help=help_text,
+    )
+
+
+def _max_norm_option(required: bool, help_text: str) -> Decorator:
     return _env_option(
         "--max-norm",
         type=PositiveFiniteParam(),
@@ -366,7 +460,44 @@ def main(ctx: click.Context, debug: bool, color: str) -> None:
       cat g.safetensors | gclip rescale - - --max-norm 1 | gclip norm -
     """
     ctx.obj = _Settings(debug, color)
-    signal.signal(signal.SIGTERM, _terminate)
+    _quiet_warnings(debug)
+    if not isinstance(signal.getsignal(signal.SIGTERM), interrupts.Stop):
+        # called from Python rather than as the gclip command: SIGTERM at least unwinds
+        signal.signal(signal.SIGTERM, _terminate)
+    _whole_writes()
+
+
+def _whole_writes() -> None:
+    """Standard streams whose writes are whole or fail.
+
+    Under PYTHONUNBUFFERED (or -u) the binary layer of sys.stdout is the raw file, whose
+    write() may write part of what it is given (a pipe whose reader went away, a full disk)
+    and say so only in its return value, which the text layer and shutil.copyfileobj ignore:
+    output cut short with exit 0.  A BufferedWriter writes everything or raises.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(getattr(stream, "buffer", None), io.FileIO):
+            raw = io.FileIO(stream.fileno(), "w", closefd=False)  # the original stays open
+            whole = io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=stream.encoding,
+                errors=stream.errors,
+                line_buffering=True,
+                write_through=True,
+            )
+            setattr(sys, name, whole)
+
+
+def _quiet_warnings(debug: bool) -> None:
+    """numpy and h5py warn on stderr in two lines or more (a signalling NaN cast to float64, a
+    Python 2 ``.npy`` header); gclip says itself what it found, on one line.  Their warnings
+    are silenced, unless --debug: here and in forked workers by the filter, in spawned ones
+    (--out-dir) by the -W option multiprocessing gives them from sys.warnoptions."""
+    if not debug:
+        warnings.simplefilter("ignore")
+        if "ignore" not in sys.warnoptions:
+            sys.warnoptions.append("ignore")
 
 
 def entry_point() -> None:
@@ -377,62 +508,70 @@ def entry_point() -> None:
     at once.  Threads are still joined, exit handlers still run (this one last: exit handlers
     run in reverse order of registration) and the standard streams are flushed.
     """
-    atexit.register(_exit_now)
+    interrupts.install()
+    status: list[int] = []  # the exit status, once known, for _exit_now
+    atexit.register(_exit_now, status)
     try:
-        main()
+        with interrupts.reported():
+            main()
     except SystemExit as done:
-        if isinstance(done.code, int) or done.code is None:  # else Python prints it
-            _exit_status.append(done.code or 0)
+        code = interrupts.final_status(done.code)
+        if isinstance(code, int) or code is None:  # else Python prints it
+            status.append(code or 0)
+        if code != done.code:
+            raise SystemExit(code) from None
         raise
 
 
-_exit_status: list[int] = []
-
-
-def _exit_now() -> None:
-    if not _exit_status:
+def _exit_now(status: list[int]) -> None:
+    """Exit with *status*[0] at once, if the status is known (see entry_point)."""
+    if not status:
         return
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError:  # Python's own teardown reports it
         return
-    os._exit(_exit_status[0])
+    os._exit(status[0])
 
 
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C does, so temporary files are removed on the way out."""
-    from .errors import Terminated
-
     raise Terminated
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@_reports_errors()
 @_max_norm_option(False, "Also show the factor 'rescale --max-norm' would apply.")
 @_eps_option("Added to the norm in the factor shown: max_norm / (norm + eps).")
 @_measure_options()
 @_report_format_options
 @_view_options
-@_reports_errors()
-def inspect(files: tuple[str, ...], output_format: str, as_json: bool, **options: Any) -> None:
+def inspect(
+    files: tuple[str, ...],
+    max_norm: float | None,
+    eps: float,
+    options: Options,
+    output_format: str,
+    view: View,
+) -> None:
     """Show every tensor's norm, share, max |x| and NaN/Inf count, and the global norm.
 
     FILE may be several files, a directory, a sharded checkpoint's *.index.json, or - for
     standard input: one global norm is taken over all of them.  Exits with 4 after the report
     when the values hold NaN/Inf (unless --nonfinite zero or keep).
     """
-    view = _view(options)
-    report = _inspect(files, options)
-    _emit(report, "json" if as_json else output_format, view, human=_print_inspect)
+    report = _inspect(files, options, max_norm=max_norm, eps=eps)
+    _emit(report, output_format, view, human=_print_inspect)
     _exit_if_nonfinite(report)
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@_measure_options()
 @_reports_errors()
-def norm(files: tuple[str, ...], **options: Any) -> None:
+@_measure_options()
+def norm(files: tuple[str, ...], options: Options) -> None:
     """Print the global norm of FILE... (a number and a newline), for $(...).
 
     Exits with 4 when the files hold NaN/Inf (the norm printed is then nan or inf) unless
@@ -440,42 +579,42 @@ def norm(files: tuple[str, ...], **options: Any) -> None:
     """
     report = _inspect(files, options, require_counted=True)
     click.echo(repr(report.global_norm))
+    if report.beyond_float64:
+        from .render.text import BEYOND_FLOAT64
+
+        click.echo(f"gclip: note: the norm is {BEYOND_FLOAT64}", err=True)
     _exit_if_nonfinite(report)
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@_reports_errors(error_code=2)
 @_max_norm_option(True, "The threshold the global norm must stay within.")
 @_measure_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_reports_errors(error_code=2)
-def check(files: tuple[str, ...], as_json: bool, **options: Any) -> None:
+def check(files: tuple[str, ...], max_norm: float, options: Options, as_json: bool) -> None:
     """Exit 0 when the global norm of FILE... is within --max-norm, 1 when it exceeds it, 4
     when the files hold NaN/Inf, 2 on any other error (no tensor to count is one).  Prints
     one summary line (or JSON)."""
-    from .export import report_json
-    from .summary import check_line
+    from .render.lines import check_line
+    from .render.machine import as_json as json_of
 
-    report = _inspect(files, options, require_counted=True)
-    if as_json:
-        click.echo(report_json(report))
-    else:
-        click.echo(check_line(report))
+    report = _inspect(files, options, max_norm=max_norm, require_counted=True)
+    click.echo(json_of(report) if as_json else check_line(report))
     _exit_if_nonfinite(report)
     sys.exit(1 if report.clipped else 0)
 
 
-def _exit_if_nonfinite(report: Report) -> None:
+def _exit_if_nonfinite(report: Report | History | Diff) -> None:
     """The one rule for NaN/Inf: once the report is out, exit 4, unless a --nonfinite policy
     says how they were counted."""
-    from .errors import ExitCode
-
     if report.nonfinite and report.nonfinite_policy == "error":
         sys.exit(ExitCode.NONFINITE)
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@_reports_errors()
 @click.option(
     "--percentile",
     type=click.FloatRange(0, 100),
@@ -489,7 +628,6 @@ def _exit_if_nonfinite(report: Report) -> None:
     is_flag=True,
     help="Keep the order of the command line (default: by step; see above).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -497,8 +635,16 @@ def _exit_if_nonfinite(report: Report) -> None:
     help="Also draw the norms to this image (needs matplotlib: gclip[plot]).",
 )
 @_measure_options()
-@_reports_errors()
-def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options: Any) -> None:
+@_report_format_options
+def history(
+    files: tuple[str, ...],
+    percentile: float,
+    max_norm: float | None,
+    as_given: bool,
+    plot: Path | None,
+    options: Options,
+    output_format: str,
+) -> None:
     """The global norm of each step's dump, a sparkline, percentiles and a suggested
     --max-norm, to choose a threshold from the history of norms.
 
@@ -508,24 +654,27 @@ def history(files: tuple[str, ...], as_json: bool, plot: Path | None, **options:
     number. A file without a step, or two with one step, are usage errors (exit 2) unless
     --as-given. NaN/Inf values: the report, then exit 4, unless --nonfinite zero or keep.
     """
-    import json
-
     from . import history as chart
     from .api import history_of
-    from .errors import ExitCode
-    from .render import print_history
 
-    file_format = options.pop("file_format")
-    with _local(files) as (paths, _), _byte_progress():
-        result = history_of(paths, file_format=file_format, **options)
     if plot is not None:
-        chart.plot(result, plot)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
-    else:
-        print_history(result, _console(stderr=False))
-    if result.nonfinite and result.nonfinite_policy == "error":
-        sys.exit(ExitCode.NONFINITE)
+        from .output import refuse_if_input
+
+        refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
+    with _local(files) as (paths, names), _byte_progress() as progress:
+        found = history_of(
+            paths,
+            percentile=percentile,
+            max_norm=max_norm,
+            as_given=as_given,
+            options=options,
+            progress=progress,
+        )
+    found = found.shown_as(names)
+    if plot is not None:
+        chart.plot(found, plot)
+    _emit(found, output_format, None, human=_print_history)
+    _exit_if_nonfinite(found)
 
 
 DIFF_EXIT_CODES_HELP = """\b
@@ -541,20 +690,10 @@ Exit codes (as cmp and h5diff):
 @main.command(epilog=DIFF_EXIT_CODES_HELP)
 @click.argument("file_a", metavar="A")
 @click.argument("file_b", metavar="B")
-@_selection_options
-@click.option(
-    "--nonfinite",
-    type=click.Choice(["error", "zero", "keep"]),
-    default="error",
-    show_default=True,
-    envvar="GCLIP_NONFINITE",
-    help="NaN/Inf values: exit 4 after the report (norms holding them are nan/inf); compare "
-    "and count them as 0; or keep them (a NaN matches a NaN, an Inf the same Inf; norms of "
-    "the finite values).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_reports_errors()
-def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **options: Any) -> None:
+@_gathered("options", _make_options, *_SELECTION_OPTIONS, _DIFF_NONFINITE)
+@_report_format_options
+def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None:
     """Whether A and B hold the same tensors with the same values, each file's own global L2
     norm, and per tensor the L2 norms side by side, B / A and the cosine similarity: after a
     rescale every cosine is 1 and every ratio the same factor.
@@ -563,40 +702,72 @@ def diff(file_a: str, file_b: str, as_json: bool, file_format: str | None, **opt
     values compare as numbers; other tensors (integers, booleans) by their bytes when they fit
     in --chunk-size, else they are listed as not compared.
     """
-    import json
-
     from .api import diff_files
-    from .errors import ExitCode
-    from .render import print_diff
 
-    with _local((file_a, file_b)) as ((path_a, path_b), _):
-        result = diff_files(path_a, path_b, file_format=file_format, **options)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
-    else:
-        print_diff(result, _console(stderr=False))
-    if result.nonfinite and result.nonfinite_policy == "error":
-        sys.exit(ExitCode.NONFINITE)
-    sys.exit(0 if result.same else 1)
+    with _local((file_a, file_b)) as ((path_a, path_b), names):
+        compared = diff_files(path_a, path_b, options=options)
+    compared = compared.shown_as(names)
+    _emit(compared, output_format, None, human=_print_diff)
+    _exit_if_nonfinite(compared)
+    sys.exit(0 if compared.same else 1)
 
 
-def _rewrite_common(jobs_help: str = "a large file is cut into N parts."):
+@dataclass(frozen=True)
+class _Writing:
+    """How a rewriting command writes and reports: the CLI's own options."""
+
+    no_clobber: bool
+    quiet: bool
+    output_format: str
+    out_dir: Path | None
+    scheduler: str | None
+
+
+def _rewrite_options(jobs_help: str = "a large file is cut into N parts") -> Decorator:
+    """What every rewriting command takes: IN... OUT or --out-dir, the measuring options (as
+    ``options``) and how to write and report (as ``writing``)."""
+    jobs_help += "; with --out-dir, N files at once."
     return _options(
-        click.option(
-            "--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT."
-        ),
-        click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors."),
-        _measure_options(jobs_help),
-        _report_format_options,
+        click.argument("paths", nargs=-1, required=True, metavar="IN [IN...] OUT|--out-dir DIR"),
         _reports_errors(),
+        _measure_options(jobs_help),
+        _gathered(
+            "writing",
+            _make_writing,
+            click.option(
+                "--out-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                help="Write each of several inputs (files, a directory, an *.index.json) "
+                "under its own name here, all by one plan (one global norm).",
+            ),
+            click.option(
+                "--scheduler",
+                metavar="ADDRESS",
+                help="With --out-dir: run on a Dask cluster (ADDRESS), or 'local[:N]' for N "
+                "worker processes here. Needs gclip[dask].",
+            ),
+            click.option(
+                "--no-clobber", is_flag=True, help="Fail rather than replace an existing OUT."
+            ),
+            click.option("--quiet", "-q", is_flag=True, help="No summary on stderr, only errors."),
+            *_REPORT_FORMAT_DECORATORS,
+        ),
     )
 
 
-_rewrite_options = _options(
-    click.argument("input_file", metavar="IN"),
-    click.argument("output_file", metavar="OUT"),
-    _rewrite_common(),
-)
+def _make_writing(
+    out_dir: Path | None,
+    scheduler: str | None,
+    no_clobber: bool,
+    quiet: bool,
+    output_format: str,
+    as_json: bool,
+) -> _Writing:
+    if scheduler and out_dir is None:
+        from .errors import UsageError
+
+        raise UsageError(None, "--scheduler goes with --out-dir")
+    return _Writing(no_clobber, quiet, _output_format(output_format, as_json), out_dir, scheduler)
 
 
 @main.command()
@@ -614,28 +785,16 @@ _rewrite_options = _options(
     help="Clip the tensors matching GLOB by their own norm, at most C (repeatable; the "
     "first match wins).",
 )
-@click.argument("paths", nargs=-1, required=True, metavar="IN [IN...] OUT|--out-dir DIR")
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write each of several inputs (files, a directory, an *.index.json) under "
-    "its own name here, all clipped by their one global norm.",
-)
-@click.option(
-    "--scheduler",
-    metavar="ADDRESS",
-    help="With --out-dir: run on a Dask cluster (ADDRESS), or 'local[:N]' for N "
-    "worker processes here. Needs gclip[dask].",
-)
 @_eps_option("Added to the norm in the factor max_norm / (norm + eps); 1e-6 reproduces PyTorch.")
-@_rewrite_common("a large file is cut into N parts; with --out-dir, N shards at once.")
+@_rewrite_options()
 def rescale(
     paths: tuple[str, ...],
+    max_norm: float | None,
     per_tensor: bool,
     groups: tuple[tuple[str, float], ...],
-    out_dir: Path | None,
-    scheduler: str | None,
-    **arguments: Any,
+    eps: float,
+    options: Options,
+    writing: _Writing,
 ) -> None:
     """Write IN to OUT with every gradient scaled by max_norm / global_norm, if that is < 1.
 
@@ -647,40 +806,33 @@ def rescale(
     Other strategies:
       --per-tensor              each tensor clipped by its own norm (Keras clipnorm)
       --group 'h.*=0.5' ...     each group by its own norm; the rest by --max-norm, if given
-    Sharded checkpoints:
+    Sharded checkpoints (every strategy, and clip-value and normalize too):
       gclip rescale ckpt/model.safetensors.index.json --out-dir clipped --max-norm 1 -j 2
     """
-    from .api import rescale_file, rescale_files
+    from .api import rescale_strategy
 
-    if arguments["max_norm"] is None and not groups:
+    if max_norm is None and not groups:
         raise click.UsageError("give --max-norm, or --group GLOB=C")
-    if out_dir is None:
-        if len(paths) != 2:
-            raise click.UsageError("give IN and OUT, or several inputs with --out-dir DIR")
-        if scheduler:
-            raise click.UsageError("--scheduler goes with --out-dir")
-        arguments["input_file"], arguments["output_file"] = paths
-        _rewrite(rescale_file, arguments, "rescale", per_tensor=per_tensor, groups=groups)
-        return
-    if per_tensor or groups:
-        raise click.UsageError("--out-dir clips several files by their global norm only")
-    _rewrite_many(rescale_files, paths, out_dir, arguments, scheduler=scheduler)
+    strategy = rescale_strategy(max_norm, per_tensor=per_tensor, groups=groups, eps=eps)
+    _rewrite("rescale", paths, strategy, options, writing)
 
 
 @main.command("clip-value")
 @click.option(
     "--max-value", type=PositiveFiniteParam(), required=True, help="Clamp every value to [-V, V]."
 )
-@_rewrite_options
-def clip_value(max_value: float, **arguments: Any) -> None:
+@_rewrite_options()
+def clip_value(
+    paths: tuple[str, ...], max_value: float, options: Options, writing: _Writing
+) -> None:
     """Write IN to OUT with every gradient value clamped to [-V, V] (clipping by value).
 
     The report counts the values clamped per tensor. Clipping by value changes the gradient's
     direction; rescale keeps it.
     """
-    from .api import clip_value_file
+    from .strategies import ClipValue
 
-    _rewrite(clip_value_file, arguments, "clip-value", max_value=max_value)
+    _rewrite("clip-value", paths, ClipValue(max_value=max_value), options, writing)
 
 
 @main.command()
@@ -691,41 +843,59 @@ def clip_value(max_value: float, **arguments: Any) -> None:
     help="The global norm OUT will have.",
 )
 @_eps_option("Added to the norm in the factor target_norm / (norm + eps).")
-@_rewrite_options
-def normalize(target_norm: float, **arguments: Any) -> None:
+@_rewrite_options()
+def normalize(
+    paths: tuple[str, ...], target_norm: float, eps: float, options: Options, writing: _Writing
+) -> None:
     """Write IN to OUT scaled to global norm R, up or down: R / (norm + eps).
 
     A zero gradient stays zero; a value that would overflow its dtype is refused.
     """
-    from .api import normalize_file
+    from .strategies import Normalize
 
-    _rewrite(normalize_file, arguments, "normalize", target_norm=target_norm)
+    _rewrite("normalize", paths, Normalize(target_norm=target_norm, eps=eps), options, writing)
 
 
 def _rewrite(
-    call: Callable[..., Report], arguments: dict[str, Any], command: str, **strategy: Any
+    command: str, paths: tuple[str, ...], strategy: Strategy, options: Options, writing: _Writing
 ) -> None:
-    """Run a rewriting command: IN/OUT (incl. -), then the report (to stderr unless data)."""
+    """Run a rewriting command: IN OUT (either may be -), or IN... --out-dir DIR."""
+    if writing.out_dir is None:
+        if len(paths) != 2:
+            raise click.UsageError("give IN and OUT, or several inputs with --out-dir DIR")
+        _rewrite_one(command, *paths, strategy, options, writing)
+    else:
+        _rewrite_many(paths, strategy, options, writing)
+
+
+def _rewrite_one(
+    command: str,
+    input_file: str,
+    output_file: str,
+    strategy: Strategy,
+    options: Options,
+    writing: _Writing,
+) -> None:
+    """IN to OUT (incl. -), then the report (to stderr unless it is the data)."""
+    from .api import rewrite_file
     from .streams import STDIO, STDOUT_NAME
 
-    input_file, output_file = arguments.pop("input_file"), arguments.pop("output_file")
     _require_one_file(input_file, command)
-    no_clobber, quiet, output_format, file_format = _rewrite_settings(arguments)
     with (
         _local((input_file,)) as ((src,), names),
-        _destination(output_file) as dst,
-        _byte_progress(enabled=not quiet),
+        _destination(output_file, input_file) as dst,
+        _byte_progress(enabled=not writing.quiet) as progress,
     ):
-        report = call(
-            src, dst, file_format=file_format, clobber=not no_clobber, **strategy, **arguments
+        report = rewrite_file(
+            src, dst, strategy, options=options, clobber=not writing.no_clobber, progress=progress
         )
         if output_file == STDIO:
             names[str(dst)] = STDOUT_NAME
         report = report.shown_as(names)
-    if output_format == "table" and quiet:
+    if writing.output_format == "table" and writing.quiet:
         return
-    to_stderr = output_file == STDIO or output_format == "table"
-    _emit(report, output_format, _plain_view(), human=_print_rescale, to_stderr=to_stderr)
+    to_stderr = output_file == STDIO or writing.output_format == "table"
+    _emit(report, writing.output_format, None, human=_print_rescale, to_stderr=to_stderr)
 
 
 def _require_one_file(input_file: str, command: str) -> None:
@@ -738,71 +908,49 @@ def _require_one_file(input_file: str, command: str) -> None:
         what = "a sharded checkpoint index"
     else:
         return
-    hint = (
-        "give --out-dir DIR to clip its files by one global norm"
-        if command == "rescale"
-        else f"{command} takes one file"
-    )
-    raise click.UsageError(f"{input_file} is {what}: {hint}")
-
-
-def _rewrite_settings(arguments: dict[str, Any]) -> tuple[bool, bool, str, str | None]:
-    """Take the CLI's own options out of *arguments* (the rest are the library's): no-clobber,
-    quiet, the report format and the input's format."""
-    no_clobber, quiet = arguments.pop("no_clobber"), arguments.pop("quiet")
-    output_format = arguments.pop("output_format")
-    if arguments.pop("as_json"):
-        output_format = "json"
-    return no_clobber, quiet, output_format, arguments.pop("file_format")
+    raise click.UsageError(f"{input_file} is {what}: give --out-dir DIR to {command} its files")
 
 
 def _rewrite_many(
-    call: Callable[..., Report],
-    paths: tuple[str, ...],
-    out_dir: Path,
-    arguments: dict[str, Any],
-    **executor: Any,
+    paths: tuple[str, ...], strategy: Strategy, options: Options, writing: _Writing
 ) -> None:
-    """Rewrite several files into *out_dir*; the report as for one file."""
+    """Rewrite several files into --out-dir by one plan; the report as for one file."""
+    from .api import rewrite_files
+    from .streams import refuse_stdout_onto
+
     if "-" in paths:
         raise click.UsageError("standard input (-) cannot be one of several shards")
-    no_clobber, quiet, output_format, file_format = _rewrite_settings(arguments)
-    with _shard_progress(enabled=not quiet) as progress:
-        report = call(
+    refuse_stdout_onto(paths)  # a report appended to an input would damage it
+    with _shard_progress(enabled=not writing.quiet) as shards:
+        report = rewrite_files(
             paths,
-            out_dir,
-            file_format=file_format,
-            clobber=not no_clobber,
-            progress=progress,
-            **executor,
-            **arguments,
+            writing.out_dir,
+            strategy,
+            options=options,
+            clobber=not writing.no_clobber,
+            scheduler=writing.scheduler,
+            shards=shards,
         )
     _tell_not_read(report)
-    if not (output_format == "table" and quiet):
-        _emit(
-            report,
-            output_format,
-            _plain_view(),
-            human=_print_rescale,
-            to_stderr=output_format == "table",
-        )
+    if not (writing.output_format == "table" and writing.quiet):
+        to_stderr = writing.output_format == "table"
+        _emit(report, writing.output_format, None, human=_print_rescale, to_stderr=to_stderr)
 
 
 @contextmanager
-def _byte_progress(enabled: bool = True) -> Iterator[None]:
+def _byte_progress(enabled: bool = True) -> Iterator[ProgressDisplay | None]:
     """The phase, its percentage, bytes done, throughput and time left on stderr, for work
-    that takes more than about a second, when stderr is a terminal."""
+    that takes more than about a second, when stderr is a terminal: the display to give the
+    library as its progress (None: no display)."""
     from .streams import is_terminal
 
     if not (enabled and is_terminal(sys.stderr)):
-        yield
+        yield None
         return
-    from .progress import listening
     from .progress_display import ProgressDisplay
 
-    display = ProgressDisplay(_console(stderr=True), delay=_progress_delay())
-    with display, listening(display):
-        yield
+    with ProgressDisplay(_console(stderr=True), delay=_progress_delay()) as display:
+        yield display
 
 
 def _progress_delay() -> float:
@@ -828,86 +976,78 @@ def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 
 
 @contextmanager
-def _destination(output_file: str) -> Iterator[Path]:
+def _destination(output_file: str, input_file: str) -> Iterator[Path]:
     from .streams import STDIO, stdout_file
 
     if output_file != STDIO:
         yield Path(output_file)
         return
-    with stdout_file() as path:
+    with stdout_file([input_file]) as path:
         yield path
 
 
 def _inspect(
-    files: tuple[str, ...], options: dict[str, Any], require_counted: bool = False
-) -> Report:
+    files: tuple[str, ...],
+    options: Options,
+    *,
+    max_norm: float | None = None,
+    eps: float = 0.0,
+    require_counted: bool = False,
+) -> InspectReport:
     """inspect_files over *files* (``-`` spooled), standard input named as such; with
     *require_counted* no report without a tensor counted (a norm of nothing is no answer)."""
     from .api import inspect_files
-    from .selection import require_counted as refuse_if_none
 
-    file_format = options.pop("file_format")
-    with _local(files) as (paths, names), _byte_progress():
-        report = inspect_files(paths, file_format=file_format, **options).shown_as(names)
+    with _local(files) as (paths, names), _byte_progress() as progress:
+        report = inspect_files(
+            paths,
+            max_norm=max_norm,
+            eps=eps,
+            options=options,
+            require_counted=require_counted,
+            progress=progress,
+        )
+    report = report.shown_as(names)
     _tell_not_read(report)
-    if require_counted:
-        refuse_if_none(report.path, [(t.name, t.skipped) for t in report.tensors])
     return report
 
 
 @contextmanager
 def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """Local paths for *files* (``-``: a spool of standard input), and the names to show
-    instead of the spools'."""
-    from .streams import STDIN_NAME, STDIO, local_inputs
+    """Local paths for *files* (``-`` and pipes: spools of what they hold), and the names to
+    show instead of the spools'."""
+    from .streams import STDIN_NAME, STDIO, local_inputs, refuse_stdout_onto
 
+    refuse_stdout_onto(files)  # a report appended to an input would damage it
     with local_inputs(list(files)) as paths:
-        names = {p: STDIN_NAME for f, p in zip(files, paths, strict=True) if f == STDIO}
+        names = {
+            p: STDIN_NAME if f == STDIO else f for f, p in zip(files, paths, strict=True) if p != f
+        }
         yield paths, names
 
 
 def _tell_not_read(report: Report) -> None:
     """On stderr, what the inputs held that gclip did not read (or copied unread)."""
-    from .summary import printable
+    from .render.text import printable
 
     for path, why in report.not_read:
         click.echo(f"gclip: not read: {printable(path)}: {why}", err=True)
 
 
-def _plain_view() -> View:
-    """Tensors as in the file: rewriting commands have no view options."""
-    from .views import View
-
-    return View()
-
-
-def _view(options: dict[str, Any]) -> View:
-    """Take the view options out of *options* (the rest are the library's)."""
-    from .views import View
-
-    return View(
-        sort=options.pop("sort"),
-        top=options.pop("top"),
-        by_layer=options.pop("by_layer"),
-        depth=options.pop("depth"),
-    )
-
-
 def _emit(
-    report: Report,
+    report: Report | History | Diff,
     output_format: str,
-    view: View,
-    human: Callable[[Report, bool, View], None],
+    view: View | None,
+    human: Callable[[Any, bool, View | None], None],
     to_stderr: bool = False,
 ) -> None:
     """The report for people (human(report, to_stderr, view)) or in a format for programs."""
     if output_format == "table":
         human(report, to_stderr, view)
         return
-    from .export import report_csv, report_json, report_jsonl
+    from .render.machine import render
 
-    text = {"json": report_json, "jsonl": report_jsonl, "csv": report_csv}[output_format]
-    click.echo(text(report, view), err=to_stderr)
+    click.echo(render(report, output_format, view), err=to_stderr)
 
 
 def _console(stderr: bool) -> Console:
@@ -917,8 +1057,8 @@ def _console(stderr: bool) -> Console:
     unlimited, whatever COLUMNS says, so that every row stays on one line for grep.  --color
     always colours a pipe but does not make it a terminal: its width stays unlimited.
     """
+    from .render.fitted import UNLIMITED_WIDTH, TableConsole
     from .streams import is_terminal
-    from .tables import UNLIMITED_WIDTH, TableConsole
 
     width = None if is_terminal(sys.stderr if stderr else sys.stdout) else UNLIMITED_WIDTH
     color = _settings().color
@@ -932,19 +1072,32 @@ def _console(stderr: bool) -> Console:
     return TableConsole(stderr=stderr, width=width, highlight=False)
 
 
-def _print_inspect(report: Report, to_stderr: bool, view: View) -> None:
-    from .render import print_inspect
+def _print_inspect(report: InspectReport, to_stderr: bool, view: View | None) -> None:
+    from .render.tables import print_inspect
+    from .views import PLAIN
 
-    print_inspect(report, _console(to_stderr), view)
+    print_inspect(report, _console(to_stderr), view or PLAIN)
 
 
-def _print_rescale(report: Report, to_stderr: bool, view: View) -> None:
+def _print_history(found: History, to_stderr: bool, view: View | None) -> None:
+    from .render.tables import print_history
+
+    print_history(found, _console(to_stderr))
+
+
+def _print_diff(compared: Diff, to_stderr: bool, view: View | None) -> None:
+    from .render.tables import print_diff
+
+    print_diff(compared, _console(to_stderr))
+
+
+def _print_rescale(report: RewriteReport, to_stderr: bool, view: View | None) -> None:
     """Plain lines, then the table of groups if there is one (only it needs Rich, whose import
     costs start-up)."""
-    from .summary import has_groups_table, rescale_summary
+    from .render.lines import has_groups_table, rescale_summary
 
     click.echo(rescale_summary(report), err=to_stderr)
     if has_groups_table(report):
-        from .render import print_groups
+        from .render.tables import print_groups
 
         print_groups(report, _console(to_stderr))

@@ -14,13 +14,16 @@ not compared.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
-from .formats import TensorFile, TensorInfo
+from .formats import TensorFile, TensorInfo, WholeArrays, detect_format
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
+from .options import Options
+from .progress import SILENT, Progress
 from .selection import matches, name_key
 
 SAME, DIFFERS, ONLY_A, ONLY_B, NOT_COMPARED = (
@@ -86,19 +89,29 @@ class Diff:
     def nonfinite(self) -> int:
         return self.nonfinite_a + self.nonfinite_b
 
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
+    def shown_as(self, names: Mapping[str, str]) -> Diff:
+        """This diff with the files in *names* shown by those names (``<stdin>``)."""
+        a, b = self.file_a, self.file_b
+        return replace(self, file_a=names.get(a, a), file_b=names.get(b, b))
 
-        from .report import SCHEMA_VERSION
+    def to_dict(self, view: object = None) -> dict:
+        """The comparison as one JSON-ready object (*view*: none applies to it)."""
+        from .reports import SCHEMA_VERSION
 
-        def clean(value: object) -> object:
-            return None if isinstance(value, float) and not math.isfinite(value) else value
-
-        data = {k: clean(v) for k, v in asdict(self).items() if k != "tensors"}
+        data = {k: _clean(v) for k, v in asdict(self).items() if k != "tensors"}
         data["same"] = self.same
         data["counts"] = self.counts
-        data["tensors"] = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
+        data["tensors"] = self.rows()[1]
         return {"schema_version": SCHEMA_VERSION, **data}
+
+    def rows(self, view: object = None) -> tuple[str, list[dict]]:
+        """One row per tensor, for JSON Lines and CSV."""
+        return "tensor", [{k: _clean(v) for k, v in asdict(t).items()} for t in self.tensors]
+
+
+def _clean(value: object) -> object:
+    """JSON has no NaN or infinity."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @dataclass
@@ -120,6 +133,25 @@ class _Streamed:
     stats_b: NormStats
     dot: float  # over the values counted (NaN/Inf as 0)
     differing: int  # values that differ
+
+
+def diff(path_a: Path, path_b: Path, options: Options) -> Diff:
+    """Compare the files *path_a* and *path_b* (api.diff_files), both opened in one child."""
+    from .pipeline import in_child
+
+    format_b = options.file_format or detect_format(path_b)
+    return in_child(path_a, options, SILENT, _diff, path_b, format_b)
+
+
+def _diff(file_a: TensorFile, options: Options, progress: Progress, b: Path, format_b: str) -> Diff:
+    """A opened (by in_child), then B beside it."""
+    del progress  # comparing reports none
+    from .pipeline import opened
+
+    with opened(b, format_b, options) as file_b:
+        return compare(
+            file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
+        )
 
 
 def compare(
@@ -299,6 +331,8 @@ def _compare_bytes(
         return _row((ta, tb), DIFFERS, f"dtypes differ ({ta.dtype_name}, {tb.dtype_name})")
     if max(ta.nbytes, tb.nbytes) > chunk_bytes:
         return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: larger than --chunk-size")
+    if not (isinstance(a, WholeArrays) and isinstance(b, WholeArrays)):
+        return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: its format reads no whole arrays")
     values_a, values_b = a.read_array(ta), b.read_array(tb)
     kinds = {v.dtype.kind if v is not None else "" for v in (values_a, values_b)}
     if not kinds <= set(_PLAIN_NUMBERS):

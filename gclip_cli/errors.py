@@ -56,3 +56,8 @@ class UsageError(GclipError):
 
 class Terminated(BaseException):
     """Raised by the CLI's SIGTERM handler, so that cleanup runs as for Ctrl-C."""
+
+
+class Interrupted(BaseException):
+    """Raised by the gclip command's SIGINT handler (Ctrl-C): as KeyboardInterrupt, which
+    Click would turn into "Aborted!" and exit status 1 while it parses the command line."""

@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .engine import combine
+from .errors import UsageError
+from .options import NonFinite, Options
+from .progress import SILENT, Progress
+from .selection import counted_or_why, require_counted
+
 if TYPE_CHECKING:
-    from .formats import TensorFile
+    from .pipeline import Measured
+    from .sources import Inputs
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 _SPARKS = "▁▂▃▄▅▆▇█"
-STEP_KEYS = ("global_step", "step")  # in a file's metadata, or as a 0-d integer tensor
-# "step", "iter" or "it" as a word of its own ("split3" is not "it3"), then its number:
-# step12, step_12, step-12, iter=5, global_step12
-_NAMED_STEP = re.compile(r"(?<![a-z])(?:step|iter|it)[_=-]?([0-9]+)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class FoundStep:
-    """A file's training step, and where it was found."""
-
-    value: int
-    source: str  # "metadata", "tensor" or "name"
 
 
 @dataclass(frozen=True)
@@ -47,73 +41,91 @@ class History:
     suggested_max_norm: float | None
     max_norm: float | None = None
     would_clip: int | None = None  # steps whose norm exceeds max_norm
-    nonfinite_policy: str = "error"
+    nonfinite_policy: NonFinite = NonFinite.ERROR
 
     @property
     def nonfinite(self) -> int:
         """NaN/Inf values counted over every step."""
         return sum(s.nonfinite for s in self.steps)
 
-    def to_dict(self) -> dict:
-        from .report import SCHEMA_VERSION
+    def shown_as(self, names: Mapping[str, str]) -> History:
+        """This history with the files in *names* shown by those names (``<stdin>``)."""
+        steps = tuple(replace(s, file=names.get(s.file, s.file)) for s in self.steps)
+        return replace(self, steps=steps)
+
+    def to_dict(self, view: object = None) -> dict:
+        """The history as one JSON-ready object (*view*: none applies to it)."""
+        from .reports import SCHEMA_VERSION
 
         return {
             "schema_version": SCHEMA_VERSION,
             "norm_type": "inf" if np.isinf(self.norm_type) else self.norm_type,
-            "steps": [
-                s.__dict__ | {"global_norm": _finite_or_none(s.global_norm)} for s in self.steps
-            ],
+            "steps": self.rows()[1],
             "percentiles": self.percentiles,
             "percentile": self.percentile,
             "suggested_max_norm": self.suggested_max_norm,
             "max_norm": self.max_norm,
             "would_clip": self.would_clip,
-            "nonfinite_policy": self.nonfinite_policy,
+            "nonfinite_policy": NonFinite(self.nonfinite_policy).value,
         }
 
-
-def step_of(tfile: TensorFile) -> FoundStep | None:
-    """The training step *tfile* holds: a step entry of its metadata, else a 0-d integer
-    tensor so named, else the number its file name gives (step_in_name)."""
-    for key in STEP_KEYS:
-        value = _as_step(tfile.attribute(key))
-        if value is not None:
-            return FoundStep(value, "metadata")
-    for key in STEP_KEYS:
-        tensor = next((t for t in tfile.tensors if t.name == key and t.shape == ()), None)
-        value = None if tensor is None or tensor.is_gradient else tfile.read_array(tensor)
-        if value is not None and value.dtype.kind in "iu" and value.item() >= 0:
-            return FoundStep(int(value.item()), "tensor")
-    value = step_in_name(tfile.path)
-    return None if value is None else FoundStep(value, "name")
+    def rows(self, view: object = None) -> tuple[str, list[dict]]:
+        """One row per step, for JSON Lines and CSV."""
+        return "step", [
+            asdict(s) | {"global_norm": _finite_or_none(s.global_norm)} for s in self.steps
+        ]
 
 
-def step_in_name(path: str | Path) -> int | None:
-    """The number after step/iter/it in the name's stem, else the stem's last number: never
-    one in the extension (``ckpt_10.h5`` is step 10, ``x_step12_bf16.safetensors`` 12)."""
-    stem = Path(path).stem
-    named = _NAMED_STEP.search(stem)
-    if named:
-        return int(named[1])
-    numbers = re.findall(r"[0-9]+", stem)
-    return int(numbers[-1]) if numbers else None
+def history(
+    inputs: Inputs,
+    options: Options,
+    *,
+    percentile: float = 95.0,
+    max_norm: float | None = None,
+    as_given: bool = False,
+    progress: Progress = SILENT,
+) -> History:
+    """The history of the files *inputs* name, one step each (see api.history_of)."""
+    from .pipeline import measure
+
+    if not 0 <= percentile <= 100:
+        raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
+    measurement = measure(inputs, options, with_step=True, progress=progress)
+    steps = [_step(m, options, as_given) for m in measurement.files]
+    if not as_given:
+        _refuse_twins(steps)
+        steps.sort(key=lambda s: s.step)
+    return summarise(steps, options.norm_type, percentile, max_norm, options.nonfinite)
 
 
-def _as_step(value: object) -> int | None:
-    """*value* as a step: a non-negative integer, or a string of one (safetensors metadata
-    holds strings only); else None."""
-    if isinstance(value, np.ndarray):  # an HDF5 attribute may be an array of one
-        value = value.reshape(()) if value.size == 1 else None
-    if isinstance(value, (np.ndarray, np.generic)):
-        value = value.item()  # the Python int, str or bytes
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        text = value.strip()
-        return int(text) if re.fullmatch(r"[0-9]+", text) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+def _step(measured: Measured, options: Options, as_given: bool) -> Step:
+    """One file's step: its global norm, and the step it holds (needed unless *as_given*)."""
+    src, found = measured.path, measured.step
+    if found is None and not as_given:
+        raise UsageError(
+            None,
+            f"{src}: no step found (no step or global_step in its metadata or tensors, no "
+            "number in its name); give --as-given to keep the order of the command line",
+        )
+    require_counted(src, counted_or_why(measured.tensors))  # no norm of 0 for nothing
+    total = combine(measured.stats, options.norm_type)
+    value, source = (None, None) if found is None else (found.value, found.source)
+    return Step(str(src), value, options.norm(total), total.nonfinite, source)
+
+
+def _refuse_twins(steps: Sequence[Step]) -> None:
+    """Ordering by step needs one step per file, each its own."""
+    first: dict[int | None, Step] = {}
+    for step in steps:
+        twin = first.setdefault(step.step, step)
+        if twin is not step:
+            sources = dict.fromkeys((twin.step_source, step.step_source))
+            raise UsageError(
+                None,
+                f"{twin.file} and {step.file} both hold step {step.step} (from their "
+                f"{' and '.join(map(str, sources))}); give --as-given to keep the order of "
+                "the command line",
+            )
 
 
 def summarise(
@@ -121,7 +133,7 @@ def summarise(
     norm_type: float,
     percentile: float,
     max_norm: float | None,
-    nonfinite_policy: str = "error",
+    nonfinite_policy: NonFinite = NonFinite.ERROR,
 ) -> History:
     finite = np.array([s.global_norm for s in steps if np.isfinite(s.global_norm)])
     marks = {f"p{p:g}": float(np.percentile(finite, p)) for p in PERCENTILES} if finite.size else {}
@@ -163,8 +175,6 @@ def plot(history: History, path: Path) -> None:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import UsageError
-
         raise UsageError(None, "--plot needs matplotlib: pip install 'gclip[plot]'") from None
     xs = [s.step if s.step is not None else i for i, s in enumerate(history.steps)]
     figure, axes = plt.subplots(figsize=(8, 3.5))

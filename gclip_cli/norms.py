@@ -4,13 +4,16 @@ Values are cut into fixed blocks of ``BLOCK`` values counted from the start of e
 blocks (and their float64 partial sums) are the same whatever size the chunks read from a file
 have.  Each block sum is added to an exact running sum (Shewchuk's algorithm, as in
 ``math.fsum``), which makes the total independent of the order blocks and tensors are merged in.
-Blocks whose powers would overflow or underflow float64 are rescaled by a power of two first.
+Blocks whose powers would overflow or underflow float64 are divided by a reference near their
+largest value first (see ``NormStats``), so no p and no magnitude overflows or underflows.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -18,11 +21,30 @@ from . import kernels
 
 BLOCK = 1 << 16  # values per block: its float64 working copy (512 KiB) stays in cache
 
-# A block whose largest p-th power lies outside 2**[_MIN_EXPONENT, _MAX_EXPONENT] is scaled by a
-# power of two first, so no power overflows (the bound leaves room to sum 2**60 blocks) and the
-# largest ones do not underflow.
+# A block whose largest p-th power lies outside 2**[_MIN_EXPONENT, _MAX_EXPONENT] is divided by
+# a reference near its largest value first, so no power overflows (the bound leaves room to sum
+# 2**60 blocks) and the largest ones do not underflow.
 _MAX_EXPONENT = 880
 _MIN_EXPONENT = -900
+# A reference is the block's largest |value| rounded down to a power of two, which divides
+# exactly; the p-th power of that largest value then lies within [1, 2**p).  Beyond
+# p = _FINE_P that could overflow, so the reference keeps more bits of the largest value:
+# enough that it stays below 2**739.
+_FINE_P = 512.0
+# Below this p, a second non-zero value adds at least 2**-40 to sum(|x / max|**p) (its ratio to
+# the largest is at least 2**-2098 in float64), so a sum closer to 1 than 2**-41 means the
+# largest |value| is the only non-zero one, and the norm is exactly that value.
+_SINGLE_VALUE_P = 40 / 2098
+_SINGLE_VALUE_ROOM = 2.0**-41
+# How far (as a power of two) beyond the largest |value| a norm is told apart (see
+# _times_power_of_two).
+_WIDEST = 4096
+# A norm computed up to this fraction beyond float64's largest value is taken as that value.
+_TOP_ROOM = 2.0**-49
+_LARGEST = float(np.finfo(np.float64).max)
+# Kept references are pruned (those whose weight would be exactly 0 in the result) once there
+# are more than this many.
+_PRUNE_AT = 64
 
 
 def _add_exact(partials: list[float], x: float) -> None:
@@ -58,8 +80,9 @@ class ExactSum:
 class NormStats:
     """Mergeable statistics of a set of values for one norm type.
 
-    The sum of |x|**p is kept as exact partial sums per power-of-two scale: the true sum is
-    ``sum(2**(k*p) * fsum(sums[k]) for k in sums)``.  Almost always only scale 0 is present.
+    The sum of |x|**p is kept as exact partial sums per reference r (the float the values of a
+    block were divided by; 1.0 for blocks taken as they are): the true sum is
+    ``sum(r**p * fsum(sums[r]) for r in sums)``.  Almost always only 1.0 is present.
     Non-finite values are counted and left out of the sums and of ``max_abs``.
     """
 
@@ -68,7 +91,7 @@ class NormStats:
     nan: int = 0
     inf: int = 0
     max_abs: float = 0.0
-    sums: dict[int, list[float]] = field(default_factory=dict)
+    sums: dict[float, list[float]] = field(default_factory=dict)
 
     @property
     def nonfinite(self) -> int:
@@ -79,26 +102,56 @@ class NormStats:
         self.nan += other.nan
         self.inf += other.inf
         self.max_abs = max(self.max_abs, other.max_abs)
-        for scale, partials in other.sums.items():
+        for reference, partials in other.sums.items():
             for part in partials:
-                self._add(scale, part)
+                self._add(reference, part)
 
-    def _add(self, scale: int, value: float) -> None:
-        _add_exact(self.sums.setdefault(scale, []), value)
+    def _add(self, reference: float, value: float) -> None:
+        partials = self.sums.get(reference)
+        if partials is None:
+            partials = self.sums[reference] = []
+            if len(self.sums) > _PRUNE_AT:
+                self._prune()
+        _add_exact(partials, value)
+
+    def _prune(self) -> None:
+        """Drop the references whose weight (r / top)**p is 0: it can only shrink as larger
+        ones come, so they would add exactly 0 to the result whatever else is merged."""
+        top, p = max(self.sums), self.norm_type
+        for reference in [r for r in self.sums if (r / top) ** p == 0.0]:
+            del self.sums[reference]
 
     def finite_norm(self) -> float:
-        """The p-norm of the finite values."""
-        p = self.norm_type
-        if math.isinf(p):
-            return self.max_abs
-        totals = {k: math.fsum(parts) for k, parts in self.sums.items()}
-        totals = {k: t for k, t in totals.items() if t > 0.0}
-        if not totals:
+        """The p-norm of the finite values; inf where it exceeds float64's range."""
+        return as_float(*self.finite_norm_parts())
+
+    def finite_norm_exact(self) -> Fraction:
+        """finite_norm() as an exact fraction, also where it exceeds float64's range."""
+        mantissa, exponent = self.finite_norm_parts()
+        return Fraction(mantissa) * Fraction(2) ** exponent
+
+    def finite_norm_parts(self) -> tuple[float, int]:
+        """The p-norm of the finite values as ``mantissa * 2**exponent``, 0.5 <= mantissa < 1
+        (or 0.0, 0): never overflows, whatever p and the magnitudes."""
+        if math.isinf(self.norm_type) or self.max_abs == 0.0:
+            return math.frexp(self.max_abs)
+        p, largest = self.norm_type, self.max_abs
+        top, total = self._scaled_sum()
+        if self._single_value(top, total):
+            return math.frexp(largest)
+        # A root's error grows with its logarithm: take it of the sum relative to largest**p
+        # (within [1, count]) where that can be formed; sqrt and p = 1 need no such help.
+        log2_weight = p * math.log2(top / largest)
+        if p not in (1, 2) and abs(log2_weight) < 1000:
+            return root_parts(largest, total * (top / largest) ** p, p)
+        return root_parts(top, total, p)
+
+    def power_sum_ratio(self, total: NormStats) -> float:
+        """This sum of |x|**p divided by *total*'s (0.0 when that is 0), without overflow."""
+        if not total.sums:
             return 0.0
-        top = max(totals)
-        scaled = math.fsum(t * 2.0 ** ((k - top) * p) for k, t in totals.items())
-        root = math.sqrt(scaled) if p == 2 else scaled ** (1.0 / p)
-        return math.ldexp(root, top)
+        top = max(max(self.sums, default=0.0), max(total.sums))
+        return self._sum_relative_to(top) / total._sum_relative_to(top)
 
     def norm(self) -> float:
         """The p-norm of all values: NaN if any value is NaN, inf if any is infinite."""
@@ -107,6 +160,80 @@ class NormStats:
         if self.inf:
             return math.inf
         return self.finite_norm()
+
+    def _scaled_sum(self) -> tuple[float, float]:
+        """(top, total): the largest reference and the sum of |x|**p divided by top**p, which
+        lies within 2**[-900, 967] (each reference's own sum is at least 2**-900)."""
+        top = max(self.sums)
+        return top, self._sum_relative_to(top)
+
+    def _sum_relative_to(self, top: float) -> float:
+        p = self.norm_type
+        return math.fsum(
+            (r / top) ** p * total
+            for r, total in ((r, math.fsum(parts)) for r, parts in self.sums.items())
+        )
+
+    def _single_value(self, top: float, total: float) -> bool:
+        """Whether, for p below _SINGLE_VALUE_P, the largest |value| is the only non-zero one:
+        then sum(|x / largest|**p) is 1 (see there)."""
+        p = self.norm_type
+        if p >= _SINGLE_VALUE_P:
+            return False
+        log2_ratio = math.log2(total) + p * (math.log2(top) - math.log2(self.max_abs))
+        return log2_ratio < _SINGLE_VALUE_ROOM
+
+
+def root_parts(top: float, total: float, p: float) -> tuple[float, int]:
+    """top * total**(1/p) as (mantissa, exponent) (see NormStats.finite_norm_parts), for
+    positive finite *top* and *total*: no overflow or underflow whatever p."""
+    log2_root = math.log2(total) / p
+    if abs(log2_root) < 1000:  # the root is a normal float64: take it directly
+        return _times(top, math.sqrt(total) if p == 2 else total ** (1.0 / p))
+    return _times_power_of_two(top, log2_root)
+
+
+def p_norm_of(terms: Iterable[tuple[int, float]], p: float) -> float:
+    """(sum of count * magnitude**p) ** (1/p) over (count, magnitude) pairs of non-negative
+    magnitudes, scaled by the largest so that nothing overflows or underflows on the way;
+    inf where the result exceeds float64's range (or a magnitude is inf)."""
+    kept = [(count, magnitude) for count, magnitude in terms if count and magnitude]
+    top = max((magnitude for _, magnitude in kept), default=0.0)
+    if top == 0.0 or math.isinf(top) or math.isinf(p):
+        return top
+    total = math.fsum(count * (magnitude / top) ** p for count, magnitude in kept)
+    return as_float(*root_parts(top, total, p))
+
+
+def as_float(mantissa: float, exponent: int) -> float:
+    """mantissa * 2**exponent (0.5 <= mantissa < 1), inf beyond float64's range, except
+    within the few rounding units a computed norm can be off by: float64's largest value (so
+    that the norm of that value alone is not called inf)."""
+    if exponent <= 1024:
+        return math.ldexp(mantissa, exponent)
+    if exponent == 1025 and mantissa < 0.5 + _TOP_ROOM:
+        return _LARGEST
+    return math.inf
+
+
+def _times(a: float, b: float) -> tuple[float, int]:
+    """a * b as (mantissa, exponent) (see NormStats.finite_norm_parts), for positive a, b."""
+    ma, ea = math.frexp(a)
+    mb, eb = math.frexp(b)
+    mantissa, exponent = math.frexp(ma * mb)  # within [0.25, 1): rounded once, as a * b is
+    return mantissa, exponent + ea + eb
+
+
+def _times_power_of_two(a: float, log2_factor: float) -> tuple[float, int]:
+    """a * 2**log2_factor as (mantissa, exponent), for positive a and finite log2_factor.
+
+    Factors beyond 2**_WIDEST are taken as 2**_WIDEST: the norm is then inf in float64, and any
+    value divided by it rounds to 0 in every float type all the same.
+    """
+    log2_factor = min(log2_factor, _WIDEST)
+    whole = math.floor(log2_factor)
+    mantissa, exponent = _times(a, 2.0 ** (log2_factor - whole))
+    return mantissa, exponent + whole
 
 
 class NormAccumulator:
@@ -176,7 +303,7 @@ class NormAccumulator:
             self.stats.numel += min(BLOCK, values.size - k * BLOCK)
             self.stats.max_abs = max(self.stats.max_abs, math.sqrt(top))
             if top:
-                self.stats._add(0, total)
+                self.stats._add(1.0, total)
 
     def _reduce_block(self, values: np.ndarray) -> None:
         block = self._work[: values.size]
@@ -191,13 +318,10 @@ class NormAccumulator:
         self.stats.max_abs = max(self.stats.max_abs, peak)
         if peak == 0.0 or math.isinf(self.stats.norm_type):
             return
-        scale = self._scale_exponent(peak)
-        if scale:
-            # Two exact power-of-two steps: 2**-scale alone can overflow for subnormal peaks.
-            half = -scale // 2
-            np.multiply(block, math.ldexp(1.0, half), out=block)
-            np.multiply(block, math.ldexp(1.0, -scale - half), out=block)
-        self.stats._add(scale, self._power_sum(block))
+        reference = self._reference(peak)
+        if reference != 1.0:
+            np.divide(block, reference, out=block)  # at most 1: nothing overflows
+        self.stats._add(reference, self._power_sum(block))
 
     def _reduce_squares(self, block: np.ndarray) -> None:
         """Sum a block of exact squares: no rescaling is needed (float32 squares lie within
@@ -207,15 +331,15 @@ class NormAccumulator:
             top = self._zero_nonfinite(block)
         self.stats.max_abs = max(self.stats.max_abs, math.sqrt(top))
         if top:
-            self.stats._add(0, float(np.add.reduce(block)))
+            self.stats._add(1.0, float(np.add.reduce(block)))
 
-    def _scale_exponent(self, peak: float) -> int:
-        """0 when the block's p-th powers fit float64 safely, else the exponent to divide out."""
-        exponent = math.frexp(peak)[1]
+    def _reference(self, peak: float) -> float:
+        """1.0 when the block's p-th powers fit float64 safely, else what to divide it by."""
         p = self.stats.norm_type
+        exponent = math.frexp(peak)[1]
         if (exponent - 1) * p > _MIN_EXPONENT and exponent * p < _MAX_EXPONENT:
-            return 0
-        return exponent
+            return 1.0
+        return reference_for(peak, p)
 
     def _zero_nonfinite(self, block: np.ndarray) -> float:
         """Count NaN/Inf in *block*, set them to 0 and return the new peak."""
@@ -236,6 +360,16 @@ class NormAccumulator:
         else:
             np.power(block, p, out=block)
         return float(np.add.reduce(block))
+
+
+def reference_for(peak: float, p: float) -> float:
+    """The float at or just below *peak* (> 0) that a block is divided by before its p-th
+    powers are taken: *peak* rounded down to a power of two, or for p > _FINE_P to as many bits
+    as keep (peak / reference)**p below 2**739 (all of them, for the largest p)."""
+    bits = 0 if p <= _FINE_P else min(52, math.ceil(math.log2(p / _FINE_P)))
+    mantissa, exponent = math.frexp(peak)
+    steps = 2.0 ** (bits + 1)  # mantissa in [0.5, 1) rounded down to a multiple of 1 / steps
+    return math.ldexp(math.floor(mantissa * steps) / steps, exponent)
 
 
 def measure(values: np.ndarray, norm_type: float = 2.0) -> NormStats:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import progress
-from .formats import TensorFile, TensorInfo
+from .formats import Checksummed, ChunkedPieces, PlainValues, TensorFile, TensorInfo
 from .formats.base import (
     MAX_WINDOW,
     EncodablePiece,
@@ -32,11 +31,13 @@ from .formats.base import (
     window_pieces,
 )
 from .formats.deflate import crc32, crc32_combine
-from .isolation import can_fork, run_forked, tell_parent
+from .isolation import Channel, can_fork, run_forked
 from .norms import BLOCK, NormAccumulator, NormStats
+from .progress import SILENT, Progress
+from .rewriters import counted
 
 if TYPE_CHECKING:
-    from .engine import Rewriter
+    from .rewriters import Rewriter
 
 # Below this many bytes of values, forking workers costs more than it saves.
 MIN_PARALLEL_BYTES = 64 << 20
@@ -44,10 +45,6 @@ MIN_PARALLEL_BYTES = 64 << 20
 _WORKER_WINDOW = MAX_WINDOW // 4
 
 P = TypeVar("P", bound="ValuePiece")
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -72,9 +69,10 @@ class Span:
         return replace(self, offset=offset, first=self.first + start, count=stop - start)
 
     def measure_and_checksum(
-        self, fd: int, norm_type: float, window: int
+        self, fd: int, norm_type: float, window: int, progress: Progress
     ) -> tuple[NormStats, int | None]:
-        """The statistics of the span's values and, if checksummed, the CRC-32 of its bytes."""
+        """The statistics of the span's values and, if checksummed, the CRC-32 of its bytes;
+        *progress* is told of the bytes read."""
         accumulator = NormAccumulator(norm_type)
         crc = 0 if self.checksummed else None
         itemsize = self.tensor.dtype.itemsize
@@ -98,7 +96,7 @@ def measurable_pieces(tfile: TensorFile, jobs: int) -> list[ValuePiece | Span]:
     of chunked tensors (none when one process would do as well)."""
     if not _can_share(jobs):
         return []
-    return _worth_sharing([*_plain_spans(tfile), *tfile.chunked_pieces()])
+    return _worth_sharing([*_plain_spans(tfile), *_chunked_pieces(tfile)])
 
 
 def encodable_pieces(tfile: TensorFile, jobs: int) -> list[EncodablePiece]:
@@ -106,7 +104,7 @@ def encodable_pieces(tfile: TensorFile, jobs: int) -> list[EncodablePiece]:
     would do as well)."""
     if not _can_share(jobs):
         return []
-    return _worth_sharing([p for p in tfile.chunked_pieces() if isinstance(p, EncodablePiece)])
+    return _worth_sharing([p for p in _chunked_pieces(tfile) if isinstance(p, EncodablePiece)])
 
 
 def _can_share(jobs: int) -> bool:
@@ -114,12 +112,22 @@ def _can_share(jobs: int) -> bool:
 
 
 def _plain_spans(tfile: TensorFile) -> list[Span]:
+    """Every gradient tensor the format stores as plain bytes, whole (none for a format
+    without PlainValues)."""
+    if not isinstance(tfile, PlainValues):
+        return []
     offsets = tfile.plain_offsets()
+    checksummed = isinstance(tfile, Checksummed)
     return [
-        Span(t, offsets[t.name], 0, t.numel, tfile.checksummed)
+        Span(t, offsets[t.name], 0, t.numel, checksummed)
         for t in tfile.tensors
         if t.is_gradient and t.name in offsets
     ]
+
+
+def _chunked_pieces(tfile: TensorFile) -> list[ValuePiece]:
+    """The format's pieces of its other gradient tensors (none without ChunkedPieces)."""
+    return tfile.chunked_pieces() if isinstance(tfile, ChunkedPieces) else []
 
 
 def _worth_sharing(pieces: list[P]) -> list[P]:
@@ -167,15 +175,21 @@ CrcPart = tuple[str, int, int, int]
 
 
 def measure_pieces(
-    path: Path, pieces: Sequence[ValuePiece | Span], norm_type: float, chunk_bytes: int, jobs: int
+    path: Path,
+    pieces: Sequence[ValuePiece | Span],
+    norm_type: float,
+    chunk_bytes: int,
+    jobs: int,
+    progress: Progress = SILENT,
 ) -> tuple[dict[str, NormStats], dict[str, int]]:
     """The NormStats of the values *pieces* cover, per tensor name, measured by *jobs*
-    workers; and the CRC-32s of the values of the tensors whose spans are checksummed."""
+    workers (their progress told to *progress*); and the CRC-32s of the values of the tensors
+    whose spans are checksummed."""
     window = min(chunk_bytes, _WORKER_WINDOW)
     tasks = [(_measure_share, (path, share, norm_type, window)) for share in deal(pieces, jobs)]
     merged: dict[str, NormStats] = {}
     crcs: list[CrcPart] = []
-    for results, crc_parts in run_forked(path, tasks):
+    for results, crc_parts in run_forked(path, tasks, progress=progress):
         crcs += crc_parts
         for name, stats in results:
             merged.setdefault(name, NormStats(norm_type)).merge(stats)
@@ -191,27 +205,39 @@ def _combined_crcs(parts: Sequence[CrcPart]) -> dict[str, int]:
 
 
 def rewrite_spans(
-    path: Path, out: Path, spans: Sequence[Span], rewriter: Rewriter, chunk_bytes: int, jobs: int
+    path: Path,
+    out: Path,
+    spans: Sequence[Span],
+    rewriter: Rewriter,
+    chunk_bytes: int,
+    jobs: int,
+    progress: Progress = SILENT,
 ) -> dict[str, int]:
     """Write *spans* of *path* through *rewriter* into the same places of *out*, by *jobs*
-    workers; what they measured is merged into *rewriter*.  Returns the CRC-32s of the values
-    written of the tensors whose spans are checksummed."""
+    workers (their progress told to *progress*); what they measured is merged into
+    *rewriter*.  Returns the CRC-32s of the values written of the tensors whose spans are
+    checksummed."""
     window = min(chunk_bytes, _WORKER_WINDOW)
     tasks = [(_rewrite_share, (path, out, share, rewriter, window)) for share in cut(spans, jobs)]
     crcs: list[CrcPart] = []
-    for done, crc_parts in run_forked(path, tasks):
+    for done, crc_parts in run_forked(path, tasks, progress=progress):
         rewriter.merge(done)
         crcs += crc_parts
     return _combined_crcs(crcs)
 
 
 def encode_pieces(
-    path: Path, out: Path, pieces: Sequence[EncodablePiece], rewriter: Rewriter, jobs: int
+    path: Path,
+    out: Path,
+    pieces: Sequence[EncodablePiece],
+    rewriter: Rewriter,
+    jobs: int,
+    progress: Progress = SILENT,
 ) -> None:
-    """Encode *pieces* of *path* through *rewriter* by *jobs* workers, each into a spool file
-    of its own beside *out* (unnamed: it goes away with its last descriptor), and place them
-    into *out* in order as they are done; what the workers measured is merged into
-    *rewriter*."""
+    """Encode *pieces* of *path* through *rewriter* by *jobs* workers (their progress told to
+    *progress*), each into a spool file of its own beside *out* (unnamed: it goes away with
+    its last descriptor), and place them into *out* in order as they are done; what the
+    workers measured is merged into *rewriter*."""
     number = {id(piece): n for n, piece in enumerate(pieces)}
     shares = [[(number[id(p)], p) for p in share] for share in deal(pieces, jobs)]
     with ExitStack() as stack:
@@ -232,7 +258,7 @@ def encode_pieces(
             (_encode_share, (path, share, rewriter, spool))
             for share, spool in zip(shares, spools, strict=True)
         ]
-        for worker in run_forked(path, tasks, on_note=place_in_order):
+        for worker in run_forked(path, tasks, on_note=place_in_order, progress=progress):
             rewriter.merge(worker)
 
 
@@ -241,48 +267,65 @@ def _spool(out: Path) -> Iterator[int]:
     """An unnamed scratch file beside *out* (on the same file system), as a descriptor."""
     import tempfile  # here: only chunked files need it, and start-up counts
 
-    with tempfile.TemporaryFile(dir=out.parent) as spool:
+    # *out* may be the name of a descriptor (/proc/self/fd/N, see output.py): its real folder
+    with tempfile.TemporaryFile(dir=Path(os.path.realpath(out)).parent) as spool:
         yield spool.fileno()
 
 
 def _encode_share(
-    path: Path, numbered: Sequence[tuple[int, EncodablePiece]], template: Rewriter, spool: int
+    channel: Channel,
+    path: Path,
+    numbered: Sequence[tuple[int, EncodablePiece]],
+    template: Rewriter,
+    spool: int,
 ) -> Rewriter:
     rewriter = template.blank()
+    transform = counted(rewriter, channel.progress)
     with open(path, "rb") as src:
         for n, piece in numbered:
-            tell_parent((n, piece.encode(src.fileno(), rewriter, spool)))
+            channel.note((n, piece.encode(src.fileno(), transform, spool)))
     rewriter.finish()
     return rewriter
 
 
 def _measure_share(
-    path: Path, pieces: Sequence[ValuePiece | Span], norm_type: float, window: int
+    channel: Channel,
+    path: Path,
+    pieces: Sequence[ValuePiece | Span],
+    norm_type: float,
+    window: int,
 ) -> tuple[list[tuple[str, NormStats]], list[CrcPart]]:
     results, crcs = [], []
+    progress = channel.progress
     with open(path, "rb") as src:
         for piece in pieces:
             if isinstance(piece, Span):
-                stats, crc = piece.measure_and_checksum(src.fileno(), norm_type, window)
+                stats, crc = piece.measure_and_checksum(src.fileno(), norm_type, window, progress)
                 if crc is not None:
                     crcs.append((piece.tensor.name, piece.first, piece.nbytes, crc))
             else:
-                stats = piece.measure(src.fileno(), norm_type, window)
+                stats = piece.measure(src.fileno(), norm_type, window, progress)
             results.append((piece.tensor.name, stats))
     return results, crcs
 
 
 def _rewrite_share(
-    path: Path, out: Path, spans: Sequence[Span], template: Rewriter, window: int
+    channel: Channel,
+    path: Path,
+    out: Path,
+    spans: Sequence[Span],
+    template: Rewriter,
+    window: int,
 ) -> tuple[Rewriter, list[CrcPart]]:
     rewriter = template.blank()
+    transform = counted(rewriter, channel.progress)
     buffer = window_buffer(window)
     crcs = []
     with open(path, "rb") as src, open(out, "r+b") as dst:
         for span in spans:
             where = (span.tensor, span.offset, span.nbytes)
             crc = rewrite_at(
-                src.fileno(), dst.fileno(), *where, rewriter, window, buffer, span.checksummed
+                src.fileno(), dst.fileno(), *where, transform, window, buffer, span.checksummed
             )
             if crc is not None:
                 crcs.append((span.tensor.name, span.first, span.nbytes, crc))

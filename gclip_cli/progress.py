@@ -1,14 +1,14 @@
 """Progress of the passes: the engine reports events, whoever listens (the CLI) shows them.
 
 Events: a Phase begins (with the bytes it will read or write, known before it starts), ints
-are bytes of it done, a File says which of several inputs is being read.  Children relay
-their events to the parent process (isolation.py), which owns the display.
+are bytes of it done, a File says which of several inputs is being read.  Work reports them
+to the Progress it is given; children relay theirs to the parent process (isolation.py), which
+owns the display.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,53 +38,46 @@ class File:
 Event = int | Phase | File  # an int: that many more bytes of the phase are done
 Listener = Callable[[Event], None]
 
-_listener: Listener | None = None
+
+@dataclass(frozen=True, eq=False)
+class Progress:
+    """Where work reports how far it got: each event goes to *listener* (None: nowhere).
+
+    Handed explicitly to whatever does the work (the passes, the formats' pieces, the
+    workers); a forked child gets one that sends to its parent (isolation.Channel).
+    """
+
+    listener: Listener | None = None
+
+    @property
+    def listening(self) -> bool:
+        """Whether events go anywhere (children relay theirs only then)."""
+        return self.listener is not None
+
+    def advance(self, nbytes: int) -> None:
+        """*nbytes* more of the current phase are done."""
+        if self.listener is not None:
+            self.listener(nbytes)
+
+    def begin(self, name: str, total: int) -> None:
+        """Phase *name* begins; it will read or write *total* bytes."""
+        if self.listener is not None:
+            self.listener(Phase(name, total))
+
+    def forward(self, event: Event) -> None:
+        """Pass on an event that arrived from a child process."""
+        if self.listener is not None:
+            self.listener(event)
+
+    def each_file(self, files: Iterable[T]) -> Iterator[T]:
+        """*files* one by one, telling the listener which of how many is next."""
+        files = list(files)
+        for number, file in enumerate(files, 1):
+            self.forward(File(number, len(files)))
+            yield file
 
 
-def advance(nbytes: int) -> None:
-    """*nbytes* more of the current phase are done."""
-    if _listener is not None:
-        _listener(nbytes)
-
-
-def begin(name: str, total: int) -> None:
-    """Phase *name* begins; it will read or write *total* bytes."""
-    if _listener is not None:
-        _listener(Phase(name, total))
-
-
-def forward(event: Event) -> None:
-    """Pass on an event that arrived from a child process."""
-    if _listener is not None:
-        _listener(event)
-
-
-def each_file(files: Iterable[T]) -> Iterator[T]:
-    """*files* one by one, telling the listener which of how many is next."""
-    files = list(files)
-    for number, file in enumerate(files, 1):
-        if _listener is not None:
-            _listener(File(number, len(files)))
-        yield file
-
-
-@contextmanager
-def listening(listener: Listener | None) -> Iterator[None]:
-    """Call *listener*(event) as work is done, while the block runs."""
-    global _listener
-    before, _listener = _listener, listener
-    try:
-        yield
-    finally:
-        _listener = before
-
-
-def relay(send: Listener) -> None:
-    """Report to *send* instead (in a child process, whose parent owns the display), if
-    anyone was listening."""
-    global _listener
-    if _listener is not None:
-        _listener = send
+SILENT = Progress()  # reports to nobody (the default where no one listens)
 
 
 class Tally:

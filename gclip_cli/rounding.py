@@ -33,8 +33,23 @@ from . import kernels
 
 _F64_MANTISSA_BITS = 52
 _SPLITTER = float(2**27 + 1)  # Veltkamp: splits a float64 into two 26-bit halves
-_SPLIT_LIMIT = 2.0**995  # beyond this v * _SPLITTER overflows: scale the block down first
-_SPLIT_SCALE = 2.0**-64
+# Dekker's product v * hi - fl(v * hi) is exact while v * _SPLITTER does not overflow and no
+# partial product (down to 2**-106 of |v * hi|) falls below float64's smallest subnormal; the
+# final sum must not overflow either.  Values whose products lie outside these bounds, and all
+# values for factors outside _SPLIT_FACTORS (where lo is no longer 53 bits), go through
+# _scale_float64_wide, which works at unit scale.
+_SPLIT_LIMIT = 2.0**995
+_SPLIT_PRODUCTS = (2.0**-960, 2.0**1020)
+_SPLIT_FACTORS = (2.0**-900, 2.0**900)
+# The double-double product is within 2**-104 of v * q.  Rounding it is decided where it moves
+# by no more than the rounding of its low part moved by this fraction of itself (see
+# _round_decided): else the value is one of the very rare ones within 2**-96 of a midpoint,
+# recomputed exactly.
+_DECIDE_MARGIN = 2.0**-44
+_SMALLEST_NORMAL = 2.0**-1022
+_LARGEST = float(np.finfo(np.float64).max)
+_FLOAT64 = np.dtype(np.float64)
+_INF_BITS = 0x7FF0000000000000
 _NEAR = 2  # float64 units around a midpoint that count as too close to call
 _MAGNITUDE_BITS = (1 << 63) - 1  # all but the sign bit: the bits of |x|, ordered like |x|
 # A float64 product of normal values is off by at most 2**-53 of itself: a factor 2**-50 away
@@ -49,30 +64,70 @@ _UNDECIDED_ROOM = 4096  # values the compiled kernel notes before handing back (
 
 @dataclass(frozen=True)
 class ScaleFactor:
-    """The exact factor q, its double-double form hi + lo (hi = q rounded to nearest), and
-    the floats *below* and *above* that bracket it for the narrow types (see _scale_bracketed)."""
+    """The exact factor q, its double-double form hi + lo (hi = q rounded to nearest: 0.0 or
+    inf where q lies beyond float64's range), the same at unit scale (*wide*: q = (mantissa_hi
+    + mantissa_lo) * 2**exponent, 0.5 <= mantissa_hi < 1, whatever the size of q), whether q
+    is *short* (53 significant bits at most: then float64 products are exact double-doubles,
+    and a tie is a true tie) and the floats *below* and *above* that bracket it for the narrow
+    types (see _scale_bracketed)."""
 
     exact: Fraction
     hi: float = field(init=False)
     lo: float = field(init=False)
+    wide: tuple[float, float, int] = field(init=False)
+    short: bool = field(init=False)
     below: float = field(init=False)
     above: float = field(init=False)
 
     def __post_init__(self) -> None:
-        hi = float(self.exact)  # Fraction -> float is correctly rounded
+        hi = _to_float(self.exact)  # Fraction -> float is correctly rounded
+        lo = float(self.exact - Fraction(hi)) if math.isfinite(hi) else 0.0
+        wide = _unit_scale(self.exact)
         object.__setattr__(self, "hi", hi)
-        object.__setattr__(self, "lo", float(self.exact - Fraction(hi)))
-        object.__setattr__(self, "below", float(self.exact * (1 - _BRACKET_MARGIN)))
-        object.__setattr__(self, "above", float(self.exact * (1 + _BRACKET_MARGIN)))
+        object.__setattr__(self, "lo", lo)
+        object.__setattr__(self, "wide", wide)
+        object.__setattr__(self, "short", Fraction(wide[0]) * Fraction(2) ** wide[2] == self.exact)
+        object.__setattr__(self, "below", _to_float(self.exact * (1 - _BRACKET_MARGIN)))
+        object.__setattr__(self, "above", _to_float(self.exact * (1 + _BRACKET_MARGIN)))
 
     def brackets(self, dtype: np.dtype) -> bool:
         """Whether values of *dtype* can be scaled by bracketing (see _scale_bracketed)."""
         low, high = _BRACKET_RANGE
         return dtype.newbyteorder("=") in _CORRECTLY_ROUNDED and low <= self.hi <= high
 
+    @property
+    def splits(self) -> bool:
+        """Whether hi and lo hold q to 106 bits and float64 values can be multiplied by them
+        directly (see _scale_float64)."""
+        low, high = _SPLIT_FACTORS
+        return low <= self.hi <= high
+
     @classmethod
     def of(cls, value: float) -> ScaleFactor:
         return cls(Fraction(value))
+
+
+def _to_float(exact: Fraction) -> float:
+    """*exact* rounded to the nearest float64; inf beyond its range."""
+    try:
+        return float(exact)
+    except OverflowError:
+        return math.inf
+
+
+def _unit_scale(exact: Fraction) -> tuple[float, float, int]:
+    """(mantissa_hi, mantissa_lo, exponent): exact = (hi + lo) * 2**exponent to 106 bits,
+    0.5 <= hi < 1 (or all 0 for 0)."""
+    if not exact:
+        return 0.0, 0.0, 0
+    exponent = exact.numerator.bit_length() - exact.denominator.bit_length()
+    unit = exact / Fraction(2) ** exponent
+    if unit >= 1:
+        unit, exponent = unit / 2, exponent + 1
+    elif unit < Fraction(1, 2):
+        unit, exponent = unit * 2, exponent - 1
+    hi = float(unit)
+    return hi, float(unit - Fraction(hi)), exponent
 
 
 class ScratchBuffers:
@@ -115,7 +170,7 @@ def scale(src: np.ndarray, dst: np.ndarray, factor: ScaleFactor, scratch: Scratc
         buffers = scratch.take(src[part].size)
         n = len(buffers[0])
         if wide:
-            _scale_float64(src[part], dst[part], factor, *buffers)
+            _scale_float64(src[part], dst[part], factor, buffers, scratch.flags(n)[0])
         elif bracketed:
             narrow, differ = scratch.narrow(n, src.dtype), scratch.flags(n)[0]
             _scale_bracketed(src[part], dst[part], factor, *buffers[:2], narrow, differ)
@@ -127,25 +182,127 @@ def _scale_float64(
     v: np.ndarray,
     out: np.ndarray,
     factor: ScaleFactor,
-    x: np.ndarray,
-    p: np.ndarray,
-    head: np.ndarray,
-    tail: np.ndarray,
-    err: np.ndarray,
-    tmp: np.ndarray,
+    buffers: list[np.ndarray],
+    undecided: np.ndarray,
 ) -> None:
-    np.copyto(x, v)
-    peak = float(np.max(np.abs(x, out=tmp), initial=0.0))
-    rescale = math.isfinite(peak) and peak > _SPLIT_LIMIT
-    if rescale:
-        x *= _SPLIT_SCALE  # exact: a power of two, far from underflow at this magnitude
-    np.multiply(x, factor.hi, out=p)  # p = fl(v * hi)
-    _product_error(x, factor.hi, p, err, head, tail, tmp)
-    err += np.multiply(x, factor.lo, out=tmp)  # the factor's own error, v * lo
-    p += err  # the one rounding of the (nearly) exact product
-    if rescale:
-        p /= _SPLIT_SCALE
-    np.copyto(out, p)
+    """Scale float64 *v* into *out*: the double-double product p + err, rounded once.  Values
+    whose products leave the range where that is exact go through _scale_float64_wide, the
+    very rare ones too close to a midpoint for either through fractions."""
+    x, p, err, result, work, tmp = buffers
+    if v.dtype.isnative and v.flags.aligned and not np.may_share_memory(v, out):
+        x = v  # read as it is: out is written last, so v stays as it was throughout
+    else:
+        np.copyto(x, v)  # exact; also keeps v for recomputing when out is v
+    outside = _outside_split_range(x, factor, tmp) if factor.splits else np.arange(x.size)
+    with np.errstate(over="ignore", invalid="ignore"):  # values outside are redone below
+        np.multiply(x, factor.hi, out=p)  # p = fl(v * hi)
+        _product_error(x, factor.hi, p, err, result, work, tmp)
+        err += np.multiply(x, factor.lo, out=tmp)  # the factor's own error, v * lo
+        _round_decided(p, err, result, tmp, undecided, exact=factor.short)
+    redo = np.flatnonzero(undecided) if undecided.any() else outside[:0]
+    if outside.size:
+        wide, unsure = _scale_float64_wide(x[outside], factor)
+        result[outside] = wide
+        redo = np.union1d(np.setdiff1d(redo, outside), outside[unsure])
+    redo = redo[np.isfinite(x[redo])]  # NaN/Inf are their callers' to handle
+    for index, value in zip(redo.tolist(), x[redo].tolist(), strict=True):
+        result[index] = round_exact(Fraction(value) * factor.exact, _FLOAT64)
+    np.copysign(result, x, out=out)  # v * q has v's sign (q > 0), zeros too
+
+
+def _round_decided(
+    p: np.ndarray,
+    err: np.ndarray,
+    result: np.ndarray,
+    tmp: np.ndarray,
+    undecided: np.ndarray,
+    exact: bool,
+) -> None:
+    """result = fl(p + err), and which results v * q may round away from: those that moving
+    err by _DECIDE_MARGIN of itself, either way, changes (v * q lies within that move).  None
+    where p + err is *exact*ly v * q (then even a tie is one)."""
+    if exact:
+        np.add(p, err, out=result)
+        undecided[...] = False
+        return
+    np.multiply(err, 1.0 + _DECIDE_MARGIN, out=tmp)
+    np.add(p, tmp, out=result)
+    np.multiply(err, 1.0 - _DECIDE_MARGIN, out=tmp)
+    np.add(p, tmp, out=tmp)
+    np.not_equal(result, tmp, out=undecided)
+
+
+def _outside_split_range(x: np.ndarray, factor: ScaleFactor, work: np.ndarray) -> np.ndarray:
+    """The indices of the finite, non-zero values whose products _scale_float64 cannot take
+    directly (see _SPLIT_PRODUCTS); in the usual case found to be none from the block's
+    largest and smallest non-zero magnitudes alone."""
+    if not x.size:
+        return np.arange(0)
+    low, high = _SPLIT_PRODUCTS
+    np.abs(x, out=work)
+    top = float(np.maximum.reduce(work))
+    smallest = float(np.minimum.reduce(work))
+    if smallest == 0.0:  # the smallest non-zero one, then
+        bits = work.view(np.uint64)
+        bits -= np.uint64(1)  # 0 wraps around to the largest
+        least = int(np.minimum.reduce(bits)) + 1  # 2**64 when every value is 0
+        smallest = float(np.array(least % 2**64 or _INF_BITS, np.uint64).view(np.float64))
+    if top <= _SPLIT_LIMIT and top * factor.hi <= high and smallest * factor.hi >= low:
+        return np.arange(0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitude = np.abs(x)
+        product = magnitude * factor.hi
+        outside = (magnitude > _SPLIT_LIMIT) | (product > high) | (product < low)
+    return np.flatnonzero(outside & np.isfinite(magnitude) & (magnitude > 0.0))
+
+
+def _scale_float64_wide(x: np.ndarray, factor: ScaleFactor) -> tuple[np.ndarray, np.ndarray]:
+    """x * q rounded to nearest for finite float64 *x* of any magnitude and a factor of any
+    size, down to subnormal results (and inf beyond the largest float64); and which results
+    are undecided (too close to a midpoint: to recompute exactly).
+
+    Works at unit scale: x = m * 2**e, q = (hi + lo) * 2**shift, and m * (hi + lo) as a
+    double-double within [0.25, 1), far from under- or overflow; then rounds that once, to
+    53 bits where the result is normal, to the subnormal spacing where it is not.
+    """
+    hi, lo, shift = factor.wide
+    exact = factor.short
+    mantissa, exponent = np.frexp(x)
+    p = mantissa * hi
+    err = np.empty_like(p)
+    _product_error(mantissa, hi, p, err, *(np.empty_like(p) for _ in range(3)))
+    err += mantissa * lo
+    result, undecided = np.empty_like(p), np.empty(p.size, dtype=bool)
+    _round_decided(p, err, result, np.empty_like(p), undecided, exact)
+    # beyond these every result is 0 or inf: clamping keeps the powers of two finite
+    scale = np.clip(exponent.astype(np.int64) + shift, -1077, 1100)
+    with np.errstate(over="ignore"):
+        wide = np.ldexp(result, scale)
+    small = np.flatnonzero(np.abs(wide) < _SMALLEST_NORMAL)
+    if small.size:
+        total = p[small] + err[small]
+        low = err[small] - (total - p[small])  # p + err = total + low exactly (Fast2Sum)
+        wide[small], undecided[small] = _round_to_subnormal(total, low, scale[small], exact)
+    return wide, undecided
+
+
+def _round_to_subnormal(
+    total: np.ndarray, low: np.ndarray, scale: np.ndarray, exact: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(total + low) * 2**scale rounded to a multiple of float64's smallest subnormal, ties to
+    even, for products below the normal range (|total| < 1, |low| at most half its last
+    place); and which are undecided: on a midpoint, with a *low* too small to tell the side
+    (unless total + low is *exact*)."""
+    step = np.ldexp(1.0, -1074 - scale)  # the subnormal spacing at unit scale: >= 2 ulps
+    magnitude = np.abs(total)
+    lacking = np.where(total < 0, -low, low)  # what |total| lacks of the exact magnitude
+    base = np.ldexp(1.0, 52) * step  # adding it rounds to a multiple of step, ties to even
+    rounded = (magnitude + base) - base
+    midpoint = np.abs(magnitude - rounded) == step / 2  # the difference is exact
+    side = midpoint & (lacking != 0.0)
+    rounded[side] = magnitude[side] + np.copysign(step[side] / 2, lacking[side])
+    undecided = midpoint & ~exact & (np.abs(lacking) <= magnitude * 2.0**-100)
+    return np.ldexp(rounded, scale), undecided
 
 
 def _product_error(
@@ -226,7 +383,7 @@ def _scale_narrow(
     product, work = wide
     info = ml_dtypes.finfo(v.dtype)
     np.copyto(product, v, casting="unsafe")  # one plain cast: faster than casting inside *
-    product *= factor.hi
+    product *= min(factor.hi, _LARGEST)  # a factor beyond float64 overflows all but 0 * q
     suspects = np.flatnonzero(_near_midpoint(product, info, work, *flags))
     originals = v[suspects].astype(np.float64)  # before *out*, which may be *v*, is written
     _store_nearest(out, product)
@@ -360,9 +517,13 @@ def round_to_odd_float32(wide: np.ndarray) -> np.ndarray:
 
 
 def round_exact(exact: Fraction, dtype: np.dtype) -> np.generic:
-    """The value of *dtype* nearest to *exact*, ties to the one with an even last bit."""
-    guess = dtype.type(float(exact))
+    """The value of *dtype* nearest to *exact*, ties to the one with an even last bit (beyond
+    the largest value and half its step, what *dtype* overflows to: inf, or NaN)."""
+    with np.errstate(over="ignore"):
+        guess = dtype.type(_to_float(exact))
     info = ml_dtypes.finfo(dtype)
+    if not np.isfinite(float(guess)):
+        return _overflowed(exact, dtype, guess)
     candidates = (
         np.nextafter(guess, dtype.type(info.min)),
         guess,
@@ -373,3 +534,16 @@ def round_exact(exact: Fraction, dtype: np.dtype) -> np.generic:
         candidates,
         key=lambda c: (abs(Fraction(float(c)) - exact), int(np.array(c).view(uint)) & 1),
     )
+
+
+def _overflowed(exact: Fraction, dtype: np.dtype, guess: np.generic) -> np.generic:
+    """*guess* (inf, or NaN for types without inf: *exact* converted through float64), or the
+    largest value of *dtype* where *exact* lies below the midpoint beyond it (from there on
+    IEEE rounds to infinity; through float64 a value just below can land on it)."""
+    largest = dtype.type(ml_dtypes.finfo(dtype).max)
+    uint = np.dtype(f"u{dtype.itemsize}")
+    below = (np.array(largest, dtype=dtype).view(uint) - 1).astype(uint).view(dtype)[()]
+    limit = Fraction(float(largest)) + (Fraction(float(largest)) - Fraction(float(below))) / 2
+    if abs(exact) < limit:
+        return largest if exact > 0 else -largest
+    return guess

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import asdict, dataclass
+from typing import Protocol, TypeVar
 
 from .errors import UsageError
-from .report import Report, TensorReport
+from .norms import p_norm_of
 
 SORT_KEYS = ("name", "norm", "size", "file")
 LAYER_SORT_KEYS = ("name", "norm", "size")  # a layer's tensors may lie in several files
@@ -31,6 +31,9 @@ class View:
             check_layer_sort(self.sort)
 
 
+PLAIN = View()  # tensors as in the file
+
+
 @dataclass(frozen=True)
 class LayerReport:
     name: str
@@ -39,8 +42,33 @@ class LayerReport:
     norm: float | None
     share: float | None
 
+    def to_dict(self) -> dict:
+        norm = self.norm if self.norm is not None and math.isfinite(self.norm) else None
+        return asdict(self) | {"norm": norm}
 
-Row = TypeVar("Row", TensorReport, LayerReport)
+
+class Tensor(Protocol):
+    """What views read of a report's tensor."""
+
+    name: str
+    file: str | None
+    numel: int
+    nbytes: int
+    norm: float | None
+    share: float | None
+
+
+class Report(Protocol):
+    """What views read of a report."""
+
+    norm_type: float
+    tensors: Sequence[Tensor]
+
+    @property
+    def counted(self) -> Sequence[Tensor]: ...
+
+
+Row = TypeVar("Row", Tensor, LayerReport)
 
 
 def natural_key(text: str) -> tuple[object, ...]:
@@ -48,7 +76,7 @@ def natural_key(text: str) -> tuple[object, ...]:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
-def sort_tensors(report: Report, key: str | None, top: int | None) -> list[TensorReport]:
+def sort_tensors(report: Report, key: str | None, top: int | None) -> list[Tensor]:
     """The report's tensors in file order, or sorted by *key* (size: bytes), cut to the *top* N."""
     return _sorted_cut(report.tensors, key, top, size=lambda tensor: tensor.nbytes)
 
@@ -61,7 +89,7 @@ def sort_layers(
     return _sorted_cut(layers, key, top, size=lambda layer: layer.numel)
 
 
-def tensor_rows(report: Report, view: View) -> list[TensorReport]:
+def tensor_rows(report: Report, view: View) -> list[Tensor]:
     """The tensors *view* shows, in its order."""
     return sort_tensors(report, view.sort, view.top)
 
@@ -123,7 +151,7 @@ def layer_of(name: str, depth: int | None = None) -> str:
 
 def by_layer(report: Report, depth: int | None = None) -> list[LayerReport]:
     """Counted tensors grouped by layer, in natural order of the layer names."""
-    groups: dict[str, list[TensorReport]] = {}
+    groups: dict[str, list[Tensor]] = {}
     for tensor in report.counted:
         groups.setdefault(layer_of(tensor.name, depth), []).append(tensor)
     return [
@@ -141,12 +169,10 @@ def by_layer(report: Report, depth: int | None = None) -> list[LayerReport]:
 
 
 def _combined_norm(norms: Sequence[float | None], p: float) -> float | None:
-    """The p-norm of tensors taken together, from their norms (scaled: no overflow)."""
+    """The p-norm of tensors taken together, from their norms (scaled: no overflow or
+    underflow; inf where it exceeds float64's range)."""
     if any(n is None for n in norms):
         return None
     if any(math.isnan(n) for n in norms):
         return math.nan
-    top = max(norms, default=0.0)
-    if math.isinf(p) or top == 0.0 or math.isinf(top):
-        return top
-    return top * math.fsum((n / top) ** p for n in norms) ** (1.0 / p)
+    return p_norm_of(((1, n) for n in norms), p)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -54,6 +56,24 @@ def read_tensors(path: Path, fmt: str) -> dict[str, np.ndarray]:
             lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
         )
     return out
+
+
+def release_readers(fifo: Path, seconds: float = 5.0) -> threading.Thread:
+    """Open *fifo* for writing, and close it, once a reader waits on it (within *seconds*):
+    a reader that waits for a writer gets an empty file instead of hanging the test."""
+
+    def writer() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # ENXIO: no reader yet
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    return thread
 
 
 def exact_norm(arrays: list[np.ndarray], p: float = 2.0) -> float:
@@ -112,7 +132,8 @@ def exactly_scaled(values: np.ndarray, q: Fraction) -> np.ndarray:
 
 def expected_scaled(values: np.ndarray, report) -> np.ndarray:
     """What rescale must have written for *values*, given its report."""
-    q = Fraction(report.max_norm) / (Fraction(report.global_norm) + Fraction(report.eps))
+    strategy = report.strategy  # GlobalNorm
+    q = Fraction(strategy.max_norm) / (Fraction(report.global_norm) + Fraction(strategy.eps))
     return exactly_scaled(values, q)
 
 
@@ -152,3 +173,22 @@ def progress_by_phase(events) -> list[tuple[str, int, int]]:
             name, total, done = phases[-1]
             phases[-1] = (name, total, done + event)
     return phases
+
+
+class CoreOnly:
+    """A tensor file with the core protocol only (formats/base.py's TensorFile, none of its
+    capabilities): the open file *tfile* through its reader's core methods.  For formats whose
+    write_transformed completes the output alone (not Checksummed ones)."""
+
+    def __init__(self, tfile) -> None:
+        self._tfile = tfile
+        self.path, self.format_name, self.tensors = tfile.path, tfile.format_name, tfile.tensors
+
+    def read_chunks(self, tensor, chunk_bytes):
+        return self._tfile.read_chunks(tensor, chunk_bytes)
+
+    def write_transformed(self, out, transform, chunk_bytes, leave=frozenset()):
+        self._tfile.write_transformed(out, transform, chunk_bytes, leave)
+
+    def close(self) -> None:
+        self._tfile.close()

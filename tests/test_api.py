@@ -1,5 +1,6 @@
 import functools
 import math
+import os
 import tracemalloc
 
 import ml_dtypes
@@ -18,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gclip_cli
+import gclip_cli.pipeline
 from gclip_cli import NonFiniteError, OutputError, UsageError
+from gclip_cli.options import Options
 
 try:
     import torch
@@ -83,13 +86,10 @@ def test_within_max_norm_the_output_is_the_input_byte_for_byte(make_file, fmt, t
 
 
 def test_progress_of_a_rescale_that_copies_says_so_and_counts_the_file(make_file, fmt, tmp_path):
-    from gclip_cli import progress
-
     tensors = sample_tensors()
     src = make_file(fmt, tensors)
     seen = []
-    with progress.listening(seen.append):
-        gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1e6)
+    gclip_cli.rescale_file(src, tmp_path / f"out{SUFFIX[fmt]}", max_norm=1e6, progress=seen.append)
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
     size = src.stat().st_size
     assert progress_by_phase(seen) == [
@@ -107,8 +107,7 @@ def test_progress_tells_which_of_several_files_is_read(make_file, tmp_path):
     history = functools.partial(gclip_cli.api.history_of, as_given=True)  # one step tensor
     for run in (gclip_cli.inspect_files, history):
         seen = []
-        with progress.listening(seen.append):
-            run(files)
+        run(files, progress=seen.append)
         positions = [e for e in seen if isinstance(e, progress.File)]
         assert positions == [progress.File(n, len(FORMATS)) for n in range(1, len(FORMATS) + 1)]
         assert progress_by_phase(seen) == [("measuring", float_bytes, float_bytes)] * len(FORMATS)
@@ -148,7 +147,7 @@ def test_chunk_size_does_not_change_a_single_output_byte(make_file, fmt, tmp_pat
     outputs = []
     for chunk in (1000, 4096, 100_003, 64 << 20):
         out = tmp_path / f"out{chunk}{SUFFIX[fmt]}"
-        report = gclip_cli.rescale_file(src, out, max_norm=0.5, chunk_size=chunk)
+        report = gclip_cli.rescale_file(src, out, max_norm=0.5, options=Options(chunk_size=chunk))
         outputs.append((report.global_norm, report.global_norm_after, out.read_bytes()))
     assert all(o == outputs[0] for o in outputs)
 
@@ -189,10 +188,10 @@ def test_rescale_properties(tmp_path_factory, tensors, fmt, max_norm, chunk):
     out, again, other = (folder / f"{n}{SUFFIX[fmt]}" for n in ("out", "again", "other"))
     if not any(v.dtype.kind == "f" for v in tensors.values()):  # nothing a norm could count
         with pytest.raises(gclip_cli.InputError, match="no floating-point tensor"):
-            gclip_cli.rescale_file(src, out, max_norm=max_norm, chunk_size=chunk)
+            gclip_cli.rescale_file(src, out, max_norm=max_norm, options=Options(chunk_size=chunk))
         assert not out.exists()
         return
-    report = gclip_cli.rescale_file(src, out, max_norm=max_norm, chunk_size=chunk)
+    report = gclip_cli.rescale_file(src, out, max_norm=max_norm, options=Options(chunk_size=chunk))
     written = read_tensors(out, fmt)
     u = unit_roundoff(tensors)
 
@@ -213,12 +212,14 @@ def test_rescale_properties(tmp_path_factory, tensors, fmt, max_norm, chunk):
             )
 
     # clipping the clipped file again changes nothing at all
-    second = gclip_cli.rescale_file(out, again, max_norm=max_norm, chunk_size=chunk)
+    second = gclip_cli.rescale_file(
+        out, again, max_norm=max_norm, options=Options(chunk_size=chunk)
+    )
     assert not second.clipped
     assert again.read_bytes() == out.read_bytes()
 
     # and the chunk size never matters
-    gclip_cli.rescale_file(src, other, max_norm=max_norm, chunk_size=chunk * 7 + 3)
+    gclip_cli.rescale_file(src, other, max_norm=max_norm, options=Options(chunk_size=chunk * 7 + 3))
     assert other.read_bytes() == out.read_bytes()
 
 
@@ -226,7 +227,7 @@ def test_rescale_properties(tmp_path_factory, tensors, fmt, max_norm, chunk):
 
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed: pip install torch==2.13.0")
-@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 3.0])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 3.0, 0.5, 7.5])
 def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_type):
     rng = np.random.default_rng(11)
     tensors = {
@@ -242,12 +243,25 @@ def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_
 
     out = tmp_path / f"out{SUFFIX[fmt]}"
     report = gclip_cli.rescale_file(
-        make_file(fmt, tensors), out, max_norm=1.0, norm_type=norm_type, eps=1e-6
+        make_file(fmt, tensors), out, max_norm=1.0, eps=1e-6, options=Options(norm_type=norm_type)
     )
     assert report.global_norm == pytest.approx(torch_norm, rel=1e-12)
     written = read_tensors(out, fmt)
     for name, param in zip(tensors, params, strict=True):
         np.testing.assert_allclose(written[name], param.grad.numpy(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [1075.0, 1e300])
+def test_huge_p_where_torch_overflows_clips_by_the_exact_norm(make_file, tmp_path, norm_type):
+    # torch raises |x|**p to float64 as it is: 4**1075 overflows, its norm is inf and
+    # clip_grad_norm_ zeroes the gradients; the norm is 4 (2**1075 and 1 relative to it vanish)
+    values = np.array([4.0, -2.0, 1.0])
+    out = tmp_path / "out.npz"
+    report = gclip_cli.rescale_file(
+        make_file("npz", {"g": values}), out, max_norm=1.0, options=Options(norm_type=norm_type)
+    )
+    assert report.global_norm == 4.0
+    assert read_tensors(out, "npz")["g"].tolist() == [1.0, -0.5, 0.25]
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -256,8 +270,8 @@ def test_matches_torch_clip_grad_norm_on_float64(make_file, fmt, tmp_path, norm_
 def peak_traced_memory(fmt, src, out, chunk) -> int:
     tracemalloc.start()
     try:
-        gclip_cli.inspect_file(src, chunk_size=chunk)
-        gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=chunk)
+        gclip_cli.inspect_file(src, options=Options(chunk_size=chunk))
+        gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(chunk_size=chunk))
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -292,7 +306,9 @@ def nonfinite_tensors() -> dict[str, np.ndarray]:
 def test_nonfinite_zero_counts_them_as_zero_and_writes_zero(make_file, fmt, tmp_path):
     tensors = nonfinite_tensors()
     out = tmp_path / f"out{SUFFIX[fmt]}"
-    report = gclip_cli.rescale_file(make_file(fmt, tensors), out, max_norm=1.0, nonfinite="zero")
+    report = gclip_cli.rescale_file(
+        make_file(fmt, tensors), out, max_norm=1.0, options=Options(nonfinite="zero")
+    )
     zeroed = {k: np.where(np.isfinite(v), v, 0).astype(v.dtype) for k, v in tensors.items()}
     assert report.global_norm == pytest.approx(exact_norm(list(zeroed.values())), rel=1e-12)
     assert {t.name: (t.nan, t.inf) for t in report.tensors} == {
@@ -308,7 +324,9 @@ def test_nonfinite_zero_counts_them_as_zero_and_writes_zero(make_file, fmt, tmp_
 
 def test_nonfinite_zero_rewrites_even_when_within_max_norm(make_file, tmp_path):
     src = make_file("npz", {"a": np.array([0.1, np.nan])})
-    report = gclip_cli.rescale_file(src, tmp_path / "o.npz", max_norm=10.0, nonfinite="zero")
+    report = gclip_cli.rescale_file(
+        src, tmp_path / "o.npz", max_norm=10.0, options=Options(nonfinite="zero")
+    )
     assert not report.clipped
     assert read_tensors(tmp_path / "o.npz", "npz")["a"].tolist() == [0.1, 0.0]
 
@@ -317,7 +335,9 @@ def test_nonfinite_keep_writes_them_back_bit_for_bit(make_file, fmt, tmp_path):
     tensors = nonfinite_tensors()
     tensors["a"][1] = np.frombuffer(np.uint32(0x7FC0_1234).tobytes(), np.float32)[0]  # payload
     out = tmp_path / f"out{SUFFIX[fmt]}"
-    report = gclip_cli.rescale_file(make_file(fmt, tensors), out, max_norm=1.0, nonfinite="keep")
+    report = gclip_cli.rescale_file(
+        make_file(fmt, tensors), out, max_norm=1.0, options=Options(nonfinite="keep")
+    )
     finite = [v[np.isfinite(v)] for v in tensors.values()]
     assert report.global_norm == pytest.approx(exact_norm(finite), rel=1e-12)
     written = read_tensors(out, fmt)
@@ -332,6 +352,75 @@ def test_nonfinite_keep_writes_them_back_bit_for_bit(make_file, fmt, tmp_path):
 def test_inspect_with_a_policy_reports_the_finite_norm(make_file):
     src = make_file("safetensors", nonfinite_tensors())
     assert math.isnan(gclip_cli.inspect_file(src).global_norm)
-    report = gclip_cli.inspect_file(src, nonfinite="keep", max_norm=1.0)
+    report = gclip_cli.inspect_file(src, max_norm=1.0, options=Options(nonfinite="keep"))
     assert report.global_norm == pytest.approx(math.sqrt(9 + 16 + 144 + 1 + 4))
     assert report.clipped and report.nonfinite == 3
+
+
+# --- the file measured is the file written from ------------------------------------------------
+
+
+def changed_around(monkeypatch, target: str, change, after: bool = False) -> None:
+    """Make *target* (module.function) call change() before (or *after*) doing its work."""
+    module, name = target.rsplit(".", 1)
+    real = getattr(__import__(module, fromlist=[name]), name)
+
+    def work_and_change(*args, **kwargs):
+        if not after:
+            change()
+        result = real(*args, **kwargs)
+        if after:
+            change()
+        return result
+
+    monkeypatch.setattr(target, work_and_change)
+
+
+def test_an_input_renamed_over_during_pass_1_is_refused_not_half_clipped(
+    make_file, tmp_path, monkeypatch
+):
+    # -j2: pass 1 measured the old file (norm 13); the workers of pass 2 reopen the input by
+    # name and wrote the new one (norm 39) scaled for the old: exit 0, output norm 3.
+    src = make_file("safetensors", {"w": np.array([3.0, 4.0]), "b": np.array([12.0])})
+    newer = make_file("safetensors", {"w": np.array([9.0, 12.0]), "b": np.array([36.0])}, "new")
+    monkeypatch.setattr("gclip_cli.parallel.MIN_PARALLEL_BYTES", 0)
+    rename = lambda: newer.rename(src)  # noqa: E731
+    changed_around(monkeypatch, "gclip_cli.parallel.measure_pieces", rename, after=True)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(gclip_cli.InputError, match="changed while gclip was reading it"):
+        gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(jobs=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda path: os.truncate(path, path.stat().st_size // 2), "size went from"),
+        (lambda path: path.unlink(), "was removed while gclip was reading it"),
+        (lambda path: os.utime(path, ns=(0, path.stat().st_mtime_ns + 1)), "modified"),
+    ],
+)
+def test_an_input_changed_while_it_is_read_is_one_error_and_nothing_written(
+    make_file, fmt, tmp_path, monkeypatch, change, message
+):
+    src = make_file(fmt, {"w": np.arange(4096, dtype=np.float32), "b": np.ones(3)})
+    changed_around(monkeypatch, "gclip_cli.pipeline.measure_tensors", lambda: change(src))
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    with pytest.raises(gclip_cli.InputError, match=message) as refused:
+        gclip_cli.rescale_file(src, out, max_norm=1.0)
+    assert refused.value.path == str(src)
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p != src] == []
+
+
+def test_an_input_unlinked_as_rescale_starts_is_one_error(make_file, tmp_path, monkeypatch):
+    src = make_file("npz", {"w": np.array([3.0, 4.0])})
+    real_check = gclip_cli.pipeline.check_output_path
+
+    def check_then_unlink(*args):  # unlinked between the checks and the work
+        real_check(*args)
+        src.unlink()
+
+    monkeypatch.setattr("gclip_cli.pipeline.check_output_path", check_then_unlink)
+    with pytest.raises(gclip_cli.InputError, match="was removed while gclip was reading it"):
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)
+    assert list(tmp_path.iterdir()) == []

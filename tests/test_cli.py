@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, read_tensors, write_tensors
+from conftest import SUFFIX, exactly_scaled, read_tensors, write_tensors
+from test_norms import reference_norm
 
 from gclip_cli.cli import main
+from gclip_cli.norms import measure
 
 # worked examples of global-norm clipping: (gradients, c, expected result or None for unchanged)
 WORKED_EXAMPLES = [
@@ -335,20 +337,27 @@ def test_sigterm_during_a_write_leaves_no_output(make_file, tmp_path, fmt, optio
         pytest.skip("the machine finished the rescale before the signal arrived")
     assert proc.returncode == 143 and stderr == "gclip: terminated\n", stderr
     assert not out.exists() and leftovers(tmp_path) == []
-    assert not processes_in_group(proc.pid)
+    assert not processes_in_group(proc.pid, wait=10)
 
 
-def processes_in_group(group: int) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[2]) == group:
-                found.append(int(entry.name))
-    return found
+def processes_in_group(group: int, wait: float = 0) -> list[int]:
+    """The live processes of process group *group*, once none is left or *wait* seconds have
+    passed (a worker's own children die with it, a moment later)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(entry.path, "stat").read_text()
+                except OSError:
+                    continue
+                state, _, pgrp = stat.rpartition(")")[2].split()[:3]
+                if int(pgrp) == group and state != "Z":  # a zombie is dead, not yet reaped
+                    found.append(int(entry.name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def test_two_writers_of_one_output_end_with_one_complete_file(make_file, fmt, tmp_path):
@@ -518,8 +527,8 @@ def test_a_closed_pipe_stops_quietly(make_file):
 
 def test_option_choices_match_the_library():
     # the CLI spells them out so that --help need not import numpy; they must not drift
-    from gclip_cli.export import OUTPUT_FORMATS
     from gclip_cli.formats import FORMAT_NAMES
+    from gclip_cli.render.machine import OUTPUT_FORMATS
     from gclip_cli.views import SORT_KEYS
 
     params = {p.name: p for p in main.commands["inspect"].params}
@@ -583,3 +592,350 @@ def test_the_cli_starts_numpy_without_blas_helper_threads(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "1"
+
+
+# --- trust: what gclip did not read, it names or refuses (issue 19) -----------------------------
+
+
+def gclip(*args, **popen) -> subprocess.CompletedProcess:
+    """A real gclip process (text output, no check)."""
+    options = {"capture_output": True, "text": True, "check": False} | popen
+    return subprocess.run([sys.executable, "-m", "gclip_cli", *map(str, args)], **options)
+
+
+def test_a_pytorch_file_is_refused_by_every_command_not_answered_as_empty(tmp_path):
+    import torch
+
+    src = tmp_path / "grads.pt"
+    torch.save({"w": torch.ones(3) * 1e6}, src)
+    for args, code in [
+        (["inspect", src], 3),
+        (["norm", src], 3),
+        (["check", src, "--max-norm", "1e-9"], 2),  # check: every other error is 2
+        (["rescale", src, tmp_path / "out.pt", "--max-norm", "1"], 3),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1
+        assert "is a PyTorch checkpoint" in proc.stderr and str(src) in proc.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_glob_that_matches_nothing_is_a_usage_error_that_shows_the_names(make_file, tmp_path):
+    src = make_file("hdf5", {"model/layers/0/w": np.array([3.0]), "model/layers/1/w": np.ones(1)})
+    for args in (
+        ["check", src, "--max-norm", "1", "--include", "model.layers.12.*"],
+        ["norm", src, "--exclude", "nothing.*"],
+        ["rescale", src, tmp_path / "out.h5", "--max-norm", "1", "--include", "x*"],
+        ["inspect", src, "--include", "x*"],
+    ):
+        proc = gclip(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert "matches no tensor; names look like 'model/layers/0/w'" in proc.stderr
+        assert proc.stdout == ""
+    assert not (tmp_path / "out.h5").exists()
+    # '.' and '/' alike: the safetensors spelling of the pattern selects the HDF5 names
+    assert float(gclip("norm", src, "--include", "model.layers.0.*").stdout) == 3.0
+
+
+def test_nothing_to_count_is_refused_by_norm_check_and_rescale(make_file, fmt, tmp_path):
+    src = make_file(fmt, {"step": np.array(12), "ids": np.arange(3)})
+    out = tmp_path / f"out{SUFFIX[fmt]}"
+    for args, code in [
+        (["norm", src], 3),
+        (["check", src, "--max-norm", "1"], 2),
+        (["rescale", src, out, "--max-norm", "1"], 3),
+        (["clip-value", src, out, "--max-value", "1"], 3),
+        (["norm", make_file(fmt, {"w": np.ones(2)}, "w"), "--exclude", "*"], 2),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert "no floating-point tensor" in proc.stderr or "leave no tensor" in proc.stderr
+    assert not out.exists()
+    # inspect may look, but says that nothing was counted rather than "norm 0"
+    shown = gclip("inspect", src)
+    assert shown.returncode == 0 and "global L2 norm: - (no tensor counted)" in shown.stdout
+    assert json.loads(gclip("inspect", src, "--json").stdout)["global_norm"] is None
+
+
+def test_debug_keeps_the_exit_code(tmp_path):
+    proc = gclip("--debug", "inspect", tmp_path / "missing.npz")
+    assert proc.returncode == 3 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt_", ["table", "json"])
+def test_every_closed_pipe_is_141(make_file, fmt_):
+    src = make_file("npz", {f"t{i}": np.ones(3) for i in range(3000)})
+    for command in (f"inspect {src} --format {fmt_}", f"check {src} --max-norm 1 --json"):
+        proc = subprocess.run(
+            f"{sys.executable} -m gclip_cli {command} | head -c 10; exit ${{PIPESTATUS[0]}}",
+            shell=True,
+            executable="/bin/bash",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 141, (command, proc.stderr)
+        assert proc.stderr == ""
+
+
+def test_nonfinite_values_exit_4_from_every_command_after_the_report(make_file, tmp_path):
+    src = make_file("safetensors", {"a": np.array([1.0, np.nan]), "b": np.array([3.0])})
+    out = tmp_path / "out.safetensors"
+    for args, printed in [
+        (["inspect", src], "non-finite values: 1"),
+        (["inspect", src, "--json"], '"nonfinite": 1'),
+        (["norm", src], "nan"),
+        (["check", src, "--max-norm", "1"], "non-finite"),
+        (["history", src, "--as-given"], "global"),
+        (["rescale", src, out, "--max-norm", "1"], ""),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == 4, (args, proc.stderr)
+        assert printed in proc.stdout
+    assert not out.exists()
+    # a policy that says how to count them takes the command's own code
+    assert gclip("check", src, "--max-norm", "10", "--nonfinite", "zero").returncode == 0
+    assert gclip("inspect", src, "--nonfinite", "keep").returncode == 0
+
+
+def test_standard_input_is_named_stdin_in_reports(make_file, tmp_path):
+    src = make_file("npz", {"a": np.array([3.0, 4.0])})
+    with open(src, "rb") as data:
+        report = json.loads(gclip("inspect", "-", "--json", stdin=data).stdout)
+    assert report["file"] == "<stdin>" and report["files"] == ["<stdin>"]
+    assert {t["file"] for t in report["tensors"]} == {"<stdin>"}
+    with open(src, "rb") as data:
+        table = gclip("inspect", "-", stdin=data).stdout
+    assert table.startswith("<stdin> (npz)") and "gclip-" not in table
+    with open(src, "rb") as data:
+        rescaled = gclip(
+            "rescale", "-", tmp_path / "o.npz", "--max-norm", "1", "--json", stdin=data
+        )
+    assert json.loads(rescaled.stdout)["file"] == "<stdin>"
+    with open(src, "rb") as data:
+        history = json.loads(gclip("history", "-", "--as-given", "--json", stdin=data).stdout)
+    assert [s["file"] for s in history["steps"]] == ["<stdin>"]
+    with open(src, "rb") as data:
+        diff = json.loads(gclip("diff", "-", src, "--json", stdin=data).stdout)
+    assert (diff["file_a"], diff["file_b"]) == ("<stdin>", str(src))
+
+
+def test_a_folder_or_index_given_as_one_file_is_a_usage_error(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_tensors(folder / "model.safetensors", "safetensors", {"w": np.ones(2)})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "model.safetensors"}}))
+    for args, hint in [
+        (["rescale", folder, tmp_path / "o", "--max-norm", "1"], "give --out-dir DIR"),
+        (["rescale", index, tmp_path / "o", "--max-norm", "1"], "give --out-dir DIR"),
+        (["clip-value", index, tmp_path / "o", "--max-value", "1"], "give --out-dir DIR"),
+    ]:
+        proc = gclip(*args)
+        assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_with_out_dir_is_copied_whole(tmp_path):
+    folder, out = tmp_path / "ckpt", tmp_path / "clipped"
+    (folder / "sub").mkdir(parents=True)
+    write_tensors(folder / "model.safetensors", "safetensors", {"w": np.array([3.0, 4.0])})
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_text(f'{{"{name}": 1}}')
+    proc = gclip("rescale", folder, "--out-dir", out, "--max-norm", "1", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    for name in ("config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
+    assert read_tensors(out / "model.safetensors", "safetensors")["w"].tolist() == [0.6, 0.8]
+    told = {line.split(": ")[2]: line for line in proc.stderr.splitlines()}
+    assert set(told) == {str(folder / n) for n in ("config.json", "sub", "tokenizer.json")}
+    assert told[str(folder / "config.json")].endswith("; copied unchanged")
+    assert told[str(folder / "sub")].endswith("; not copied")
+
+
+def test_help_texts_belong_to_their_command():
+    def help_of(command: str) -> str:
+        return " ".join(run(command, "--help").stdout.split())  # unwrapped
+
+    for command in ("norm", "check", "history", "clip-value", "diff"):
+        assert "--eps" not in help_of(command), command
+    assert "max_norm / (norm + eps)" in help_of("inspect")
+    assert "target_norm / (norm + eps)" in help_of("normalize")
+    for command in ("inspect", "norm", "check", "history"):
+        assert "--out-dir" not in help_of(command), command
+    for command in ("rescale", "clip-value", "normalize"):  # every strategy on shards
+        assert "with --out-dir, N files at once" in help_of(command)
+    for option in ("--sort", "--top", "--by-layer"):
+        assert option not in help_of("rescale")
+        assert run("rescale", "a", "b", "--max-norm", "1", option).exit_code == 2
+
+
+def test_an_option_error_names_the_environment_only_when_the_value_came_from_it(make_file):
+    src = make_file("npz", {"a": np.array([3.0])})
+    typed = run("norm", src, "--norm-type", "zero")
+    assert typed.exit_code == 2 and "GCLIP" not in typed.stderr
+    from_env = run("norm", src, env={"GCLIP_NORM_TYPE": "zero"})
+    assert from_env.exit_code == 2 and "$GCLIP_NORM_TYPE" in from_env.stderr
+    typed = run("inspect", src, "--max-norm", "0")
+    assert typed.exit_code == 2 and "GCLIP_MAX_NORM" not in typed.stderr
+
+
+def test_rescale_writes_through_a_symbolic_link_out_as_cp_does(make_file, tmp_path):
+    src = sample(make_file)
+    target = tmp_path / "kept" / "real.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    assert gclip("rescale", src, link, "--max-norm", "1", "-q").returncode == 0
+    direct = tmp_path / "direct.safetensors"
+    assert gclip("rescale", src, direct, "--max-norm", "1", "-q").returncode == 0
+    assert link.is_symlink() and target.read_bytes() == direct.read_bytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["real.safetensors"]
+
+
+def test_rescale_refuses_a_device_or_fifo_out_and_leaves_it_alone(make_file, tmp_path):
+    src = sample(make_file)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for dst in [fifo, *(d for d in ("/dev/null", "/dev/full") if os.path.exists(d))]:
+        kind = os.stat(dst).st_mode
+        result = gclip("rescale", src, dst, "--max-norm", "1", timeout=60)
+        assert result.returncode == 5 and result.stderr.count("\n") == 1, result.stderr
+        assert "regular files only (give - to stream to standard output)" in result.stderr
+        assert os.stat(dst).st_mode == kind
+
+
+def test_outputs_keep_permission_bits_as_cp_does(make_file, tmp_path):
+    src = sample(make_file)
+    src.chmod(0o600)
+    new = tmp_path / "new.safetensors"
+    assert gclip("rescale", src, new, "--max-norm", "1", "-q").returncode == 0
+    assert new.stat().st_mode & 0o777 == 0o600
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"old")
+    existing.chmod(0o640)
+    assert gclip("rescale", src, existing, "--max-norm", "1", "-q").returncode == 0
+    assert existing.stat().st_mode & 0o777 == 0o640 and existing.read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["rescale", "{missing}", "{out}", "--max-norm", "1"],
+        ["rescale", "{missing}", "{out}", "--max-norm", "1", "--per-tensor"],
+        ["rescale", "{missing}", "{out}", "--group", "a*=1"],
+        ["rescale", "{missing}", "--out-dir", "{folder}", "--max-norm", "1"],
+        ["clip-value", "{missing}", "{out}", "--max-value", "1"],
+        ["normalize", "{missing}", "{out}", "--target-norm", "1"],
+    ],
+)
+def test_a_missing_input_is_one_line_exit_3_for_every_rewriting_command(tmp_path, args):
+    missing, out = tmp_path / "gone.safetensors", tmp_path / "out.safetensors"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = gclip(*(a.format(missing=missing, out=out, folder=folder) for a in args))
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == f"gclip: error: {missing}: no such file\n"
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_an_out_name_of_250_bytes_is_written(make_file, tmp_path):
+    src = sample(make_file)
+    out = tmp_path / ("o" * 238 + ".safetensors")
+    result = gclip("rescale", src, out, "--max-norm", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    assert read_tensors(out, "safetensors").keys() == read_tensors(src, "safetensors").keys()
+
+
+def test_an_input_truncated_before_it_is_mapped_is_one_line_exit_3(make_file, tmp_path):
+    src = make_file("safetensors", big_tensors(2))
+    out = tmp_path / "out.safetensors"
+    script = f"""
+import os, sys
+import gclip_cli.pipeline as pipeline
+real = pipeline.measure_tensors
+def truncated_first(*args):
+    os.truncate({str(src)!r}, 4096)  # someone truncates the input as pass 1 begins
+    return real(*args)
+pipeline.measure_tensors = truncated_first
+from gclip_cli.cli import entry_point
+sys.argv = ["gclip", "rescale", {str(src)!r}, {str(out)!r}, "--max-norm", "1"]
+entry_point()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith(f"gclip: error: {src}: changed while gclip was reading it")
+    assert proc.stderr.count("\n") == 1 and "size went from" in proc.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# --- every p, norms beyond float64 (issue 20, items 5 and 6) -------------------------------------
+
+
+def gclip_run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gclip_cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("p", ["1075", "1e300", "inf", "600", "0.5", "1e-5", "1e-300"])
+def test_norm_takes_any_p_without_overflow(make_file, p):
+    values = np.array([4.0, -2.0, 1.0])  # for p = 1075 the norm is 4 (2**1075 underflows)
+    proc = gclip_run("norm", "-p", p, make_file("safetensors", {"g": values}))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert float(proc.stdout) == pytest.approx(reference_norm(values, float(p)), rel=1e-12)
+    assert ("beyond float64" in proc.stderr) == (float(proc.stdout) == float("inf"))
+
+
+def test_a_norm_beyond_float64_is_inf_with_a_note_and_still_clips(make_file, tmp_path):
+    values = np.array([1.5e308, -1.5e308, 1e308])
+    src = make_file("safetensors", {"g": values})
+    norm = gclip_run("norm", src)
+    assert (norm.returncode, norm.stdout.strip()) == (0, "inf")
+    assert "norm is beyond float64's range; the values are finite" in norm.stderr
+    check = gclip_run("check", src, "--max-norm", "1")
+    assert check.returncode == 1 and "inf (beyond float64's range" in check.stdout
+    shown = gclip_run("inspect", src, "--json")
+    data = json.loads(shown.stdout)
+    assert data["global_norm"] is None and data["global_norm_beyond_float64"] is True
+    assert data["tensors"][0]["share"] == 1.0
+    layers = gclip_run("inspect", src, "--by-layer", "-p", "1e-5")
+    assert layers.returncode == 0 and "beyond float64" in layers.stdout
+    out = tmp_path / "out.safetensors"
+    clipped = gclip_run("rescale", src, out, "--max-norm", "1", "--json")
+    assert clipped.returncode == 0, clipped.stderr
+    report = json.loads(clipped.stdout)
+    assert report["clipped"] and report["global_norm_after"] == pytest.approx(1.0, rel=1e-15)
+    exact = measure(values).finite_norm_exact()
+    assert np.array_equal(read_tensors(out, "safetensors")["g"], exactly_scaled(values, 1 / exact))
+
+
+@pytest.mark.parametrize(
+    "command", [["inspect"], ["norm"], ["check", "--max-norm", "1"], ["rescale", "-", "-"]]
+)
+def test_numpy_warnings_never_reach_stderr(tmp_path, command):
+    """A signalling NaN cast to float64 made numpy print a two-line RuntimeWarning."""
+    signalling_nan = np.array([0x7F800001, 0x3F800000], dtype="<u4").view("<f4")
+    src = write_tensors(tmp_path / "in.safetensors", "safetensors", {"w": signalling_nan})
+    args = [command[0], str(src), *command[1:]]
+    if command[0] == "rescale":
+        args = [*command, "--max-norm", "1"]
+    for debug in ([], ["--debug"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gclip_cli", *debug, *args],
+            stdin=src.open("rb"),
+            capture_output=True,
+        )
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 4, stderr
+        if debug:
+            assert "RuntimeWarning" in stderr  # --debug shows them
+        else:
+            assert "Warning" not in stderr and stderr.count("\n") <= 1, stderr

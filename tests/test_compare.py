@@ -4,17 +4,20 @@ import json
 import math
 import subprocess
 import sys
+from contextlib import closing
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, exact_norm, neighbours, read_tensors
+from conftest import SUFFIX, CoreOnly, exact_norm, neighbours, read_tensors, write_tensors
 
 import gclip_cli
+from gclip_cli import compare
 from gclip_cli.api import diff_files
 from gclip_cli.cli import main
 from gclip_cli.compare import pair_by_name
-from gclip_cli.formats import TensorInfo
+from gclip_cli.formats import TensorInfo, open_file
+from gclip_cli.options import Options
 
 
 def exact(arrays: list[np.ndarray]):
@@ -49,7 +52,7 @@ def statuses(diff) -> dict[str, str]:
 def test_identical_files_are_the_same_and_exit_0(make_file, fmt, tmp_path):
     grads = gradients()
     a, b = make_file(fmt, grads, "a"), make_file(fmt, grads, "b")
-    diff = diff_files(a, b, chunk_size=1000)
+    diff = diff_files(a, b, options=Options(chunk_size=1000))
     assert diff.same and set(statuses(diff).values()) == {"same"}
     assert diff.counts == {
         "compared": 5,
@@ -140,8 +143,8 @@ def test_equal_names_pair_before_names_alike():
 def test_after_rescale_every_cosine_is_1_and_every_ratio_the_factor(make_file, fmt, tmp_path):
     src = make_file(fmt, gradients())
     out = tmp_path / f"out{SUFFIX[fmt]}"
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=4096)
-    diff = diff_files(src, out, chunk_size=1000)
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(chunk_size=4096))
+    diff = diff_files(src, out, options=Options(chunk_size=1000))
     floats = [t for t in diff.tensors if t.name != "step"]
     assert {t.status for t in floats} == {"differs"} and statuses(diff)["step"] == "same"
     for t in floats:
@@ -154,7 +157,9 @@ def test_cosine_and_ratio_match_numpy_across_formats(make_file):
     rng = np.random.default_rng(4)
     a = {"w": rng.standard_normal((30, 7)).astype(np.float32), "only_a": np.ones(2)}
     b = {"w": rng.standard_normal((30, 7)).astype(np.float32), "only_b": np.ones(2)}
-    diff = diff_files(make_file("hdf5", a, "a"), make_file("npz", b, "b"), chunk_size=64)
+    diff = diff_files(
+        make_file("hdf5", a, "a"), make_file("npz", b, "b"), options=Options(chunk_size=64)
+    )
     w = {t.name: t for t in diff.tensors}["w"]
     x, y = a["w"].astype(np.float64).ravel(), b["w"].astype(np.float64).ravel()
     assert w.cosine == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y), rel=1e-12)
@@ -204,7 +209,7 @@ def test_non_float_tensors_compare_by_bytes_or_are_listed_as_not_compared(make_f
     # tensors larger than a chunk are not read whole: listed, counted, and exit 0 is honest
     big = {"ids": np.arange(1000, dtype=np.int32)}
     c, d = make_file(fmt, floats | big, "c"), make_file(fmt, floats | big, "d")
-    diff = diff_files(c, d, chunk_size=1024)
+    diff = diff_files(c, d, options=Options(chunk_size=1024))
     assert statuses(diff) == {"g": "same", "ids": "not compared"}
     assert diff.same and diff.counts["not_compared"] == 1
     proc = gclip("diff", c, d, "--chunk-size", "1K")
@@ -219,10 +224,10 @@ def test_non_float_tensors_compare_by_bytes_or_are_listed_as_not_compared(make_f
 def test_include_and_exclude_leave_tensors_out_of_the_comparison(make_file):
     a = make_file("safetensors", {"x.w": np.ones(2), "y.w": np.ones(2), "n": np.array(1)}, "a")
     b = make_file("hdf5", {"x/w": np.ones(2), "y/w": np.zeros(2), "n": np.array(2)}, "b")
-    diff = diff_files(a, b, include=("x.*",))
+    diff = diff_files(a, b, options=Options(include=("x.*",)))
     assert statuses(diff) == {"x.w": "same", "y.w": "not compared", "n": "not compared"}
     assert diff.same and diff.global_norm_b == math.sqrt(2)
-    assert statuses(diff_files(a, b, exclude=("y.*", "n"))) == statuses(diff)
+    assert statuses(diff_files(a, b, options=Options(exclude=("y.*", "n")))) == statuses(diff)
     assert gclip("diff", a, b, "--include", "x.*").returncode == 0
     assert gclip("diff", a, b).returncode == 1
 
@@ -287,9 +292,22 @@ def test_what_same_means_for_nonfinite_values(make_file, value_a, value_b, zero,
     a = make_file("safetensors", {"g": np.array([1.0, value_a, 3.0])}, "a")
     b = make_file("safetensors", {"g": np.array([1.0, value_b, 3.0])}, "b")
     for policy, expected in (("zero", zero), ("keep", keep)):
-        diff = diff_files(a, b, nonfinite=policy)
+        diff = diff_files(a, b, options=Options(nonfinite=policy))
         assert statuses(diff) == {"g": expected}, policy
         assert gclip("diff", a, b, "--nonfinite", policy).returncode == (
             0 if expected == "same" else 1
         )
     assert gclip("diff", a, b).returncode == 4  # whatever they compare as
+
+
+def test_integers_are_compared_only_where_the_format_reads_whole_arrays(tmp_path):
+    a = write_tensors(tmp_path / "a.safetensors", "safetensors", {"n": np.arange(4)})
+    b = write_tensors(tmp_path / "b.safetensors", "safetensors", {"n": np.arange(4) + 1})
+    with closing(open_file(a)) as fa, closing(open_file(b)) as fb:
+        ta, tb = fa.tensors[0], fb.tensors[0]
+        assert compare._compare_bytes(fa, fb, ta, tb, 1 << 20).status == compare.DIFFERS
+        row = compare._compare_bytes(CoreOnly(fa), fb, ta, tb, 1 << 20)
+    assert (row.status, row.note) == (
+        compare.NOT_COMPARED,
+        "int64: its format reads no whole arrays",
+    )

@@ -7,15 +7,15 @@ from conftest import SUFFIX, progress_by_phase
 
 from gclip_cli.engine import (
     RoundingBound,
-    Scaler,
     clip_factor,
     combine,
+    dividing_norm,
     norm_share,
     rounding_bound,
 )
 from gclip_cli.formats import TensorInfo
 from gclip_cli.norms import NormStats, measure
-from gclip_cli.rounding import ScaleFactor
+from gclip_cli.options import Options
 
 
 @pytest.mark.parametrize(
@@ -71,45 +71,31 @@ def test_combine_skips_non_gradient_entries():
 
 def test_norm_share_is_the_fraction_of_the_sum_of_powers():
     a, b = measure(np.array([3.0])), measure(np.array([4.0]))
-    assert norm_share(a, 5.0) == pytest.approx(9 / 25)
-    assert norm_share(b, 5.0) == pytest.approx(16 / 25)
-    assert norm_share(measure(np.array([3.0]), math.inf), 4.0) is None
-    assert norm_share(NormStats(2.0), 0.0) == 0.0
+    total = combine([a, b], 2.0)
+    assert norm_share(a, total) == pytest.approx(9 / 25)
+    assert norm_share(b, total) == pytest.approx(16 / 25)
+    inf_total = combine([measure(np.array([3.0]), math.inf)], math.inf)
+    assert norm_share(inf_total, inf_total) is None
+    assert norm_share(NormStats(2.0), NormStats(2.0)) == 0.0
 
 
 def _tensor(name: str, dtype) -> TensorInfo:
     return TensorInfo(name, np.dtype(dtype).name, (4,), 16, dtype=np.dtype(dtype))
 
 
-def test_scaler_scales_in_place_and_measures_each_tensor_written():
-    scaler = Scaler(dict.fromkeys(("a", "b"), ScaleFactor.of(0.5)), 2.0)
-    a, b = _tensor("a", np.float32), _tensor("b", np.float64)
-    first = np.array([3.0, 4.0], dtype=np.float32)
-    written = np.empty_like(first)
-    scaler(a, first, written)
-    zeros = np.zeros(2, dtype=np.float32)
-    scaler(a, zeros, zeros)
-    in_place = np.array([6.0, 8.0])
-    scaler(b, in_place, in_place)
-    after = scaler.finish()
-    assert first.tolist() == [3.0, 4.0] and written.tolist() == [1.5, 2.0]
-    assert in_place.tolist() == [3.0, 4.0]
-    assert after["a"].norm() == 2.5
-    assert after["b"].norm() == 5.0
-
-
 def test_each_pass_announces_the_bytes_of_its_gradients_then_does_them(make_file, fmt, tmp_path):
     import gclip_cli
-    from gclip_cli.progress import listening
 
     values = {"w": np.ones(1000, np.float32), "h": np.ones((30, 7), np.float16), "n": np.arange(9)}
     gradient_bytes = values["w"].nbytes + values["h"].nbytes  # not the integers
     src = make_file(fmt, values)
     seen = []
-    with listening(seen.append):
-        gclip_cli.inspect_file(src, chunk_size=1024)
-        inspected = len(seen)
-        gclip_cli.rescale_file(src, tmp_path / f"o{SUFFIX[fmt]}", max_norm=1.0, chunk_size=1024)
+    gclip_cli.inspect_file(src, progress=seen.append, options=Options(chunk_size=1024))
+    inspected = len(seen)
+    out = tmp_path / f"o{SUFFIX[fmt]}"
+    gclip_cli.rescale_file(
+        src, out, max_norm=1.0, progress=seen.append, options=Options(chunk_size=1024)
+    )
     measuring = ("measuring", gradient_bytes, gradient_bytes)
     assert progress_by_phase(seen[:inspected]) == [measuring]
     assert progress_by_phase(seen[inspected:]) == [measuring, ("writing", *measuring[1:])]
@@ -118,10 +104,59 @@ def test_each_pass_announces_the_bytes_of_its_gradients_then_does_them(make_file
 
 def test_the_measuring_phase_counts_only_the_selected_tensors(make_file, fmt):
     import gclip_cli
-    from gclip_cli.progress import listening
 
     values = {"w": np.ones(1000, np.float32), "h": np.ones(70, np.float64)}
     seen = []
-    with listening(seen.append):
-        gclip_cli.inspect_file(make_file(fmt, values), exclude=("h",))
+    gclip_cli.inspect_file(
+        make_file(fmt, values), progress=seen.append, options=Options(exclude=("h",))
+    )
     assert progress_by_phase(seen) == [("measuring", values["w"].nbytes, values["w"].nbytes)]
+
+
+# --- norms beyond float64 and every p (issue 20, items 5 and 6) ----------------------------------
+
+
+@pytest.mark.parametrize("p", [1e-300, 1e-5, 0.5, 2.0, 1075.0, 1e300, math.inf])
+def test_rounding_bound_never_overflows_whatever_p(p):
+    f16, f64 = _tensor("h", np.float16), _tensor("d", np.float64)
+    parts = [measure(np.array([60000.0, 3.0], dtype=np.float16), p), measure(np.array([1e308]), p)]
+    bound = rounding_bound([f16, f64], parts, combine(parts, p))
+    u16 = 2.0**-11  # float16's unit roundoff: the power mean of (1 + u) lies within [1, 1 + u16]
+    assert 0 <= bound.relative <= u16 + 2.0**-48 / max(min(p, 1.0), 2.0**-12)
+    assert bound.absolute >= 2.0**-25  # half a float16 subnormal step, at least
+    if 1075 <= p < math.inf:  # float16's share of the sum of |x|**p is nil: only float64's u
+        assert bound.relative < 2.0**-47
+
+
+def test_rounding_bounds_add_up_as_p_th_powers_below_p_1():
+    # for p < 1 the triangle inequality fails; |a + e|**p <= |a|**p + |e|**p holds instead
+    assert RoundingBound(0.0, 1.0, norm_type=0.5).limit(1.0) == pytest.approx(4.0)
+    assert RoundingBound(0.0, 1.0, norm_type=2.0).limit(1.0) == 2.0
+    assert RoundingBound(0.0, 1e300, norm_type=0.01).limit(1e300) == math.inf
+
+
+def test_clip_factor_divides_by_the_exact_norm_beyond_float64():
+    stats = measure(np.array([1.5e308, 1.5e308, 1e308]))
+    assert stats.finite_norm() == math.inf
+    norm = dividing_norm(stats, stats.finite_norm())
+    squares = sum(Fraction(v) ** 2 for v in (1.5e308, 1.5e308, 1e308))
+    assert isinstance(norm, Fraction) and abs(norm**2 / squares - 1) < 1e-15
+    factor = clip_factor(norm, 1.0)
+    assert factor.exact == 1 / norm and factor.hi == float(1 / norm)  # a subnormal factor
+    assert dividing_norm(measure(np.array([1.0, np.inf])), math.inf) is None
+    assert dividing_norm(stats, 3.0) == 3.0
+
+
+def test_shares_are_taken_of_the_sums_so_norms_beyond_float64_have_them():
+    a, b = measure(np.array([1.5e308, 1.5e308])), measure(np.array([1e308]))
+    total = combine([a, b], 2.0)
+    assert total.finite_norm() == math.inf
+    assert norm_share(a, total) == pytest.approx(4.5 / 5.5, rel=1e-15)
+    assert norm_share(b, total) == pytest.approx(1 / 5.5, rel=1e-15)
+
+
+@pytest.mark.parametrize("p", [1075.0, 1e300])
+def test_shares_for_huge_p_go_to_the_largest_values(p):
+    a, b = measure(np.array([4.0, -4.0, 1.0]), p), measure(np.array([3.9]), p)
+    total = combine([a, b], p)
+    assert norm_share(a, total) == pytest.approx(1.0) and norm_share(b, total) < 1e-11

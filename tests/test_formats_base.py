@@ -2,17 +2,35 @@
 
 import errno
 import os
+import pickle
+from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CoreOnly, release_readers
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.numpy import save_file
 
+import gclip_cli
+from gclip_cli import InputError
+from gclip_cli.formats import open_file
 from gclip_cli.formats.base import (
+    Checksummed,
+    ChunkedPieces,
+    FileShrank,
+    Metadata,
     PipelinedWriter,
+    PlainValues,
+    TensorFile,
     TensorInfo,
+    WholeArrays,
     copy_range,
     gaps,
+    mapped,
+    one_line,
+    open_regular,
     reserve,
     rewrite_at,
     window_buffer,
@@ -118,3 +136,87 @@ def test_gaps_are_exactly_the_bytes_no_block_covers(blocks):
         found[start : start + length] = True
         previous_end = start + length
     assert np.array_equal(found, ~covered)
+
+
+def test_a_window_past_the_end_of_a_shrunk_file_is_file_shrank(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(bytes(8192))
+    with open(path, "rb") as f:
+        os.truncate(path, 100)  # after its header was checked against the size, say
+        with pytest.raises(FileShrank) as err, mapped(f.fileno(), 4096, 4096):
+            pass
+    shrank = "the file shrank while gclip read it: it ends at byte 100, before byte 8,192"
+    assert str(err.value) == shrank
+    assert err.value.concerns(path) and not err.value.concerns(tmp_path)
+    back = pickle.loads(pickle.dumps(err.value))  # from the child process that read
+    assert (type(back), str(back), back.concerns(path)) == (FileShrank, str(err.value), True)
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    regular = tmp_path / "a.bin"
+    regular.write_bytes(b"abc")
+    with open_regular(regular) as file:
+        assert file.read() == b"abc"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: opening must not wait for one
+    release_readers(fifo)
+    refusals = {
+        fifo: "is a pipe (FIFO), not a regular file",
+        Path("/dev/zero"): "is a character device, not a regular file",
+        tmp_path: "is a directory, not a file",
+        tmp_path / "missing": "no such file",
+        tmp_path / "a\0b": "cannot read: embedded null byte",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(InputError) as refused:
+            open_regular(path)
+        assert (refused.value.path, refused.value.message) == (str(path), message)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "hdf5"])
+def test_a_device_or_a_pipe_forced_into_a_format_is_refused(tmp_path, fmt):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    release_readers(fifo)
+    for path, kind in ((Path("/dev/zero"), "character device"), (fifo, "pipe")):
+        with pytest.raises(InputError, match=f"is a {kind}"):
+            open_file(path, fmt)
+
+
+def test_a_pipe_in_a_folder_is_listed_as_not_read_without_waiting_for_it(tmp_path):
+    os.mkfifo(tmp_path / "incoming.safetensors")  # detection used to wait for a writer
+    release_readers(tmp_path / "incoming.safetensors")
+    save_file({"w": np.array([3.0, 4.0], np.float32)}, str(tmp_path / "w.safetensors"))
+    report = gclip_cli.inspect_files([tmp_path])
+    assert report.global_norm == 5.0
+    assert dict(report.not_read) == {
+        str(tmp_path / "incoming.safetensors"): "is a pipe (FIFO), not a regular file"
+    }
+
+
+def test_messages_are_one_line_and_bounded():
+    assert one_line(ValueError("a\nb\n  c")) == "a b c"
+    assert one_line(ValueError("x" * 1000), limit=10) == "xxxxxxxxxx..."
+    assert one_line(KeyError()) == "KeyError"
+
+
+CAPABILITIES = (PlainValues, Checksummed, ChunkedPieces, Metadata, WholeArrays)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "offered"),
+    [
+        ("safetensors", {PlainValues, Metadata, WholeArrays}),
+        ("npz", {PlainValues, Checksummed, ChunkedPieces, WholeArrays}),
+        ("hdf5", {PlainValues, ChunkedPieces, Metadata, WholeArrays}),
+    ],
+)
+def test_each_format_offers_the_capabilities_it_has_and_no_stubs(make_file, fmt, offered):
+    """safetensors and HDF5 keep no checksums, npz no metadata, safetensors no chunks: none
+    of them carries a method that does nothing."""
+    src = make_file(fmt, {"w": np.ones(3, dtype=np.float32)})
+    with closing(open_file(src)) as tfile:
+        assert isinstance(tfile, TensorFile)
+        assert {c for c in CAPABILITIES if isinstance(tfile, c)} == offered
+        assert not hasattr(tfile, "checksummed")
+        assert all(not isinstance(CoreOnly(tfile), c) for c in CAPABILITIES)

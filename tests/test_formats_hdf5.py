@@ -10,6 +10,7 @@ import gclip_cli
 from gclip_cli import InputError
 from gclip_cli.formats import detect_format
 from gclip_cli.norms import measure
+from gclip_cli.options import Options
 
 
 def build_tree(path):
@@ -104,7 +105,7 @@ def test_sparse_chunked_dataset_stays_sparse(tmp_path):
         ds[500:510] = 3.0
         allocated = ds.id.get_num_chunks()
     out = tmp_path / "out.h5"
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=4096)
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(chunk_size=4096))
     assert report.clipped
     with h5py.File(out) as f:
         assert f["sparse"].id.get_num_chunks() == allocated == 1
@@ -117,11 +118,12 @@ def test_datasets_wider_than_a_chunk_are_read_in_order(tmp_path):
     with h5py.File(src, "w") as f:
         f.create_dataset("w", data=values, chunks=(1, 2, 100))
     norms = {
-        gclip_cli.inspect_file(src, chunk_size=c).global_norm for c in (64, 1000, 8192, 1 << 26)
+        gclip_cli.inspect_file(src, options=Options(chunk_size=c)).global_norm
+        for c in (64, 1000, 8192, 1 << 26)
     }
     assert len(norms) == 1
     out = tmp_path / "out.h5"
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=100)
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(chunk_size=100))
     with h5py.File(out) as f:
         assert np.array_equal(f["w"][()], expected_scaled(values, report))
 
@@ -235,7 +237,7 @@ def test_floats_of_another_layout_are_read_as_hdf5_converts_them(tmp_path, name,
     write_custom(src, name, CUSTOM_FLOATS[name](), values, chunked)
     with h5py.File(src) as f:
         converted = f[name][()]  # HDF5 converts into the numpy dtype h5py chose
-    report = gclip_cli.inspect_file(src, chunk_size=16)
+    report = gclip_cli.inspect_file(src, options=Options(chunk_size=16))
     (tensor,) = report.tensors
     assert tensor.norm == measure(converted).norm()
     assert tensor.norm == pytest.approx(np.linalg.norm(values), rel=1e-2)  # the format's precision

@@ -17,6 +17,7 @@ from gclip_cli.formats import deflate, hdf5_chunks, open_file
 from gclip_cli.formats.hdf5_chunks import Filter, Pipeline, raw_chunks
 from gclip_cli.formats.hdf5_storage import read_chunk_index
 from gclip_cli.norms import BLOCK, measure
+from gclip_cli.options import Options
 
 LAYOUTS = {  # name: (values, create_dataset options)
     "gzip_edges": ((37, 70), "<f4", {"chunks": (8, 16), "compression": "gzip"}),
@@ -57,7 +58,7 @@ def test_norms_are_those_of_the_values_in_c_order(tmp_path):
     arrays = write_layouts(src)
     for chunk_size in (64, 4096, 1 << 20):
         for jobs in (1, 2):
-            report = gclip_cli.inspect_file(src, chunk_size=chunk_size, jobs=jobs)
+            report = gclip_cli.inspect_file(src, options=Options(chunk_size=chunk_size, jobs=jobs))
             norms = {t.name: t.norm for t in report.tensors}
             for name, values in arrays.items():
                 assert norms[name] == measure(values).norm(), (name, chunk_size, jobs)
@@ -67,7 +68,9 @@ def test_norms_are_those_of_the_values_in_c_order(tmp_path):
 def test_rescaled_values_and_dataset_properties(tmp_path, jobs):
     src, out = tmp_path / "in.h5", tmp_path / "out.h5"
     arrays = write_layouts(src)
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=256, jobs=jobs)
+    report = gclip_cli.rescale_file(
+        src, out, max_norm=1.0, options=Options(chunk_size=256, jobs=jobs)
+    )
     assert report.clipped
     with h5py.File(src) as a, h5py.File(out) as b:
         for name, values in arrays.items():
@@ -85,7 +88,9 @@ def test_output_is_the_same_whatever_jobs_and_chunk_size(tmp_path):
     outputs = set()
     for jobs, chunk_size in ((1, 64), (2, 64), (2, 1 << 20), (3, 4096)):
         out = tmp_path / f"out-{jobs}-{chunk_size}.h5"
-        report = gclip_cli.rescale_file(src, out, max_norm=1.0, chunk_size=chunk_size, jobs=jobs)
+        report = gclip_cli.rescale_file(
+            src, out, max_norm=1.0, options=Options(chunk_size=chunk_size, jobs=jobs)
+        )
         outputs.add((out.read_bytes(), report.global_norm, report.global_norm_after))
     assert len(outputs) == 1
 
@@ -200,7 +205,7 @@ def test_without_isal_zlib_deflates_at_the_dataset_level(tmp_path, monkeypatch):
     assert deflate.deflate(data, 7) == zlib.compress(data, 7)
     src, out = tmp_path / "in.h5", tmp_path / "out.h5"
     arrays = write_layouts(src, ["shuffle_gzip"])
-    report = gclip_cli.rescale_file(src, out, max_norm=1.0, jobs=1)
+    report = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(jobs=1))
     with h5py.File(out) as f:
         assert np.array_equal(
             f["shuffle_gzip"][()], expected_scaled(arrays["shuffle_gzip"], report)
@@ -245,7 +250,7 @@ def test_workers_measure_pieces_to_the_same_norms(tmp_path, monkeypatch):
         file.close()
     assert counts == {"aligned": 3, "never": 1, "flat": 4}
     for jobs in (2, 3):
-        report = gclip_cli.inspect_file(src, jobs=jobs)
+        report = gclip_cli.inspect_file(src, options=Options(jobs=jobs))
         for tensor in report.tensors:
             assert tensor.norm == measure(arrays[tensor.name]).norm(), (tensor.name, jobs)
 
@@ -258,7 +263,7 @@ def test_workers_encode_pieces_into_the_same_file(tmp_path, monkeypatch):
     results = []
     for jobs in (1, 2, 3):
         out = tmp_path / f"out{jobs}.h5"
-        report = gclip_cli.rescale_file(src, out, max_norm=1.0, jobs=jobs)
+        report = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(jobs=jobs))
         after = [(t.name, t.norm_after) for t in report.tensors]
         results.append((out.read_bytes(), report.global_norm_after, after))
         with h5py.File(out) as f:

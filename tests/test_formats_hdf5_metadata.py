@@ -12,6 +12,7 @@ from conftest import expected_scaled
 import gclip_cli
 from gclip_cli import InputError
 from gclip_cli.formats.hdf5_metadata import describe_structure
+from gclip_cli.options import Options
 
 
 def small_file(path, libver: str) -> tuple[int, int]:
@@ -43,7 +44,9 @@ def test_values_pointed_into_metadata_never_give_an_unreadable_output(tmp_path, 
         template[at : at + 8] = struct.pack("<Q", address)
         src.write_bytes(bytes(template))
         try:
-            report = gclip_cli.rescale_file(src, out, max_norm=1e-3, nonfinite="keep")
+            report = gclip_cli.rescale_file(
+                src, out, max_norm=1e-3, options=Options(nonfinite="keep")
+            )
         except InputError as exc:
             assert "\n" not in str(exc) and not out.exists()
             refused += 1
@@ -72,7 +75,9 @@ def test_the_dataset_whose_values_lie_in_metadata_is_named(tmp_path):
     data[at : at + 8] = struct.pack("<Q", header)
     src.write_bytes(bytes(data))
     with pytest.raises(InputError, match="values of dataset 'x' would lie inside the file's"):
-        gclip_cli.rescale_file(src, tmp_path / "out.h5", max_norm=1e-3, nonfinite="keep")
+        gclip_cli.rescale_file(
+            src, tmp_path / "out.h5", max_norm=1e-3, options=Options(nonfinite="keep")
+        )
     assert not (tmp_path / "out.h5").exists()
 
 

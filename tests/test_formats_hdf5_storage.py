@@ -15,6 +15,7 @@ from conftest import expected_scaled
 
 import gclip_cli
 from gclip_cli.formats.hdf5_storage import MAX_CHUNK_BYTES
+from gclip_cli.strategies import GlobalNorm
 
 
 def patch_address(path, old: int, new: int, follows: bytes = b"") -> None:
@@ -251,7 +252,7 @@ def _clip(report):
     """What expected_scaled reads of a rescale report, from an inspect report's norm."""
 
     class Clipped:
-        max_norm, global_norm, eps = 1.0, report.global_norm, 0.0
+        global_norm, strategy = report.global_norm, GlobalNorm(max_norm=1.0)
 
     return Clipped
 

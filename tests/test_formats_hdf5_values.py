@@ -18,6 +18,7 @@ from conftest import expected_scaled
 import gclip_cli
 from gclip_cli.formats.hdf5_values import MAX_FILL_WRITTEN
 from gclip_cli.norms import NormStats, measure
+from gclip_cli.strategies import GlobalNorm
 
 TERA = 10**6  # a (TERA, TERA) dataset declares 10**12 values
 
@@ -109,7 +110,7 @@ def test_rewriting_keeps_unallocated_chunks_unallocated(tmp_path):
 
 def _scaled(values, q):
     class Report:  # what expected_scaled reads of a report
-        max_norm, global_norm, eps = 1.0, float(1 / q), 0.0
+        global_norm, strategy = float(1 / q), GlobalNorm(max_norm=1.0)
 
     return expected_scaled(values, Report)
 

@@ -1,6 +1,10 @@
 import io
+import resource
 import struct
+import subprocess
+import sys
 import zipfile
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -8,7 +12,9 @@ from conftest import expected_scaled
 
 import gclip_cli
 from gclip_cli import InputError, parallel
+from gclip_cli.formats import open_file, signatures, ziparchive
 from gclip_cli.norms import BLOCK, measure
+from gclip_cli.options import Options
 
 
 def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
@@ -116,9 +122,9 @@ def test_damaged_stored_values_are_refused_whoever_reads_them(tmp_path, monkeypa
     raw[raw.find(values.tobytes()) + flipped] ^= 0x01
     src.write_bytes(bytes(raw))
     with pytest.raises(InputError, match=r"member 'w\.npy': bad CRC-32"):
-        gclip_cli.inspect_file(src, jobs=jobs)
+        gclip_cli.inspect_file(src, options=Options(jobs=jobs))
     with pytest.raises(InputError, match=r"member 'w\.npy': bad CRC-32"):
-        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0, jobs=jobs)
+        gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0, options=Options(jobs=jobs))
     assert not (tmp_path / "out.npz").exists()
     assert src.read_bytes() == raw
 
@@ -172,17 +178,11 @@ def test_directory_entry_pointing_past_the_end_is_refused(tmp_path):
         gclip_cli.rescale_file(src, tmp_path / "out.npz", max_norm=1.0)
 
 
-def test_faster_deflate_is_ordinary_deflate_and_restores_zipfile(tmp_path):
+def test_isal_deflate_is_ordinary_deflate(tmp_path):
     pytest.importorskip("isal", reason="the fast extra is not installed")
-    from gclip_cli.formats.deflate import faster_deflate
-
-    original = zipfile._get_compressor
     values = np.random.default_rng(0).standard_normal(50_000).astype(np.float32)
     src = tmp_path / "in.npz"
     np.savez_compressed(src, g=values)
-    with faster_deflate():
-        assert zipfile._get_compressor is not original
-    assert zipfile._get_compressor is original
     out = tmp_path / "out.npz"
     report = gclip_cli.rescale_file(src, out, max_norm=1.0)
     with zipfile.ZipFile(out) as z:  # inflated here by the standard library's zlib
@@ -270,13 +270,36 @@ def test_workers_inflate_deflated_members_to_the_same_norms(tmp_path, monkeypatc
     src = tmp_path / "in.npz"
     arrays = compressed_archive(src)
     for jobs in (1, 2, 3):
-        report = gclip_cli.inspect_file(src, jobs=jobs)
+        report = gclip_cli.inspect_file(src, options=Options(jobs=jobs))
         norms = {t.name: t.norm for t in report.tensors if t.skipped is None}
         assert norms == {n: measure(a).norm() for n, a in arrays.items() if n != "step"}, jobs
         out = tmp_path / f"out{jobs}.npz"
-        rescaled = gclip_cli.rescale_file(src, out, max_norm=1.0, jobs=jobs)
+        rescaled = gclip_cli.rescale_file(src, out, max_norm=1.0, options=Options(jobs=jobs))
         with np.load(out) as z:
             assert np.array_equal(z["emb"], expected_scaled(arrays["emb"], rescaled))
+
+
+def test_zipfile_is_left_as_it_is_while_archives_are_read_and_written(tmp_path):
+    """No patching of zipfile's module (test_house reads the source for it; this runs it)."""
+    src, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    arrays = compressed_archive(src)
+    original = (zipfile._get_compressor, zipfile._get_decompressor, zipfile.crc32)
+    seen = []
+
+    def negate(tensor, values, target):
+        seen.append((zipfile._get_compressor, zipfile._get_decompressor, zipfile.crc32))
+        np.negative(values, out=target)
+
+    with closing(open_file(src)) as tfile:
+        for tensor in tfile.tensors:
+            if tensor.is_gradient:
+                for _ in tfile.read_chunks(tensor, 4100):
+                    seen.append((zipfile._get_compressor, zipfile._get_decompressor, zipfile.crc32))
+        tfile.write_transformed(out, negate, 4100)
+    assert seen and all(state == original for state in seen)
+    with np.load(out) as written:
+        assert np.array_equal(written["emb"], -arrays["emb"])
+        assert np.array_equal(written["step"], arrays["step"])
 
 
 def test_a_bad_crc_found_by_a_worker_is_one_error(tmp_path, monkeypatch):
@@ -291,4 +314,176 @@ def test_a_bad_crc_found_by_a_worker_is_one_error(tmp_path, monkeypatch):
     data[info.header_offset + 30 + len("w.npy") + info.compress_size // 2] ^= 0xFF
     src.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"member 'w\.npy'"):
-        gclip_cli.inspect_file(src, jobs=2)
+        gclip_cli.inspect_file(src, options=Options(jobs=2))
+
+
+def gclip(*args, memory: int | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (with at most *memory* bytes of address space)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    return subprocess.run(
+        [sys.executable, "-m", "gclip_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit if memory else None,
+    )
+
+
+def assert_one_line_refusal(proc: subprocess.CompletedProcess, path, *words: str) -> None:
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith(f"gclip: error: {path}: ") and proc.stderr.count("\n") == 1
+    assert len(proc.stderr) < 500
+    for word in words:
+        assert word in proc.stderr
+
+
+def raw_npy(version: tuple[int, int], header: bytes, data: bytes = b"") -> bytes:
+    """A .npy member with the header text *header* as given (no padding or checks)."""
+    length = struct.pack("<H" if version == (1, 0) else "<I", len(header))
+    return b"\x93NUMPY" + bytes(version) + length + header + data
+
+
+def member_archive(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("member", "words"),
+    [
+        # numpy refuses it with a three-line message
+        (
+            raw_npy(
+                (2, 0),
+                b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }"
+                + b" " * 20_000
+                + b"\n",
+                b"\0" * 12,
+            ),
+            ["20058 bytes", "limit"],
+        ),
+        # numpy tokenizes headers it cannot parse (from Python 2): TokenError, a traceback
+        (
+            raw_npy((1, 0), b"{'descr': '<f4', 'fortran_order': False, 'shape': (3L,), 'x': '''\n"),
+            ["EOF in multi-line string"],
+        ),
+        # ast.literal_eval: SyntaxError, MemoryError or RecursionError
+        (
+            raw_npy((1, 0), b"{'descr': '<f4', 'shape': " + b"(" * 5000 + b"\n"),
+            ["not a valid .npy"],
+        ),
+        (
+            raw_npy(
+                (1, 0),
+                b"{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3, 4, 5, "
+                + b"1, " * 70
+                + b")}\n",
+            ),
+            ["shape"],
+        ),
+        (
+            raw_npy(
+                (1, 0),
+                b"{'descr': '<f4', 'fortran_order': False, 'shape': (-1, -4), }\n",
+                b"\0" * 16,
+            ),
+            ["shape (-1, -4)"],
+        ),
+        (
+            raw_npy((1, 0), b"{'descr': '<f4', 'fortran_order': False, 'shape': (2**70,), }\n"),
+            ["not a valid .npy"],
+        ),
+        (
+            raw_npy((3, 0), b"{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }\n")[:12],
+            ["ends within the .npy header"],
+        ),
+    ],
+)
+def test_damaged_npy_headers_are_one_line_errors(tmp_path, member, words):
+    src = member_archive(tmp_path / "in.npz", {"a.npy": member})
+    assert_one_line_refusal(gclip("inspect", src), src, "'a.npy'", *words)
+
+
+def test_headers_from_python_2_are_read_without_a_warning(tmp_path):
+    values = np.array([3.0, 4.0], dtype="<f4")
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2L,), }"
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"
+    src = member_archive(tmp_path / "in.npz", {"a.npy": raw_npy((1, 0), header, values.tobytes())})
+    with pytest.warns(UserWarning, match="Python 2"):  # numpy reads it, warning
+        np.testing.assert_array_equal(np.load(src)["a"], values)
+    proc = gclip("norm", src)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "5.0\n", "")
+
+
+def test_a_huge_npy_header_length_is_refused_before_it_is_read(tmp_path):
+    """numpy reads as many bytes as the header claims (up to 4 GiB) before checking its
+    length: a small deflated member could fill the memory."""
+    src = tmp_path / "bomb.npz"
+    padding = 256 << 20
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as z, z.open("a.npy", "w") as member:
+        member.write(b"\x93NUMPY\x02\x00" + struct.pack("<I", padding))
+        for _ in range(padding >> 20):
+            member.write(b" " * (1 << 20))
+    assert src.stat().st_size < 2 << 20
+    proc = gclip("inspect", src, memory=1 << 30)  # 256 MiB read would not fit beside numpy
+    assert_one_line_refusal(proc, src, f"header of {padding} bytes", "limit")
+
+
+def test_an_lzma_member_with_bad_properties_is_one_line(tmp_path):
+    src = member_archive(tmp_path / "in.npz", {"a.npy": npy_bytes(np.ones(3))}, zipfile.ZIP_LZMA)
+    raw = bytearray(src.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[26:30])
+    raw[30 + name_length + extra_length + 4] = 0xFF  # lc/lp/pb byte of the LZMA properties
+    src.write_bytes(bytes(raw))
+    assert_one_line_refusal(gclip("inspect", src), src, "'a.npy'", "unsupported options")
+
+
+@pytest.mark.parametrize("device", ["/dev/urandom", "/dev/zero"])
+def test_a_device_forced_to_be_an_npz_is_refused_at_once(device):
+    """zipfile read /dev/urandom to its (missing) end looking for the end record: 22 GiB."""
+    proc = gclip("inspect", "--file-format", "npz", device, memory=1 << 30, timeout=30)
+    assert_one_line_refusal(proc, device, "is a character device, not a regular file")
+
+
+def directory_of(path) -> int:
+    """The central directory's size, from zipfile: from its start to the (zip64) end record."""
+    with zipfile.ZipFile(path) as z:
+        start = z.start_dir
+    raw = path.read_bytes()
+    zip64_end = raw.rfind(b"PK\x06\x06")
+    return (zip64_end if zip64_end > start else raw.rfind(b"PK\x05\x06")) - start
+
+
+def test_a_central_directory_over_the_limit_is_refused_before_zipfile_reads_it(
+    tmp_path, monkeypatch
+):
+    """zipfile keeps about 9 bytes of memory per byte of directory (a million members: 1 GB)."""
+    src = tmp_path / "in.npz"
+    np.savez(src, **{f"t{i}": np.ones(2) for i in range(20)})
+    size = directory_of(src)
+    with open(src, "rb") as file:
+        assert signatures.zip_directory_size(file) == size
+    monkeypatch.setattr(signatures, "MAX_ZIP_DIRECTORY", size - 1)
+    monkeypatch.setattr(ziparchive, "MAX_ZIP_DIRECTORY", size - 1)
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda _: pytest.fail("read"))
+    with pytest.raises(InputError, match=f"central directory of {size:,} bytes exceeds"):
+        gclip_cli.inspect_file(src)
+
+
+def test_the_directory_size_of_a_zip64_archive_is_read_from_its_zip64_end_record(tmp_path):
+    src = tmp_path / "many.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        for i in range(70_000):  # more than 65,535 members: zipfile writes a zip64 end record
+            z.writestr(f"{i}.txt", b"")
+    size = directory_of(src)
+    raw = bytearray(src.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    raw[end + 12 : end + 16] = b"\xff\xff\xff\xff"  # the size is in the zip64 record only
+    with open(src, "rb") as file:
+        assert signatures.zip_directory_size(io.BytesIO(bytes(raw))) == size
+        assert signatures.zip_directory_size(file) == size

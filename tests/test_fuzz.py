@@ -1,28 +1,63 @@
 """Mutated files of every format: gclip either succeeds with output that reads back, or fails
 with a GclipError (one clean line in the CLI).  Any other exception is a crash.
 
-The default profile runs a short budget; ``HYPOTHESIS_PROFILE=long`` runs 2,000 cases each.
+Byte mutations (flips, truncations, overwrites, insertions) and structure-aware ones
+(fuzz_structures.py: safetensors header trees, zip records, .npy headers, indexes, HDF5 object
+headers).  The default profile runs a short budget; ``HYPOTHESIS_PROFILE=long`` runs 2,000
+cases a test.  For a long run that counts outcomes without stopping at the first bad one:
+
+    nice -n 19 python tests/test_fuzz.py --cases 20000 [--only NAME ...] [--keep FOLDER]
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import math
+import random
+import resource
+import shutil
 import signal
+import sys
+import tempfile
+import time
+import traceback
 import zipfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from conftest import FORMATS, SUFFIX, expected_scaled, read_tensors, write_tensors
+from fuzz_structures import (
+    SHARD_NAMES,
+    dumps,
+    h5_object_headers,
+    index_tree,
+    mutate_h5_object_header,
+    mutate_index,
+    mutate_npy,
+    mutate_safetensors,
+    mutate_zip,
+    npz_seed,
+    write_index_case,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 
 import gclip_cli
 from gclip_cli import GclipError
+from gclip_cli.api import rescale_files
+from gclip_cli.options import Options
+
+MAX_MESSAGE = 1000  # characters in one error line: a hostile name must not make it megabytes
 
 
 def seed_tensors() -> dict[str, np.ndarray]:
@@ -50,6 +85,22 @@ def seed_file(fmt: str, folder: Path) -> bytes:
             )
             f.attrs["note"] = "seed"
     return path.read_bytes()
+
+
+@cache
+def seed_bytes(fmt: str) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        return seed_file(fmt, Path(folder))
+
+
+@cache
+def h5_messages() -> list[tuple[int, int]]:
+    """Where the messages of the HDF5 seed's object headers lie."""
+    data = seed_bytes("hdf5")
+    with h5py.File(io.BytesIO(data), "r") as f:
+        addresses = [h5py.h5o.get_info(f.id).addr]
+        f.visititems(lambda _, obj: addresses.append(h5py.h5o.get_info(obj.id).addr))
+    return h5_object_headers(data, addresses)
 
 
 @st.composite
@@ -82,29 +133,141 @@ def mutate(data: bytes, steps: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
+def byte_mutations(rng: random.Random, data: bytes) -> bytes:
+    """mutations(), drawn from *rng* (for the long runner)."""
+    steps = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["flip", "truncate", "overwrite", "insert"])
+        position = rng.randrange(max(len(data), 1))
+        payload = bytes([1 << rng.randrange(8)]) if kind == "flip" else rng.randbytes(16)
+        steps.append((kind, position, payload[: rng.randint(1, 16)]))
+    return mutate(data, steps)
+
+
+def assert_clean_refusal(exc: GclipError, paths: list[Path]) -> None:
+    text = str(exc)
+    assert any(str(p) in text for p in paths), text[:MAX_MESSAGE]
+    assert "\n" not in text and len(text) < MAX_MESSAGE, text[:MAX_MESSAGE]
+
+
+def reference_read(path: Path, fmt: str) -> dict[str, np.ndarray] | None:
+    """Every array of *path* read by the format's own library, or None if it refuses.  (Not
+    for damaged HDF5 inputs: the HDF5 library can crash on them.)"""
+    try:
+        return read_tensors(path, fmt)
+    except Exception:  # whatever the reference raises, it refused
+        return None
+
+
+def same_bits(a: object, b: object) -> bool:
+    """Whether two arrays (or the bytes of non-array members) are the same, bit for bit."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes())
+    return a == b
+
+
 def check_one(fmt: str, data: bytes, folder: Path) -> str:
-    """Run inspect and rescale on *data*; return 'ok' or 'refused', fail on anything else."""
+    """Run inspect and rescale on *data*; return what happened, fail on a bad outcome.
+
+    Refused: a GclipError of one line naming the file, no output, the input untouched.
+    Succeeded: an output that gclip and the format's own library read back, with the norm
+    asked for; what the library read of the input it reads the same in the output, but the
+    scaled floats.
+    """
     src = folder / f"case{SUFFIX[fmt]}"
     out = folder / f"out{SUFFIX[fmt]}"
     src.write_bytes(data)
     out.unlink(missing_ok=True)
     try:
-        gclip_cli.inspect_file(src, chunk_size=64)
-        report = gclip_cli.rescale_file(src, out, max_norm=0.5, chunk_size=64)
+        gclip_cli.inspect_file(src, options=Options(chunk_size=64))
+        report = gclip_cli.rescale_file(src, out, max_norm=0.5, options=Options(chunk_size=64))
     except GclipError as exc:
-        assert str(src) in str(exc) or str(out) in str(exc)
-        assert "\n" not in str(exc)
+        assert_clean_refusal(exc, [src, out])
         assert not out.exists()
         assert src.read_bytes() == data  # the input is never touched
         return "refused"
-    # success: the output reads back, with gclip and with the format's own library
     again = gclip_cli.inspect_file(out)
     assert len(again.tensors) == len(report.tensors)
     if report.clipped and not report.nonfinite:
         assert again.global_norm <= 0.5 * (1 + 1e-3)
-    read_tensors(out, fmt)
     assert src.read_bytes() == data
+    if fmt == "hdf5":  # what HDF5 reads of the input it reads of the output (values scaled)
+        same_hdf5_tree(src, out, report)
+        return "ok"
+    original = reference_read(src, fmt)
+    if original is None:
+        return "ok, the reference library refuses the input"
+    written = read_tensors(out, fmt)
+    assert list(written) == list(original)
+    scaled = {t.name for t in report.tensors if t.skipped is None}
+    for name, values in original.items():
+        if name not in scaled:
+            assert same_bits(written[name], values), name
     return "ok"
+
+
+def check_index(index: bytes, folder: Path) -> str:
+    """An index (with its shards beside it) through inspect and rescale --out-dir."""
+    shards = shard_bytes()
+    path = write_index_case(folder, shards, index)
+    before = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    out = folder / "out"
+    try:
+        gclip_cli.inspect_files([path], options=Options(chunk_size=64))
+        report = rescale_files([path], out, max_norm=0.5, options=Options(jobs=1))
+    except GclipError as exc:
+        assert_clean_refusal(exc, [folder])  # the index, a shard or a file it names
+        assert not out.exists() or not any(out.iterdir())
+        assert {p: p.read_bytes() for p in before} == before
+        return "refused"
+    assert {p: p.read_bytes() for p in before} == before
+    values = [v for p in sorted(out.glob("*.safetensors")) for v in load_file(p).values()]
+    assert values, "nothing written"
+    if report.clipped and not report.nonfinite:
+        floats = [v.astype(np.float64) for v in values if v.dtype.kind == "f"]
+        norm = math.sqrt(sum(float(np.sum(v * v)) for v in floats))
+        assert norm <= 0.5 * (1 + 1e-3)
+    return "ok"
+
+
+@cache
+def shard_bytes() -> dict[str, bytes]:
+    tensors = seed_tensors()
+    return {
+        SHARD_NAMES[0]: safetensors_bytes({"w": tensors["w"], "b": tensors["b"]}),
+        SHARD_NAMES[1]: safetensors_bytes({"d": tensors["d"]}),
+    }
+
+
+# What each mutator writes, from a random.Random, and the check its cases go through.
+FUZZERS: dict[str, tuple[Callable[[random.Random], bytes], Callable[[bytes, Path], str]]] = {
+    "safetensors-bytes": (
+        lambda rng: byte_mutations(rng, seed_bytes("safetensors")),
+        lambda data, folder: check_one("safetensors", data, folder),
+    ),
+    "npz-bytes": (
+        lambda rng: byte_mutations(rng, seed_bytes("npz")),
+        lambda data, folder: check_one("npz", data, folder),
+    ),
+    "hdf5-bytes": (
+        lambda rng: byte_mutations(rng, seed_bytes("hdf5")),
+        lambda data, folder: check_one("hdf5", data, folder),
+    ),
+    "safetensors-header": (
+        lambda rng: mutate_safetensors(seed_bytes("safetensors"), rng),
+        lambda data, folder: check_one("safetensors", data, folder),
+    ),
+    "zip-records": (
+        lambda rng: mutate_zip(npz_seed(), rng),
+        lambda data, folder: check_one("npz", data, folder),
+    ),
+    "npy-header": (mutate_npy, lambda data, folder: check_one("npz", data, folder)),
+    "index": (mutate_index, check_index),
+    "hdf5-object-header": (
+        lambda rng: mutate_h5_object_header(seed_bytes("hdf5"), h5_messages(), rng),
+        lambda data, folder: check_one("hdf5", data, folder),
+    ),
+}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -112,14 +275,38 @@ def test_unmutated_seed_is_accepted(fmt, tmp_path):
     assert check_one(fmt, seed_file(fmt, tmp_path), tmp_path) == "ok"
 
 
+def test_unmutated_structures_are_accepted(tmp_path):
+    assert check_one("npz", npz_seed(), tmp_path) == "ok"
+    (tmp_path / "index").mkdir()
+    assert check_index(dumps(index_tree()).encode(), tmp_path / "index") == "ok"
+    assert h5_messages(), "no object header found in the HDF5 seed"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_files_never_crash(fmt, tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("fuzz")
-    seed = seed_file(fmt, folder)
+    seed = seed_bytes(fmt)
     steps = data.draw(mutations(len(seed)))
     event(check_one(fmt, mutate(seed, steps), folder))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "safetensors-header",
+        "zip-records",
+        "npy-header",
+        "index",
+        "hdf5-object-header",
+    ],
+)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False))
+def test_structure_aware_mutations_never_crash(name, tmp_path_factory, rng):
+    write, check = FUZZERS[name]
+    event(check(write(rng), tmp_path_factory.mktemp("fuzz")))
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -280,8 +467,8 @@ def check_hdf5_case(data: bytes, folder: Path) -> str:
     src.write_bytes(data)
     out.unlink(missing_ok=True)
     try:
-        gclip_cli.inspect_file(src, chunk_size=64)
-        report = gclip_cli.rescale_file(src, out, max_norm=0.5, chunk_size=64)
+        gclip_cli.inspect_file(src, options=Options(chunk_size=64))
+        report = gclip_cli.rescale_file(src, out, max_norm=0.5, options=Options(chunk_size=64))
     except GclipError as exc:
         assert str(src) in str(exc) or str(out) in str(exc)
         assert "\n" not in str(exc) and not out.exists()
@@ -296,7 +483,7 @@ def check_hdf5_case(data: bytes, folder: Path) -> str:
     return "ok"
 
 
-def same_hdf5_tree(src: Path, out: Path, report: gclip_cli.Report) -> None:
+def same_hdf5_tree(src: Path, out: Path, report: gclip_cli.RewriteReport) -> None:
     """The output holds the input's datasets with their dtypes and shapes; those gclip scaled
     hold the input's values scaled (where h5py reads them), the others the same values (or
     fail to read alike)."""
@@ -345,3 +532,57 @@ def test_hdf5_structure_mutations_give_one_line_or_a_correct_output(libver, tmp_
     event(f"{libver}: " + "+".join(sorted({kind for kind, _, _ in steps})))
     with time_limit(120):
         event(check_hdf5_case(apply_overwrites(seed.data, steps), folder))
+
+
+def run_long(names: list[str], cases: int, seed: str, keep: Path | None) -> int:
+    """Run *cases* cases of each fuzzer in *names*; print what happened; the number of bad
+    outcomes (each kept in *keep*, with its traceback, when given)."""
+    bad_total = 0
+    print(
+        f"{'mutator':<20} {'cases':>7} {'refused':>8} {'ok':>7} {'ok, ref.':>8} {'bad':>5} "
+        f"{'s':>6} {'slowest':>8}"
+    )
+    for name in names:
+        write, check = FUZZERS[name]
+        outcomes: Counter[str] = Counter()
+        started, slowest = time.monotonic(), 0.0
+        for i in range(cases):
+            rng = random.Random(f"{seed}/{name}/{i}")
+            data = write(rng)
+            folder = Path(tempfile.mkdtemp(prefix="gclip-fuzz-"))
+            case_started = time.monotonic()
+            try:
+                outcomes[check(data, folder)] += 1
+            except Exception:  # a bad outcome: counted and kept, the run goes on
+                outcomes["bad"] += 1
+                if keep is not None:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (keep / f"{name}-{i}.bin").write_bytes(data)
+                    (keep / f"{name}-{i}.txt").write_text(traceback.format_exc()[-5000:])
+            finally:
+                slowest = max(slowest, time.monotonic() - case_started)
+                shutil.rmtree(folder, ignore_errors=True)
+        bad_total += outcomes["bad"]
+        reference = outcomes["ok, the reference library refuses the input"]
+        print(
+            f"{name:<20} {cases:>7} {outcomes['refused']:>8} {outcomes['ok']:>7} "
+            f"{reference:>8} {outcomes['bad']:>5} {time.monotonic() - started:>6.0f} "
+            f"{slowest:>8.2f}",
+            flush=True,
+        )
+    return bad_total
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=1000, help="cases per mutator")
+    parser.add_argument("--only", nargs="*", default=list(FUZZERS), choices=list(FUZZERS))
+    parser.add_argument("--seed", default="gclip")
+    parser.add_argument("--keep", type=Path, help="folder for the bad cases")
+    parser.add_argument(
+        "--memory", type=float, default=4.0, help="GiB of address space (a MemoryError is bad)"
+    )
+    arguments = parser.parse_args()
+    limit = int(arguments.memory * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    sys.exit(min(run_long(arguments.only, arguments.cases, arguments.seed, arguments.keep), 1))

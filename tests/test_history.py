@@ -3,19 +3,21 @@
 import json
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SUFFIX, exact_norm, write_tensors
+from conftest import SUFFIX, CoreOnly, exact_norm, write_tensors
 from safetensors.numpy import save_file
 
 from gclip_cli import UsageError
 from gclip_cli.api import history_of
 from gclip_cli.cli import main
-from gclip_cli.history import step_in_name
+from gclip_cli.formats import open_file
+from gclip_cli.steps import FoundStep, step_in_name, step_of
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 
@@ -133,6 +135,18 @@ def test_step_tensor_comes_before_the_name(tmp_path):
     ]
 
 
+def test_a_format_without_metadata_or_whole_arrays_has_the_step_of_its_name(tmp_path):
+    src = write_safetensors(tmp_path / "ckpt_5.safetensors", [1.0], {"step": "7"})
+    with_step = write_tensors(
+        tmp_path / "ckpt_6.safetensors", "safetensors", {"step": np.array(8, np.int64)}
+    )
+    with closing(open_file(src)) as tfile, closing(open_file(with_step)) as other:
+        assert step_of(tfile) == FoundStep(7, "metadata")
+        assert step_of(other) == FoundStep(8, "tensor")
+        assert step_of(CoreOnly(tfile)) == FoundStep(5, "name")
+        assert step_of(CoreOnly(other)) == FoundStep(6, "name")
+
+
 @pytest.mark.parametrize(
     "sample",
     [
@@ -216,6 +230,25 @@ def test_history_plot_is_drawn_when_matplotlib_is_there(tmp_path):
         main, ["history", *map(str, files), "--plot", str(tmp_path / "norms.png")]
     )
     assert result.exit_code == 0 and (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("how", ["a link", "the folder's file"])
+def test_history_plot_onto_an_input_is_refused_before_any_work(tmp_path, how):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    files = [
+        write_tensors(tmp_path / f"s{s}.npz", "npz", {"g": np.array([float(s)])}) for s in (1, 2)
+    ]
+    before = files[0].read_bytes()
+    if how == "a link":
+        plot, inputs = tmp_path / "norms.png", files
+        plot.symlink_to(files[0])
+    else:  # a dump whose name says png, read as one of the folder's files
+        plot = files[0].rename(tmp_path / "s1.png")
+        before, inputs = plot.read_bytes(), [tmp_path]
+    result = gclip("history", *inputs, "--plot", plot)
+    assert result.returncode == 5 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("gclip: error: --plot: is the input ")
+    assert plot.read_bytes() == before
 
 
 # --- NaN/Inf: the report, then exit 4 unless --nonfinite says how to count them ---------------

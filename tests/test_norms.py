@@ -1,4 +1,7 @@
+import decimal
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
@@ -110,3 +113,133 @@ def test_merging_is_exact_so_order_does_not_matter(seed, parts):
         backward.merge(measure(a))
     assert forward.norm() == backward.norm()
     assert forward.norm() == pytest.approx(exact_norm(arrays), rel=RTOL)
+
+
+# --- every p, every magnitude (issue 20, items 5 and 6) ------------------------------------------
+
+# p from vanishingly small to vanishingly close to inf: below 1, where a p-th root magnifies
+# rounding; around _FINE_P, where the block references change; 1075, where 2**-p underflows
+EVERY_P = [1e-300, 1e-5, 2.0**-12, 0.001, 0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 7.5, 511.0, 513.0]
+EVERY_P += [1075.0, 1e6, 1e300, math.inf]
+EXTREME_FLOATS = st.floats(allow_nan=False, allow_infinity=False)  # subnormals to float64's max
+
+
+def reference_norm(values, p: float, counts=None) -> float:
+    """(sum count * |x|**p) ** (1/p) in 50-digit decimal arithmetic with an exponent range no
+    float64 input can leave (relative to the largest |x|, so huge p underflows only what is
+    negligible), rounded to float64: inf where the norm exceeds float64's range.  *counts*:
+    how many times each value occurs (default once)."""
+    values = np.ravel(values).astype(np.float64)
+    counts = np.ones(values.size, dtype=np.int64) if counts is None else np.ravel(counts)
+    with decimal.localcontext() as ctx:
+        ctx.prec, ctx.Emax, ctx.Emin = 50, 10**15, -(10**15)
+        for signal in (decimal.Overflow, decimal.Underflow, decimal.Inexact, decimal.Rounded):
+            ctx.traps[signal] = False
+        ctx.traps[decimal.Subnormal] = ctx.traps[decimal.Clamped] = False
+        terms = [(abs(Decimal(float(v))), int(c)) for v, c in zip(values, counts, strict=True) if v]
+        if not terms:
+            return 0.0
+        largest = max(m for m, _ in terms)
+        if math.isinf(p):
+            return float(largest)
+        power = Decimal(p)
+        total = sum((c * (m / largest) ** power for m, c in terms), Decimal(0))
+        return float(largest * total ** (1 / power))
+
+
+def assert_norm_matches(norm: float, reference: float, p: float) -> None:
+    """Within 1e-12 of the reference; equal where it is 0, inf (beyond float64) or exact."""
+    if reference == 0.0 or math.isinf(reference) or p < 2.0**-12:
+        assert norm == reference
+    else:
+        assert norm == pytest.approx(reference, rel=RTOL)
+
+
+@settings(max_examples=150)
+@given(
+    values=st.lists(EXTREME_FLOATS, min_size=1, max_size=12),
+    p=st.sampled_from(EVERY_P),
+)
+def test_norm_of_any_magnitudes_for_any_p_matches_a_decimal_reference(values, p):
+    values = np.array(values)
+    assert_norm_matches(measure(values, p).finite_norm(), reference_norm(values, p), p)
+
+
+@pytest.mark.parametrize("p", EVERY_P)
+@pytest.mark.parametrize(
+    "values",
+    [
+        [4.0, 2.0, 1.0],  # -p 1075: the powers of 2 and 1 relative to 4 underflow, the norm is 4
+        [1.5e308, -1.5e308, 1e308],  # the L2 norm exceeds float64's range
+        [np.finfo(np.float64).max] * 3,
+        [5e-324, -5e-324, 1e-310],  # subnormals only
+        [1.7e308, 5e-324, 0.0, -1.0],
+        [0.0, -3.5, 0.0],  # one non-zero value: its magnitude, exactly, whatever p
+    ],
+)
+def test_norms_at_the_ends_of_float64(values, p):
+    values = np.array(values)
+    norm = measure(values, p).finite_norm()
+    assert_norm_matches(norm, reference_norm(values, p), p)
+    if np.count_nonzero(values) == 1 and p < 2.0**-12:  # exact where a root would magnify
+        assert norm == 3.5
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("p", EVERY_P)
+def test_norms_of_the_narrow_types_extremes_for_any_p(dtype, p):
+    info = ml_dtypes.finfo(dtype)
+    values = np.array(
+        [float(info.max), -float(info.max), float(info.smallest_subnormal), 1.0], dtype=dtype
+    )
+    repeats = 3 * BLOCK // 4 + 1  # several blocks
+    stats = streamed(np.tile(values, repeats), 5000, p)
+    reference = reference_norm(values, p, counts=np.full(values.size, repeats))
+    assert_norm_matches(stats.finite_norm(), reference, p)
+
+
+def test_a_norm_beyond_float64_is_inf_and_its_exact_value_is_kept():
+    values = np.array([1.5e308, 1.5e308, 1e308])
+    stats = measure(values)
+    assert stats.finite_norm() == math.inf and stats.norm() == math.inf
+    exact = sum(Fraction(float(v)) ** 2 for v in values)
+    assert abs(stats.finite_norm_exact() ** 2 / exact - 1) < 1e-15
+
+
+@pytest.mark.parametrize("p", [0.5, 3.0, 1075.0, 1e6, 1e300])
+def test_merging_for_any_p_is_exact_so_order_does_not_matter(p):
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(700) * 10.0 ** rng.integers(-200, 200) for _ in range(8)]
+    forward, backward = NormStats(p), NormStats(p)
+    for a in arrays:
+        forward.merge(measure(a, p))
+    for a in reversed(arrays):
+        backward.merge(measure(a, p))
+    assert forward.finite_norm() == backward.finite_norm()
+    assert_norm_matches(forward.finite_norm(), reference_norm(np.concatenate(arrays), p), p)
+
+
+@pytest.mark.parametrize("p", [600.0, 1075.0, 1e6, 1e300])
+def test_the_statistics_of_many_blocks_stay_small_for_huge_p(p):
+    """Each block is divided by a float near its own peak; references whose weight in the
+    result is 0 are dropped, so a million-block tensor does not keep a million of them."""
+    rng = np.random.default_rng(6)
+    peaks = 2.0 ** rng.uniform(-20, 20, 2000)  # 2000 blocks of 2 values, every peak different
+    stats = NormStats(p)
+    for peak in peaks:
+        stats.merge(measure(np.array([peak, peak / 3]), p))
+    assert len(stats.sums) <= 65
+    assert stats.finite_norm() == pytest.approx(
+        reference_norm(np.concatenate([peaks, peaks / 3]), p), rel=RTOL
+    )
+
+
+@settings(max_examples=40)
+@given(
+    values=st.lists(EXTREME_FLOATS, min_size=1, max_size=5),
+    chunk=st.integers(1, 2 * BLOCK + 3),
+    p=st.sampled_from(EVERY_P),
+)
+def test_extreme_values_for_any_p_give_the_same_bits_whatever_the_chunk_size(values, chunk, p):
+    tiled = np.resize(np.array(values), 2 * BLOCK + 11)  # blocks of different peaks
+    assert streamed(tiled, chunk, p).finite_norm_parts() == measure(tiled, p).finite_norm_parts()

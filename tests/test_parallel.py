@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import zlib
+from contextlib import closing
 from dataclasses import replace
 
 import h5py
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
     SUFFIX,
+    CoreOnly,
     exact_norm,
     expected_scaled,
     progress_by_phase,
@@ -22,11 +24,12 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gclip_cli import InputError, OutputError, api, parallel
-from gclip_cli.engine import Rewriter
-from gclip_cli.formats import TensorInfo, base
+from gclip_cli import InputError, OutputError, api, engine, parallel
+from gclip_cli.formats import TensorInfo, base, open_file
 from gclip_cli.norms import BLOCK
+from gclip_cli.options import Options
 from gclip_cli.parallel import Span, cut
+from gclip_cli.rewriters import Rewriter
 
 
 @pytest.fixture
@@ -153,7 +156,7 @@ def test_rescale_writes_the_same_bytes_with_any_number_of_jobs(
     for jobs in (1, 2, 3):
         outputs[jobs] = tmp_path / f"out{jobs}{SUFFIX[fmt]}"
         reports[jobs] = api.rescale_file(
-            src, outputs[jobs], max_norm=1.0, jobs=jobs, chunk_size=chunk_size
+            src, outputs[jobs], max_norm=1.0, options=Options(jobs=jobs, chunk_size=chunk_size)
         )
     assert (
         reports[1]
@@ -183,32 +186,75 @@ def replace_output(report, output):
 
 def test_inspect_measures_alike_with_any_number_of_jobs(fmt, tmp_path, always_parallel):
     src = write(fmt, tmp_path / f"in{SUFFIX[fmt]}", gradients(3))
-    reports = [api.inspect_file(src, jobs=jobs, norm_type=p) for jobs in (1, 2) for p in (2, 3)]
+    reports = [
+        api.inspect_file(src, options=Options(jobs=jobs, norm_type=p))
+        for jobs in (1, 2)
+        for p in (2, 3)
+    ]
     assert reports[0] == reports[2] and reports[1] == reports[3]
 
 
 @pytest.mark.parametrize(
-    ("call", "arguments"),
+    ("call", "arguments", "nonfinite"),
     [
-        (api.clip_value_file, {"max_value": 0.5, "nonfinite": "keep"}),
-        (api.normalize_file, {"target_norm": 2.0, "nonfinite": "zero"}),
-        (api.rescale_file, {"max_norm": 1.0, "per_tensor": True, "nonfinite": "keep"}),
-        (api.rescale_file, {"max_norm": 1.0, "nonfinite": "keep"}),
-        (api.rescale_file, {"max_norm": 1.0, "nonfinite": "zero"}),
+        (api.clip_value_file, {"max_value": 0.5}, "keep"),
+        (api.normalize_file, {"target_norm": 2.0}, "zero"),
+        (api.rescale_file, {"max_norm": 1.0, "per_tensor": True}, "keep"),
+        (api.rescale_file, {"max_norm": 1.0}, "keep"),
+        (api.rescale_file, {"max_norm": 1.0}, "zero"),
     ],
 )
 def test_every_strategy_gives_the_same_result_on_workers(
-    tmp_path, always_parallel, call, arguments
+    tmp_path, always_parallel, call, arguments, nonfinite
 ):
     tensors = gradients(5)
     tensors["emb"][[5, BLOCK + 7, 3 * BLOCK]] = [np.nan, np.inf, -np.inf]
     src = write("safetensors", tmp_path / "in.safetensors", tensors)
-    serial = call(src, tmp_path / "one.safetensors", jobs=1, **arguments)
-    workers = call(src, tmp_path / "two.safetensors", jobs=2, **arguments)
+    one, two = (Options(jobs=jobs, nonfinite=nonfinite) for jobs in (1, 2))
+    serial = call(src, tmp_path / "one.safetensors", options=one, **arguments)
+    workers = call(src, tmp_path / "two.safetensors", options=two, **arguments)
     assert replace_output(workers, serial.output) == serial
     assert (tmp_path / "one.safetensors").read_bytes() == (
         tmp_path / "two.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
+def test_a_format_without_capabilities_is_read_serially_to_the_same_bits(
+    fmt, tmp_path, always_parallel, monkeypatch
+):
+    """The engine asks for what a format can do besides the core protocol: without
+    PlainValues or ChunkedPieces, nothing goes to workers, and every bit comes out the same."""
+    src = write(fmt, tmp_path / f"in{SUFFIX[fmt]}", gradients())
+    forked = []
+    real = parallel.run_forked
+
+    def counted(path, tasks, *args, **kwargs):
+        forked.extend(task.__name__ for task, _ in tasks)
+        return real(path, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(parallel, "run_forked", counted)
+    measured, written, forks = {}, {}, {}
+    for kind, wrap in (("capable", lambda tfile: tfile), ("core", CoreOnly)):
+        forked.clear()
+        out = tmp_path / f"{kind}{SUFFIX[fmt]}"
+        with closing(wrap(open_file(src))) as tfile:
+            stats = engine.measure_tensors(tfile, 2.0, 4100, jobs=3)
+            after = engine.rewrite(tfile, out, Negate(2.0), 4100, jobs=3)
+        measured[kind] = [s and (s.norm(), s.numel, s.max_abs) for s in stats]
+        written[kind] = [s and (s.norm(), s.numel) for s in after], read_tensors(out, fmt)
+        forks[kind] = set(forked)
+    assert forks["capable"] >= {"_measure_share"} and forks["core"] == set()
+    assert measured["core"] == measured["capable"]
+    assert written["core"][0] == written["capable"][0]
+    for name, values in gradients().items():
+        expected = -values if values.dtype.kind == "f" else values
+        assert written["core"][1][name].tobytes() == expected.tobytes(), name
+        assert written["capable"][1][name].tobytes() == expected.tobytes(), name
+    if fmt == "safetensors":
+        assert (tmp_path / "core.safetensors").read_bytes() == (
+            tmp_path / "capable.safetensors"
+        ).read_bytes()
 
 
 def test_cli_jobs_option_reaches_the_engine(tmp_path, always_parallel, monkeypatch):
@@ -217,13 +263,16 @@ def test_cli_jobs_option_reaches_the_engine(tmp_path, always_parallel, monkeypat
     from gclip_cli.cli import main
 
     src = write("safetensors", tmp_path / "in.safetensors", gradients())
-    seen = []
+    seen = tmp_path / "parts"  # a file: the file's work runs in a child process
     real = parallel.cut
-    monkeypatch.setattr(
-        parallel, "cut", lambda spans, parts: seen.append(parts) or real(spans, parts)
-    )
+
+    def cut(spans, parts):
+        seen.write_text(f"{seen.read_text() if seen.exists() else ''}{parts}\n")
+        return real(spans, parts)
+
+    monkeypatch.setattr(parallel, "cut", cut)
     result = CliRunner().invoke(main, ["norm", str(src), "-j", "3"])
-    assert result.exit_code == 0 and seen == [3]
+    assert result.exit_code == 0 and seen.read_text().split() == ["3"]
 
 
 def write_layout(layout, path, tensors):
@@ -239,8 +288,6 @@ def write_layout(layout, path, tensors):
 def test_the_workers_progress_reaches_the_listener_in_its_phases(
     layout, tmp_path, always_parallel, monkeypatch
 ):
-    from gclip_cli import progress
-
     tensors = gradients()
     src = write_layout(layout, tmp_path / f"in{SUFFIX[layout.split('-')[0]]}", tensors)
     forks = tmp_path / "forks"  # a file: the HDF5 work forks its workers in a child process
@@ -253,8 +300,10 @@ def test_the_workers_progress_reaches_the_listener_in_its_phases(
 
     monkeypatch.setattr(parallel, "run_forked", counted)
     seen = []
-    with progress.listening(seen.append):
-        api.rescale_file(src, tmp_path / "out", max_norm=1.0, jobs=2, chunk_size=4100)
+    out = tmp_path / "out"
+    api.rescale_file(
+        src, out, max_norm=1.0, progress=seen.append, options=Options(jobs=2, chunk_size=4100)
+    )
     float_bytes = sum(v.nbytes for v in tensors.values() if v.dtype.kind == "f")
     forked = set(forks.read_text().split())
     assert "_measure_share" in forked  # deflated npz members are written in one process
@@ -278,7 +327,7 @@ def test_a_write_error_in_a_worker_fails_the_whole_rescale(tmp_path, always_para
     monkeypatch.setattr(base, "write_all_at", disk_full)
     out = tmp_path / "out.safetensors"
     with pytest.raises(OutputError, match="No space left on device"):
-        api.rescale_file(src, out, max_norm=1.0, jobs=2)
+        api.rescale_file(src, out, max_norm=1.0, options=Options(jobs=2))
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
     assert src.read_bytes() == before
 
@@ -291,4 +340,4 @@ def test_a_worker_killed_by_a_signal_becomes_one_error(tmp_path, always_parallel
 
     monkeypatch.setattr(parallel, "_measure_share", killed)
     with pytest.raises(InputError, match=r"a worker process died \(SIGKILL\)"):
-        api.inspect_file(src, jobs=2)
+        api.inspect_file(src, options=Options(jobs=2))

@@ -1,8 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gclip_cli import progress
-from gclip_cli.progress import File, Phase, Tally
+from gclip_cli.progress import SILENT, File, Phase, Progress, Tally
 
 events = st.lists(
     st.one_of(
@@ -52,13 +51,23 @@ def test_the_label_names_the_phase_and_which_of_several_files():
 
 def test_each_file_tells_the_listener_before_each_file():
     seen = []
-    with progress.listening(seen.append):
-        for name in progress.each_file(["a", "b"]):
-            seen.append(name)
+    for name in Progress(seen.append).each_file(["a", "b"]):
+        seen.append(name)
     assert seen == [File(1, 2), "a", File(2, 2), "b"]
 
 
+def test_every_event_reaches_the_listener_in_order():
+    seen = []
+    sink = Progress(seen.append)
+    sink.begin("measuring", 5)
+    sink.advance(3)
+    sink.forward(File(1, 2))
+    sink.forward(2)
+    assert sink.listening and seen == [Phase("measuring", 5), 3, File(1, 2), 2]
+
+
 def test_nothing_is_reported_when_nobody_listens():
-    progress.begin("measuring", 5)
-    progress.advance(5)
-    assert list(progress.each_file(["a"])) == ["a"]
+    assert not SILENT.listening and not Progress().listening
+    SILENT.begin("measuring", 5)
+    SILENT.advance(5)
+    assert list(SILENT.each_file(["a"])) == ["a"]

@@ -148,8 +148,14 @@ def test_the_examples_are_found():
 
 def test_every_file_the_readme_names_is_in_the_repository():
     """Source files and documents the README cites exist: at the path given, or as a module of
-    gclip_cli/ or gclip_cli/formats/ (the layout names modules by their file names)."""
+    gclip_cli/, gclip_cli/formats/ or gclip_cli/render/ (the layout names modules by their file
+    names)."""
     named = set(re.findall(r"[\w./-]+\.(?:md|py|c)\b", README.read_text()))
-    places = (ROOT, ROOT / "gclip_cli", ROOT / "gclip_cli" / "formats")
+    places = (
+        ROOT,
+        ROOT / "gclip_cli",
+        ROOT / "gclip_cli" / "formats",
+        ROOT / "gclip_cli" / "render",
+    )
     missing = sorted(name for name in named if not any((p / name).is_file() for p in places))
     assert missing == []

@@ -1,11 +1,15 @@
+import math
+import warnings
 from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
 import pytest
 from conftest import exactly_scaled, nearest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gclip_cli import rounding
+from gclip_cli import kernels, rounding
 from gclip_cli.rounding import ScaleFactor, ScratchBuffers, round_to_odd_float32, scale
 
 NARROW = [np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
@@ -230,3 +234,99 @@ def test_products_too_close_to_a_midpoint_for_double_double_go_to_fractions(dtyp
     handed = counting_exact_fallback(monkeypatch)
     assert np.array_equal(scaled_copy(values, q, 1024), exactly_scaled(values, q))
     assert len(handed) > 100
+
+
+# --- float64 at the ends of its range (issue 20, item 14) ----------------------------------------
+
+
+def float64_product(v: float, q: Fraction) -> float:
+    """v * q rounded once to nearest float64, ties to even (as Python divides integers), inf
+    beyond float64's largest value plus half its step, with v's sign (zeros too: q > 0)."""
+    try:
+        product = float(Fraction(v) * q)
+    except OverflowError:
+        product = math.inf
+    return math.copysign(product, v)
+
+
+def assert_scaled_exactly(values: np.ndarray, q: Fraction, block: int = 64) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value warnings on the way
+        scaled = scaled_copy(values, q, block)
+    expected = np.array([float64_product(float(v), q) for v in values])
+    assert scaled.view(np.uint64).tolist() == expected.view(np.uint64).tolist()
+
+
+def test_float64_products_in_a_block_with_huge_values_keep_their_own_precision():
+    # the cases of the issue: clipping to 0.5 a file whose norm is 2.247e307
+    q = Fraction(0.5) / Fraction(2.247e307)
+    values = np.array([2.247e307, 0.0078125, 2.5565e15, 1.0, -3e-310, 1e-300, -0.0, 0.0])
+    scaled = scaled_copy(values, q, 64)
+    assert scaled[1] == nearest(Fraction(0.0078125) * q, np.float64) == 1.7384290164664e-310
+    assert scaled[2] == nearest(Fraction(2.5565e15) * q, np.float64)  # 5.6887e-293: all digits
+    assert_scaled_exactly(values, q)
+
+
+EXTREME_FLOAT64 = st.floats(allow_nan=False, allow_infinity=False)
+# factors of every size: clip factors down to far below 2**-1074, normalising factors up to far
+# beyond float64; short fractions (ties), long ones, and dyadic ones of more than 53 bits
+ANY_FACTOR = st.builds(
+    lambda n, d, k: Fraction(n, d) * Fraction(2) ** k,
+    st.integers(1, 2**64),
+    st.integers(1, 2**64),
+    st.integers(-1200, 1200),
+) | st.sampled_from([Fraction(1, 2), Fraction(3, 4), Fraction(1) + Fraction(1, 2**60)])
+
+
+@settings(max_examples=200)
+@given(values=st.lists(EXTREME_FLOAT64, min_size=1, max_size=40), q=ANY_FACTOR)
+def test_float64_products_of_any_magnitude_are_correctly_rounded(values, q):
+    assert_scaled_exactly(np.array(values), q, block=16)
+
+
+@pytest.mark.parametrize("q", [Fraction(1, 2), Fraction(3, 4), Fraction(5, 2**63)])
+def test_float64_ties_below_the_normal_range_go_to_even_without_fractions(q, monkeypatch):
+    odd = np.arange(1, 4001, 2, dtype=np.uint64).view(np.float64)  # odd multiples of 2**-1074
+    values = np.concatenate([odd, -odd, odd * 2.0**600])
+    handed = counting_exact_fallback(monkeypatch)
+    assert_scaled_exactly(values, q)
+    assert handed == []
+
+
+# just above the midpoints of a quarter of the products; the second so little that lo is 0
+@pytest.mark.parametrize(
+    "q", [Fraction(3, 4) + Fraction(1, 2**120), Fraction(3, 4) + Fraction(1, 2**2000)]
+)
+def test_float64_products_too_close_to_a_midpoint_go_to_fractions(q, monkeypatch):
+    values = np.random.default_rng(9).standard_normal(2000) * 10
+    handed = counting_exact_fallback(monkeypatch)
+    assert_scaled_exactly(values, q)
+    assert len(handed) > 100
+
+
+def test_float64_products_beyond_the_largest_value_round_to_infinity():
+    largest = float(np.finfo(np.float64).max)
+    below = math.nextafter(largest / 2, 0.0)  # doubled: within half a step of overflowing
+    values = np.array([largest / 2, below, math.nextafter(below, 0.0), -largest / 3, 1.0])
+    for q in (Fraction(2), Fraction(2) + Fraction(1, 2**53), Fraction(3)):
+        assert_scaled_exactly(values, q)
+
+
+def test_float64_is_scaled_by_numpy_alone_so_kernels_cannot_change_it(monkeypatch):
+    values = np.array([2.247e307, 0.0078125, -1e-310, 3.0])
+    assert not kernels.handle(values, values.copy())
+    q = Fraction(1, 3) / Fraction(2.247e307)
+    with_kernels = scaled_copy(values, q, 4)
+    monkeypatch.setattr(kernels, "compiled", None)
+    assert scaled_copy(values, q, 4).tobytes() == with_kernels.tobytes()
+
+
+def test_float64_in_its_own_byte_order_and_elsewhere_is_scaled_alike():
+    values = np.array([1.5e308, -2.5e-310, 3.0, -0.0])
+    q = Fraction(1, 7) * Fraction(2) ** -60
+    big_endian = values.astype(">f8")
+    out = np.empty_like(values)
+    scale(big_endian, big_endian, ScaleFactor(q), ScratchBuffers(2))
+    scale(values, out, ScaleFactor(q), ScratchBuffers(2))
+    assert big_endian.astype(np.float64).tobytes() == out.tobytes()
+    assert_scaled_exactly(values, q)

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import SUFFIX, exactly_scaled, read_tensors
+from test_norms import reference_norm
 
 import gclip_cli
 from gclip_cli import UsageError
 from gclip_cli.api import clip_value_file, normalize_file
 from gclip_cli.cli import main
+from gclip_cli.norms import measure
 
 try:
     import torch
@@ -40,7 +42,7 @@ def test_per_tensor_clips_each_tensor_by_its_own_norm(make_file, fmt, tmp_path):
     grads = gradients()
     out = tmp_path / f"out{SUFFIX[fmt]}"
     report = gclip_cli.rescale_file(make_file(fmt, grads), out, max_norm=1.0, per_tensor=True)
-    assert report.strategy == "per-tensor" and report.clipped
+    assert report.strategy.name == "per-tensor" and report.clipped
     written = read_tensors(out, fmt)
     by_name = {t.name: t for t in report.tensors}
     for name, original in grads.items():
@@ -170,3 +172,34 @@ def test_strategy_commands(make_file, tmp_path):
         main, ["rescale", str(src), str(tmp_path / "x.safetensors"), "--group", "a*"]
     )
     assert bad.exit_code == 2 and "is not GLOB=C" in bad.stderr
+
+
+# --- factors from norms beyond float64, overflow decided as scaling rounds (issue 20) ------------
+
+
+def test_normalize_and_per_tensor_divide_by_norms_beyond_float64(make_file, fmt, tmp_path):
+    values = np.array([1.5e308, -1.5e308, 1e308])
+    norm = measure(values).finite_norm_exact()  # about 2.35e308: inf in float64
+    assert abs(norm / Fraction(reference_norm(values / 2, 2.0)) - 2) < 1e-15
+    src = make_file(fmt, {"g": values, "small": np.array([3.0, 4.0])})
+    out = tmp_path / f"n{SUFFIX[fmt]}"
+    report = normalize_file(src, out, target_norm=2.0)
+    assert report.global_norm == math.inf and report.global_norm_after == pytest.approx(2.0)
+    total = measure(np.array([*values, 3.0, 4.0])).finite_norm_exact()
+    assert np.array_equal(read_tensors(out, fmt)["g"], exactly_scaled(values, 2 / total))
+    per_tensor = tmp_path / f"p{SUFFIX[fmt]}"
+    gclip_cli.rescale_file(src, per_tensor, max_norm=1.0, per_tensor=True)
+    written = read_tensors(per_tensor, fmt)
+    assert np.array_equal(written["g"], exactly_scaled(values, 1 / norm))
+    assert written["small"].tolist() == [0.6, 0.8]
+
+
+def test_normalize_refuses_only_products_that_round_beyond_the_dtype(make_file, tmp_path):
+    largest = np.float16(65504.0)  # 65504 * (1 + 2**-12) rounds to 65504: no overflow
+    src = make_file("npz", {"h": np.array([largest, 1.0], dtype=np.float16)}, "edge")
+    norm = Fraction(measure(np.array([largest, 1.0], dtype=np.float16)).finite_norm())
+    target = float(norm * (1 + Fraction(1, 4096)))
+    report = normalize_file(src, tmp_path / "e.npz", target_norm=target)
+    assert read_tensors(tmp_path / "e.npz", "npz")["h"][0] == largest and report.clipped
+    with pytest.raises(UsageError, match="would overflow float16"):
+        normalize_file(src, tmp_path / "f.npz", target_norm=float(norm * (1 + Fraction(1, 1024))))

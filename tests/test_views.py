@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gclip_cli.errors import UsageError
-from gclip_cli.report import Report, TensorReport
+from gclip_cli.reports import InspectReport as Report
+from gclip_cli.reports import TensorReport
 from gclip_cli.views import (
     LayerReport,
     View,
@@ -71,6 +72,26 @@ def test_by_layer_combines_norms_and_shares_in_natural_order():
     assert h2.norm == pytest.approx(math.sqrt(5))
     assert h2.share == pytest.approx(5 / 30)
     assert sum(layer.share for layer in layers) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("p", "norms", "expected"),
+    [
+        (2.0, [1.5e308, 1.5e308], math.inf),  # beyond float64: inf, not OverflowError
+        (1e-5, [3.0, 4.0], math.inf),  # (3**p + 4**p) ** (1/p) is about 2**100000
+        (1e-5, [3.0, 0.0], 3.0),
+        (1075.0, [4.0, 2.0], 4.0),  # 2**1075 and 4**1075 overflow; their ratio does not
+        (1e300, [4.0, 4.0], 4.0),
+        (0.5, [1e-300, 4e-300], 9e-300),
+    ],
+)
+def test_layer_norms_combine_for_any_p_without_overflow(p, norms, expected):
+    rows = tuple(
+        TensorReport(f"h.0.t{i}", "float64", (1,), 1, 8, None, norm=n, share=None)
+        for i, n in enumerate(norms)
+    )
+    (layer,) = by_layer(Report("x", "npz", p, math.inf, rows))
+    assert layer.norm == pytest.approx(expected, rel=1e-15)
 
 
 def test_sort_and_top():

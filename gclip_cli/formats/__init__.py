@@ -1,77 +1,89 @@
-"""File formats: detection from a file's first bytes, and opening it as a TensorFile.
+"""File formats: one module per format behind the TensorFile protocol (base.py) and its
+optional capabilities, found and opened through one registry (registry.py).
 
-Adding a format means adding a module with a class that implements
-:class:`~gclip_cli.formats.base.TensorFile`, a signature test in ``signatures.py``, and a line
-in ``_FORMATS``.  A format's module (and its library) is imported only when a file needs it.
+Light to import: the registry's names come without numpy (``gclip --help`` lists them); the
+protocol's names, from base.py, are imported when first asked for.  A format's module (and its
+library) is imported only when a file needs it.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING
 
-from ..errors import InputError
-from . import signatures
-from .base import TensorFile, TensorInfo, Transform
+from .registry import FORMAT_NAMES, FORMATS, FormatEntry, Registry
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .base import (
+        Checksummed,
+        ChunkedPieces,
+        FinishesOutput,
+        Metadata,
+        PlainValues,
+        SelfMeasuring,
+        TensorFile,
+        TensorInfo,
+        Transform,
+        WholeArrays,
+    )
 
 __all__ = [
+    "FORMATS",
     "FORMAT_NAMES",
+    "Checksummed",
+    "ChunkedPieces",
+    "FinishesOutput",
+    "FormatEntry",
+    "Metadata",
+    "PlainValues",
+    "Registry",
+    "SelfMeasuring",
     "TensorFile",
     "TensorInfo",
     "Transform",
+    "WholeArrays",
     "crashes_on_damage",
     "detect_format",
     "open_file",
 ]
 
-# name -> (signature test, module, class)
-_FORMATS: dict[str, tuple[Callable[[bytes, BinaryIO], bool], str, str]] = {
-    "safetensors": (signatures.is_safetensors, "safetensors", "SafetensorsFile"),
-    "npz": (signatures.is_npz, "npz", "NpzFile"),
-    "hdf5": (signatures.is_hdf5, "hdf5", "Hdf5File"),
-}
-# Formats whose C library can crash (not raise) on a damaged file: worked on in a child process.
-_CRASH_PRONE = frozenset({"hdf5"})
-FORMAT_NAMES = tuple(_FORMATS)
+_FROM_BASE = frozenset(
+    {
+        "Checksummed",
+        "ChunkedPieces",
+        "FinishesOutput",
+        "Metadata",
+        "PlainValues",
+        "SelfMeasuring",
+        "TensorFile",
+        "TensorInfo",
+        "Transform",
+        "WholeArrays",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    """The protocol's names, from base.py (which imports numpy) when first asked for."""
+    if name in _FROM_BASE:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def detect_format(path: Path) -> str:
-    """The format of *path*, judged by its content (the extension is not trusted).
-
-    A file of a kind gclip recognises but does not read (a PyTorch or Keras archive, a zip
-    without arrays, a pickle) is refused with a message naming that kind.
-    """
-    try:
-        with open(path, "rb") as file:
-            head = signatures.read_head(file)
-            found = next(
-                (name for name, (test, _, _) in _FORMATS.items() if test(head, file)), None
-            )
-            kind = None if found else signatures.unsupported_kind(head, file)
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a file") from None
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
-    if found:
-        return found
-    if kind:
-        raise InputError(path, f"is {kind}")
-    if not head:
-        raise InputError(path, "is empty")
-    raise InputError(path, "is not a safetensors, .npz or HDF5 file (unrecognised content)")
-
-
-def crashes_on_damage(name: str) -> bool:
-    return name in _CRASH_PRONE
+    """The format of *path*, judged by its content (see Registry.detect)."""
+    return FORMATS.detect(path)
 
 
 def open_file(path: Path, file_format: str | None = None) -> TensorFile:
-    """Open *path* for reading, validating its structure before any data is read."""
-    name = file_format or detect_format(path)
-    _, module, cls = _FORMATS[name]
-    opener = getattr(importlib.import_module(f".{module}", __package__), cls)
-    return opener(path)
+    """Open *path* for reading, as *file_format* or as detected, validating its structure
+    before any data is read."""
+    return FORMATS.open(path, file_format)
+
+
+def crashes_on_damage(name: str) -> bool:
+    """Whether the library of format *name* can crash (not raise) on a damaged file."""
+    return FORMATS.entry(name).crashes_on_damage

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import lzma
 import math
 import mmap
 import os
+import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
@@ -13,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +25,9 @@ from ..errors import InputError
 from ..norms import BLOCK, NormStats
 from .deflate import ERRORS as DEFLATE_ERRORS
 from .deflate import crc32
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 # What reading a damaged or truncated input raises, from the OS, zipfile, zlib, numpy or h5py.
 READ_ERRORS = (
@@ -36,6 +42,8 @@ READ_ERRORS = (
     SystemError,  # how h5py reports an error inside one of HDF5's callbacks (visits)
     zipfile.BadZipFile,
     zlib.error,
+    lzma.LZMAError,  # an LZMA member with bad properties (zipfile imports lzma anyway)
+    struct.error,  # a zip record shorter than its fixed part
     *DEFLATE_ERRORS,
 )
 
@@ -46,7 +54,7 @@ def reading(path: Path, what: str) -> Iterator[None]:
     try:
         yield
     except READ_ERRORS as exc:
-        raise InputError(path, f"{what}: {exc}") from None
+        raise InputError(path, f"{what}: {one_line(exc)}") from None
 
 
 # Called with each chunk of a gradient tensor as *src* (1-D, the file's dtype, maybe read-only)
@@ -64,7 +72,9 @@ class TensorInfo:
     nbytes: int
     dtype: np.dtype | None = None  # set only when the values are gradients gclip scales
     skip_reason: str | None = None  # why the values are copied through untouched
-    location: object = field(default=None, repr=False, compare=False)  # the format's own handle
+    # The format's handle on the values: a safetensors.DataOffsets, an npz.NpyMember, the
+    # HDF5 dataset's path in the file.  Only the format reads it.
+    location: object = field(default=None, repr=False, compare=False)
     fortran_order: bool = False  # values stored column-major (npz); else in C order
     # Raw 1- or 2-byte values whose type the file does not record (numpy's |V2, HDF5's opaque
     # type): how np.savez and h5py store bfloat16 and float8.  Their item size; else 0.
@@ -113,9 +123,9 @@ class ValuePiece(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
         """The statistics of the piece's values, read from *fd* at most *window* bytes at a
-        time; progress.advance() is told of the bytes read."""
+        time; *progress* is told of the bytes read."""
         ...
 
 
@@ -137,29 +147,19 @@ class EncodablePiece(ValuePiece, Protocol):
         ...
 
 
+@runtime_checkable
 class TensorFile(Protocol):
-    """An open input file: its tensors, their values in chunks, and a faithful rewrite."""
+    """An open input file: its tensors, their values in chunks, and a faithful rewrite.  What
+    every format is; what some can do besides, the engine, history and diff ask for with
+    isinstance() on the capabilities below (PlainValues, Checksummed, ChunkedPieces, Metadata,
+    WholeArrays): a format without one is read and written by this protocol alone."""
 
     path: Path
     format_name: str
     tensors: Sequence[TensorInfo]
-    # Whether the file keeps CRC-32s of the plain values (plain_offsets()): then the workers
-    # that read or write them compute theirs, for verify_checksums() and finish_output().
-    checksummed: bool
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
         """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_bytes* bytes."""
-        ...
-
-    def plain_offsets(self) -> dict[str, int]:
-        """Where gradient tensors stored as plain bytes begin, in this file and in what
-        write_transformed writes (by name; tensors stored otherwise are not listed)."""
-        ...
-
-    def chunked_pieces(self) -> list[ValuePiece]:
-        """Pieces of the gradient tensors not stored as plain bytes that worker processes can
-        measure on their own, and encode too where they are EncodablePieces ([] when
-        there are none)."""
         ...
 
     def write_transformed(
@@ -167,33 +167,76 @@ class TensorFile(Protocol):
     ) -> None:
         """Copy the file to *out*, every gradient chunk passed through *transform*.
 
-        The values of the tensors named in *leave* (some of plain_offsets() or chunked_pieces())
-        are not written: the caller fills them in.
+        The values of the tensors named in *leave* are not written: the caller fills them in
+        (only tensors a capability offered: PlainValues' plain_offsets() or ChunkedPieces'
+        pieces; a format without them is never asked to leave any).
         """
         ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class PlainValues(Protocol):
+    """Gradient tensors stored as plain bytes, which write_transformed keeps at the same
+    offsets: worker processes measure them and rewrite them there (parallel.py)."""
+
+    def plain_offsets(self) -> dict[str, int]:
+        """Where gradient tensors stored as plain bytes begin, in this file and in what
+        write_transformed writes (by name; tensors stored otherwise are not listed)."""
+        ...
+
+
+@runtime_checkable
+class FinishesOutput(Protocol):
+    """A file whose output needs work once every value is in place (checksums written over
+    the values, a structure checked)."""
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
+        """Complete or check *out*; *crcs*: the CRC-32s of plain values as written, by tensor
+        name, where workers wrote them."""
+        ...
+
+
+@runtime_checkable
+class Checksummed(PlainValues, FinishesOutput, Protocol):
+    """Plain values the file keeps CRC-32s of (.npz): the workers that read or write them
+    compute theirs, checked here as read and written into the output (finish_output)."""
 
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:
         """Check the CRC-32s of plain values as read, by tensor name (from workers)."""
         ...
 
-    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        """Complete *out* once every value is in place (e.g. checksums over the values);
-        *crcs*: the CRC-32s of plain values as written, by tensor name, where workers wrote
-        them."""
+
+@runtime_checkable
+class ChunkedPieces(Protocol):
+    """Gradient tensors not stored as plain bytes that worker processes can measure piece by
+    piece (compressed .npz members, HDF5 chunks), and encode too where the pieces are
+    EncodablePieces."""
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        """Those pieces ([] when there are none)."""
         ...
 
+
+@runtime_checkable
+class Metadata(Protocol):
+    """File-level metadata (a safetensors ``__metadata__``, HDF5 root attributes)."""
+
     def attribute(self, key: str) -> object | None:
-        """The file-level metadata entry *key* (a safetensors ``__metadata__`` string, an HDF5
-        root attribute); None when absent or when the format has none (npz)."""
+        """The metadata entry *key*; None when absent."""
         ...
+
+
+@runtime_checkable
+class WholeArrays(Protocol):
+    """Tensors of any element type read whole (a step counter, the integers diff compares)."""
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         """All values of *tensor*, whatever its element type, in memory (so only for small
-        tensors, such as a step counter); None when they are not a numpy array (packed 4- and
-        6-bit floats, an HDF5 null dataspace)."""
+        tensors); None when they are not a numpy array (packed 4- and 6-bit floats, an HDF5
+        null dataspace)."""
         ...
-
-    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -202,10 +245,10 @@ class SelfMeasuring(Protocol):
     unallocated chunks are its fill value, however many there are)."""
 
     def measure_tensor(
-        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int
+        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
     ) -> NormStats | None:
         """The statistics of gradient *tensor*, or None when read_chunks() is the way; tells
-        progress.advance() of the bytes of values it covers."""
+        *progress* of the bytes of values it covers."""
         ...
 
 
@@ -229,19 +272,52 @@ def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
     return items - items % BLOCK if items > BLOCK else items
 
 
+class FileShrank(EOFError):
+    """A file ends before bytes it was found to hold: it shrank while gclip read it (its
+    headers were checked against its size when it was opened)."""
+
+    def __init__(self, file_id: tuple[int, int], size: int, end: int) -> None:
+        self.file_id, self.size, self.end = file_id, size, end
+        super().__init__(
+            f"the file shrank while gclip read it: it ends at byte {size:,}, before byte {end:,}"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable, from the child that read
+        return type(self), (self.file_id, self.size, self.end)
+
+    @classmethod
+    def of(cls, fd: int, end: int) -> FileShrank:
+        """The file open as *fd* ends before byte *end*."""
+        stat = os.fstat(fd)
+        return cls((stat.st_dev, stat.st_ino), stat.st_size, end)
+
+    def concerns(self, path: Path) -> bool:
+        """Whether the file that shrank is *path*."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self.file_id
+
+
 @contextmanager
 def mapped(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
     """Bytes [start, start + length) of the open file *fd* as a read-only uint8 array.
 
     Mapping avoids copying through a read buffer; mapping one window at a time keeps the pages
-    counted in RSS bounded.  (A view still alive at exit keeps its window until it dies.)
+    counted in RSS bounded.  (A view still alive at exit keeps its window until it dies.)  A
+    file that no longer holds the window raises FileShrank; one that shrinks while the window
+    is read kills this process with SIGBUS (isolation.py turns that into an error).
     """
     if length == 0:
         yield np.empty(0, dtype=np.uint8)
         return
     skip = start % mmap.ALLOCATIONGRANULARITY
     flags = mmap.MAP_SHARED | mmap.MAP_POPULATE  # populate: one call instead of page faults
-    window = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
+    try:
+        window = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
+    except ValueError:  # "mmap length is greater than file size"
+        raise FileShrank.of(fd, start + length) from None
     try:
         yield np.frombuffer(window, dtype=np.uint8, count=length, offset=skip)
     finally:
@@ -272,7 +348,8 @@ class PipelinedWriter:
 
     def submit(self, filled: np.ndarray, *where: object) -> None:
         """write(*filled*, *where) in the background (*filled*: the array buffer() returned)."""
-        self._pending[self._turn] = self._pool.submit(self._write, memoryview(filled), *where)
+        raw = memoryview(filled.view(np.uint8))  # ml_dtypes types have no buffer format
+        self._pending[self._turn] = self._pool.submit(self._write, raw, *where)
         self._turn = (self._turn + 1) % len(self._buffers)
 
     @contextmanager
@@ -436,3 +513,50 @@ def copy_range(src: int, dst: int, start: int, nbytes: int) -> None:
 
 
 _NO_SENDFILE = _NO_FALLOCATE
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """*path* open for reading, refused (one line) unless it is a regular file.
+
+    Every format seeks and maps its input, and memory must not depend on how long an input is:
+    a pipe or a device (``/dev/zero``, ``/dev/urandom``) never ends.  Opening does not wait for
+    a FIFO's writer, and the check is made on the file opened, not on the name.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise InputError(path, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        kind = _not_regular(os.fstat(fd).st_mode)
+        if kind:
+            raise InputError(path, kind)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of *mode* is not read as a tensor file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    kinds = {
+        stat.S_ISFIFO: "a pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    return f"is {kind}, not a regular file"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The message of *exc* on one line (numpy, zipfile and HDF5 messages span several), cut
+    after about *limit* characters (numpy quotes a whole damaged header)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else f"{text[:limit]}..."

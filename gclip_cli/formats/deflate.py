@@ -5,16 +5,13 @@ Deflate dominates the time of compressed .npz files: zlib runs at about 30 MB/s 
 ISA-L at about 600 MB/s for the same ratio (measured), and its streams are ordinary deflate
 that any zip reader inflates.  Even stored members pay for CRC-32, checked on reading and
 computed on writing: zlib's runs at 2.5 GB/s here, ISA-L's (the same checksum) at 20 GB/s.
-zipfile offers no way to choose the implementation, so while gclip reads or writes an archive
-its factories for deflate (de)compressors and its crc32 are swapped.
+zipfile offers no way to choose the implementation (but patching its module), so the zip layer
+(ziparchive.py) inflates and deflates members itself with the objects made here.
 """
 
 from __future__ import annotations
 
-import zipfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 try:
     from isal import isal_zlib
@@ -80,29 +77,16 @@ def deflate(data: bytes, level: int) -> bytes:
     return isal_zlib.compress(data, ISAL_LEVEL) if isal_zlib else zlib.compress(data, level)
 
 
-@contextmanager
-def faster_deflate() -> Iterator[None]:
-    """zipfile deflates, inflates and checksums with ISA-L inside the block (if available)."""
-    if isal_zlib is None:
-        yield
-        return
-    get_compressor, get_decompressor = zipfile._get_compressor, zipfile._get_decompressor
+def raw_deflater(level: int | None = None) -> object:
+    """A compressor of raw deflate data (no zlib header or checksum: a zip member's): ISA-L
+    at its fastest level, else zlib at *level* (zlib's default when None, as zipfile's)."""
+    if isal_zlib is not None:
+        return isal_zlib.compressobj(ISAL_LEVEL, isal_zlib.DEFLATED, -15)
+    return zlib.compressobj(
+        zlib.Z_DEFAULT_COMPRESSION if level is None else level, zlib.DEFLATED, -15
+    )
 
-    def compressor(compress_type: int, compresslevel: int | None = None) -> object:
-        if compress_type == zipfile.ZIP_DEFLATED:
-            return isal_zlib.compressobj(ISAL_LEVEL, isal_zlib.DEFLATED, -15)
-        return get_compressor(compress_type, compresslevel)
 
-    def decompressor(compress_type: int) -> object:
-        if compress_type == zipfile.ZIP_DEFLATED:
-            return isal_zlib.decompressobj(-15)
-        return get_decompressor(compress_type)
-
-    plain_crc32 = zipfile.crc32
-    zipfile._get_compressor, zipfile._get_decompressor = compressor, decompressor
-    zipfile.crc32 = crc32
-    try:
-        yield
-    finally:
-        zipfile._get_compressor, zipfile._get_decompressor = get_compressor, get_decompressor
-        zipfile.crc32 = plain_crc32
+def raw_inflater() -> object:
+    """A decompressor of raw deflate data: ISA-L's, else zlib's."""
+    return (isal_zlib or zlib).decompressobj(-15)

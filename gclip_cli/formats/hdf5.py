@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import h5py
 import numpy as np
@@ -61,6 +61,9 @@ from .hdf5_values import (
     slabs,
 )
 
+if TYPE_CHECKING:
+    from ..progress import Progress
+
 FORMAT_NAME = "hdf5"
 
 _NO_RANGES = np.zeros((0, 2), dtype=np.int64)
@@ -78,8 +81,11 @@ class _Stored:
 
 
 class Hdf5File:
+    """A TensorFile with PlainValues (contiguous datasets), ChunkedPieces (chunks gclip
+    decodes itself), SelfMeasuring (sparse datasets), FinishesOutput (the output's structure
+    checked), Metadata and WholeArrays.  A tensor's location is its dataset's path."""
+
     format_name = FORMAT_NAME
-    checksummed = False  # the file keeps no checksums of the values
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -111,7 +117,7 @@ class Hdf5File:
         return (values.reshape(-1).view(tensor.dtype) for _, values in found)
 
     def measure_tensor(
-        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int
+        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
     ) -> NormStats | None:
         """The statistics of a sparse tensor, its unallocated values counted without being
         visited; None for the others (read_chunks serves them)."""
@@ -119,7 +125,7 @@ class Hdf5File:
         if sparse is None:
             return None
         dataset = self._datasets[tensor.location]
-        return measure_sparse(self.path, dataset, sparse, tensor, norm_type, chunk_bytes)
+        return measure_sparse(self.path, dataset, sparse, tensor, norm_type, chunk_bytes, progress)
 
     def _mapped_chunks(
         self, start: int, tensor: TensorInfo, chunk_bytes: int
@@ -246,9 +252,6 @@ class Hdf5File:
     def _chunked_gradients(self) -> list[TensorInfo]:
         """The gradient tensors not stored as plain bytes."""
         return [t for t in self.tensors if t.is_gradient and self._storage(t).start is None]
-
-    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
-        pass  # not checksummed: there are none
 
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """Where HDF5 wrote values (all but the contiguous datasets, rewritten in place), check

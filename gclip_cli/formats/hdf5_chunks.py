@@ -27,16 +27,19 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from .. import progress
 from ..norms import BLOCK, NormAccumulator, NormStats
 from . import deflate
 from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading, write_all_at
 from .hdf5_storage import ChunkIndex
 from .hdf5_values import hdf5_output
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 Coordinates = tuple[int, ...]
 Region = tuple[slice, ...]
@@ -247,7 +250,7 @@ class BandRows:
         rows = min(self.rows.stop, self.raw.shape[0]) - self.rows.start
         return rows * _row_bytes(self.raw, self.tensor.dtype)
 
-    def measure(self, fd: int, norm_type: float, window: int) -> NormStats:
+    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
         del window  # bands are read whole: each holds whole chunks
         accumulator = NormAccumulator(norm_type)
         for band in self._dataset(fd).bands(self.rows):

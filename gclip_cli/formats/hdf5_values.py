@@ -20,15 +20,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from .. import progress
 from ..errors import GclipError, InputError
 from ..norms import NormAccumulator, NormStats, measure
 from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading
 from .hdf5_storage import MAX_CHUNK_BYTES, ChunkIndex
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 Selection = tuple[slice, ...]
 
@@ -127,9 +130,10 @@ def measure_sparse(
     tensor: TensorInfo,
     norm_type: float,
     chunk_bytes: int,
+    progress: Progress,
 ) -> NormStats:
     """The statistics of every value of a sparse *dataset* (*tensor*): the allocated chunks'
-    values, read, and the unallocated ones, counted."""
+    values, read, and the unallocated ones, counted (told to *progress*)."""
     accumulator = NormAccumulator(norm_type)
     for _, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
         accumulator.add(values.reshape(-1).view(tensor.dtype))  # raw values may have a type

@@ -7,11 +7,10 @@ buffer at the same offsets.  Validation follows the reference (Rust) loader, plu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterator, Set
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -21,13 +20,15 @@ import numpy as np
 
 from ..dtypes import describe_dtype, is_gradient_dtype
 from ..errors import InputError
+from ..strict_json import JsonLimitError, shown
+from ..strict_json import load as load_json
 from .base import (
     MAX_WINDOW,
     PipelinedWriter,
     TensorInfo,
     Transform,
-    ValuePiece,
     mapped,
+    open_regular,
     reading,
     reserve,
     window_pieces,
@@ -36,6 +37,10 @@ from .base import (
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
+MAX_DEPTH = 3  # {name: {"shape": [...]}}: a valid header nests no deeper
+MAX_DIMS = 64  # numpy's limit: no array of more dimensions can be made from the values
+_MAX_BYTES = 1 << 64  # a tensor larger than this cannot lie in any file
+_MAX_EXTENT = 1 << 63  # numpy's (and torch's) dimensions are signed 64-bit integers
 
 # dtype code -> (bits per value, numpy dtype)
 _DTYPES: dict[str, tuple[int, np.dtype]] = {
@@ -66,15 +71,31 @@ _DTYPES: dict[str, tuple[int, np.dtype]] = {
     )
 }
 _BY_NAME = {describe_dtype(dtype): (bits, dtype) for bits, dtype in _DTYPES.values()}
+# dtype code -> what TensorInfo says of its tensors, worked out once: describing 10^6 tensors
+# must not ask numpy about their type 10^6 times
+_TYPE_FIELDS: dict[str, dict[str, object]] = {
+    code: {
+        "dtype_name": describe_dtype(dtype),
+        "dtype": dtype if is_gradient_dtype(dtype) else None,
+        "skip_reason": None if is_gradient_dtype(dtype) else f"{code} is not a gradient type",
+    }
+    for code, (_, dtype) in _DTYPES.items()
+}
+
+
+# Where a safetensors tensor's values lie (its TensorInfo.location): bytes [begin, end) of the
+# data buffer, which follows the header.  A plain pair: a header may describe 10^6 tensors.
+DataOffsets = tuple[int, int]
 
 
 class SafetensorsFile:
+    """A TensorFile with PlainValues (every tensor), Metadata and WholeArrays."""
+
     format_name = FORMAT_NAME
-    checksummed = False  # the file keeps no checksums of the values
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file: BinaryIO = open_regular(path)
         try:
             self._header_bytes, self.tensors, self._metadata = _read_header(path, self._file)
         except BaseException:
@@ -92,9 +113,6 @@ class SafetensorsFile:
 
     def plain_offsets(self) -> dict[str, int]:
         return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
-
-    def chunked_pieces(self) -> list[ValuePiece]:
-        return []  # every value is plain bytes (plain_offsets)
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
@@ -133,17 +151,13 @@ class SafetensorsFile:
         if bits % 8:  # packed: two or more values a byte
             return None
         begin, end = tensor.location
-        with reading(self.path, f"tensor {tensor.name!r}"):
+        with reading(self.path, f"tensor {shown(tensor.name)}"):
             data = os.pread(self._file.fileno(), end - begin, self._data_start + begin)
         if len(data) != end - begin:
-            raise InputError(self.path, f"tensor {tensor.name!r}: file ends early (truncated?)")
+            raise InputError(
+                self.path, f"tensor {shown(tensor.name)}: file ends early (truncated?)"
+            )
         return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
-
-    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
-        pass  # not checksummed: there are none
-
-    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        pass  # nothing outside the values depends on them
 
     def close(self) -> None:
         self._file.close()
@@ -152,9 +166,7 @@ class SafetensorsFile:
 def _read_header(path: Path, file: BinaryIO) -> tuple[bytes, list[TensorInfo], dict[str, str]]:
     """Validate the header like the reference loader does; return its raw bytes, tensors and
     ``__metadata__``."""
-    file.seek(0, 2)
-    size = file.tell()
-    file.seek(0)
+    size = os.fstat(file.fileno()).st_size
     prefix = file.read(8)
     if len(prefix) < 8:
         raise InputError(path, "not a safetensors file: shorter than its 8-byte header length")
@@ -165,77 +177,68 @@ def _read_header(path: Path, file: BinaryIO) -> tuple[bytes, list[TensorInfo], d
         raise InputError(path, f"safetensors header length {n} runs past the end of the file")
     raw = file.read(n)
     header = _parse_json(path, raw)
+    metadata = _metadata(path, header.pop("__metadata__", {}))
     tensors = _describe_tensors(path, header)
     _check_layout(path, tensors, data_size=size - 8 - n)
-    return prefix + raw, tensors, header.get("__metadata__", {})
+    return prefix + raw, tensors, metadata
 
 
 def _parse_json(path: Path, raw: bytes) -> dict:
-    def refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        keys = [key for key, _ in pairs]
-        duplicates = sorted({key for key in keys if keys.count(key) > 1})
-        if duplicates:
-            raise InputError(path, f"safetensors header repeats the key {duplicates[0]!r}")
-        return dict(pairs)
-
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=refuse_duplicates)
-    except UnicodeDecodeError:
-        raise InputError(path, "safetensors header is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"safetensors header is not valid JSON ({exc.msg})") from None
+        header = load_json(raw, MAX_DEPTH)
+    except JsonLimitError as exc:
+        raise InputError(path, f"safetensors header {exc}") from None
     if not isinstance(header, dict):
         raise InputError(path, "safetensors header is not a JSON object")
     return header
 
 
-def _describe_tensors(path: Path, header: dict) -> list[TensorInfo]:
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(path, "safetensors __metadata__ must map strings to strings")
-    return [
-        _describe_tensor(path, name, entry)
-        for name, entry in header.items()
-        if name != "__metadata__"
-    ]
+    return metadata
+
+
+def _describe_tensors(path: Path, entries: dict[str, object]) -> list[TensorInfo]:
+    """The tensors of the header's *entries*, in order.  *entries* is emptied as they are
+    described, so that a header of a million tensors is not held twice (parsed and described)."""
+    return [_describe_tensor(path, name, entries.pop(name)) for name in list(entries)]
 
 
 def _describe_tensor(path: Path, name: str, entry: object) -> TensorInfo:
     def bad(what: str) -> InputError:
-        return InputError(path, f"tensor {name!r}: {what}")
+        return InputError(path, f"tensor {shown(name)}: {what}")
 
     if not isinstance(entry, dict):
         raise bad("header entry is not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in _DTYPES:
-        raise bad(f"unknown dtype {code!r}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-        raise bad(f"data_offsets {offsets!r} is not a pair of non-negative integers")
+    if not isinstance(code, str) or code not in _DTYPES:
+        raise bad(f"unknown dtype {shown(code)}")
+    if not isinstance(shape, list) or not _are_counts(shape, _MAX_EXTENT):
+        raise bad(f"shape {shown(shape)} is not a list of integers from 0 to 2**63 - 1")
+    if len(shape) > MAX_DIMS:
+        raise bad(f"shape has {len(shape)} dimensions, more than the {MAX_DIMS} numpy allows")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and _are_counts(offsets, 1 << 64)):
+        raise bad(f"data_offsets {shown(offsets)} is not a pair of integers from 0 to 2**64 - 1")
     begin, end = offsets
-    bits, dtype = _DTYPES[code]
-    total_bits = math.prod(shape) * bits
+    bits = _DTYPES[code][0]
+    total_bits = math.prod(shape) * bits  # at most 64 factors of 20 digits: a small number
     if total_bits % 8 or total_bits // 8 != end - begin:
-        raise bad(
-            f"{code} {shape} needs {total_bits / 8:g} bytes but data_offsets span {end - begin}"
-        )
-    gradient = is_gradient_dtype(dtype)
+        needed = f"{total_bits / 8:g}" if total_bits < 8 * _MAX_BYTES else "more than 2**64"
+        raise bad(f"{code} {shown(shape)} needs {needed} bytes but data_offsets span {end - begin}")
     return TensorInfo(
         name=name,
-        dtype_name=describe_dtype(dtype),
         shape=tuple(shape),
         nbytes=end - begin,
-        dtype=dtype if gradient else None,
-        skip_reason=None if gradient else f"{code} is not a gradient type",
         location=(begin, end),
+        **_TYPE_FIELDS[code],
     )
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _are_counts(values: list[object], limit: int) -> bool:
+    """Whether *values* are integers in [0, *limit*) (JSON gives plain ints, never subclasses
+    but bool)."""
+    return all(type(v) is int and 0 <= v < limit for v in values)
 
 
 def _check_layout(path: Path, tensors: list[TensorInfo], data_size: int) -> None:
@@ -245,7 +248,9 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_size: int) -> None
         begin, end = tensor.location
         if begin != position:
             gap = "overlaps the previous tensor" if begin < position else "leaves a hole before it"
-            raise InputError(path, f"tensor {tensor.name!r}: data_offsets {[begin, end]} {gap}")
+            raise InputError(
+                path, f"tensor {shown(tensor.name)}: data_offsets {[begin, end]} {gap}"
+            )
         position = end
     if position != data_size:
         raise InputError(

@@ -12,6 +12,8 @@ import zipfile
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from .base import READ_ERRORS
+
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # torch.save before PyTorch 1.6: a pickle (protocol 2) of the magic number 0x1950a86a20f9469cfc6c
 LEGACY_TORCH_SIGNATURE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -19,6 +21,14 @@ _HEAD_BYTES = 16
 _TORCH_PICKLE = re.compile(r"(?:^|/)data\.pkl$")
 _TORCHSCRIPT_MEMBER = re.compile(r"(?:^|/)(?:constants\.pkl|code/)")
 _KERAS_MEMBERS = frozenset({"config.json", "metadata.json", "model.weights.h5"})
+# zipfile keeps about 9 bytes of memory per byte of central directory: 100 MB, as for a
+# safetensors header, is some 600,000 members of long names
+MAX_ZIP_DIRECTORY = 100_000_000
+_END_SIGNATURE = b"PK\x05\x06"
+_END_SIZE = 22  # the end record without its comment
+_END_SEARCH = _END_SIZE + 0xFFFF  # the comment is at most 65,535 bytes
+_ZIP64_LOCATOR_SIZE = 20
+_ZIP64_END_SIZE = 56
 
 
 def read_head(file: BinaryIO) -> bytes:
@@ -57,13 +67,37 @@ def is_hdf5(head: bytes, file: BinaryIO) -> bool:
     return False
 
 
+def zip_directory_size(file: BinaryIO) -> int | None:
+    """The size of the zip archive *file*'s central directory, as its end record (or zip64 end
+    record) says; None when there is none (zipfile then says what is wrong)."""
+    size = file.seek(0, 2)
+    tail_start = max(size - _END_SEARCH, 0)
+    file.seek(tail_start)
+    tail = file.read()
+    at = tail.rfind(_END_SIGNATURE)
+    if at < 0 or at + _END_SIZE > len(tail):
+        return None
+    directory = struct.unpack_from("<I", tail, at + 12)[0]
+    locator = at - _ZIP64_LOCATOR_SIZE
+    if directory == 0xFFFFFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        file.seek(struct.unpack_from("<Q", tail, locator + 8)[0])
+        record = file.read(_ZIP64_END_SIZE)
+        if len(record) == _ZIP64_END_SIZE and record[:4] == b"PK\x06\x06":
+            directory = struct.unpack_from("<Q", record, 40)[0]
+    return directory
+
+
 def zip_names(file: BinaryIO) -> list[str] | None:
-    """The member names of the zip archive *file* (None when its directory cannot be read)."""
+    """The member names of the zip archive *file* (None when its directory cannot be read, or
+    is larger than MAX_ZIP_DIRECTORY: the npz reader then says so)."""
     try:
+        size = zip_directory_size(file)
+        if size is not None and size > MAX_ZIP_DIRECTORY:
+            return None
         file.seek(0)
         with zipfile.ZipFile(file) as archive:
             return archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except READ_ERRORS:  # zipfile raises many kinds on a damaged directory
         return None
 
 

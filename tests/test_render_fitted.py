@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from rich.text import Text
 
-from gclip_cli.tables import (
+from gclip_cli.render.fitted import (
     ELLIPSIS,
     MIN_NAME_WIDTH,
     BarCell,

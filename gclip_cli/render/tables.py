@@ -1,4 +1,4 @@
-"""Turning reports into output for people: Rich tables and summaries (export.py has the
+"""Turning reports into output for people: Rich tables and their summaries (machine.py has the
 formats for programs)."""
 
 from __future__ import annotations
@@ -8,25 +8,25 @@ import math
 from rich.console import Console
 from rich.text import Text
 
-from .compare import Diff, TensorDiff
-from .export import PLAIN
-from .history import History, sparkline
-from .report import Report
-from .summary import norm_label, number, printable
-from .tables import BarCell, FittedTable
-from .views import View, layer_rows, tensor_rows
+from ..compare import Diff, TensorDiff
+from ..history import History, sparkline
+from ..reports import InspectReport, Report, RewriteReport
+from ..views import PLAIN, View, layer_rows, tensor_rows
+from .fitted import BarCell, FittedTable
+from .lines import global_norm_text
+from .text import norm_label, number, printable
 
 _BAR_WIDTH = 5
 
 
-def print_inspect(report: Report, console: Console, view: View = PLAIN) -> None:
+def print_inspect(report: InspectReport, console: Console, view: View = PLAIN) -> None:
     """The per-tensor (or per-layer) table, then the totals and the clip factor if asked."""
     table = _layer_table(report, view) if view.by_layer else _tensor_table(report, view)
     console.print(table)
     console.print(_summary(report))
 
 
-def print_groups(report: Report, console: Console) -> None:
+def print_groups(report: RewriteReport, console: Console) -> None:
     """The groups of per-tensor or group clipping, each with its max norm, norm and factor."""
     table = _table(report, ["group", "tensors", "max norm", "norm", "scale factor"])
     for group in report.groups:
@@ -208,17 +208,19 @@ def _share(share: float | None) -> Text | BarCell:
 def _summary(report: Report) -> Text:
     skipped = len(report.tensors) - len(report.counted)
     files = f" in {len(report.files)} files" if len(report.files) > 1 else ""
-    norm = number(report.global_norm) if report.counted else "- (no tensor counted)"
+    norm = global_norm_text(report) if report.counted else "- (no tensor counted)"
     lines = [
         f"global {norm_label(report.norm_type)}: {norm}",
         f"{len(report.counted)} tensors counted, {skipped} skipped{files}; "
         f"{report.total_numel:,} values; {_bytes(report.total_bytes)}",
     ]
     if report.nonfinite:
-        if report.nonfinite_policy == "error":
+        if report.refuses_nonfinite:
             treatment = "rescale refuses this file; see --nonfinite"
         else:
-            treatment = f"--nonfinite {report.nonfinite_policy}: the norm counts finite values"
+            treatment = (
+                f"--nonfinite {report.nonfinite_policy.value}: the norm counts finite values"
+            )
         lines.append(f"non-finite values: {report.nonfinite:,} ({treatment})")
     if report.max_norm is not None:
         factor = "n/a (non-finite norm)" if report.scale is None else number(report.scale)

@@ -1,12 +1,12 @@
 import json
 
-from test_render import sample_report
+from test_render_tables import sample_report
 
-from gclip_cli.export import report_json
+from gclip_cli.render.machine import as_json
 
 
 def test_json_has_no_nan_and_marks_skipped_tensors():
-    data = json.loads(report_json(sample_report()))
+    data = json.loads(as_json(sample_report()))
     assert data["global_norm"] is None and data["nonfinite"] == 1
     tensors = {t["name"]: t for t in data["tensors"]}
     assert tensors["bad"]["norm"] is None and tensors["bad"]["nan"] == 1

@@ -3,12 +3,12 @@ import math
 
 from rich.console import Console
 
-from gclip_cli.render import print_groups, print_inspect
-from gclip_cli.report import Report, TensorReport
-from gclip_cli.strategies import GroupReport
+from gclip_cli.render.tables import print_groups, print_inspect
+from gclip_cli.reports import InspectReport, RewriteReport, TensorReport
+from gclip_cli.strategies import GroupReport, Groups
 
 
-def sample_report(**overrides) -> Report:
+def sample_report(**overrides) -> InspectReport:
     tensors = (
         TensorReport("w", "float32", (2, 3), 6, 24, None, norm=3.0, max_abs=2.0, share=0.36),
         TensorReport(
@@ -19,7 +19,8 @@ def sample_report(**overrides) -> Report:
     fields = dict(
         path="g.npz", file_format="npz", norm_type=2.0, global_norm=math.nan, tensors=tensors
     )
-    return Report(**(fields | overrides))
+    kind = RewriteReport if "strategy" in overrides else InspectReport
+    return kind(**(fields | overrides))
 
 
 def render(function, report) -> str:
@@ -41,7 +42,7 @@ def test_groups_table_has_a_row_per_group():
         clipped=True,
         output="o.npz",
         global_norm_after=1.1,
-        strategy="groups",
+        strategy=Groups(groups=(("a.*", 1.0),)),
         groups=groups,
     )
     lines = render(print_groups, report).splitlines()

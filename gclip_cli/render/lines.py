@@ -1,0 +1,52 @@
+"""Plain-text lines for people that need no Rich (tables.py has the tables): the commands that
+print only these start without importing it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .text import BEYOND_FLOAT64, norm_label, number, printable
+
+if TYPE_CHECKING:
+    from ..reports import InspectReport, Report, RewriteReport
+
+
+def rescale_summary(report: RewriteReport) -> str:
+    """Before and after, each labelled: users easily mistake the pre-clip norm for the result."""
+    norm = norm_label(report.norm_type)
+    strategy = report.strategy
+    verdict = "clipped" if report.clipped else "unchanged (copied as is)"
+    if strategy.name != "global-norm":
+        verdict = f"{strategy.name} {'applied' if report.clipped else verdict}"
+    skipped = len(report.tensors) - len(report.counted)
+    rows = [(f"global {norm} before", global_norm_text(report))]
+    rows += strategy.summary_rows(report)
+    rows += [
+        (f"global {norm} after", number(report.global_norm_after)),
+        ("tensors", f"{len(report.counted)} rewritten, {skipped} copied untouched"),
+    ]
+    width = max(len(label) for label, _ in rows) + 1
+    lines = [f"{verdict}: {printable(report.path)} -> {printable(str(report.output))}"]
+    lines += [f"  {label + ':':<{width}} {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def has_groups_table(report: RewriteReport) -> bool:
+    """Whether the report comes with a table of groups (tables.print_groups)."""
+    return report.strategy.groups_table and bool(report.groups)
+
+
+def check_line(report: InspectReport) -> str:
+    """One line saying whether the global norm is within max_norm."""
+    norm = f"global {norm_label(report.norm_type)} {global_norm_text(report)}"
+    files = f" ({len(report.files)} files)" if len(report.files) > 1 else ""
+    if report.refuses_nonfinite:
+        return f"non-finite: {report.nonfinite:,} NaN/Inf values{files}"
+    if report.clipped:
+        return f"exceeds: {norm} > max norm {number(report.max_norm)}{files}"
+    return f"ok: {norm} <= max norm {number(report.max_norm)}{files}"
+
+
+def global_norm_text(report: Report) -> str:
+    """The global norm as shown, saying so where it is inf only because float64 cannot hold it."""
+    return number(report.global_norm) + (f" ({BEYOND_FLOAT64})" if report.beyond_float64 else "")

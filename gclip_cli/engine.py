@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_dtypes
 
 from . import parallel
-from .formats import Checksummed, TensorFile, TensorInfo
+from .formats import Checksummed, FinishesOutput, SelfMeasuring, TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats, p_norm_of
 from .progress import MEASURING, SILENT, WRITING, Progress
 from .rewriters import Rewriter, counted
@@ -52,6 +52,10 @@ def gradient_bytes(tensors: Sequence[TensorInfo]) -> int:
 def _measure_tensor(
     tfile: TensorFile, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
 ) -> NormStats:
+    if isinstance(tfile, SelfMeasuring):
+        stats = tfile.measure_tensor(tensor, norm_type, chunk_bytes, progress)
+        if stats is not None:
+            return stats
     accumulator = NormAccumulator(norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
         accumulator.add(chunk)
@@ -188,7 +192,7 @@ def rewrite(
     )
     if pieces:
         parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs, progress)
-    if isinstance(tfile, Checksummed):
+    if isinstance(tfile, FinishesOutput):
         tfile.finish_output(out, crcs)
     after = rewriter.after
     return [

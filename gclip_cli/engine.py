@@ -52,7 +52,7 @@ def gradient_bytes(tensors: Sequence[TensorInfo]) -> int:
 def _measure_tensor(
     tfile: TensorFile, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
 ) -> NormStats:
-    accumulator = NormAccumulator(norm_type)
+    accumulator = NormAccumulator.for_tensor(tensor, norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
         accumulator.add(chunk)
         progress.advance(chunk.nbytes)

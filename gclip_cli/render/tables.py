@@ -10,7 +10,7 @@ from rich.text import Text
 
 from ..compare import Diff, TensorDiff
 from ..history import History, sparkline
-from ..reports import InspectReport, Report, RewriteReport
+from ..reports import InspectReport, Report, RewriteReport, TensorReport
 from ..views import PLAIN, View, layer_rows, tensor_rows
 from .fitted import BarCell, FittedTable
 from .lines import global_norm_text
@@ -152,7 +152,7 @@ def _tensor_table(report: Report, view: View) -> FittedTable:
         "norm",
         "share",
         "max |x|",
-    ] + (["NaN/Inf"] if nonfinite else [])
+    ] + (_NONFINITE_HEADERS if nonfinite else [])
     table = _table(report, headers)
     for t in tensor_rows(report, view):
         style = "dim" if t.skipped else ("bold red" if t.nonfinite else None)
@@ -167,21 +167,34 @@ def _tensor_table(report: Report, view: View) -> FittedTable:
             "" if t.max_abs is None else number(t.max_abs),
         ]
         if nonfinite:
-            cells.append("" if t.skipped else f"{t.nonfinite:,}")
+            cells += ["" for _ in _NONFINITE_HEADERS] if t.skipped else _nonfinite_cells(t)
         table.add_row(*cells, style=style)
     return table
 
 
+_NONFINITE_HEADERS = ["NaN", "+Inf", "-Inf", "first NaN/Inf at"]
+
+
+def _nonfinite_cells(t: TensorReport) -> list[str]:
+    """Its NaN, +Inf and -Inf counts and the index of the first of them (C order)."""
+    first = t.first_nonfinite
+    at = "" if first is None else "[" + ", ".join(map(str, first)) + "]"
+    return [f"{t.nan:,}", f"{t.posinf:,}", f"{t.neginf:,}", at]
+
+
 def _layer_table(report: Report, view: View) -> FittedTable:
-    table = _table(report, ["layer", "tensors", "values", "norm", "share"])
+    nonfinite = report.nonfinite > 0
+    headers = ["layer", "tensors", "values", "norm", "share"] + (["NaN/Inf"] if nonfinite else [])
+    table = _table(report, headers)
     for layer in layer_rows(report, view):
-        table.add_row(
+        cells = [
             Text(printable(layer.name)),
             str(layer.tensors),
             f"{layer.numel:,}",
             number(layer.norm),
             _share(layer.share),
-        )
+        ]
+        table.add_row(*cells, *([f"{layer.nonfinite:,}"] if nonfinite else []))
     return table
 
 

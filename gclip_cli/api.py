@@ -299,11 +299,20 @@ def history_of(
     )
 
 
-def diff_files(path_a: PathLike, path_b: PathLike, *, options: Options = _DEFAULTS) -> Diff:
+def diff_files(
+    path_a: PathLike,
+    path_b: PathLike,
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    options: Options = _DEFAULTS,
+) -> Diff:
     """Whether two dumps hold the same tensors with the same values (Diff.same), each one's
     own global L2 norm, and per tensor the L2 norms side by side, their ratio and cosine
     similarity.  Names are paired with ``.`` and ``/`` alike (see compare.py for what is
-    compared); of *options*, chunk_size, nonfinite, include, exclude and file_format count."""
-    from .compare import diff
+    compared); finite values a of A and b of B match when |a - b| <= atol + rtol * |b|, as
+    numpy.allclose says (the default: when equal); of *options*, chunk_size, nonfinite,
+    include, exclude and file_format count."""
+    from .compare import Tolerance, diff
 
-    return diff(Path(path_a), Path(path_b), options)
+    return diff(Path(path_a), Path(path_b), options, Tolerance(rtol, atol))

@@ -680,7 +680,8 @@ def history(
 
 DIFF_EXIT_CODES_HELP = """\b
 Exit codes (as cmp and h5diff):
-  0    the same tensors with the same values (tensors not compared are listed)
+  0    the same tensors with the same values (within --rtol/--atol; tensors not
+       compared are listed)
   1    the files differ: a tensor only in one, another shape, dtype or layout, a value
   2    usage error
   3    bad input (missing, unreadable, malformed or unsupported file)
@@ -693,8 +694,25 @@ Exit codes (as cmp and h5diff):
 @click.argument("file_b", metavar="B")
 @_reports_errors()
 @_gathered("options", _make_options, *_SELECTION_OPTIONS, _DIFF_NONFINITE)
+@click.option(
+    "--rtol",
+    type=PositiveFiniteParam(allow_zero=True),
+    default=0.0,
+    show_default=True,
+    help="Relative tolerance: values a of A and b of B match when |a - b| <= atol + rtol * |b| "
+    "(as numpy.allclose; B is the reference).",
+)
+@click.option(
+    "--atol",
+    type=PositiveFiniteParam(allow_zero=True),
+    default=0.0,
+    show_default=True,
+    help="Absolute tolerance (see --rtol); both 0: values must be equal.",
+)
 @_report_format_options
-def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None:
+def diff(
+    file_a: str, file_b: str, options: Options, rtol: float, atol: float, output_format: str
+) -> None:
     """Whether A and B hold the same tensors with the same values, each file's own global L2
     norm, and per tensor the L2 norms side by side, B / A and the cosine similarity: after a
     rescale every cosine is 1 and every ratio the same factor.
@@ -706,7 +724,7 @@ def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None
     from .api import diff_files
 
     with _local((file_a, file_b)) as ((path_a, path_b), names):
-        compared = diff_files(path_a, path_b, options=options)
+        compared = diff_files(path_a, path_b, rtol=rtol, atol=atol, options=options)
     compared = compared.shown_as(names)
     _emit(compared, output_format, None, human=_print_diff)
     _exit_if_nonfinite(compared)

@@ -125,6 +125,8 @@ def _diff_summary(diff: Diff) -> list[str]:
     verdict = (
         "A and B hold the same tensors with the same values" if diff.same else ("A and B differ")
     )
+    if diff.rtol or diff.atol:
+        verdict += f" (values compared with rtol {number(diff.rtol)}, atol {number(diff.atol)})"
     left = f" ({counts['not_compared']} not compared)" if counts["not_compared"] else ""
     lines.append(verdict + left)
     return lines

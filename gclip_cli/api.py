@@ -27,6 +27,7 @@ from .strategies import ClipValue, GlobalNorm, Groups, Normalize, PerTensor, Str
 if TYPE_CHECKING:
     from .compare import Diff
     from .history import History
+    from .layer_history import LayerHistory
 
 PathLike = str | os.PathLike[str]
 ShardProgress = Callable[[str, int, int], None]
@@ -294,6 +295,31 @@ def history_of(
         options,
         percentile=percentile,
         max_norm=max_norm,
+        as_given=as_given,
+        progress=Progress(progress),
+    )
+
+
+def layer_history_of(
+    paths: Sequence[PathLike],
+    *,
+    spike: float = 4.0,
+    depth: int | None = None,
+    as_given: bool = False,
+    options: Options = _DEFAULTS,
+    progress: Listener | None = None,
+) -> LayerHistory:
+    """The norm of each layer (the name up to its first number, or its first *depth*
+    components) of each file (one training step each, ordered as history_of orders them),
+    its share of the step's norm, and the steps where a layer's norm exceeds *spike* times the
+    median of its own earlier steps (from its third step on), the first of them for the run."""
+    from .layer_history import layer_history
+
+    return layer_history(
+        resolve(paths),
+        options,
+        spike=spike,
+        depth=depth,
         as_given=as_given,
         progress=Progress(progress),
     )

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .compare import Diff
     from .history import History
+    from .layer_history import LayerHistory
     from .options import Options
     from .progress_display import ProgressDisplay
     from .reports import InspectReport, Report, RewriteReport
@@ -606,11 +607,54 @@ def check(files: tuple[str, ...], max_norm: float, options: Options, as_json: bo
     sys.exit(1 if report.clipped else 0)
 
 
-def _exit_if_nonfinite(report: Report | History | Diff) -> None:
+def _exit_if_nonfinite(report: Report | History | LayerHistory | Diff) -> None:
     """The one rule for NaN/Inf: once the report is out, exit 4, unless a --nonfinite policy
     says how they were counted."""
     if report.nonfinite and report.nonfinite_policy == "error":
         sys.exit(ExitCode.NONFINITE)
+
+
+@dataclass(frozen=True)
+class _ByLayer:
+    """history --by-layer: how layers are told apart, and what a spike is."""
+
+    depth: int | None
+    spike: float
+
+
+def _make_by_layer(by_layer: bool, depth: int | None, spike: float | None) -> _ByLayer | None:
+    from .errors import UsageError
+
+    if not by_layer:
+        if depth is not None or spike is not None:
+            raise UsageError(None, "--depth and --spike go with --by-layer")
+        return None
+    return _ByLayer(depth, 4.0 if spike is None else spike)
+
+
+_by_layer_options = _gathered(
+    "by_layer",
+    _make_by_layer,
+    click.option(
+        "--by-layer",
+        is_flag=True,
+        help="The norm of each layer at each step (layers as inspect --by-layer has them), "
+        "and where each first spikes.",
+    ),
+    click.option(
+        "--depth",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --by-layer: a layer is the first N name components.",
+    ),
+    click.option(
+        "--spike",
+        type=PositiveFiniteParam(),
+        metavar="K",
+        help="With --by-layer: a layer is anomalous at a step where its norm exceeds K times "
+        "the median of its earlier steps (from its 3rd step on).  [default: 4]",
+    ),
+)
 
 
 @main.command()
@@ -635,6 +679,7 @@ def _exit_if_nonfinite(report: Report | History | Diff) -> None:
     metavar="PNG",
     help="Also draw the norms to this image (needs matplotlib: gclip[plot]).",
 )
+@_by_layer_options
 @_measure_options()
 @_report_format_options
 def history(
@@ -643,6 +688,7 @@ def history(
     max_norm: float | None,
     as_given: bool,
     plot: Path | None,
+    by_layer: _ByLayer | None,
     options: Options,
     output_format: str,
 ) -> None:
@@ -654,6 +700,9 @@ def history(
     the number after step/iter/it in the name (extension left out), else the name's last
     number. A file without a step, or two with one step, are usage errors (exit 2) unless
     --as-given. NaN/Inf values: the report, then exit 4, unless --nonfinite zero or keep.
+
+    With --by-layer: each layer's norm at each step (a row per layer, its sparkline on a log
+    scale), the steps where it spikes, and the run's first spike (--plot: a heatmap).
     """
     from . import history as chart
     from .api import history_of
@@ -662,6 +711,10 @@ def history(
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
+    if by_layer is not None:
+        _refuse_global_options(max_norm)
+        _layer_history(files, as_given, plot, by_layer, options, output_format)
+        return
     with _local(files) as (paths, names), _byte_progress() as progress:
         found = history_of(
             paths,
@@ -675,6 +728,40 @@ def history(
     if plot is not None:
         chart.plot(found, plot)
     _emit(found, output_format, None, human=_print_history)
+    _exit_if_nonfinite(found)
+
+
+def _refuse_global_options(max_norm: float | None) -> None:
+    """--max-norm and --percentile are about the global norm, which --by-layer does not show."""
+    source = click.get_current_context().get_parameter_source("percentile")
+    if max_norm is not None or source is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--max-norm and --percentile do not go with --by-layer")
+
+
+def _layer_history(
+    files: tuple[str, ...],
+    as_given: bool,
+    plot: Path | None,
+    by_layer: _ByLayer,
+    options: Options,
+    output_format: str,
+) -> None:
+    from . import layer_history as chart
+    from .api import layer_history_of
+
+    with _local(files) as (paths, names), _byte_progress() as progress:
+        found = layer_history_of(
+            paths,
+            spike=by_layer.spike,
+            depth=by_layer.depth,
+            as_given=as_given,
+            options=options,
+            progress=progress,
+        )
+    found = found.shown_as(names)
+    if plot is not None:
+        chart.plot(found, plot)
+    _emit(found, output_format, None, human=_print_layer_history)
     _exit_if_nonfinite(found)
 
 
@@ -1054,7 +1141,7 @@ def _tell_not_read(report: Report) -> None:
 
 
 def _emit(
-    report: Report | History | Diff,
+    report: Report | History | LayerHistory | Diff,
     output_format: str,
     view: View | None,
     human: Callable[[Any, bool, View | None], None],
@@ -1102,6 +1189,12 @@ def _print_history(found: History, to_stderr: bool, view: View | None) -> None:
     from .render.tables import print_history
 
     print_history(found, _console(to_stderr))
+
+
+def _print_layer_history(found: LayerHistory, to_stderr: bool, view: View | None) -> None:
+    from .render.tables import print_layer_history
+
+    print_layer_history(found, _console(to_stderr))
 
 
 def _print_diff(compared: Diff, to_stderr: bool, view: View | None) -> None:

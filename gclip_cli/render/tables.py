@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.text import Text
 
 from ..compare import Diff, TensorDiff
-from ..history import History, sparkline
+from ..history import History, log_sparkline, sparkline
+from ..layer_history import LayerHistory, LayerSeries
 from ..reports import InspectReport, Report, RewriteReport, TensorReport
 from ..views import PLAIN, View, layer_rows, tensor_rows
 from .fitted import BarCell, FittedTable
@@ -67,6 +68,74 @@ def print_history(history: History, console: Console) -> None:
     if nonfinite:
         lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
     console.print(Text("\n".join(lines)))
+
+
+def print_layer_history(history: LayerHistory, console: Console) -> None:
+    """A row per layer, those anomalous first first: its norms as a sparkline on a log scale
+    (anomalies in red), its first, last and largest norm and its first anomaly; then the
+    run's first anomaly."""
+    steps = [s.step for s in history.steps]
+    headers = ["layer", "norms (log scale)", "first", "last", "max", "first anomaly", "norm"]
+    table = _plain_table(
+        f"{norm_label(history.norm_type)} per layer over {len(steps)} steps "
+        f"({_step_label(steps[0])} to {_step_label(steps[-1])})",
+        [*headers, "x median"],
+    )
+    for layer in history.by_first_anomaly():
+        present = [n for n in layer.norms if n is not None]
+        first = layer.first_anomaly
+        table.add_row(
+            Text(printable(layer.name)),
+            _spiked_sparkline(layer),
+            number(present[0]),
+            number(present[-1]),
+            number(max(present, key=_largest_known)),
+            "-" if first is None else _step_label(first.step),
+            "-" if first is None else number(first.norm),
+            "-" if first is None else _times(first.ratio),
+        )
+    console.print(table)
+    console.print(Text("\n".join(_layer_summary(history))))
+
+
+def _spiked_sparkline(layer: LayerSeries) -> Text:
+    line = Text(log_sparkline(layer.norms))
+    for anomaly in layer.anomalies:
+        line.stylize("bold red", anomaly.index, anomaly.index + 1)
+    return line
+
+
+def _largest_known(norm: float) -> float:
+    """NaN counts as the largest: the norm to show is the one that broke."""
+    return math.inf if math.isnan(norm) else norm
+
+
+def _step_label(step: int | None) -> str:
+    return "-" if step is None else str(step)
+
+
+def _times(ratio: float) -> str:
+    return "-" if math.isinf(ratio) else f"{ratio:.3g}x"
+
+
+def _layer_summary(history: LayerHistory) -> list[str]:
+    lines = [
+        f"anomaly: a layer's norm above {history.spike:g}x the median of its earlier steps "
+        "(from its 3rd step on), or NaN/Inf"
+    ]
+    first = history.first_anomaly
+    if first is None:
+        lines.append("first anomaly: none")
+    else:
+        baseline = "" if first.baseline is None else f" = {_times(first.ratio)} its median "
+        baseline += "" if first.baseline is None else number(first.baseline)
+        lines.append(
+            f"first anomaly: {printable(first.layer)} at step {_step_label(first.step)}: "
+            f"norm {number(first.norm)}{baseline}"
+        )
+    if history.nonfinite:
+        lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
+    return lines
 
 
 def _nonfinite_line(count: int, policy: str) -> str:
@@ -256,4 +325,5 @@ __all__ = [
     "print_groups",
     "print_history",
     "print_inspect",
+    "print_layer_history",
 ]

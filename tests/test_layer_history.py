@@ -215,3 +215,29 @@ def test_options_that_do_not_go_together_are_usage_errors(tmp_path):
         proc = gclip("history", run, *args)
         assert proc.returncode == 2, (args, proc.stderr)
     assert gclip("history", run, "--by-layer", "--spike", "-1").returncode == 2
+
+
+def test_the_bundled_run_explodes_where_the_readme_says(tmp_path):
+    """sample_data/run/: real LSTM gradients, a few hundred KB, whose first anomaly the rule
+    finds from the values the safetensors library reads."""
+    run = Path(__file__).resolve().parent.parent / "sample_data" / "run"
+    files = sorted(run.glob("*.safetensors"))
+    assert len(files) >= 10 and 100_000 < sum(f.stat().st_size for f in files) < 1_000_000
+    norms: dict[str, list[float]] = {}
+    for path in files:
+        layers: dict[str, list[np.ndarray]] = {}
+        for name, values in read_tensors(path, "safetensors").items():
+            layers.setdefault(layer_of(name), []).append(values)
+        for layer, arrays in layers.items():
+            norms.setdefault(layer, []).append(exact_norm(arrays))
+    firsts = {
+        layer: next((i for i in range(2, len(s)) if s[i] > 4 * statistics.median(s[:i])), None)
+        for layer, s in norms.items()
+    }
+    found = layer_history_of([run])
+    assert {
+        layer.name: layer.first_anomaly and layer.first_anomaly.index for layer in found.layers
+    } == firsts
+    step = min(i for i in firsts.values() if i is not None)
+    first = found.first_anomaly
+    assert first.index == step and firsts[first.layer] == step

@@ -765,6 +765,122 @@ def _layer_history(
     _exit_if_nonfinite(found)
 
 
+WATCH_EXIT_CODES_HELP = """\b
+Exit codes:
+  1    --exit-on-exceed: a step exceeded --max-norm
+  2    usage error
+  3    the folder cannot be listed
+  130  interrupted (Ctrl-C), after the summary
+"""
+
+
+@dataclass(frozen=True)
+class _Watching:
+    """watch's own options: how often to look, the threshold and what it does, the layers."""
+
+    interval: float
+    max_norm: float | None
+    exit_on_exceed: bool
+    spike: float
+    depth: int | None
+
+
+_watching_options = _gathered(
+    "watching",
+    _Watching,
+    click.option(
+        "--interval",
+        type=PositiveFiniteParam(),
+        default=1.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="How often to look at the folder; a dump is read once it has not changed for "
+        "that long.",
+    ),
+    _max_norm_option(False, "Flag the steps whose global norm exceeds C."),
+    click.option(
+        "--exit-on-exceed",
+        is_flag=True,
+        help="Exit 1 at the first step over --max-norm (so that a script can stop the job).",
+    ),
+    click.option(
+        "--spike",
+        type=PositiveFiniteParam(),
+        default=4.0,
+        show_default=True,
+        metavar="K",
+        help="A layer is anomalous at a step where its norm exceeds K times the median of its "
+        "earlier steps (from its 3rd step on).",
+    ),
+    click.option(
+        "--depth",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="A layer is the first N name components (default: up to the first number).",
+    ),
+)
+
+
+@main.command(epilog=WATCH_EXIT_CODES_HELP)
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@_reports_errors()
+@_watching_options
+@_measure_options()
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "jsonl"]),
+    default="table",
+    show_default=True,
+    help="A line per step for people, or a JSON record per step.",
+)
+def watch(folder: Path, watching: _Watching, options: Options, output_format: str) -> None:
+    """Follow DIR, where a training job writes its dumps: each new dump, once complete, is
+    measured and printed as a step (its global norm, the running percentiles, whether it
+    exceeds --max-norm, the layers anomalous in it as history --by-layer finds them).
+
+    Temporary names (.name, *.tmp, *.part, *~) are ignored until renamed; a dump that cannot
+    be read (half-written, deleted or truncated while read) is reported on stderr and skipped,
+    and read again if it changes. Ctrl-C prints a summary and exits 130.
+    """
+    from .render.lines import WATCH_HEADER, skipped_line, watch_line, watch_summary
+    from .render.machine import json_line
+    from .watch import Run, Skipped, watch
+
+    jsonl = output_format == "jsonl"
+
+    def emit(record: Any) -> None:
+        if isinstance(record, Skipped):
+            click.echo(skipped_line(record), err=True)
+        if jsonl:
+            click.echo(json_line(record.to_dict()))
+        elif not isinstance(record, Skipped):
+            click.echo(watch_line(record))
+
+    def finish(summary: Any) -> None:
+        click.echo(json_line(summary.to_dict()) if jsonl else watch_summary(summary))
+
+    run = Run(options, watching.max_norm, watching.spike, watching.depth)
+    if not jsonl:
+        click.echo(WATCH_HEADER)
+    try:
+        summary = watch(
+            folder,
+            run,
+            emit,
+            interval=watching.interval,
+            exit_on_exceed=watching.exit_on_exceed,
+        )
+    except (KeyboardInterrupt, Interrupted):
+        finish(run.summary("interrupted"))
+        raise
+    except Terminated:
+        finish(run.summary("terminated"))
+        raise
+    finish(summary)
+    sys.exit(1)
+
+
 DIFF_EXIT_CODES_HELP = """\b
 Exit codes (as cmp and h5diff):
   0    the same tensors with the same values (within --rtol/--atol; tensors not

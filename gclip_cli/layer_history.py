@@ -158,20 +158,34 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def spikes(norms: Sequence[float | None], spike: float) -> list[tuple[int, float | None]]:
-    """(position, baseline) of each norm above *spike* x the median of the earlier finite
-    ones (at least _EARLIER of them), or NaN/Inf.  None: a step without the layer."""
-    found, earlier = [], []
-    for i, norm in enumerate(norms):
-        if norm is None:
-            continue
+class Baseline:
+    """A layer's norms so far, which judge its next one: anomalous when above *spike* x the
+    median of the earlier finite ones (at least _EARLIER of them), or NaN/Inf."""
+
+    def __init__(self, spike: float) -> None:
+        self.spike = spike
+        self._earlier: list[float] = []
+
+    def judge(self, norm: float) -> tuple[bool, float | None]:
+        """Whether *norm* is anomalous, and the median it was held against; then it joins
+        the earlier norms (if finite)."""
+        earlier = self._earlier
         baseline = statistics.median(earlier) if len(earlier) >= _EARLIER else None
         if not math.isfinite(norm):
-            found.append((i, baseline))
-            continue
-        if baseline is not None and norm > spike * baseline:
-            found.append((i, baseline))
+            return True, baseline
         earlier.append(norm)
+        return baseline is not None and norm > self.spike * baseline, baseline
+
+
+def spikes(norms: Sequence[float | None], spike: float) -> list[tuple[int, float | None]]:
+    """(position, baseline) of each anomalous norm of a layer's series (see Baseline).
+    None: a step without the layer."""
+    baseline, found = Baseline(spike), []
+    for i, norm in enumerate(norms):
+        if norm is not None:
+            anomalous, median = baseline.judge(norm)
+            if anomalous:
+                found.append((i, median))
     return found
 
 
@@ -190,14 +204,14 @@ def layer_history(
     if not 0 < spike < math.inf:
         raise UsageError(None, f"--spike must be a finite number > 0, not {spike}")
     ordered = ordered_steps(inputs, options, as_given, progress)
-    per_step = [_layers_of(measured, options.norm_type, depth) for _, measured in ordered]
+    per_step = [layers_of(measured, options.norm_type, depth) for _, measured in ordered]
     steps = tuple(step for step, _ in ordered)
     names = sorted({name for layers in per_step for name in layers}, key=natural_key)
     series = tuple(_series(name, per_step, steps, options, spike) for name in names)
     return LayerHistory(steps, series, options.norm_type, spike, depth, options.nonfinite)
 
 
-def _layers_of(measured: Measured, norm_type: float, depth: int | None) -> dict[str, NormStats]:
+def layers_of(measured: Measured, norm_type: float, depth: int | None) -> dict[str, NormStats]:
     """The statistics of each layer of one file: its counted tensors' taken together."""
     members: dict[str, list[NormStats | None]] = {}
     for tensor, stats in zip(measured.tensors, measured.stats, strict=True):

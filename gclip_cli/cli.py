@@ -843,42 +843,80 @@ def watch(folder: Path, watching: _Watching, options: Options, output_format: st
     be read (half-written, deleted or truncated while read) is reported on stderr and skipped,
     and read again if it changes. Ctrl-C prints a summary and exits 130.
     """
-    from .render.lines import WATCH_HEADER, skipped_line, watch_line, watch_summary
-    from .render.machine import json_line
-    from .watch import Run, Skipped, watch
-
-    jsonl = output_format == "jsonl"
-
-    def emit(record: Any) -> None:
-        if isinstance(record, Skipped):
-            click.echo(skipped_line(record), err=True)
-        if jsonl:
-            click.echo(json_line(record.to_dict()))
-        elif not isinstance(record, Skipped):
-            click.echo(watch_line(record))
-
-    def finish(summary: Any) -> None:
-        click.echo(json_line(summary.to_dict()) if jsonl else watch_summary(summary))
+    from .streams import is_terminal
+    from .watch import Run, watch
 
     run = Run(options, watching.max_norm, watching.spike, watching.depth)
-    if not jsonl:
-        click.echo(WATCH_HEADER)
-    try:
-        summary = watch(
-            folder,
-            run,
-            emit,
-            interval=watching.interval,
-            exit_on_exceed=watching.exit_on_exceed,
-        )
-    except (KeyboardInterrupt, Interrupted):
-        finish(run.summary("interrupted"))
-        raise
-    except Terminated:
-        finish(run.summary("terminated"))
-        raise
-    finish(summary)
+    live = output_format == "table" and is_terminal(sys.stdout)
+    with _WatchOutput(run, str(folder), output_format == "jsonl", live) as output:
+        try:
+            summary = watch(
+                folder,
+                run,
+                output.emit,
+                interval=watching.interval,
+                exit_on_exceed=watching.exit_on_exceed,
+            )
+        except (KeyboardInterrupt, Interrupted):
+            output.finish(run.summary("interrupted"))
+            raise
+        except Terminated:
+            output.finish(run.summary("terminated"))
+            raise
+        output.finish(summary)
     sys.exit(1)
+
+
+class _WatchOutput:
+    """Where watch's records go: a live table on a terminal, else a line or a JSON record
+    each, then the summary; skipped dumps are also named on stderr."""
+
+    def __init__(self, run: Any, folder: str, jsonl: bool, live: bool) -> None:
+        self.run, self.jsonl = run, jsonl
+        self.display = None
+        if live:
+            from .render.tables import WatchDisplay
+
+            self.display = WatchDisplay(_console(False), folder)
+
+    def __enter__(self) -> _WatchOutput:
+        if self.display is not None:
+            self.display.__enter__()
+        elif not self.jsonl:
+            from .render.lines import WATCH_HEADER
+
+            click.echo(WATCH_HEADER)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.display is not None:
+            self.display.__exit__(*exc)
+
+    def emit(self, record: Any) -> None:
+        from .render.lines import skipped_line, watch_line
+        from .render.machine import json_line
+        from .watch import Skipped
+
+        skipped = isinstance(record, Skipped)
+        if skipped:
+            click.echo(skipped_line(record), err=True)
+        if self.jsonl:
+            click.echo(json_line(record.to_dict()))
+        elif skipped:
+            return
+        elif self.display is not None:
+            self.display.show(record, self.run.summary("watching"))
+        else:
+            click.echo(watch_line(record))
+
+    def finish(self, summary: Any) -> None:
+        from .render.lines import watch_summary
+        from .render.machine import json_line
+
+        if self.display is not None:
+            self.display.finish(summary)
+        else:
+            click.echo(json_line(summary.to_dict()) if self.jsonl else watch_summary(summary))
 
 
 DIFF_EXIT_CODES_HELP = """\b

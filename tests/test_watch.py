@@ -4,11 +4,16 @@ and the layers anomalous in it, --exit-on-exceed, and Ctrl-C's summary."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from pathlib import Path
@@ -215,3 +220,41 @@ def test_a_dump_is_ready_once_it_stays_the_same_for_a_poll(tmp_path):
     dump.write_bytes(b"z" * 20)
     poller.ready()
     assert poller.ready() == [dump]  # changed since: read again
+
+
+def test_on_a_terminal_the_table_is_redrawn_live(folder):
+    writer(folder, 0, 7).wait(timeout=60)
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GCLIP_")}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gclip_cli", "watch", str(folder), "--interval", INTERVAL],
+        stdout=child,
+        stderr=subprocess.PIPE,
+        env=env | {"TERM": "xterm"},
+    )
+    os.close(child)
+    seen = ""
+
+    def read_until(text: str) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while text not in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen):
+            assert time.monotonic() < deadline, seen
+            try:
+                seen += os.read(main, 65536).decode(errors="replace")
+            except OSError:  # the terminal closed: gclip ended
+                break
+
+    try:
+        read_until("grads_step07")
+        assert "\x1b[" in seen  # drawn in place, with the cursor moved back over it
+        proc.send_signal(signal.SIGINT)
+        read_until("first anomaly: h.1 at step 6")
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        os.close(main)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen)
+    assert "watched 8 steps" in plain and "anomalous: h.1" in plain

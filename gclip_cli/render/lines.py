@@ -3,6 +3,7 @@ print only these start without importing it."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from .text import BEYOND_FLOAT64, norm_label, number, printable
@@ -58,24 +59,29 @@ WATCH_HEADER = f"{'step':>8}  {'global norm':>12}  {'p50':>10}  {'p95':>10}  fil
 
 def watch_line(record: StepRecord) -> str:
     """A step as watch prints it: its norm, the running median and p95, what stands out."""
+    marks = record.percentiles
+    step = "-" if record.step is None else str(record.step)
+    return (
+        f"{step:>8}  {number(record.global_norm):>12}  {number(marks.get('p50')):>10}  "
+        f"{number(marks.get('p95')):>10}  {printable(record.file)}  {watch_notes(record)}"
+    ).rstrip()
+
+
+def watch_notes(record: StepRecord) -> str:
+    """What stands out in a step: over --max-norm, its anomalous layers, NaN/Inf."""
     notes = []
     if record.over_max_norm:
         notes.append("over --max-norm")
     if record.anomalies:
         listed = ", ".join(
-            f"{printable(a.layer)} {number(a.norm)}"
-            + ("" if a.baseline is None else f" ({a.ratio:.3g}x its median)")
+            printable(a.layer)
+            + (f" ({a.ratio:.3g}x its median)" if math.isfinite(a.ratio) else f" ({a.norm})")
             for a in record.anomalies
         )
         notes.append(f"anomalous: {listed}")
     if record.nonfinite:
         notes.append(f"NaN/Inf: {record.nonfinite:,}")
-    marks = record.percentiles
-    step = "-" if record.step is None else str(record.step)
-    return (
-        f"{step:>8}  {number(record.global_norm):>12}  {number(marks.get('p50')):>10}  "
-        f"{number(marks.get('p95')):>10}  {printable(record.file)}  {'; '.join(notes)}"
-    ).rstrip()
+    return "; ".join(notes)
 
 
 def skipped_line(record: Skipped) -> str:

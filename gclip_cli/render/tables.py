@@ -4,8 +4,11 @@ formats for programs)."""
 from __future__ import annotations
 
 import math
+from collections import deque
+from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.text import Text
 
 from ..compare import Diff, TensorDiff
@@ -13,8 +16,9 @@ from ..history import History, log_sparkline, sparkline
 from ..layer_history import LayerHistory, LayerSeries
 from ..reports import InspectReport, Report, RewriteReport, TensorReport
 from ..views import PLAIN, View, layer_rows, tensor_rows
+from ..watch import StepRecord, WatchSummary
 from .fitted import BarCell, FittedTable
-from .lines import global_norm_text
+from .lines import global_norm_text, watch_notes, watch_summary
 from .text import norm_label, number, printable
 
 _BAR_WIDTH = 5
@@ -136,6 +140,50 @@ def _layer_summary(history: LayerHistory) -> list[str]:
     if history.nonfinite:
         lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
     return lines
+
+
+class WatchDisplay:
+    """watch on a terminal: a table of the latest steps and the summary so far, redrawn in
+    place as steps come (Rich Live; what is printed meanwhile, as skipped dumps on stderr,
+    appears above it)."""
+
+    def __init__(self, console: Console, folder: str) -> None:
+        self._title = f"watching {printable(folder)}"
+        self._rows: deque[StepRecord] = deque(maxlen=max(5, console.height - 8))
+        self._live = Live(console=console, auto_refresh=False, transient=False)
+        self._summary: WatchSummary | None = None
+
+    def __enter__(self) -> WatchDisplay:
+        self._live.start()
+        self._live.update(Text(f"{self._title}: waiting for dumps"), refresh=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.stop()
+
+    def show(self, record: StepRecord, summary: WatchSummary) -> None:
+        self._rows.append(record)
+        self.finish(summary)
+
+    def finish(self, summary: WatchSummary) -> None:
+        """Show *summary* under the table (the last one stays on the screen)."""
+        shown = Group(self._table(), Text(watch_summary(summary))) if self._rows else None
+        self._live.update(shown or Text(watch_summary(summary)), refresh=True)
+
+    def _table(self) -> FittedTable:
+        table = _plain_table(self._title, ["step", "global norm", "p50", "p95", "file", "note"])
+        for record in self._rows:
+            marks = record.percentiles
+            table.add_row(
+                _step_label(record.step),
+                number(record.global_norm),
+                number(marks.get("p50")),
+                number(marks.get("p95")),
+                Text(printable(Path(record.file).name)),  # all in the folder of the title
+                Text(watch_notes(record)),
+                style="bold red" if record.over_max_norm or record.anomalies else None,
+            )
+        return table
 
 
 def _nonfinite_line(count: int, policy: str) -> str:
@@ -321,6 +369,7 @@ def _bytes(n: int) -> str:
 
 
 __all__ = [
+    "WatchDisplay",
     "print_diff",
     "print_groups",
     "print_history",

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from .history import PERCENTILES
 from .layer_history import SPIKE, Anomaly, Baseline, layers_of
 from .options import Options
 from .views import natural_key
+
+if TYPE_CHECKING:
+    from .pipeline import Measured
 
 # Names writers give files before renaming them into place.
 _TEMPORARY = re.compile(
@@ -211,7 +215,7 @@ class Run:
             return Skipped(str(path), "holds no tensor to count"), before
         return self._record(str(path), measured), before
 
-    def _record(self, file: str, measured) -> StepRecord:
+    def _record(self, file: str, measured: Measured) -> StepRecord:
         found = measured.step
         step = None if found is None else found.value
         stats = [s for s in measured.stats if s is not None]
@@ -227,10 +231,11 @@ class Run:
             self.over_max_norm += 1
             self.first_over = self.first_over or record
         if anomalies and self.first_anomaly is None:
-            self.first_anomaly = max(anomalies, key=lambda a: a.ratio)
+            self.first_anomaly = anomalies[0]
         return record
 
-    def _anomalies(self, measured, step: int | None) -> tuple[Anomaly, ...]:
+    def _anomalies(self, measured: Measured, step: int | None) -> tuple[Anomaly, ...]:
+        """The layers of *measured* anomalous at this step, furthest above its median first."""
         found = []
         for name, stats in layers_of(measured, self.options.norm_type, self.depth).items():
             norm = self.options.norm(stats)

@@ -106,7 +106,8 @@ class LayerHistory:
         return min(firsts, key=lambda a: (a.index, -a.ratio), default=None)
 
     def by_first_anomaly(self) -> list[LayerSeries]:
-        """The layers, those that spike first first, then the others, by name."""
+        """The layers, anomalous earliest first (at one step, furthest above its median
+        first), then the others, by name."""
         return sorted(self.layers, key=_first_anomaly_order)
 
     def shown_as(self, names: Mapping[str, str]) -> LayerHistory:
@@ -150,8 +151,11 @@ class LayerHistory:
 
 
 def _first_anomaly_order(layer: LayerSeries) -> tuple[object, ...]:
+    """Anomalous first, earliest first; at one step, furthest above its median first."""
     first = layer.first_anomaly
-    return (first is None, first.index if first else 0, natural_key(layer.name))
+    if first is None:
+        return (True, 0, 0.0, natural_key(layer.name))
+    return (False, first.index, -first.ratio, natural_key(layer.name))
 
 
 def _finite_or_none(value: float | None) -> float | None:

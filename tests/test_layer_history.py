@@ -133,7 +133,9 @@ def test_of_layers_at_one_step_the_one_furthest_above_its_median_is_first(tmp_pa
     folder = write_run(tmp_path / "run", run_of(seed=1, factors=factors), "safetensors")
     _, anomalies = reference(folder, "safetensors")
     assert anomalies["h.1"][0] == anomalies["h.2"][0] == 6
-    assert layer_history_of([folder]).first_anomaly.layer == "h.1"
+    found = layer_history_of([folder])
+    assert found.first_anomaly.layer == "h.1"
+    assert [layer.name for layer in found.by_first_anomaly()][:2] == ["h.1", "h.2"]
 
 
 def test_depth_and_spike_change_layers_and_anomalies(tmp_path):

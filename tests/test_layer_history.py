@@ -129,13 +129,16 @@ def test_the_rule(norms, spike, found):
 
 
 def test_of_layers_at_one_step_the_one_furthest_above_its_median_is_first(tmp_path):
-    factors = dict(FACTORS) | {"h.1": [1.0] * 6 + [80.0] * 4}  # h.1 too at step 6, further
+    # both at step 6, h.2 further (80x) than h.1 (20x): not the order of their names
+    factors = dict(FACTORS) | {"h.1": [1.0] * 6 + [20.0] * 4, "h.2": [1.0] * 6 + [80.0] * 4}
     folder = write_run(tmp_path / "run", run_of(seed=1, factors=factors), "safetensors")
-    _, anomalies = reference(folder, "safetensors")
+    norms, anomalies = reference(folder, "safetensors")
     assert anomalies["h.1"][0] == anomalies["h.2"][0] == 6
+    ratio = {n: norms[n][6] / statistics.median(norms[n][:6]) for n in ("h.1", "h.2")}
+    assert ratio["h.2"] > ratio["h.1"]
     found = layer_history_of([folder])
-    assert found.first_anomaly.layer == "h.1"
-    assert [layer.name for layer in found.by_first_anomaly()][:2] == ["h.1", "h.2"]
+    assert found.first_anomaly.layer == "h.2"
+    assert [layer.name for layer in found.by_first_anomaly()][:2] == ["h.2", "h.1"]
 
 
 def test_depth_and_spike_change_layers_and_anomalies(tmp_path):

@@ -66,7 +66,7 @@ def _measure_tensor(
         stats = itself.measure_tensor(tensor, norm_type, chunk_bytes, progress)
         if stats is not None:
             return stats
-    accumulator = NormAccumulator(norm_type)
+    accumulator = NormAccumulator.for_tensor(tensor, norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
         accumulator.add(chunk)
         progress.advance(chunk.nbytes)

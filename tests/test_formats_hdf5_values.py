@@ -18,6 +18,7 @@ from conftest import expected_scaled
 import gclip_cli
 from gclip_cli.formats.hdf5_values import MAX_FILL_WRITTEN
 from gclip_cli.norms import NormStats, measure
+from gclip_cli.options import Options
 from gclip_cli.strategies import GlobalNorm
 
 TERA = 10**6  # a (TERA, TERA) dataset declares 10**12 values
@@ -225,3 +226,31 @@ def test_hdf5_prints_nothing_even_where_its_error_printing_is_on(tmp_path):
         preexec_fn=limited(src.stat().st_size),
     )
     assert proc.stderr == f"5 {out}: cannot write: {os.strerror(27)}\n"
+
+
+def _first_nonfinite_reported(path):
+    (tensor,) = gclip_cli.inspect_file(path, options=Options(nonfinite="keep")).tensors
+    return tensor.first_nonfinite
+
+
+def _first_nonfinite_read(path):
+    with h5py.File(path) as f:
+        return tuple(int(i) for i in np.argwhere(~np.isfinite(f["x"][()]))[0])
+
+
+def test_the_first_nan_of_a_sparse_dataset_is_placed_in_c_order_not_chunk_order(tmp_path):
+    src = tmp_path / "sparse_nan.h5"
+    with h5py.File(src, "w") as f:
+        x = f.create_dataset("x", shape=(4, 4), chunks=(2, 2), dtype="f4", fillvalue=0.0)
+        x[1, 0] = np.nan  # chunk (0, 0), the 3rd value read; flat index 4: the first
+        x[1, 2] = np.inf  # chunk (0, 1), the 7th value read; flat index 6
+    assert _first_nonfinite_reported(src) == _first_nonfinite_read(src) == (1, 0)
+
+
+def test_a_nan_fill_value_counts_from_the_first_unallocated_chunk(tmp_path):
+    src = tmp_path / "nan_fill.h5"
+    with h5py.File(src, "w") as f:
+        x = f.create_dataset("x", shape=(4, 6), chunks=(2, 2), dtype="f4", fillvalue=np.nan)
+        x[0:2, 0:2] = 1.0  # chunk (0, 0) allocated and finite; (0, 1) is not allocated
+        x[0:2, 2:4] = 1.0  # nor is it now: the first unallocated chunk is (0, 2)
+    assert _first_nonfinite_reported(src) == _first_nonfinite_read(src) == (0, 4)

@@ -252,7 +252,8 @@ class BandRows:
 
     def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
         del window  # bands are read whole: each holds whole chunks
-        accumulator = NormAccumulator(norm_type)
+        first = self.rows.start * math.prod(self.raw.shape[1:])  # its first value's index
+        accumulator = NormAccumulator.for_tensor(self.tensor, norm_type, first)
         for band in self._dataset(fd).bands(self.rows):
             accumulator.add(band.values.reshape(-1))
             progress.advance(band.values.nbytes)

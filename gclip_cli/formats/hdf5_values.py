@@ -141,7 +141,40 @@ def measure_sparse(
     stats = accumulator.finish()
     stats.merge(repeated(measure(sparse.fill.view(tensor.dtype), norm_type), sparse.unallocated))
     progress.advance(sparse.unallocated * dataset.dtype.itemsize)
+    if stats.nonfinite:  # rare: read again to place the first
+        stats.first_nonfinite = _first_nonfinite(path, dataset, sparse, tensor, chunk_bytes)
     return stats
+
+
+def _first_nonfinite(
+    path: Path, dataset: h5py.Dataset, sparse: Sparse, tensor: TensorInfo, chunk_bytes: int
+) -> int | None:
+    """The flat C-order index of the first NaN/Inf of a sparse dataset.  Its allocated chunks
+    come in the order of its chunk grid, not of its values: each slab's first is placed in the
+    dataset and the least kept; a non-finite fill value counts from the first unallocated
+    chunk."""
+    found = []
+    for selection, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
+        bad = ~np.isfinite(values.view(tensor.dtype))
+        if bad.any():
+            local = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            where = tuple(s.start + int(i) for s, i in zip(selection, local, strict=True))
+            found.append(int(np.ravel_multi_index(where, dataset.shape)))
+    if sparse.unallocated and not np.all(np.isfinite(sparse.fill.view(tensor.dtype))):
+        found.append(_first_unallocated(dataset, sparse.index))
+    return min(found, default=None)
+
+
+def _first_unallocated(dataset: h5py.Dataset, index: ChunkIndex | None) -> int:
+    """The flat index of the first value of the first unallocated chunk: grid cells in C order
+    begin at increasing flat indexes, so it is the first cell the index does not list (found
+    in at most one step more than there are allocated chunks)."""
+    grid = tuple(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
+    taken = set() if index is None else set(index.cells.tolist())
+    cell = next(k for k in itertools.count() if k not in taken)
+    place = np.unravel_index(cell, grid)
+    corner = tuple(int(i) * c for i, c in zip(place, dataset.chunks, strict=True))
+    return int(np.ravel_multi_index(corner, dataset.shape))
 
 
 def rewrite_sparse(

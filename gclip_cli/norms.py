@@ -256,23 +256,30 @@ class StoredTensor(Protocol):
     """What an accumulator needs to know of a tensor (formats.base.TensorInfo has it)."""
 
     shape: tuple[int, ...]
-    fortran_order: bool
+
+    @property
+    def stored_axes(self) -> tuple[int, ...] | None: ...
 
 
 class NormAccumulator:
     """Streams the values of one tensor, in order and in chunks of any size, into NormStats.
 
     *first*: the flat index of the first value streamed, when they are a part of the tensor
-    that begins further on (a worker's span); *fortran_shape*: the tensor's shape when its
-    values come in Fortran order (first_nonfinite is counted in C order all the same).
+    that begins further on (a worker's span); *shape*: the tensor's; *axes*: when its values
+    come in another order than C order (Fortran order, a transposed view), the axes in whose C
+    order they come, outermost first (first_nonfinite is counted in C order all the same).
     """
 
     def __init__(
-        self, norm_type: float, first: int = 0, fortran_shape: tuple[int, ...] | None = None
+        self,
+        norm_type: float,
+        first: int = 0,
+        shape: tuple[int, ...] = (),
+        axes: tuple[int, ...] | None = None,
     ) -> None:
         self.stats = NormStats(norm_type)
         self._first = first
-        self._fortran_shape = fortran_shape
+        self._shape, self._axes = shape, axes
         self._work = np.empty(BLOCK, dtype=np.float64)  # one block's squares or |values|
         self._waiting: np.ndarray | None = None  # values of an unfinished block, as they came
         self._filled = 0
@@ -341,7 +348,7 @@ class NormAccumulator:
     def for_tensor(cls, tensor: StoredTensor, norm_type: float, first: int = 0) -> NormAccumulator:
         """An accumulator for the values of *tensor* (its shape and storage order) from its
         value *first* (in storage order) on."""
-        return cls(norm_type, first, tuple(tensor.shape) if tensor.fortran_order else None)
+        return cls(norm_type, first, tuple(tensor.shape), tensor.stored_axes)
 
     def _reduce_block(self, values: np.ndarray) -> None:
         block = self._work[: values.size]
@@ -398,11 +405,12 @@ class NormAccumulator:
 
     def _first_in_c_order(self, positions: np.ndarray) -> int:
         """The least C-order flat index of the values at *positions* (in the order they come:
-        Fortran order for a tensor so stored, whose first in C order may come later)."""
-        if self._fortran_shape is None:
+        for a tensor stored in another order, its first in C order may come later)."""
+        if self._axes is None:
             return int(positions[0])
-        shape = self._fortran_shape
-        return int(np.ravel_multi_index(np.unravel_index(positions, shape, order="F"), shape).min())
+        stored = np.unravel_index(positions, tuple(self._shape[a] for a in self._axes))
+        where = [stored[self._axes.index(axis)] for axis in range(len(self._shape))]
+        return int(np.ravel_multi_index(where, self._shape).min())
 
     def _power_sum(self, block: np.ndarray) -> float:
         """sum(block**p), computed in place; pairwise summation in a fixed order."""

@@ -291,6 +291,30 @@ def test_views_with_gaps_are_read_and_written_through_their_strides(tmp_path):
         assert zipfile.ZipFile(out).testzip() is None
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_first_nan_of_a_view_stored_in_another_order_is_placed_in_c_order(tmp_path, jobs):
+    matrix, cube = torch.randn(3, 5), torch.randn(2, 3, 4)
+    matrix[2, 1] = float("nan")  # the 12th value stored; (1, 2) of the transposed view
+    matrix[0, 4] = float("inf")  # the 5th stored; (4, 0) of the view: later in C order
+    cube[1, 0, 3] = float("-inf")
+    big, wide = torch.randn(64, 300), torch.randn(64, 300)  # large enough for workers to split
+    big[40, 7] = big[3, 200] = wide[9, 6] = wide[2, 7] = float("nan")
+    saved = {
+        "t": matrix.t(),
+        "permuted": cube.permute(2, 0, 1),
+        "columns": wide[:, 5:9],
+        "big": big.t(),
+    }
+    src = tmp_path / "orders.pt"
+    torch.save(saved, src)
+    report = gclip_cli.inspect_file(src, options=Options(nonfinite="keep", jobs=jobs))
+    for tensor in report.tensors:
+        values = from_torch(saved[tensor.name])
+        bad = np.argwhere(~np.isfinite(values))
+        expected = tuple(int(i) for i in bad[0]) if len(bad) else None
+        assert tensor.first_nonfinite == expected, tensor.name
+
+
 def test_views_with_gaps_that_interleave_are_refused(tmp_path):
     matrix = torch.arange(12.0).reshape(3, 4)
     src = tmp_path / "halves.pt"

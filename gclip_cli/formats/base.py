@@ -76,6 +76,9 @@ class TensorInfo:
     # HDF5 dataset's path in the file.  Only the format reads it.
     location: object = field(default=None, repr=False, compare=False)
     fortran_order: bool = False  # values stored column-major (npz); else in C order
+    # Values stored in the C order of these axes, outermost first (a transposed PyTorch view);
+    # None: as fortran_order says.
+    axes: tuple[int, ...] | None = None
     # Raw 1- or 2-byte values whose type the file does not record (numpy's |V2, HDF5's opaque
     # type): how np.savez and h5py store bfloat16 and float8.  Their item size; else 0.
     opaque_itemsize: int = 0
@@ -83,6 +86,14 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def stored_axes(self) -> tuple[int, ...] | None:
+        """The axes, outermost first, in whose C order the stored values come; None when
+        they come in C order."""
+        if self.axes is not None:
+            return self.axes
+        return tuple(reversed(range(len(self.shape)))) if self.fortran_order else None
 
     @property
     def is_gradient(self) -> bool:

@@ -51,7 +51,7 @@ from .base import (
 from .deflate import crc32, crc32_combine
 from .signatures import zip_kind, zip_refusal
 from .torch_pickle import TORCH_DTYPES, Refused, Storage, TensorView
-from .torch_views import Piece, covers_items_once, is_dense, item_range, pieces
+from .torch_views import Piece, covers_items_once, is_dense, item_range, pieces, storage_axes
 from .ziparchive import ZipArchive, stored_crc
 
 FORMAT_NAME = "torch"
@@ -413,7 +413,9 @@ class TorchFile:
         location = StorageSlice(info, start, max(end - start, 0), view, how is None)
         # the dtype is recorded: ml_dtypes' types are not raw values of unknown type here
         tensor = replace(
-            describe_array(name, _numpy_dtype(view.dtype), view.shape, location), opaque_itemsize=0
+            describe_array(name, _numpy_dtype(view.dtype), view.shape, location),
+            opaque_itemsize=0,  # the dtype is recorded
+            axes=storage_axes(view),  # the order values are read in, for first_nonfinite
         )
         if optimizer and tensor.is_gradient and names[0].rpartition(".")[2] == _STEP:
             return replace(tensor, dtype=None, skip_reason="an optimizer's step count")

@@ -36,6 +36,19 @@ def storage_order(view: TensorView) -> Piece:
     return Piece(view.offset, tuple(n for _, n in dims), tuple(s for s, _ in dims))
 
 
+def storage_axes(view: TensorView) -> tuple[int, ...] | None:
+    """The view's dimensions in the order its items lie in the storage, outermost first, as
+    storage_order() sorts them (those of one item first: they never move); None when that is C
+    order."""
+    ones = [k for k, n in enumerate(view.shape) if n == 1]
+    moving = sorted(
+        ((s, n, k) for k, (n, s) in enumerate(zip(view.shape, view.stride, strict=True)) if n != 1),
+        reverse=True,
+    )
+    order = [k for _, _, k in moving]
+    return None if order == sorted(order) else (*ones, *order)
+
+
 def item_range(view: TensorView) -> tuple[int, int]:
     """The items [first, end) of the storage the view spans (end == first when empty)."""
     if not view.numel:

@@ -694,6 +694,6 @@ def test_detection_tells_torch_keras_npz_torchscript_and_legacy_apart(tmp_path):
         detect_format(tmp_path / "old.pt")
     with pytest.raises(InputError, match="Keras"):
         detect_format(tmp_path / "m.keras")
-    for other, message in (("b.npz", "an .npz"), ("m.keras", "Keras"), ("old.pt", "")):
+    for other, message in (("b.npz", "an .npz"), ("m.keras", "Keras"), ("old.pt", "legacy")):
         with pytest.raises(InputError, match=message):
             open_file(tmp_path / other, "torch")

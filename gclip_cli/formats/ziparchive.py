@@ -46,7 +46,7 @@ from .base import (
     write_all_at,
 )
 from .deflate import crc32, raw_deflater, raw_inflater
-from .signatures import MAX_ZIP_DIRECTORY, zip_directory_size
+from .signatures import MAX_ZIP_DIRECTORY, read_head, unsupported_kind, zip_directory_size
 
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _LZMA_END_MARKER = 0x2  # bit 1 for LZMA: the data end with an end-of-stream marker
@@ -246,7 +246,18 @@ def _open_zip(path: Path, kind: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except READ_ERRORS as exc:
-        raise InputError(path, f"not a readable {kind} (zip) file: {one_line(exc)}") from None
+        why = _known_kind(path) or one_line(exc)
+        raise InputError(path, f"not a readable {kind} (zip) file: {why}") from None
+
+
+def _known_kind(path: Path) -> str | None:
+    """What a file that is no zip is, when it is a kind gclip knows (a legacy PyTorch
+    checkpoint forced to be read as a zip, say)."""
+    try:
+        with open(path, "rb") as file:
+            return unsupported_kind(read_head(file), file)
+    except OSError:
+        return None
 
 
 def _check_directory_size(path: Path, raw: BinaryIO) -> None:

@@ -327,6 +327,15 @@ _SELECTION_OPTIONS = (
         type=click.Choice(FORMAT_NAMES),
         help="The input's format, instead of detecting it from its content.",
     ),
+    click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="For URLs (s3://, gs://, ...): passed to their file system (fsspec), e.g. "
+        "anon=true or endpoint_url=http://host:9000; VALUE is read as JSON where it can be "
+        "(repeatable).",
+    ),
 )
 _DIFF_NONFINITE = _env_option(
     "--nonfinite",
@@ -661,7 +670,7 @@ def history(
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
-    with _local(files) as (paths, names), _byte_progress() as progress:
+    with _local(files, options) as (paths, names), _byte_progress() as progress:
         found = history_of(
             paths,
             percentile=percentile,
@@ -704,7 +713,7 @@ def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None
     """
     from .api import diff_files
 
-    with _local((file_a, file_b)) as ((path_a, path_b), names):
+    with _local((file_a, file_b), options) as ((path_a, path_b), names):
         compared = diff_files(path_a, path_b, options=options)
     compared = compared.shown_as(names)
     _emit(compared, output_format, None, human=_print_diff)
@@ -719,7 +728,7 @@ class _Writing:
     no_clobber: bool
     quiet: bool
     output_format: str
-    out_dir: Path | None
+    out_dir: str | None
     scheduler: str | None
 
 
@@ -736,9 +745,10 @@ def _rewrite_options(jobs_help: str = "a large file is cut into N parts") -> Dec
             _make_writing,
             click.option(
                 "--out-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                metavar="DIR",
                 help="Write each of several inputs (files, a directory, an *.index.json) "
-                "under its own name here, all by one plan (one global norm).",
+                "under its own name here (a folder, or a URL prefix such as "
+                "s3://bucket/run/), all by one plan (one global norm).",
             ),
             click.option(
                 "--scheduler",
@@ -756,7 +766,7 @@ def _rewrite_options(jobs_help: str = "a large file is cut into N parts") -> Dec
 
 
 def _make_writing(
-    out_dir: Path | None,
+    out_dir: str | None,
     scheduler: str | None,
     no_clobber: bool,
     quiet: bool,
@@ -881,16 +891,17 @@ def _rewrite_one(
     from .streams import STDIO, STDOUT_NAME
 
     _require_one_file(input_file, command)
+    clobber = not writing.no_clobber
     with (
-        _local((input_file,)) as ((src,), names),
-        _destination(output_file, input_file) as dst,
+        _local((input_file,), options) as ((src,), names),
+        _destination(output_file, input_file, options, clobber) as dst,
         _byte_progress(enabled=not writing.quiet) as progress,
     ):
         report = rewrite_file(
-            src, dst, strategy, options=options, clobber=not writing.no_clobber, progress=progress
+            src, dst, strategy, options=options, clobber=clobber, progress=progress
         )
-        if output_file == STDIO:
-            names[str(dst)] = STDOUT_NAME
+        if str(dst) != output_file:
+            names[str(dst)] = STDOUT_NAME if output_file == STDIO else output_file
         report = report.shown_as(names)
     if writing.output_format == "table" and writing.quiet:
         return
@@ -916,25 +927,50 @@ def _rewrite_many(
 ) -> None:
     """Rewrite several files into --out-dir by one plan; the report as for one file."""
     from .api import rewrite_files
+    from .remote import staged_inputs
     from .streams import refuse_stdout_onto
 
     if "-" in paths:
         raise click.UsageError("standard input (-) cannot be one of several shards")
     refuse_stdout_onto(paths)  # a report appended to an input would damage it
-    with _shard_progress(enabled=not writing.quiet) as shards:
+    clobber = not writing.no_clobber
+    with (
+        staged_inputs(paths, options.storage) as (local, names),
+        _out_dir(writing.out_dir, paths, options, clobber) as out_dir,
+        _shard_progress(enabled=not writing.quiet) as shards,
+    ):
         report = rewrite_files(
-            paths,
-            writing.out_dir,
+            local,
+            out_dir,
             strategy,
             options=options,
-            clobber=not writing.no_clobber,
+            clobber=clobber,
             scheduler=writing.scheduler,
             shards=shards,
         )
+        if str(out_dir) != writing.out_dir:
+            names[str(out_dir)] = writing.out_dir
+        report = report.shown_as(names)
     _tell_not_read(report)
     if not (writing.output_format == "table" and writing.quiet):
         to_stderr = writing.output_format == "table"
         _emit(report, writing.output_format, None, human=_print_rescale, to_stderr=to_stderr)
+
+
+@contextmanager
+def _out_dir(
+    out_dir: str | None, inputs: tuple[str, ...], options: Options, clobber: bool
+) -> Iterator[Path]:
+    """The folder to write into: --out-dir, or a temporary one uploaded to its URL."""
+    from .remote import is_remote, local_path, refuse_onto_inputs, uploaded_folder
+
+    assert out_dir is not None
+    if not is_remote(out_dir):
+        yield Path(local_path(out_dir))
+        return
+    refuse_onto_inputs(out_dir, inputs, options.storage)
+    with uploaded_folder(out_dir, options.storage, clobber) as path:
+        yield path
 
 
 @contextmanager
@@ -976,14 +1012,23 @@ def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 
 
 @contextmanager
-def _destination(output_file: str, input_file: str) -> Iterator[Path]:
+def _destination(
+    output_file: str, input_file: str, options: Options, clobber: bool
+) -> Iterator[Path]:
+    """Where to write OUT: the file itself, else a temporary file copied to standard output
+    or uploaded to a URL once complete."""
+    from .remote import is_remote, local_path, refuse_onto_inputs, uploaded_file
     from .streams import STDIO, stdout_file
 
-    if output_file != STDIO:
-        yield Path(output_file)
-        return
-    with stdout_file([input_file]) as path:
-        yield path
+    if is_remote(output_file):
+        refuse_onto_inputs(output_file, [input_file], options.storage)
+        with uploaded_file(output_file, options.storage, clobber) as path:
+            yield path
+    elif output_file == STDIO:
+        with stdout_file([input_file]) as path:
+            yield path
+    else:
+        yield Path(local_path(output_file))
 
 
 def _inspect(
@@ -998,7 +1043,7 @@ def _inspect(
     *require_counted* no report without a tensor counted (a norm of nothing is no answer)."""
     from .api import inspect_files
 
-    with _local(files) as (paths, names), _byte_progress() as progress:
+    with _local(files, options) as (paths, names), _byte_progress() as progress:
         report = inspect_files(
             paths,
             max_norm=max_norm,
@@ -1013,17 +1058,21 @@ def _inspect(
 
 
 @contextmanager
-def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """Local paths for *files* (``-`` and pipes: spools of what they hold), and the names to
-    show instead of the spools'."""
+def _local(files: tuple[str, ...], options: Options) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Local paths for *files* (``-`` and pipes: spools of what they hold; URLs: downloaded
+    copies), and the names to show instead of the spools' and copies'."""
+    from .remote import staged_inputs
     from .streams import STDIN_NAME, STDIO, local_inputs, refuse_stdout_onto
 
     refuse_stdout_onto(files)  # a report appended to an input would damage it
-    with local_inputs(list(files)) as paths:
+    with (
+        staged_inputs(list(files), options.storage) as (staged, remote),
+        local_inputs(staged) as paths,
+    ):
         names = {
             p: STDIN_NAME if f == STDIO else f for f, p in zip(files, paths, strict=True) if p != f
         }
-        yield paths, names
+        yield paths, {**names, **remote}
 
 
 def _tell_not_read(report: Report) -> None:

@@ -1,0 +1,411 @@
+"""Inputs and outputs named by URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``https://``,
+``memory://``, ...), through fsspec and the backend each protocol needs (an optional extra).
+
+How, in this version: an input URL is downloaded in pieces (memory does not grow with the
+object) into a private temporary folder, once its size is known to fit there, and read there
+as a local file (both passes then read the local copy); an output URL is written into a
+private temporary folder, then uploaded inside an fsspec transaction: S3 completes the
+multipart upload only when every part is in, and any failure, refusal or Ctrl-C aborts it, so
+that no partial object appears and no upload stays open.  fsspec is imported only when a URL
+is given: local work starts as light as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GclipError, InputError, OutputError, UsageError
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# The extra that brings each protocol's backend (fsspec itself comes with every extra).
+EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+    "hf": "hf",
+    "http": "http",
+    "https": "http",
+}
+READ_ONLY = frozenset({"http", "https"})
+_PIECE = 8 << 20  # bytes copied at a time into an upload
+# Environment variables whose values are secrets: never in a message, even one a backend wrote.
+_SECRET_VARIABLES = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "HF_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+_SHORTEST_SECRET = 4  # shorter values (true, 1, ...) would blank out ordinary words
+# Storage options whose values are secrets (s3fs's key, secret and token; account keys, SAS
+# tokens, passwords), by their key; an endpoint's URL is shown.
+_SECRET_KEY = re.compile(r"secret|token|key|password|passwd|credential|sas|signature|connection")
+
+
+def is_url(name: object) -> bool:
+    """Whether *name* is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(name, str) and _URL.match(name) is not None
+
+
+def local_path(name: str) -> str:
+    """*name* with a ``file://`` URL made a plain path (read as any local file)."""
+    return name[len("file://") :] if name.startswith("file://") else name
+
+
+def is_remote(name: object) -> bool:
+    """Whether *name* is a URL that gclip reaches through fsspec (not ``file://``)."""
+    return is_url(name) and not str(name).startswith("file://")
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as fsspec storage options: a VALUE that parses as JSON (a number,
+    true, an object) is that value, any other is a string.  A message never repeats a VALUE:
+    it may be a secret."""
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(None, "--storage-option takes KEY=VALUE (a KEY, '=', its value)")
+        try:
+            found[key.strip()] = json.loads(value)
+        except ValueError:
+            found[key.strip()] = value
+    return found
+
+
+@dataclass(frozen=True)
+class Remote:
+    """An object (or a prefix) that a URL names, on its file system."""
+
+    url: str
+    fs: Any = field(repr=False)
+    path: str  # as the file system names it (``bucket/key``)
+
+    @property
+    def protocol(self) -> str:
+        return protocol_of(self.url)
+
+    def child(self, name: str) -> Remote:
+        """The object *name* (a relative path) under this prefix."""
+        return Remote(f"{self.url.rstrip('/')}/{name}", self.fs, posixpath.join(self.path, name))
+
+
+def protocol_of(url: str) -> str:
+    found = _URL.match(url)
+    return found.group(1).lower() if found else ""
+
+
+def open_remote(url: str, storage: Mapping[str, Any]) -> Remote:
+    """The file system that serves *url* (its backend imported now), with *storage* options;
+    a missing backend is a usage error naming the extra that brings it."""
+    protocol = protocol_of(url)
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise UsageError(None, _install_hint(protocol)) from None
+    with _quiet_secrets(storage):
+        try:
+            fs, path = url_to_fs(url, **storage)
+        except ImportError:
+            raise UsageError(None, _install_hint(protocol)) from None
+        except ValueError as exc:
+            if "not known" in str(exc):
+                raise UsageError(None, f"{protocol}:// URLs: no such protocol in fsspec") from None
+            raise UsageError(None, f"{shown_url(url)}: {exc}") from None
+        except TypeError as exc:
+            raise UsageError(None, f"--storage-option: {exc}") from None
+    return Remote(url, fs, path)
+
+
+def _install_hint(protocol: str) -> str:
+    extra = EXTRAS.get(protocol, "remote")
+    return f"{protocol}:// URLs need gclip[{extra}]: pip install 'gclip[{extra}]'"
+
+
+def shown_url(url: str) -> str:
+    """*url* without the user name and password some URLs carry (``https://u:p@host/``)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_secrets(storage: Mapping[str, Any]) -> Iterator[None]:
+    """GclipErrors raised inside with every secret (storage option values, the standard
+    credential variables) blanked out of their message."""
+    try:
+        yield
+    except GclipError as exc:
+        message = _scrubbed(exc.message, storage)
+        if message == exc.message:
+            raise
+        raise type(exc)(exc.path, message) from None
+
+
+def _scrubbed(text: str, storage: Mapping[str, Any]) -> str:
+    secrets = [v if isinstance(v, str) else json.dumps(v) for v in _secret_values(storage)]
+    secrets += [os.environ.get(name, "") for name in _SECRET_VARIABLES]
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= _SHORTEST_SECRET:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _secret_values(options: Mapping[str, Any]) -> Iterator[object]:
+    """The values of *options* (nested ones too) whose key names a secret."""
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            yield from _secret_values(value)
+        elif _SECRET_KEY.search(str(key).lower()):
+            yield value
+
+
+@contextmanager
+def remote_errors(
+    kind: type[GclipError], url: str, storage: Mapping[str, Any], doing: str
+) -> Iterator[None]:
+    """A failure of the backend (after its own retries) as one line of *kind* (InputError:
+    exit 3; OutputError: exit 5) naming *url*, secrets blanked out."""
+    with _quiet_secrets(storage):
+        try:
+            yield
+        except GclipError:
+            raise
+        except FileNotFoundError as exc:
+            if kind is InputError:
+                raise kind(shown_url(url), "no such object") from None
+            raise kind(shown_url(url), f"{doing}: {_one_line(exc)}") from None
+        except PermissionError as exc:
+            raise kind(shown_url(url), f"{doing}: permission denied ({_one_line(exc)})") from None
+        except Exception as exc:  # the backends raise their own kinds (botocore, aiohttp)
+            raise kind(shown_url(url), f"{doing}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else f"{text[:300]}..."
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+@contextmanager
+def staged_inputs(
+    names: Sequence[str], storage: Mapping[str, Any]
+) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Local paths for *names*: URLs downloaded into a private temporary folder (removed
+    afterwards), the rest as given; and the URL to show for each local copy, in reports and
+    in errors."""
+    names = [local_path(n) if is_url(n) and not is_remote(n) else n for n in names]
+    if not any(map(is_remote, names)):
+        yield list(names), {}
+        return
+    with _private_folder("inputs") as root:
+        stager = _Stager(root, storage)
+        local = [stager.stage(n) if is_remote(n) else n for n in names]
+        try:
+            yield local, dict(stager.shown)
+        except GclipError as exc:
+            if exc.path not in stager.shown:
+                raise
+            raise type(exc)(stager.shown[exc.path], exc.message) from None
+
+
+@dataclass
+class _Stager:
+    """Downloads URLs under *root*, each at ``root/protocol/its path`` (so that inputs keep
+    their names and folders relative to one another, as --out-dir lays them out)."""
+
+    root: Path
+    storage: Mapping[str, Any]
+    shown: dict[str, str] = field(default_factory=dict)  # local copy -> URL
+
+    def stage(self, url: str) -> str:
+        remote = open_remote(url, self.storage)
+        with remote_errors(InputError, url, self.storage, "cannot read"):
+            info = remote.fs.info(remote.path)
+            if info.get("type") == "directory":
+                return str(self._folder(remote))
+            if url.endswith(".index.json"):
+                return str(self._index(remote, info))
+            return str(self._file(remote, info))
+
+    def _local(self, remote: Remote) -> Path:
+        return self.root / remote.protocol / remote.path.strip("/")
+
+    def _file(self, remote: Remote, info: Mapping[str, Any]) -> Path:
+        local = self._local(remote)
+        if str(local) in self.shown:
+            return local  # named twice: downloaded once
+        size = int(info.get("size") or 0)
+        self._make_room(remote.url, size)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.shown[str(local)] = shown_url(remote.url)
+        remote.fs.get_file(remote.path, str(local))
+        if local.stat().st_size != size:
+            raise InputError(shown_url(remote.url), "changed while gclip downloaded it")
+        return local
+
+    def _folder(self, remote: Remote) -> Path:
+        """A prefix: the objects directly in it (as a local folder's files are read)."""
+        entries = remote.fs.ls(remote.path, detail=True)
+        files = [e for e in entries if e.get("type") == "file"]
+        self._make_room(remote.url, sum(int(e.get("size") or 0) for e in files))
+        for entry in files:
+            self._file(remote.child(posixpath.basename(entry["name"].rstrip("/"))), entry)
+        local = self._local(remote)
+        local.mkdir(parents=True, exist_ok=True)
+        self.shown[str(local)] = shown_url(remote.url)
+        return local
+
+    def _index(self, remote: Remote, info: Mapping[str, Any]) -> Path:
+        """A sharded checkpoint's index and the shards it names (checked by sources.py)."""
+        from .sources import read_index
+
+        local = self._file(remote, info)
+        folder = Remote(remote.url.rsplit("/", 1)[0], remote.fs, posixpath.dirname(remote.path))
+        for shard in read_index(local).shards:
+            name = shard.relative_to(local.parent).as_posix()
+            piece = folder.child(name)
+            self._file(piece, piece.fs.info(piece.path))
+        return local
+
+    def _make_room(self, url: str, size: int) -> None:
+        """Refuse *size* more bytes where they would leave less free than a spool may."""
+        from .streams import spool_limit
+
+        limit = spool_limit(self.root)
+        if size > limit:
+            raise InputError(
+                shown_url(url),
+                f"needs {size:,} bytes in {self.root.parent} to be read but only {limit:,} "
+                "may be used there (the disk's free space less 5%, at most $GCLIP_SPOOL_LIMIT); "
+                "set TMPDIR to a larger disk",
+            )
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+def refuse_onto_inputs(out: str, inputs: Sequence[str], storage: Mapping[str, Any]) -> None:
+    """Refuse an output URL that names one of the inputs (gclip never changes an input)."""
+    target = open_remote(out, storage)
+    for name in filter(is_remote, inputs):
+        source = open_remote(name, storage)
+        if source.protocol == target.protocol and source.path.rstrip("/") == target.path:
+            raise OutputError(shown_url(out), "is the input; write the output to another URL")
+
+
+@contextmanager
+def uploaded_file(url: str, storage: Mapping[str, Any], clobber: bool = True) -> Iterator[Path]:
+    """A local path to write the output to; once written, it is uploaded to *url*, whole or
+    not at all.  Errors about the local path name *url*."""
+    remote = _writable(url, storage)
+    _refuse_existing(remote, storage, clobber)  # before any work
+    with _private_folder("output") as root:
+        local = root / (posixpath.basename(remote.path.rstrip("/")) or "output")
+        with _named_as({str(local): shown_url(url)}):
+            yield local
+        _refuse_existing(remote, storage, clobber)  # it may have appeared meanwhile
+        upload(local, remote, storage)
+
+
+@contextmanager
+def uploaded_folder(url: str, storage: Mapping[str, Any], clobber: bool = True) -> Iterator[Path]:
+    """A local folder to write outputs into; once complete, every file in it is uploaded
+    under *url* at its relative path, each whole or not at all (a failure stops there: the
+    files uploaded before it stay)."""
+    remote = _writable(url, storage)
+    with _private_folder("out-dir") as root:
+        local = root / "out"
+        local.mkdir()
+        with _named_as({str(local): shown_url(url)}):
+            yield local
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        targets = [remote.child(p.relative_to(local).as_posix()) for p in files]
+        for target in targets:
+            _refuse_existing(target, storage, clobber)
+        for path, target in zip(files, targets, strict=True):
+            upload(path, target, storage)
+
+
+def _writable(url: str, storage: Mapping[str, Any]) -> Remote:
+    remote = open_remote(url, storage)
+    if remote.protocol in READ_ONLY:
+        raise UsageError(None, f"{remote.protocol}:// URLs are read only: write elsewhere")
+    return remote
+
+
+def _refuse_existing(remote: Remote, storage: Mapping[str, Any], clobber: bool) -> None:
+    """Refuse a prefix as the output, and an existing object when *clobber* is off; an
+    unreachable store is found here, before any work."""
+    with remote_errors(OutputError, remote.url, storage, "cannot write"):
+        if remote.fs.isdir(remote.path):
+            raise OutputError(shown_url(remote.url), "is a folder (prefix); give an object name")
+        if not clobber and remote.fs.exists(remote.path):
+            raise OutputError(shown_url(remote.url), "exists and --no-clobber was given")
+
+
+def upload(local: Path, remote: Remote, storage: Mapping[str, Any]) -> None:
+    """Copy the file *local* to *remote* in one transaction: the object appears complete, or
+    (after any failure, Ctrl-C included) not at all, its multipart upload aborted."""
+    fs = remote.fs
+    with remote_errors(OutputError, remote.url, storage, "cannot write"), fs.transaction:
+        out = fs.open(remote.path, "wb")
+        try:
+            with open(local, "rb") as src:
+                shutil.copyfileobj(src, out, _PIECE)
+        except BaseException:
+            _abandon(out)
+            raise
+        out.close()  # the last part; the transaction commits it on leaving
+
+
+def _abandon(out: Any) -> None:
+    """Abort what *out* has uploaded, and mark it closed: closing would upload its buffer."""
+    with suppress(Exception):
+        out.discard()
+    with suppress(Exception):
+        out.closed = True
+
+
+# --- shared --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _named_as(names: Mapping[str, str]) -> Iterator[None]:
+    """Errors about the local paths in *names* name what they stand for."""
+    try:
+        yield
+    except GclipError as exc:
+        if exc.path not in names:
+            raise
+        raise type(exc)(names[exc.path], exc.message) from None
+
+
+@contextmanager
+def _private_folder(kind: str) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix=f"gclip-{kind}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -670,7 +670,7 @@ def history(
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
-    with _local(files, options) as (paths, names), _byte_progress() as progress:
+    with _byte_progress() as progress, _local(files, options, progress) as (paths, names):
         found = history_of(
             paths,
             percentile=percentile,
@@ -893,9 +893,9 @@ def _rewrite_one(
     _require_one_file(input_file, command)
     clobber = not writing.no_clobber
     with (
-        _local((input_file,), options) as ((src,), names),
-        _destination(output_file, input_file, options, clobber) as dst,
         _byte_progress(enabled=not writing.quiet) as progress,
+        _local((input_file,), options, progress) as ((src,), names),
+        _destination(output_file, input_file, options, clobber, progress) as dst,
     ):
         report = rewrite_file(
             src, dst, strategy, options=options, clobber=clobber, progress=progress
@@ -1013,7 +1013,11 @@ def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 
 @contextmanager
 def _destination(
-    output_file: str, input_file: str, options: Options, clobber: bool
+    output_file: str,
+    input_file: str,
+    options: Options,
+    clobber: bool,
+    progress: ProgressDisplay | None = None,
 ) -> Iterator[Path]:
     """Where to write OUT: the file itself, else a temporary file copied to standard output
     or uploaded to a URL once complete."""
@@ -1022,7 +1026,7 @@ def _destination(
 
     if is_remote(output_file):
         refuse_onto_inputs(output_file, [input_file], options.storage)
-        with uploaded_file(output_file, options.storage, clobber) as path:
+        with uploaded_file(output_file, options.storage, clobber, progress) as path:
             yield path
     elif output_file == STDIO:
         with stdout_file([input_file]) as path:
@@ -1043,7 +1047,7 @@ def _inspect(
     *require_counted* no report without a tensor counted (a norm of nothing is no answer)."""
     from .api import inspect_files
 
-    with _local(files, options) as (paths, names), _byte_progress() as progress:
+    with _byte_progress() as progress, _local(files, options, progress) as (paths, names):
         report = inspect_files(
             paths,
             max_norm=max_norm,
@@ -1058,7 +1062,9 @@ def _inspect(
 
 
 @contextmanager
-def _local(files: tuple[str, ...], options: Options) -> Iterator[tuple[list[str], dict[str, str]]]:
+def _local(
+    files: tuple[str, ...], options: Options, progress: ProgressDisplay | None = None
+) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Local paths for *files* (``-`` and pipes: spools of what they hold; URLs: downloaded
     copies), and the names to show instead of the spools' and copies'."""
     from .remote import staged_inputs
@@ -1066,7 +1072,7 @@ def _local(files: tuple[str, ...], options: Options) -> Iterator[tuple[list[str]
 
     refuse_stdout_onto(files)  # a report appended to an input would damage it
     with (
-        staged_inputs(list(files), options.storage) as (staged, remote),
+        staged_inputs(list(files), options.storage, progress) as (staged, remote),
         local_inputs(staged) as paths,
     ):
         names = {

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GclipError, InputError, OutputError, UsageError
+from .progress import SILENT, Listener, Progress
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # The extra that brings each protocol's backend (fsspec itself comes with every extra).
@@ -42,6 +43,8 @@ EXTRAS = {
     "https": "http",
 }
 READ_ONLY = frozenset({"http", "https"})
+DOWNLOADING = "downloading"  # progress phases, as the passes' (progress.py)
+UPLOADING = "uploading"
 _PIECE = 8 << 20  # bytes copied at a time into an upload
 # Environment variables whose values are secrets: never in a message, even one a backend wrote.
 _SECRET_VARIABLES = (
@@ -210,17 +213,17 @@ def _one_line(exc: BaseException) -> str:
 
 @contextmanager
 def staged_inputs(
-    names: Sequence[str], storage: Mapping[str, Any]
+    names: Sequence[str], storage: Mapping[str, Any], progress: Listener | None = None
 ) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Local paths for *names*: URLs downloaded into a private temporary folder (removed
     afterwards), the rest as given; and the URL to show for each local copy, in reports and
-    in errors."""
+    in errors.  *progress* hears of the bytes downloaded (a phase per object)."""
     names = [local_path(n) if is_url(n) and not is_remote(n) else n for n in names]
     if not any(map(is_remote, names)):
         yield list(names), {}
         return
     with _private_folder("inputs") as root:
-        stager = _Stager(root, storage)
+        stager = _Stager(root, storage, Progress(progress))
         local = [stager.stage(n) if is_remote(n) else n for n in names]
         try:
             yield local, dict(stager.shown)
@@ -237,6 +240,7 @@ class _Stager:
 
     root: Path
     storage: Mapping[str, Any]
+    progress: Progress = SILENT
     shown: dict[str, str] = field(default_factory=dict)  # local copy -> URL
 
     def stage(self, url: str) -> str:
@@ -260,7 +264,8 @@ class _Stager:
         self._make_room(remote.url, size)
         local.parent.mkdir(parents=True, exist_ok=True)
         self.shown[str(local)] = shown_url(remote.url)
-        remote.fs.get_file(remote.path, str(local))
+        self.progress.begin(DOWNLOADING, size)
+        remote.fs.get_file(remote.path, str(local), callback=_told(self.progress))
         if local.stat().st_size != size:
             raise InputError(shown_url(remote.url), "changed while gclip downloaded it")
         return local
@@ -316,9 +321,12 @@ def refuse_onto_inputs(out: str, inputs: Sequence[str], storage: Mapping[str, An
 
 
 @contextmanager
-def uploaded_file(url: str, storage: Mapping[str, Any], clobber: bool = True) -> Iterator[Path]:
+def uploaded_file(
+    url: str, storage: Mapping[str, Any], clobber: bool = True, progress: Listener | None = None
+) -> Iterator[Path]:
     """A local path to write the output to; once written, it is uploaded to *url*, whole or
-    not at all.  Errors about the local path name *url*."""
+    not at all (*progress* hears of the bytes sent).  Errors about the local path name
+    *url*."""
     remote = _writable(url, storage)
     _refuse_existing(remote, storage, clobber)  # before any work
     with _private_folder("output") as root:
@@ -326,11 +334,13 @@ def uploaded_file(url: str, storage: Mapping[str, Any], clobber: bool = True) ->
         with _named_as({str(local): shown_url(url)}):
             yield local
         _refuse_existing(remote, storage, clobber)  # it may have appeared meanwhile
-        upload(local, remote, storage)
+        upload(local, remote, storage, Progress(progress))
 
 
 @contextmanager
-def uploaded_folder(url: str, storage: Mapping[str, Any], clobber: bool = True) -> Iterator[Path]:
+def uploaded_folder(
+    url: str, storage: Mapping[str, Any], clobber: bool = True, progress: Listener | None = None
+) -> Iterator[Path]:
     """A local folder to write outputs into; once complete, every file in it is uploaded
     under *url* at its relative path, each whole or not at all (a failure stops there: the
     files uploaded before it stay)."""
@@ -345,7 +355,7 @@ def uploaded_folder(url: str, storage: Mapping[str, Any], clobber: bool = True) 
         for target in targets:
             _refuse_existing(target, storage, clobber)
         for path, target in zip(files, targets, strict=True):
-            upload(path, target, storage)
+            upload(path, target, storage, Progress(progress))
 
 
 def _writable(url: str, storage: Mapping[str, Any]) -> Remote:
@@ -365,15 +375,20 @@ def _refuse_existing(remote: Remote, storage: Mapping[str, Any], clobber: bool) 
             raise OutputError(shown_url(remote.url), "exists and --no-clobber was given")
 
 
-def upload(local: Path, remote: Remote, storage: Mapping[str, Any]) -> None:
+def upload(
+    local: Path, remote: Remote, storage: Mapping[str, Any], progress: Progress = SILENT
+) -> None:
     """Copy the file *local* to *remote* in one transaction: the object appears complete, or
     (after any failure, Ctrl-C included) not at all, its multipart upload aborted."""
     fs = remote.fs
+    progress.begin(UPLOADING, local.stat().st_size)
     with remote_errors(OutputError, remote.url, storage, "cannot write"), fs.transaction:
         out = fs.open(remote.path, "wb")
         try:
             with open(local, "rb") as src:
-                shutil.copyfileobj(src, out, _PIECE)
+                while piece := src.read(_PIECE):
+                    out.write(piece)
+                    progress.advance(len(piece))
         except BaseException:
             _abandon(out)
             raise
@@ -386,6 +401,17 @@ def _abandon(out: Any) -> None:
         out.discard()
     with suppress(Exception):
         out.closed = True
+
+
+def _told(progress: Progress) -> Any:
+    """An fsspec callback that tells *progress* of the bytes copied."""
+    from fsspec.callbacks import Callback
+
+    class Told(Callback):
+        def relative_update(self, inc: int = 1) -> None:
+            progress.advance(inc)
+
+    return Told()
 
 
 # --- shared --------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import progress_by_phase
 
 from gclip_cli import remote
 from gclip_cli.errors import InputError, OutputError, UsageError
 from gclip_cli.options import Options
+from gclip_cli.progress import Progress
 
 fsspec = pytest.importorskip("fsspec", reason="needs gclip[remote-test]")
 pytest.importorskip("s3fs", reason="needs gclip[remote-test]")
@@ -113,20 +115,30 @@ def test_a_failure_before_the_upload_leaves_no_object(memory, failure):
     assert not fs.exists(f"{root}/o.bin")
 
 
-def test_a_failure_during_the_upload_leaves_no_object(memory, tmp_path, monkeypatch):
+def test_a_failure_during_the_upload_leaves_no_object(memory, tmp_path):
     fs, root = memory
     local = tmp_path / "big.bin"
-    local.write_bytes(b"y" * (3 << 20))
+    local.write_bytes(b"y" * (20 << 20))
 
-    def broken(src, dst, length):  # the copy stops after the first piece
-        dst.write(src.read(1 << 20))
-        raise KeyboardInterrupt
+    def interrupt_after_one_piece(event):  # Ctrl-C, once the first piece is sent
+        if isinstance(event, int):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(shutil, "copyfileobj", broken)
     target = remote.open_remote(f"memory://{root}/big.bin", {})
     with pytest.raises(KeyboardInterrupt):
-        remote.upload(local, target, {})
+        remote.upload(local, target, {}, Progress(interrupt_after_one_piece))
     assert not fs.exists(f"{root}/big.bin")
+
+
+def test_downloads_and_uploads_report_their_bytes(memory, tmp_path):
+    fs, root = memory
+    fs.pipe_file(f"{root}/in.bin", b"z" * 1000)
+    events = []
+    with remote.staged_inputs([f"memory://{root}/in.bin"], {}, events.append) as (paths, _):
+        assert Path(paths[0]).stat().st_size == 1000
+    with remote.uploaded_file(f"memory://{root}/o.bin", {}, progress=events.append) as local:
+        local.write_bytes(b"w" * 300)
+    assert progress_by_phase(events) == [("downloading", 1000, 1000), ("uploading", 300, 300)]
 
 
 def test_no_clobber_refuses_an_existing_object_before_any_work(memory):

@@ -1,9 +1,12 @@
 """Inputs and outputs named by URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``https://``,
 ``memory://``, ...), through fsspec and the backend each protocol needs (an optional extra).
 
-How, in this version: an input URL is downloaded in pieces (memory does not grow with the
-object) into a private temporary folder, once its size is known to fit there, and read there
-as a local file (both passes then read the local copy); an output URL is written into a
+How, in this version: a safetensors object is read by ranges, with no local copy: the
+pipeline is given a stand-in (formats/ranged.py), a local file that names it, and both passes
+fetch its values a window at a time.  Other input objects (.npz, HDF5: their readers work on
+file descriptors) are downloaded in pieces (memory does not grow with the object) into a
+private temporary folder, once their size is known to fit there, and read there as local
+files; so is every object with $GCLIP_REMOTE_COPY=1.  An output URL is written into a
 private temporary folder, then uploaded inside an fsspec transaction: S3 completes the
 multipart upload only when every part is in, and any failure, refusal or Ctrl-C aborts it, so
 that no partial object appears and no upload stays open.  fsspec is imported only when a URL
@@ -43,6 +46,7 @@ EXTRAS = {
     "https": "http",
 }
 READ_ONLY = frozenset({"http", "https"})
+REMOTE_COPY_VARIABLE = "GCLIP_REMOTE_COPY"  # 1: download every input object first
 DOWNLOADING = "downloading"  # progress phases, as the passes' (progress.py)
 UPLOADING = "uploading"
 _PIECE = 8 << 20  # bytes copied at a time into an upload
@@ -223,7 +227,7 @@ def staged_inputs(
         yield list(names), {}
         return
     with _private_folder("inputs") as root:
-        stager = _Stager(root, storage, Progress(progress))
+        stager = _Stager(root, storage, Progress(progress), ranged=not _copy_asked())
         local = [stager.stage(n) if is_remote(n) else n for n in names]
         try:
             yield local, dict(stager.shown)
@@ -241,6 +245,7 @@ class _Stager:
     root: Path
     storage: Mapping[str, Any]
     progress: Progress = SILENT
+    ranged: bool = True  # safetensors objects read by ranges (else downloaded, as the rest)
     shown: dict[str, str] = field(default_factory=dict)  # local copy -> URL
 
     def stage(self, url: str) -> str:
@@ -261,9 +266,14 @@ class _Stager:
         if str(local) in self.shown:
             return local  # named twice: downloaded once
         size = int(info.get("size") or 0)
-        self._make_room(remote.url, size)
         local.parent.mkdir(parents=True, exist_ok=True)
         self.shown[str(local)] = shown_url(remote.url)
+        if self.ranged and _read_by_ranges(remote):
+            from .formats.ranged import StandIn
+
+            StandIn(remote.url, "safetensors", size).write(local)
+            return local
+        self._make_room(remote.url, size)
         self.progress.begin(DOWNLOADING, size)
         remote.fs.get_file(remote.path, str(local), callback=_told(self.progress))
         if local.stat().st_size != size:
@@ -274,7 +284,6 @@ class _Stager:
         """A prefix: the objects directly in it (as a local folder's files are read)."""
         entries = remote.fs.ls(remote.path, detail=True)
         files = [e for e in entries if e.get("type") == "file"]
-        self._make_room(remote.url, sum(int(e.get("size") or 0) for e in files))
         for entry in files:
             self._file(remote.child(posixpath.basename(entry["name"].rstrip("/"))), entry)
         local = self._local(remote)
@@ -306,6 +315,20 @@ class _Stager:
                 "may be used there (the disk's free space less 5%, at most $GCLIP_SPOOL_LIMIT); "
                 "set TMPDIR to a larger disk",
             )
+
+
+def _copy_asked() -> bool:
+    """Whether $GCLIP_REMOTE_COPY asks for local copies of every input object."""
+    return os.environ.get(REMOTE_COPY_VARIABLE, "").strip() not in ("", "0")
+
+
+def _read_by_ranges(remote: Remote) -> bool:
+    """Whether the object is read by ranges, with no local copy: safetensors, so far (the
+    other formats read their files through descriptors: they get a local copy)."""
+    from .formats.signatures import is_safetensors, read_head
+
+    with remote.fs.open(remote.path, "rb", block_size=1 << 16) as file:
+        return is_safetensors(read_head(file), file)
 
 
 # --- outputs -------------------------------------------------------------------------------

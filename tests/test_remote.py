@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from conftest import progress_by_phase
 
 from gclip_cli import remote
 from gclip_cli.errors import InputError, OutputError, UsageError
+from gclip_cli.formats import PlainValues, open_file
 from gclip_cli.options import Options
 from gclip_cli.progress import Progress
 
@@ -62,18 +64,52 @@ def test_options_never_show_storage_options():
     assert SECRET not in repr(Options(storage_options=(f"secret={SECRET}",)))
 
 
-def test_a_url_input_is_read_as_a_local_copy_shown_by_its_url(memory, make_file):
+def test_an_npz_object_is_read_as_a_local_copy_shown_by_its_url(memory, make_file):
     fs, root = memory
-    local = make_file("safetensors", {"w": np.arange(6, dtype=np.float32)})
-    fs.pipe_file(f"{root}/g.safetensors", local.read_bytes())
-    url = f"memory://{root}/g.safetensors"
+    local = make_file("npz", {"w": np.arange(6, dtype=np.float32)})
+    fs.pipe_file(f"{root}/g.npz", local.read_bytes())
+    url = f"memory://{root}/g.npz"
     with remote.staged_inputs([url, str(local)], {}) as (paths, shown):
         assert Path(paths[0]).read_bytes() == local.read_bytes()
-        assert Path(paths[0]).name == "g.safetensors"  # history reads steps from names
+        assert Path(paths[0]).name == "g.npz"  # history reads steps from names
         assert paths[1] == str(local)
         assert shown == {paths[0]: url}
         staged = Path(paths[0])
     assert not staged.exists()  # removed afterwards
+
+
+def test_a_safetensors_object_is_read_by_ranges_through_a_stand_in(memory, make_file):
+    fs, root = memory
+    values = np.random.default_rng(3).standard_normal(300_000).astype(np.float32)
+    local = make_file("safetensors", {"w": values, "n": np.arange(3)})
+    fs.pipe_file(f"{root}/g.safetensors", local.read_bytes())
+    url = f"memory://{root}/g.safetensors"
+    with remote.staged_inputs([url], {}) as ((path,), shown):
+        stand_in = Path(path)
+        assert shown == {path: url}
+        assert stand_in.stat().st_size == local.stat().st_size  # as checks of space see it
+        assert stand_in.stat().st_blocks * 512 < 64 << 10  # but no copy: sparse
+        with closing(open_file(stand_in)) as tfile:
+            assert not isinstance(tfile, PlainValues)  # one process, in order
+            tensor = next(t for t in tfile.tensors if t.name == "w")
+            chunks = list(tfile.read_chunks(tensor, 100_000))
+            assert tfile.attribute("missing") is None
+            assert tfile.read_array(next(t for t in tfile.tensors if t.name == "n")).tolist() == [
+                0,
+                1,
+                2,
+            ]
+        assert len(chunks) == 12
+        assert np.array_equal(np.concatenate(chunks), values)
+
+
+def test_gclip_remote_copy_asks_for_local_copies(memory, make_file, monkeypatch):
+    fs, root = memory
+    local = make_file("safetensors", {"w": np.arange(6, dtype=np.float32)})
+    fs.pipe_file(f"{root}/g.safetensors", local.read_bytes())
+    monkeypatch.setenv("GCLIP_REMOTE_COPY", "1")
+    with remote.staged_inputs([f"memory://{root}/g.safetensors"], {}) as ((path,), _):
+        assert Path(path).read_bytes() == local.read_bytes()
 
 
 def test_an_error_about_a_local_copy_names_the_url(memory):
@@ -460,3 +496,44 @@ def test_local_paths_import_no_fsspec(make_file):
     )
     done = subprocess.run([sys.executable, "-c", code, str(local)], capture_output=True, text=True)
     assert done.stderr.strip().splitlines()[-1] == "False False"
+
+
+def test_a_safetensors_object_needs_no_local_copy_where_npz_does(bucket, make_file):
+    values = np.random.default_rng(2).standard_normal(1 << 16).astype(np.float32)
+    urls = {
+        fmt: bucket.put(make_file(fmt, {"g": values}), f"g.{fmt}") for fmt in ("safetensors", "npz")
+    }
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # less than either object
+    ranged = gclip("inspect", "--format", "json", urls["safetensors"], env=env)
+    copied = gclip("inspect", urls["npz"], env=env)
+    assert ranged.returncode == 0, ranged.stderr
+    assert json.loads(ranged.stdout)["global_norm"] > 0
+    assert copied.returncode == 3 and "GCLIP_SPOOL_LIMIT" in copied.stderr
+
+
+def _peak_rss(*args: str) -> int:
+    """The largest resident set, in bytes, of gclip *args* and the processes it starts."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run([sys.executable, '-m', 'gclip_cli', *sys.argv[1:]])\n"
+        "assert done.returncode == 0\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1]) * 1024  # Linux counts KiB
+
+
+def test_memory_stays_bounded_for_a_large_object(bucket, make_file, tmp_path):
+    values = np.random.default_rng(4).standard_normal(48 << 20).astype(np.float32)  # 192 MiB
+    local = make_file("safetensors", {"g": values})
+    del values
+    url = bucket.put(local, "big.safetensors")
+    options = ("--chunk-size", "8M", "-j", "1", "--max-norm", "1")
+    here = _peak_rss("rescale", str(local), str(tmp_path / "o.safetensors"), *options)
+    there = _peak_rss("rescale", url, str(tmp_path / "r.safetensors"), *options)
+    assert (tmp_path / "r.safetensors").read_bytes() == (tmp_path / "o.safetensors").read_bytes()
+    # fsspec, s3fs and botocore loaded, two 8 MiB windows: well under the object's 192 MiB
+    assert there < here + (96 << 20), (here, there)

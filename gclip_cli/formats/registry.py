@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
     from typing import BinaryIO
 
@@ -82,10 +82,14 @@ class Registry:
         """
         from . import signatures
         from .base import open_regular
+        from .ranged import StandIn, is_stand_in
 
         try:
             with open_regular(path) as file:
                 head = signatures.read_head(file)
+                stand_in = StandIn.read(path) if is_stand_in(head) else None
+                if stand_in is not None:
+                    return stand_in.file_format
                 found = next((e.name for e in self.entries if e.is_one(head, file)), None)
                 kind = None if found else signatures.unsupported_kind(head, file)
         except OSError as exc:
@@ -98,13 +102,19 @@ class Registry:
             raise InputError(path, "is empty")
         raise InputError(path, f"is not a {self.listed()} file (unrecognised content)")
 
-    def open(self, path: Path, name: str | None = None) -> TensorFile:
+    def open(
+        self, path: Path, name: str | None = None, storage: Mapping[str, object] | None = None
+    ) -> TensorFile:
         """Open *path*, as format *name* or as detected, validating its structure before any
-        data is read."""
-        if name:
-            from .base import open_regular
+        data is read; a stand-in of a remote object (ranged.py) opens the object, reached with
+        the fsspec *storage* options."""
+        from .base import open_regular
+        from .ranged import StandIn, open_stand_in
 
-            open_regular(path).close()  # a device or a pipe forced into a format is refused too
+        open_regular(path).close()  # a device or a pipe forced into a format is refused too
+        stand_in = StandIn.read(path)
+        if stand_in is not None:
+            return open_stand_in(path, stand_in, name, storage or {})
         return self.entry(name or self.detect(path)).open(path)
 
 

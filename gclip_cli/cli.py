@@ -962,7 +962,8 @@ def _out_dir(
     out_dir: str | None, inputs: tuple[str, ...], options: Options, clobber: bool
 ) -> Iterator[Path]:
     """The folder to write into: --out-dir, or a temporary one uploaded to its URL."""
-    from .remote import is_remote, local_path, refuse_onto_inputs, uploaded_folder
+    from .remote import refuse_onto_inputs, uploaded_folder
+    from .urls import is_remote, local_path
 
     assert out_dir is not None
     if not is_remote(out_dir):
@@ -1021,8 +1022,9 @@ def _destination(
 ) -> Iterator[Path]:
     """Where to write OUT: the file itself, else a temporary file copied to standard output
     or uploaded to a URL once complete."""
-    from .remote import is_remote, local_path, refuse_onto_inputs, uploaded_file
+    from .remote import refuse_onto_inputs, uploaded_file
     from .streams import STDIO, stdout_file
+    from .urls import is_remote, local_path
 
     if is_remote(output_file):
         refuse_onto_inputs(output_file, [input_file], options.storage)

@@ -36,7 +36,7 @@ class Options:
     *nonfinite*: what NaN/Inf values count as; *include*/*exclude*: globs on tensor names
     (``.`` and ``/`` alike); *opaque_dtypes*: what raw 2- or 1-byte values are (e.g.
     ``("bfloat16",)``); *file_format*: the inputs' format, instead of detecting it;
-    *storage_options*: ``KEY=VALUE`` strings for the file systems of URLs (remote.py), kept
+    *storage_options*: ``KEY=VALUE`` strings for the file systems of URLs (urls.py), kept
     out of repr() (they may hold secrets).
     """
 
@@ -84,7 +84,7 @@ class Options:
     @property
     def storage(self) -> dict[str, object]:
         """The storage options, as fsspec takes them."""
-        from .remote import parse_storage_options
+        from .urls import parse_storage_options
 
         return parse_storage_options(self.storage_options)
 

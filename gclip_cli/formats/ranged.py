@@ -74,7 +74,7 @@ class RangedBytes:
     transient errors); failures are InputErrors naming the URL."""
 
     def __init__(self, stand_in: StandIn, storage: Mapping[str, Any]) -> None:
-        from ..remote import open_remote
+        from ..urls import open_remote
 
         self.url, self.size = stand_in.url, stand_in.size
         self._storage = storage
@@ -83,7 +83,7 @@ class RangedBytes:
 
     def read(self, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of the object; refused if it has fewer."""
-        from ..remote import remote_errors
+        from ..urls import remote_errors
 
         if length == 0:
             return b""
@@ -133,23 +133,3 @@ class Cursor:
         data = self._ranged.read(self._position, length)
         self._position += len(data)
         return data
-
-
-def open_stand_in(
-    path: Path, stand_in: StandIn, name: str | None, storage: Mapping[str, Any]
-) -> object:
-    """The ranged reader of the object *stand_in* names (as format *name*, if given)."""
-    if name is not None and name != stand_in.file_format:
-        raise InputError(
-            stand_in.url, f"is read by ranges as {stand_in.file_format}, not as {name}"
-        )
-    ranged = RangedBytes(stand_in, storage)
-    try:
-        if stand_in.file_format == "safetensors":
-            from .safetensors import RangedSafetensorsFile
-
-            return RangedSafetensorsFile(path, ranged)
-        raise InputError(stand_in.url, f"{stand_in.file_format} is not read by ranges")
-    except BaseException:
-        ranged.close()
-        raise

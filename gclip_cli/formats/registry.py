@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from .base import TensorFile
+    from .ranged import StandIn
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class FormatEntry:
     # Its C library can crash (not raise) on a damaged file: it is worked on in a child
     # process whose crash becomes an error (isolation.py).
     crashes_on_damage: bool = False
+    # "module:class" of its reader of remote objects by ranges, cls(stand-in path,
+    # ranged.RangedBytes) (None: such objects are downloaded first; see remote.py)
+    ranged_reader: str | None = None
 
     def is_one(self, head: bytes, file: BinaryIO) -> bool:
         test: Callable[[bytes, BinaryIO], bool] = _imported(self.signature)
@@ -109,13 +113,35 @@ class Registry:
         data is read; a stand-in of a remote object (ranged.py) opens the object, reached with
         the fsspec *storage* options."""
         from .base import open_regular
-        from .ranged import StandIn, open_stand_in
+        from .ranged import StandIn
 
         open_regular(path).close()  # a device or a pipe forced into a format is refused too
         stand_in = StandIn.read(path)
         if stand_in is not None:
-            return open_stand_in(path, stand_in, name, storage or {})
+            return self._open_ranged(path, stand_in, name, storage or {})
         return self.entry(name or self.detect(path)).open(path)
+
+    def _open_ranged(
+        self, path: Path, stand_in: StandIn, name: str | None, storage: Mapping[str, object]
+    ) -> TensorFile:
+        """The reader by ranges of the remote object *stand_in* names."""
+        from .ranged import RangedBytes
+
+        entry = self.entry(stand_in.file_format)
+        if (name is not None and name != entry.name) or entry.ranged_reader is None:
+            raise InputError(stand_in.url, f"is read by ranges as {entry.name} only")
+        ranged = RangedBytes(stand_in, storage)
+        try:
+            return _imported(entry.ranged_reader)(path, ranged)
+        except BaseException:
+            ranged.close()
+            raise
+
+    def read_by_ranges(self, head: bytes, file: BinaryIO) -> str | None:
+        """The format of a file beginning with *head*, if its objects are read by ranges."""
+        return next(
+            (e.name for e in self.entries if e.ranged_reader and e.is_one(head, file)), None
+        )
 
 
 FORMATS = Registry(
@@ -125,6 +151,7 @@ FORMATS = Registry(
             "safetensors",
             ".signatures:is_safetensors",
             ".safetensors:SafetensorsFile",
+            ranged_reader=".safetensors:RangedSafetensorsFile",
         ),
         FormatEntry("npz", ".npz", ".signatures:is_npz", ".npz:NpzFile"),
         FormatEntry(

@@ -1,0 +1,77 @@
+"""Remote objects read by ranges (formats/ranged.py): stand-ins, and bytes fetched by window
+from memory:// (fsspec's in-process file system)."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import closing
+
+import numpy as np
+import pytest
+
+from gclip_cli.errors import InputError
+from gclip_cli.formats import detect_format, open_file
+
+fsspec = pytest.importorskip("fsspec", reason="needs gclip[remote]")
+
+from gclip_cli.formats.ranged import RangedBytes, StandIn, is_stand_in  # noqa: E402
+
+
+@pytest.fixture
+def stored():
+    """put(bytes) -> the StandIn of a new memory:// object holding them."""
+    fs = fsspec.filesystem("memory")
+    root = f"/ranged-{uuid.uuid4().hex[:8]}"
+
+    def put(data: bytes) -> StandIn:
+        fs.pipe_file(f"{root}/o", data)
+        return StandIn(f"memory://{root}/o", "safetensors", len(data))
+
+    yield put
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_a_stand_in_reads_back_and_is_as_long_as_its_object(tmp_path):
+    path = tmp_path / "g.safetensors"
+    StandIn("s3://b/k", "safetensors", 10 << 20).write(path)
+    assert StandIn.read(path) == StandIn("s3://b/k", "safetensors", 10 << 20)
+    assert path.stat().st_size == 10 << 20
+    assert is_stand_in(path.read_bytes()[:16])
+    assert detect_format(path) == "safetensors"
+
+
+def test_an_ordinary_file_is_no_stand_in(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(b"\x00gclip: a remote object, read by ranges\nnot json")
+    assert StandIn.read(path) is None
+    assert not is_stand_in(b"PK\x03\x04")
+
+
+def test_windows_come_in_order_with_the_bytes_asked(stored):
+    data = bytes(range(256)) * 1000
+    ranged = RangedBytes(stored(data), {})
+    pieces = [(0, 10), (10, 5000), (5010, 0), (100_000, 156_000)]
+    try:
+        got = [bytes(w) for w in ranged.windows(pieces)]
+    finally:
+        ranged.close()
+    assert got == [data[s : s + n] for s, n in pieces]
+
+
+def test_an_object_shorter_than_its_stand_in_says_is_refused(stored):
+    stand_in = stored(b"12345")
+    ranged = RangedBytes(StandIn(stand_in.url, "safetensors", 10), {})
+    with pytest.raises(InputError, match="changed while gclip read it"), closing(ranged):
+        ranged.read(0, 10)
+
+
+def test_a_stand_in_opens_as_its_format_only(stored, tmp_path, make_file):
+    local = make_file("safetensors", {"w": np.ones(4, dtype=np.float32)})
+    stand_in = stored(local.read_bytes())
+    path = tmp_path / "g.safetensors"
+    StandIn(stand_in.url, "safetensors", stand_in.size).write(path)
+    with closing(open_file(path)) as tfile:
+        assert [t.name for t in tfile.tensors] == ["w"]
+    with pytest.raises(InputError, match="read by ranges as safetensors only"):
+        open_file(path, "npz")

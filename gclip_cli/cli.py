@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
@@ -936,7 +936,7 @@ def _rewrite_many(
     clobber = not writing.no_clobber
     with (
         staged_inputs(paths, options.storage) as (local, names),
-        _out_dir(writing.out_dir, paths, options, clobber) as out_dir,
+        _out_dir(writing.out_dir, paths, names.values(), options, clobber) as out_dir,
         _shard_progress(enabled=not writing.quiet) as shards,
     ):
         report = rewrite_files(
@@ -959,9 +959,14 @@ def _rewrite_many(
 
 @contextmanager
 def _out_dir(
-    out_dir: str | None, inputs: tuple[str, ...], options: Options, clobber: bool
+    out_dir: str | None,
+    inputs: tuple[str, ...],
+    read: Collection[str],
+    options: Options,
+    clobber: bool,
 ) -> Iterator[Path]:
-    """The folder to write into: --out-dir, or a temporary one uploaded to its URL."""
+    """The folder to write into: --out-dir, or a temporary one uploaded to its URL (where no
+    file may replace an object *read*)."""
     from .remote import refuse_onto_inputs, uploaded_folder
     from .urls import is_remote, local_path
 
@@ -970,7 +975,7 @@ def _out_dir(
         yield Path(local_path(out_dir))
         return
     refuse_onto_inputs(out_dir, inputs, options.storage)
-    with uploaded_folder(out_dir, options.storage, clobber) as path:
+    with uploaded_folder(out_dir, options.storage, clobber, inputs=read) as path:
         yield path
 
 

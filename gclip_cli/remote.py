@@ -19,7 +19,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +170,9 @@ def _read_by_ranges(remote: Remote) -> str | None:
 
 def refuse_onto_inputs(out: str, inputs: Sequence[str], storage: Mapping[str, Any]) -> None:
     """Refuse an output URL that names one of the inputs (gclip never changes an input)."""
-    target = open_remote(out, storage)
+    target = _place(open_remote(out, storage))
     for name in filter(is_remote, inputs):
-        source = open_remote(name, storage)
-        if source.protocol == target.protocol and source.path.rstrip("/") == target.path:
+        if _place(open_remote(name, storage)) == target:
             raise OutputError(shown_url(out), "is the input; write the output to another URL")
 
 
@@ -196,12 +195,17 @@ def uploaded_file(
 
 @contextmanager
 def uploaded_folder(
-    url: str, storage: Mapping[str, Any], clobber: bool = True, progress: Listener | None = None
+    url: str,
+    storage: Mapping[str, Any],
+    clobber: bool = True,
+    progress: Listener | None = None,
+    inputs: Collection[str] = (),
 ) -> Iterator[Path]:
     """A local folder to write outputs into; once complete, every file in it is uploaded
     under *url* at its relative path, each whole or not at all (a failure stops there: the
-    files uploaded before it stay)."""
+    files uploaded before it stay).  None may replace one of the objects *inputs* (URLs)."""
     remote = _writable(url, storage)
+    read = {_place(open_remote(name, storage)): name for name in filter(is_remote, inputs)}
     with _private_folder("out-dir") as root:
         local = root / "out"
         local.mkdir()
@@ -210,9 +214,15 @@ def uploaded_folder(
         files = sorted(p for p in local.rglob("*") if p.is_file())
         targets = [remote.child(p.relative_to(local).as_posix()) for p in files]
         for target in targets:
+            if _place(target) in read:
+                raise OutputError(shown_url(target.url), "is an input; give another --out-dir")
             _refuse_existing(target, storage, clobber)
         for path, target in zip(files, targets, strict=True):
             upload(path, target, storage, Progress(progress))
+
+
+def _place(remote: Remote) -> tuple[str, str]:
+    return remote.protocol, remote.path.rstrip("/")
 
 
 def _writable(url: str, storage: Mapping[str, Any]) -> Remote:

@@ -192,7 +192,7 @@ class Bucket:
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
 
-    def keys(self) -> list[str]:
+    def listed(self) -> list[str]:
         found = self.client.list_objects_v2(Bucket=self.name).get("Contents", [])
         return sorted(o["Key"] for o in found)
 
@@ -336,9 +336,21 @@ def test_a_sharded_checkpoint_goes_from_s3_to_s3(bucket, make_file, tmp_path, sc
     )
     assert done.returncode == 0, done.stderr
     expected = sorted(p.name for p in reference.iterdir())
-    assert bucket.keys()[-len(expected) :] == [f"out/{name}" for name in expected]
+    assert bucket.listed()[-len(expected) :] == [f"out/{name}" for name in expected]
     for name in expected:
         assert bucket.get(f"out/{name}") == (reference / name).read_bytes(), name
+    assert bucket.open_uploads() == []
+
+
+def test_an_out_dir_over_the_inputs_replaces_none(bucket, make_file, tmp_path):
+    index = _checkpoint(tmp_path / "ckpt", make_file)
+    for path in index.parent.iterdir():
+        bucket.put(path, f"ckpt/{path.name}")
+    before = {key: bucket.get(key) for key in bucket.listed()}
+    args = [f"{bucket.url}/ckpt/{index.name}", "--out-dir", f"{bucket.url}/ckpt/"]
+    done = gclip("rescale", *args, "--max-norm", "1e-3")
+    assert done.returncode == 5 and "is an input" in done.stderr, done.stderr
+    assert {key: bucket.get(key) for key in bucket.listed()} == before
     assert bucket.open_uploads() == []
 
 
@@ -380,14 +392,14 @@ def test_an_unreachable_endpoint_is_one_line_and_leaves_nothing(bucket, make_fil
     assert writing.returncode == 5 and "cannot write" in writing.stderr
     for done in (reading, writing):
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert bucket.keys() == ["g.safetensors"]
+    assert bucket.listed() == ["g.safetensors"]
 
 
 def test_a_refused_input_leaves_no_object(bucket, make_file, fmt):
     local = make_file(fmt, {"g": np.array([1.0, np.nan], dtype=np.float32)})
     done = gclip("rescale", str(local), f"{bucket.url}/o", "--max-norm", "1")
     assert done.returncode == 4
-    assert bucket.keys() == [] and bucket.open_uploads() == []
+    assert bucket.listed() == [] and bucket.open_uploads() == []
 
 
 def test_no_clobber_keeps_an_existing_object(bucket, make_file):
@@ -425,7 +437,7 @@ def test_ctrl_c_during_the_upload_aborts_it(bucket, make_file, tmp_path):
         if running.poll() is None:
             running.kill()
     assert running.returncode == 130, stderr
-    assert bucket.keys() == [] and bucket.open_uploads() == []
+    assert bucket.listed() == [] and bucket.open_uploads() == []
 
 
 def test_secrets_are_never_printed(bucket, make_file):

@@ -58,7 +58,9 @@ def staged_inputs(
     if not any(map(is_remote, names)):
         yield list(names), {}
         return
-    with _private_folder("inputs") as root:
+    from .formats.ranged import STAND_IN_FOLDER
+
+    with _private_folder(STAND_IN_FOLDER) as root:
         stager = _Stager(root, storage, Progress(progress), ranged=not _copy_asked())
         local = [stager.stage(n) if is_remote(n) else n for n in names]
         try:
@@ -185,7 +187,7 @@ def uploaded_file(
     *url*."""
     remote = _writable(url, storage)
     _refuse_existing(remote, storage, clobber)  # before any work
-    with _private_folder("output") as root:
+    with _private_folder("gclip-output-") as root:
         local = root / (posixpath.basename(remote.path.rstrip("/")) or "output")
         with _named_as({str(local): shown_url(url)}):
             yield local
@@ -206,7 +208,7 @@ def uploaded_folder(
     files uploaded before it stay).  None may replace one of the objects *inputs* (URLs)."""
     remote = _writable(url, storage)
     read = {_place(open_remote(name, storage)): name for name in filter(is_remote, inputs)}
-    with _private_folder("out-dir") as root:
+    with _private_folder("gclip-out-dir-") as root:
         local = root / "out"
         local.mkdir()
         with _named_as({str(local): shown_url(url)}):
@@ -296,8 +298,9 @@ def _named_as(names: Mapping[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def _private_folder(kind: str) -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix=f"gclip-{kind}-"))
+def _private_folder(prefix: str) -> Iterator[Path]:
+    """A new folder in the temporary folder, for this user only (mode 0700), removed after."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield folder
     finally:

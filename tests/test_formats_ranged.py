@@ -3,8 +3,10 @@ from memory:// (fsspec's in-process file system)."""
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,12 @@ from gclip_cli.formats import detect_format, open_file
 
 fsspec = pytest.importorskip("fsspec", reason="needs gclip[remote]")
 
-from gclip_cli.formats.ranged import RangedBytes, StandIn, is_stand_in  # noqa: E402
+from gclip_cli.formats.ranged import (  # noqa: E402
+    STAND_IN_FOLDER,
+    RangedBytes,
+    StandIn,
+    is_stand_in,
+)
 
 
 @pytest.fixture
@@ -32,8 +39,16 @@ def stored():
         fs.rm(root, recursive=True)
 
 
-def test_a_stand_in_reads_back_and_is_as_long_as_its_object(tmp_path):
-    path = tmp_path / "g.safetensors"
+@pytest.fixture
+def private(tmp_path, monkeypatch):
+    """A folder such as gclip makes for stand-ins (in a temporary folder of the test's own)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = Path(tempfile.mkdtemp(prefix=STAND_IN_FOLDER))
+    return folder
+
+
+def test_a_stand_in_reads_back_and_is_as_long_as_its_object(private):
+    path = private / "g.safetensors"
     StandIn("s3://b/k", "safetensors", 10 << 20).write(path)
     assert StandIn.read(path) == StandIn("s3://b/k", "safetensors", 10 << 20)
     assert path.stat().st_size == 10 << 20
@@ -66,12 +81,26 @@ def test_an_object_shorter_than_its_stand_in_says_is_refused(stored):
         ranged.read(0, 10)
 
 
-def test_a_stand_in_opens_as_its_format_only(stored, tmp_path, make_file):
+def test_a_stand_in_opens_as_its_format_only(stored, private, make_file):
     local = make_file("safetensors", {"w": np.ones(4, dtype=np.float32)})
     stand_in = stored(local.read_bytes())
-    path = tmp_path / "g.safetensors"
+    path = private / "g.safetensors"
     StandIn(stand_in.url, "safetensors", stand_in.size).write(path)
     with closing(open_file(path)) as tfile:
         assert [t.name for t in tfile.tensors] == ["w"]
     with pytest.raises(InputError, match="read by ranges as safetensors only"):
         open_file(path, "npz")
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "shared folder"])
+def test_a_stand_in_gclip_did_not_make_is_an_ordinary_file(stored, private, tmp_path, where):
+    stand_in = stored(b"12345678")
+    if where == "shared folder":
+        private.chmod(0o755)
+        path = private / "g.safetensors"
+    else:
+        path = tmp_path / "g.safetensors"
+    StandIn(stand_in.url, "safetensors", stand_in.size).write(path)
+    assert StandIn.read(path) is None
+    with pytest.raises(InputError, match="unrecognised content"):
+        detect_format(path)

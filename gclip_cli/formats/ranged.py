@@ -12,6 +12,9 @@ bounded as for local files and the network stays busy.
 from __future__ import annotations
 
 import json
+import os
+import stat
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import numpy as np
 from ..errors import InputError
 
 STAND_IN_MAGIC = b"\x00gclip: a remote object, read by ranges\n"
+STAND_IN_FOLDER = "gclip-inputs-"  # the private temporary folders stand-ins are honoured in
 _STAND_IN_LIMIT = 1 << 16  # the stand-in's line of JSON: a URL and a format name
 
 
@@ -43,7 +47,10 @@ class StandIn:
 
     @classmethod
     def read(cls, path: Path) -> StandIn | None:
-        """The stand-in *path* is, or None when it is an ordinary file."""
+        """The stand-in *path* is, or None when it is an ordinary file (or a stand-in gclip did
+        not make here: a file handed over must not make gclip fetch what it names)."""
+        if not made_here(path):
+            return None
         try:
             with open(path, "rb") as file:
                 head = file.read(len(STAND_IN_MAGIC))
@@ -52,6 +59,21 @@ class StandIn:
                 return cls(**json.loads(file.readline(_STAND_IN_LIMIT)))
         except (OSError, ValueError, TypeError):
             return None
+
+
+def made_here(path: Path) -> bool:
+    """Whether *path* lies in a folder of stand-ins gclip made for this user: directly in the
+    temporary folder, named STAND_IN_FOLDER..., owned by this user, private (mode 0700)."""
+    temporary = os.path.realpath(tempfile.gettempdir())
+    found = Path(os.path.realpath(path))
+    folder = next((p for p in found.parents if str(p.parent) == temporary), None)
+    if folder is None or not folder.name.startswith(STAND_IN_FOLDER):
+        return False
+    try:
+        mode = os.stat(folder)
+    except OSError:
+        return False
+    return mode.st_uid == os.getuid() and stat.S_IMODE(mode.st_mode) & 0o077 == 0
 
 
 def is_stand_in(head: bytes) -> bool:

@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
@@ -670,7 +670,7 @@ def history(
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
-    with _byte_progress() as progress, _local(files, options, progress) as (paths, names):
+    with _local(files) as (paths, names), _byte_progress() as progress:
         found = history_of(
             paths,
             percentile=percentile,
@@ -713,7 +713,7 @@ def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None
     """
     from .api import diff_files
 
-    with _local((file_a, file_b), options) as ((path_a, path_b), names):
+    with _local((file_a, file_b)) as ((path_a, path_b), names):
         compared = diff_files(path_a, path_b, options=options)
     compared = compared.shown_as(names)
     _emit(compared, output_format, None, human=_print_diff)
@@ -891,17 +891,16 @@ def _rewrite_one(
     from .streams import STDIO, STDOUT_NAME
 
     _require_one_file(input_file, command)
-    clobber = not writing.no_clobber
     with (
+        _local((input_file,)) as ((src,), names),
+        _destination(output_file, input_file) as dst,
         _byte_progress(enabled=not writing.quiet) as progress,
-        _local((input_file,), options, progress) as ((src,), names),
-        _destination(output_file, input_file, options, clobber, progress) as dst,
     ):
         report = rewrite_file(
-            src, dst, strategy, options=options, clobber=clobber, progress=progress
+            src, dst, strategy, options=options, clobber=not writing.no_clobber, progress=progress
         )
-        if str(dst) != output_file:
-            names[str(dst)] = STDOUT_NAME if output_file == STDIO else output_file
+        if output_file == STDIO:
+            names[dst] = STDOUT_NAME
         report = report.shown_as(names)
     if writing.output_format == "table" and writing.quiet:
         return
@@ -927,56 +926,25 @@ def _rewrite_many(
 ) -> None:
     """Rewrite several files into --out-dir by one plan; the report as for one file."""
     from .api import rewrite_files
-    from .remote import staged_inputs
     from .streams import refuse_stdout_onto
 
     if "-" in paths:
         raise click.UsageError("standard input (-) cannot be one of several shards")
     refuse_stdout_onto(paths)  # a report appended to an input would damage it
-    clobber = not writing.no_clobber
-    with (
-        staged_inputs(paths, options.storage) as (local, names),
-        _out_dir(writing.out_dir, paths, names.values(), options, clobber) as out_dir,
-        _shard_progress(enabled=not writing.quiet) as shards,
-    ):
+    with _shard_progress(enabled=not writing.quiet) as shards:
         report = rewrite_files(
-            local,
-            out_dir,
+            paths,
+            writing.out_dir,
             strategy,
             options=options,
-            clobber=clobber,
+            clobber=not writing.no_clobber,
             scheduler=writing.scheduler,
             shards=shards,
         )
-        if str(out_dir) != writing.out_dir:
-            names[str(out_dir)] = writing.out_dir
-        report = report.shown_as(names)
     _tell_not_read(report)
     if not (writing.output_format == "table" and writing.quiet):
         to_stderr = writing.output_format == "table"
         _emit(report, writing.output_format, None, human=_print_rescale, to_stderr=to_stderr)
-
-
-@contextmanager
-def _out_dir(
-    out_dir: str | None,
-    inputs: tuple[str, ...],
-    read: Collection[str],
-    options: Options,
-    clobber: bool,
-) -> Iterator[Path]:
-    """The folder to write into: --out-dir, or a temporary one uploaded to its URL (where no
-    file may replace an object *read*)."""
-    from .remote import refuse_onto_inputs, uploaded_folder
-    from .urls import is_remote, local_path
-
-    assert out_dir is not None
-    if not is_remote(out_dir):
-        yield Path(local_path(out_dir))
-        return
-    refuse_onto_inputs(out_dir, inputs, options.storage)
-    with uploaded_folder(out_dir, options.storage, clobber, inputs=read) as path:
-        yield path
 
 
 @contextmanager
@@ -1018,28 +986,16 @@ def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 
 
 @contextmanager
-def _destination(
-    output_file: str,
-    input_file: str,
-    options: Options,
-    clobber: bool,
-    progress: ProgressDisplay | None = None,
-) -> Iterator[Path]:
-    """Where to write OUT: the file itself, else a temporary file copied to standard output
-    or uploaded to a URL once complete."""
-    from .remote import refuse_onto_inputs, uploaded_file
+def _destination(output_file: str, input_file: str) -> Iterator[str]:
+    """Where to write OUT: as given (a file or a URL), or a temporary file copied to standard
+    output once complete."""
     from .streams import STDIO, stdout_file
-    from .urls import is_remote, local_path
 
-    if is_remote(output_file):
-        refuse_onto_inputs(output_file, [input_file], options.storage)
-        with uploaded_file(output_file, options.storage, clobber, progress) as path:
-            yield path
-    elif output_file == STDIO:
-        with stdout_file([input_file]) as path:
-            yield path
-    else:
-        yield Path(local_path(output_file))
+    if output_file != STDIO:
+        yield output_file
+        return
+    with stdout_file([input_file]) as path:
+        yield str(path)
 
 
 def _inspect(
@@ -1054,7 +1010,7 @@ def _inspect(
     *require_counted* no report without a tensor counted (a norm of nothing is no answer)."""
     from .api import inspect_files
 
-    with _byte_progress() as progress, _local(files, options, progress) as (paths, names):
+    with _local(files) as (paths, names), _byte_progress() as progress:
         report = inspect_files(
             paths,
             max_norm=max_norm,
@@ -1069,23 +1025,17 @@ def _inspect(
 
 
 @contextmanager
-def _local(
-    files: tuple[str, ...], options: Options, progress: ProgressDisplay | None = None
-) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """Local paths for *files* (``-`` and pipes: spools of what they hold; URLs: downloaded
-    copies), and the names to show instead of the spools' and copies'."""
-    from .remote import staged_inputs
+def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Local paths for *files* (``-`` and pipes: spools of what they hold; URLs are left to
+    the library), and the names to show instead of the spools'."""
     from .streams import STDIN_NAME, STDIO, local_inputs, refuse_stdout_onto
 
     refuse_stdout_onto(files)  # a report appended to an input would damage it
-    with (
-        staged_inputs(list(files), options.storage, progress) as (staged, remote),
-        local_inputs(staged) as paths,
-    ):
+    with local_inputs(list(files)) as paths:
         names = {
             p: STDIN_NAME if f == STDIO else f for f, p in zip(files, paths, strict=True) if p != f
         }
-        yield paths, {**names, **remote}
+        yield paths, names
 
 
 def _tell_not_read(report: Report) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import progress_by_phase
 
-from gclip_cli import remote, urls
+from gclip_cli import inspect_files, remote, rescale_file, urls
 from gclip_cli.errors import InputError, OutputError
 from gclip_cli.formats import PlainValues, open_file
 from gclip_cli.progress import Progress
@@ -94,6 +94,22 @@ def test_gclip_remote_copy_asks_for_local_copies(memory, make_file, monkeypatch)
     monkeypatch.setenv("GCLIP_REMOTE_COPY", "1")
     with remote.staged_inputs([f"memory://{root}/g.safetensors"], {}) as ((path,), _):
         assert Path(path).read_bytes() == local.read_bytes()
+
+
+@pytest.mark.parametrize("fmt_in", ["safetensors", "npz"])
+def test_the_library_takes_urls(memory, make_file, fmt_in, tmp_path):
+    fs, root = memory
+    local = make_file(fmt_in, {"w": np.arange(1, 7, dtype=np.float32)})
+    fs.pipe_file(f"{root}/g", local.read_bytes())
+    url = f"memory://{root}/g"
+    report = inspect_files([url])
+    assert report.files == (url,)
+    assert report.global_norm == inspect_files([local]).global_norm
+    reference = tmp_path / "reference"
+    rescale_file(local, reference, max_norm=1.0)
+    rewritten = rescale_file(url, f"memory://{root}/out", max_norm=1.0)
+    assert rewritten.output == f"memory://{root}/out"
+    assert fs.cat_file(f"{root}/out") == reference.read_bytes()
 
 
 def test_an_error_about_a_local_copy_names_the_url(memory):

@@ -36,6 +36,7 @@ from .urls import (
     open_remote,
     remote_errors,
     shown_url,
+    version_of,
 )
 
 DOWNLOADING = "downloading"  # progress phases, as the passes' (progress.py)
@@ -106,7 +107,7 @@ class _Stager:
         if file_format is not None:
             from .formats.ranged import StandIn
 
-            StandIn(remote.url, file_format, size).write(local)
+            StandIn(remote.url, file_format, size, version_of(remote)).write(local)
             return local
         self._make_room(remote.url, size)
         self.progress.begin(DOWNLOADING, size)

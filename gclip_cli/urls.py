@@ -194,3 +194,13 @@ def remote_errors(
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else f"{text[:300]}..."
+
+
+def version_of(remote: Remote) -> str:
+    """What changes when the object is replaced: its ETag where the store has one, else its
+    last change, with its size (asked afresh, past fsspec's cache of listings)."""
+    remote.fs.invalidate_cache(remote.path)
+    info = remote.fs.info(remote.path)
+    keys = ("ETag", "etag", "VersionId", "LastModified", "last_modified", "mtime", "created")
+    stamp = next((str(info[k]) for k in keys if info.get(k) is not None), "")
+    return f"{stamp}/{info.get('size')}"

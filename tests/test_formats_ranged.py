@@ -22,6 +22,7 @@ from gclip_cli.formats.ranged import (  # noqa: E402
     StandIn,
     is_stand_in,
 )
+from gclip_cli.urls import open_remote, version_of  # noqa: E402
 
 
 @pytest.fixture
@@ -32,7 +33,8 @@ def stored():
 
     def put(data: bytes) -> StandIn:
         fs.pipe_file(f"{root}/o", data)
-        return StandIn(f"memory://{root}/o", "safetensors", len(data))
+        url = f"memory://{root}/o"
+        return StandIn(url, "safetensors", len(data), version_of(open_remote(url, {})))
 
     yield put
     if fs.exists(root):
@@ -104,3 +106,16 @@ def test_a_stand_in_gclip_did_not_make_is_an_ordinary_file(stored, private, tmp_
     assert StandIn.read(path) is None
     with pytest.raises(InputError, match="unrecognised content"):
         detect_format(path)
+
+
+def test_an_object_replaced_before_or_while_it_is_read_is_refused(stored):
+    first = stored(b"a" * 100)
+    stored(b"b" * 100)  # replaced after its stand-in was made: refused when opened
+    with pytest.raises(InputError, match="was replaced while gclip was reading it"):
+        RangedBytes(first, {})
+    second = stored(b"c" * 100)
+    ranged = RangedBytes(second, {})
+    assert ranged.read(0, 3) == b"ccc"
+    stored(b"d" * 100)  # replaced while read: refused when done with
+    with pytest.raises(InputError, match="was replaced"):
+        ranged.close()

@@ -32,11 +32,13 @@ _STAND_IN_LIMIT = 1 << 16  # the stand-in's line of JSON: a URL and a format nam
 
 @dataclass(frozen=True)
 class StandIn:
-    """What a stand-in names: the object's URL, its format and size."""
+    """What a stand-in names: the object's URL, its format and size, and its version as found
+    (urls.version_of: a replaced object is refused, as a changed file is)."""
 
     url: str
     file_format: str
     size: int
+    version: str = ""
 
     def write(self, path: Path) -> None:
         """Write this stand-in to *path*, as long as the object (a sparse file)."""
@@ -98,10 +100,20 @@ class RangedBytes:
     def __init__(self, stand_in: StandIn, storage: Mapping[str, Any]) -> None:
         from ..urls import open_remote
 
-        self.url, self.size = stand_in.url, stand_in.size
+        self.url, self.size, self._version = stand_in.url, stand_in.size, stand_in.version
         self._storage = storage
         self._remote = open_remote(stand_in.url, storage)
+        self.check_unchanged()
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gclip-fetch")
+
+    def check_unchanged(self) -> None:
+        """Refuse the object if it was replaced since its stand-in was made."""
+        from ..urls import remote_errors, version_of
+
+        with remote_errors(InputError, self.url, self._storage, "cannot read"):
+            now = version_of(self._remote)
+        if self._version and now != self._version:
+            raise InputError(self.url, "was replaced while gclip was reading it")
 
     def read(self, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of the object; refused if it has fewer."""
@@ -141,6 +153,13 @@ class RangedBytes:
                 file.write(data)
 
     def close(self) -> None:
+        """Stop fetching; refuse, at the end, an object replaced while it was read (what was
+        made from it is then discarded)."""
+        self.stop()
+        self.check_unchanged()
+
+    def stop(self) -> None:
+        """Stop fetching (no check: for a reader that failed already)."""
         self._ahead.shutdown(wait=True, cancel_futures=True)
 
 

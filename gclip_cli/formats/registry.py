@@ -134,7 +134,7 @@ class Registry:
         try:
             return _imported(entry.ranged_reader)(path, ranged)
         except BaseException:
-            ranged.close()
+            ranged.stop()
             raise
 
     def read_by_ranges(self, head: bytes, file: BinaryIO) -> str | None:

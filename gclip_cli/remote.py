@@ -118,13 +118,16 @@ class _Stager:
 
     def _folder(self, remote: Remote) -> Path:
         """A prefix: the objects directly in it (as a local folder's files are read)."""
-        entries = remote.fs.ls(remote.path, detail=True)
-        files = [e for e in entries if e.get("type") == "file"]
-        for entry in files:
-            self._file(remote.child(posixpath.basename(entry["name"].rstrip("/"))), entry)
         local = self._local(remote)
         local.mkdir(parents=True, exist_ok=True)
         self.shown[str(local)] = shown_url(remote.url)
+        for entry in remote.fs.ls(remote.path, detail=True):
+            inside = remote.child(posixpath.basename(entry["name"].rstrip("/")))
+            if entry.get("type") == "file":
+                self._file(inside, entry)
+            else:  # listed as not read, as a local folder's folders are
+                self._local(inside).mkdir(parents=True, exist_ok=True)
+                self.shown[str(self._local(inside))] = shown_url(inside.url)
         return local
 
     def _index(self, remote: Remote, info: Mapping[str, Any]) -> Path:

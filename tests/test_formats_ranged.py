@@ -90,7 +90,7 @@ def test_a_stand_in_opens_as_its_format_only(stored, private, make_file):
     StandIn(stand_in.url, "safetensors", stand_in.size).write(path)
     with closing(open_file(path)) as tfile:
         assert [t.name for t in tfile.tensors] == ["w"]
-    with pytest.raises(InputError, match="read by ranges as safetensors only"):
+    with pytest.raises(InputError, match="is a safetensors object, read by ranges as such only"):
         open_file(path, "npz")
 
 

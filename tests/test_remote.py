@@ -374,10 +374,15 @@ def test_a_prefix_is_read_as_a_folder(bucket, make_file, tmp_path):
     index = _checkpoint(tmp_path / "ckpt", make_file)
     for path in index.parent.iterdir():
         bucket.put(path, f"ckpt/{path.name}")
+    (index.parent / "inner").mkdir()
+    bucket.put(index, "ckpt/inner/x.json")
     here = gclip("inspect", "--format", "json", str(index.parent))
     there = gclip("inspect", "--format", "json", f"{bucket.url}/ckpt/")
     assert there.returncode == 0, there.stderr
-    assert json.loads(there.stdout)["global_norm"] == json.loads(here.stdout)["global_norm"]
+    local, remote = json.loads(here.stdout), json.loads(there.stdout)
+    assert remote["global_norm"] == local["global_norm"]
+    shown = json.dumps(remote).replace(f"{bucket.url}/ckpt", str(index.parent))
+    assert json.loads(shown) == local  # the inner folder too, listed as not read
 
 
 def test_a_missing_object_is_one_line_and_exit_3(bucket):

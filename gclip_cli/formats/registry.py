@@ -129,7 +129,9 @@ class Registry:
 
         entry = self.entry(stand_in.file_format)
         if (name is not None and name != entry.name) or entry.ranged_reader is None:
-            raise InputError(stand_in.url, f"is read by ranges as {entry.name} only")
+            raise InputError(
+                stand_in.url, f"is a {entry.title} object, read by ranges as such only"
+            )
         ranged = RangedBytes(stand_in, storage)
         try:
             return _imported(entry.ranged_reader)(path, ranged)

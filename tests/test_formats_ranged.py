@@ -76,6 +76,13 @@ def test_windows_come_in_order_with_the_bytes_asked(stored):
     assert got == [data[s : s + n] for s, n in pieces]
 
 
+def test_a_window_of_several_parts_is_whole_and_in_order(stored):
+    data = np.random.default_rng(5).integers(0, 256, 11 << 20, dtype=np.uint8).tobytes()
+    ranged = RangedBytes(stored(data), {})
+    with closing(ranged):
+        assert ranged.read(3, 10 << 20) == data[3 : 3 + (10 << 20)]  # parts of 4, 4 and 2 MiB
+
+
 def test_an_object_shorter_than_its_stand_in_says_is_refused(stored):
     stand_in = stored(b"12345")
     ranged = RangedBytes(StandIn(stand_in.url, "safetensors", 10), {})

@@ -5,6 +5,7 @@
     python benchmarks/bench.py --size 1G --compressed         # deflated .npz and gzip HDF5
     python benchmarks/bench.py --memory 1G,4G                 # peak RSS flat in file size?
     python benchmarks/bench.py --sharded 8 --size 128M        # serial vs --jobs vs Dask
+    python benchmarks/bench.py --baseline OTHER/.venv/bin/python  # another gclip beside this one
 
 Every command runs as its own process; commands are interleaved and repeated, and each table
 shows median times, the median over rounds of each run's ratio to the floor (cp, or cat plus
@@ -170,6 +171,19 @@ def python_script(code: str) -> str:
     return f"{PY} -c {shlex.quote('import numpy as np, sys' + chr(10) + code)}"
 
 
+def baseline_cases(fmt: str, dump: Path, work: Path, python: str) -> list[Case]:
+    """gclip's rescale and inspect run by another interpreter (another checkout's virtual
+    environment): a change's before and after, side by side in the same rounds."""
+    out = work / f"baseline-out{SUFFIX[fmt]}"
+    q = shlex.quote
+    gclip = f"{q(python)} -m gclip_cli"
+    rescale = f"{gclip} rescale {q(str(dump))} {q(str(out))} --max-norm 1"
+    return [
+        Case("baseline rescale", rescale, out, reads=dump),
+        Case("baseline inspect", f"{gclip} inspect {q(str(dump))} --json", reads=dump),
+    ]
+
+
 def format_cases(fmt: str, dump: Path, work: Path, compressed: bool) -> list[Case]:
     out = work / f"out{SUFFIX[fmt]}"
     base = work / ("base" + SUFFIX[fmt])
@@ -222,6 +236,10 @@ def report(fmt: str, cases: list[Case], compressed: bool) -> list[tuple[str, flo
         )
     rescale, inspect = by["gclip rescale"], by["gclip inspect"]
     checks = []
+    for kind, case in (("rescale", rescale), ("inspect", inspect)):
+        if f"baseline {kind}" in by:
+            ratio = case.ratio_to(by[f"baseline {kind}"].walls)
+            checks.append((f"{kind} / baseline {kind} (<= 1.05)", ratio, 1.05))
     if compressed:
         speedup = 1 / rescale.ratio_to(by["load-all rescale"].walls)
         checks.append(("rescale: load-all / gclip (>= 3)", speedup, 3.0))
@@ -276,6 +294,13 @@ def memory_check(sizes: list[int], work: Path, repeat: int) -> None:
         f"\n- {'PASS' if spread <= 16 else 'FAIL'} spread of any figure across sizes "
         f"(<= 16 MiB): {spread:.1f}"
     )
+
+
+def byte_compile_baseline(python: str) -> None:
+    """Byte-compile the gclip that *python* imports, as byte_compile_gclip does this one."""
+    code = "import compileall, pathlib, gclip_cli; "
+    code += "compileall.compile_dir(pathlib.Path(gclip_cli.__file__).parent, quiet=1)"
+    subprocess.run([python, "-c", code], check=True)
 
 
 def byte_compile_gclip() -> None:
@@ -356,10 +381,17 @@ def main() -> None:
         metavar="N",
         help="time a checkpoint of N shards of --size each instead",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="PYTHON",
+        help="also time the gclip this interpreter imports (e.g. a checkout before a change)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gclip-bench"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     byte_compile_gclip()
+    if args.baseline:
+        byte_compile_baseline(args.baseline)
     version = subprocess.run(
         [*shlex.split(GCLIP), "--version"], capture_output=True, text=True
     ).stdout
@@ -380,6 +412,8 @@ def main() -> None:
         dump = args.workdir / f"dump{args.size}{tag}{SUFFIX[fmt]}"
         prepare_dump(dump, parse_size(args.size), args.compressed)
         by_format[fmt] = format_cases(fmt, dump, args.workdir, args.compressed)
+        if args.baseline:
+            by_format[fmt] += baseline_cases(fmt, dump, args.workdir, args.baseline)
     # every round runs every format's cases: a bad minute on this VM then hits every format
     # alike instead of all the rounds of one
     startup = startup_cases()

@@ -26,6 +26,7 @@ _EXPORTS = {
     "normalize_file": "api",
     "normalize_files": "api",
     "history_of": "api",
+    "layer_history_of": "api",
     "diff_files": "api",
     "rewrite_file": "api",
     "rewrite_files": "api",
@@ -45,6 +46,7 @@ _EXPORTS = {
     "RewriteReport": "reports",
     "TensorReport": "reports",
     "History": "history",
+    "LayerHistory": "layer_history",
     "Diff": "compare",
     # what they raise
     "GclipError": "errors",
@@ -64,6 +66,7 @@ __all__ = [  # noqa: RUF022 - grouped as in _EXPORTS
     "normalize_file",
     "normalize_files",
     "history_of",
+    "layer_history_of",
     "diff_files",
     "rewrite_file",
     "rewrite_files",
@@ -81,6 +84,7 @@ __all__ = [  # noqa: RUF022 - grouped as in _EXPORTS
     "RewriteReport",
     "TensorReport",
     "History",
+    "LayerHistory",
     "Diff",
     "GclipError",
     "InputError",
@@ -99,6 +103,7 @@ if TYPE_CHECKING:
         history_of,
         inspect_file,
         inspect_files,
+        layer_history_of,
         normalize_file,
         normalize_files,
         rescale_file,
@@ -117,6 +122,7 @@ if TYPE_CHECKING:
         UsageError,
     )
     from .history import History
+    from .layer_history import LayerHistory
     from .options import DEFAULT_CHUNK_SIZE, NonFinite, Options
     from .reports import InspectReport, RewriteReport, TensorReport
     from .strategies import ClipValue, GlobalNorm, Groups, Normalize, PerTensor, Strategy

@@ -31,6 +31,7 @@ from .urls import is_remote, local_path
 if TYPE_CHECKING:
     from .compare import Diff
     from .history import History
+    from .layer_history import LayerHistory
 
 PathLike = str | os.PathLike[str]
 ShardProgress = Callable[[str, int, int], None]
@@ -319,15 +320,51 @@ def history_of(
     return found.shown_as(shown)
 
 
-def diff_files(path_a: PathLike, path_b: PathLike, *, options: Options = _DEFAULTS) -> Diff:
+def layer_history_of(
+    paths: Sequence[PathLike],
+    *,
+    spike: float = 4.0,
+    depth: int | None = None,
+    as_given: bool = False,
+    options: Options = _DEFAULTS,
+    progress: Listener | None = None,
+) -> LayerHistory:
+    """The norm of each layer (the name up to its first number, or its first *depth*
+    components) of each file (one training step each, ordered as history_of orders them),
+    its share of the step's norm, and the steps where a layer's norm exceeds *spike* times the
+    median of its own earlier steps (from its third step on), the first of them for the run."""
+    from .layer_history import layer_history
+
+    with staged_inputs(_names(paths), options.storage, progress) as (local, shown):
+        found = layer_history(
+            resolve(local),
+            options,
+            spike=spike,
+            depth=depth,
+            as_given=as_given,
+            progress=Progress(progress),
+        )
+    return found.shown_as(shown)
+
+
+def diff_files(
+    path_a: PathLike,
+    path_b: PathLike,
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    options: Options = _DEFAULTS,
+) -> Diff:
     """Whether two dumps hold the same tensors with the same values (Diff.same), each one's
     own global L2 norm, and per tensor the L2 norms side by side, their ratio and cosine
     similarity.  Names are paired with ``.`` and ``/`` alike (see compare.py for what is
-    compared); of *options*, chunk_size, nonfinite, include, exclude and file_format count."""
-    from .compare import diff
+    compared); finite values a of A and b of B match when |a - b| <= atol + rtol * |b|, as
+    numpy.allclose says (the default: when equal); of *options*, chunk_size, nonfinite,
+    include, exclude and file_format count."""
+    from .compare import Tolerance, diff
 
     with staged_inputs(_names([path_a, path_b]), options.storage) as ((a, b), shown):
-        compared = diff(Path(a), Path(b), options)
+        compared = diff(Path(a), Path(b), options, Tolerance(rtol, atol))
     return compared.shown_as(shown)
 
 

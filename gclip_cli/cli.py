@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .compare import Diff
     from .history import History
+    from .layer_history import LayerHistory
     from .options import Options
     from .progress_display import ProgressDisplay
     from .reports import InspectReport, Report, RewriteReport
@@ -396,8 +397,9 @@ _view_options = _gathered(
     _make_view,
     click.option(
         "--sort",
-        type=click.Choice(["name", "norm", "size", "file"]),
-        help="Order the tensors (default: as in the file), or the layers with --by-layer.",
+        type=click.Choice(["name", "norm", "size", "file", "nonfinite"]),
+        help="Order the tensors (default: as in the file), or the layers with --by-layer; "
+        "nonfinite: most NaN/Inf first.",
     ),
     click.option("--top", type=click.IntRange(min=1), metavar="N", help="Show the first N only."),
     click.option(
@@ -614,11 +616,54 @@ def check(files: tuple[str, ...], max_norm: float, options: Options, as_json: bo
     sys.exit(1 if report.clipped else 0)
 
 
-def _exit_if_nonfinite(report: Report | History | Diff) -> None:
+def _exit_if_nonfinite(report: Report | History | LayerHistory | Diff) -> None:
     """The one rule for NaN/Inf: once the report is out, exit 4, unless a --nonfinite policy
     says how they were counted."""
     if report.nonfinite and report.nonfinite_policy == "error":
         sys.exit(ExitCode.NONFINITE)
+
+
+@dataclass(frozen=True)
+class _ByLayer:
+    """history --by-layer: how layers are told apart, and what a spike is."""
+
+    depth: int | None
+    spike: float
+
+
+def _make_by_layer(by_layer: bool, depth: int | None, spike: float | None) -> _ByLayer | None:
+    from .errors import UsageError
+
+    if not by_layer:
+        if depth is not None or spike is not None:
+            raise UsageError(None, "--depth and --spike go with --by-layer")
+        return None
+    return _ByLayer(depth, 4.0 if spike is None else spike)
+
+
+_by_layer_options = _gathered(
+    "by_layer",
+    _make_by_layer,
+    click.option(
+        "--by-layer",
+        is_flag=True,
+        help="The norm of each layer at each step (layers as inspect --by-layer has them), "
+        "and where each first spikes.",
+    ),
+    click.option(
+        "--depth",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --by-layer: a layer is the first N name components.",
+    ),
+    click.option(
+        "--spike",
+        type=PositiveFiniteParam(),
+        metavar="K",
+        help="With --by-layer: a layer is anomalous at a step where its norm exceeds K times "
+        "the median of its earlier steps (from its 3rd step on).  [default: 4]",
+    ),
+)
 
 
 @main.command()
@@ -643,6 +688,7 @@ def _exit_if_nonfinite(report: Report | History | Diff) -> None:
     metavar="PNG",
     help="Also draw the norms to this image (needs matplotlib: gclip[plot]).",
 )
+@_by_layer_options
 @_measure_options()
 @_report_format_options
 def history(
@@ -651,6 +697,7 @@ def history(
     max_norm: float | None,
     as_given: bool,
     plot: Path | None,
+    by_layer: _ByLayer | None,
     options: Options,
     output_format: str,
 ) -> None:
@@ -662,6 +709,9 @@ def history(
     the number after step/iter/it in the name (extension left out), else the name's last
     number. A file without a step, or two with one step, are usage errors (exit 2) unless
     --as-given. NaN/Inf values: the report, then exit 4, unless --nonfinite zero or keep.
+
+    With --by-layer: each layer's norm at each step (a row per layer, its sparkline on a log
+    scale), the steps where it spikes, and the run's first spike (--plot: a heatmap).
     """
     from . import history as chart
     from .api import history_of
@@ -670,6 +720,10 @@ def history(
         from .output import refuse_if_input
 
         refuse_if_input(plot, [f for f in files if f != "-"], "--plot")
+    if by_layer is not None:
+        _refuse_global_options(max_norm)
+        _layer_history(files, as_given, plot, by_layer, options, output_format)
+        return
     with _local(files) as (paths, names), _byte_progress() as progress:
         found = history_of(
             paths,
@@ -686,9 +740,198 @@ def history(
     _exit_if_nonfinite(found)
 
 
+def _refuse_global_options(max_norm: float | None) -> None:
+    """--max-norm and --percentile are about the global norm, which --by-layer does not show."""
+    source = click.get_current_context().get_parameter_source("percentile")
+    if max_norm is not None or source is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--max-norm and --percentile do not go with --by-layer")
+
+
+def _layer_history(
+    files: tuple[str, ...],
+    as_given: bool,
+    plot: Path | None,
+    by_layer: _ByLayer,
+    options: Options,
+    output_format: str,
+) -> None:
+    from . import layer_history as chart
+    from .api import layer_history_of
+
+    with _local(files) as (paths, names), _byte_progress() as progress:
+        found = layer_history_of(
+            paths,
+            spike=by_layer.spike,
+            depth=by_layer.depth,
+            as_given=as_given,
+            options=options,
+            progress=progress,
+        )
+    found = found.shown_as(names)
+    if plot is not None:
+        chart.plot(found, plot)
+    _emit(found, output_format, None, human=_print_layer_history)
+    _exit_if_nonfinite(found)
+
+
+WATCH_EXIT_CODES_HELP = """\b
+Exit codes:
+  1    --exit-on-exceed: a step exceeded --max-norm
+  2    usage error
+  3    the folder cannot be listed
+  130  interrupted (Ctrl-C), after the summary
+"""
+
+
+@dataclass(frozen=True)
+class _Watching:
+    """watch's own options: how often to look, the threshold and what it does, the layers."""
+
+    interval: float
+    max_norm: float | None
+    exit_on_exceed: bool
+    spike: float
+    depth: int | None
+
+
+_watching_options = _gathered(
+    "watching",
+    _Watching,
+    click.option(
+        "--interval",
+        type=PositiveFiniteParam(),
+        default=1.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="How often to look at the folder; a dump is read once it has not changed for "
+        "that long.",
+    ),
+    _max_norm_option(False, "Flag the steps whose global norm exceeds C."),
+    click.option(
+        "--exit-on-exceed",
+        is_flag=True,
+        help="Exit 1 at the first step over --max-norm (so that a script can stop the job).",
+    ),
+    click.option(
+        "--spike",
+        type=PositiveFiniteParam(),
+        default=4.0,
+        show_default=True,
+        metavar="K",
+        help="A layer is anomalous at a step where its norm exceeds K times the median of its "
+        "earlier steps (from its 3rd step on).",
+    ),
+    click.option(
+        "--depth",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="A layer is the first N name components (default: up to the first number).",
+    ),
+)
+
+
+@main.command(epilog=WATCH_EXIT_CODES_HELP)
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@_reports_errors()
+@_watching_options
+@_measure_options()
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "jsonl"]),
+    default="table",
+    show_default=True,
+    help="A line per step for people, or a JSON record per step.",
+)
+def watch(folder: Path, watching: _Watching, options: Options, output_format: str) -> None:
+    """Follow DIR, where a training job writes its dumps: each new dump, once complete, is
+    measured and printed as a step (its global norm, the running percentiles, whether it
+    exceeds --max-norm, the layers anomalous in it as history --by-layer finds them).
+
+    Temporary names (.name, *.tmp, *.part, *~) are ignored until renamed; a dump that cannot
+    be read (half-written, deleted or truncated while read) is reported on stderr and skipped,
+    and read again if it changes. Ctrl-C prints a summary and exits 130.
+    """
+    from .streams import is_terminal
+    from .watch import Run, watch
+
+    run = Run(options, watching.max_norm, watching.spike, watching.depth)
+    live = output_format == "table" and is_terminal(sys.stdout)
+    with _WatchOutput(run, str(folder), output_format == "jsonl", live) as output:
+        try:
+            summary = watch(
+                folder,
+                run,
+                output.emit,
+                interval=watching.interval,
+                exit_on_exceed=watching.exit_on_exceed,
+            )
+        except (KeyboardInterrupt, Interrupted):
+            output.finish(run.summary("interrupted"))
+            raise
+        except Terminated:
+            output.finish(run.summary("terminated"))
+            raise
+        output.finish(summary)
+    sys.exit(1)
+
+
+class _WatchOutput:
+    """Where watch's records go: a live table on a terminal, else a line or a JSON record
+    each, then the summary; skipped dumps are also named on stderr."""
+
+    def __init__(self, run: Any, folder: str, jsonl: bool, live: bool) -> None:
+        self.run, self.jsonl = run, jsonl
+        self.display = None
+        if live:
+            from .render.tables import WatchDisplay
+
+            self.display = WatchDisplay(_console(False), folder)
+
+    def __enter__(self) -> _WatchOutput:
+        if self.display is not None:
+            self.display.__enter__()
+        elif not self.jsonl:
+            from .render.lines import WATCH_HEADER
+
+            click.echo(WATCH_HEADER)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.display is not None:
+            self.display.__exit__(*exc)
+
+    def emit(self, record: Any) -> None:
+        from .render.lines import skipped_line, watch_line
+        from .render.machine import json_line
+        from .watch import Skipped
+
+        skipped = isinstance(record, Skipped)
+        if skipped:
+            click.echo(skipped_line(record), err=True)
+        if self.jsonl:
+            click.echo(json_line(record.to_dict()))
+        elif skipped:
+            return
+        elif self.display is not None:
+            self.display.show(record, self.run.summary("watching"))
+        else:
+            click.echo(watch_line(record))
+
+    def finish(self, summary: Any) -> None:
+        from .render.lines import watch_summary
+        from .render.machine import json_line
+
+        if self.display is not None:
+            self.display.finish(summary)
+        else:
+            click.echo(json_line(summary.to_dict()) if self.jsonl else watch_summary(summary))
+
+
 DIFF_EXIT_CODES_HELP = """\b
 Exit codes (as cmp and h5diff):
-  0    the same tensors with the same values (tensors not compared are listed)
+  0    the same tensors with the same values (within --rtol/--atol; tensors not
+       compared are listed)
   1    the files differ: a tensor only in one, another shape, dtype or layout, a value
   2    usage error
   3    bad input (missing, unreadable, malformed or unsupported file)
@@ -701,8 +944,25 @@ Exit codes (as cmp and h5diff):
 @click.argument("file_b", metavar="B")
 @_reports_errors()
 @_gathered("options", _make_options, *_SELECTION_OPTIONS, _DIFF_NONFINITE)
+@click.option(
+    "--rtol",
+    type=PositiveFiniteParam(allow_zero=True),
+    default=0.0,
+    show_default=True,
+    help="Relative tolerance: values a of A and b of B match when |a - b| <= atol + rtol * |b| "
+    "(as numpy.allclose; B is the reference).",
+)
+@click.option(
+    "--atol",
+    type=PositiveFiniteParam(allow_zero=True),
+    default=0.0,
+    show_default=True,
+    help="Absolute tolerance (see --rtol); both 0: values must be equal.",
+)
 @_report_format_options
-def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None:
+def diff(
+    file_a: str, file_b: str, options: Options, rtol: float, atol: float, output_format: str
+) -> None:
     """Whether A and B hold the same tensors with the same values, each file's own global L2
     norm, and per tensor the L2 norms side by side, B / A and the cosine similarity: after a
     rescale every cosine is 1 and every ratio the same factor.
@@ -714,7 +974,7 @@ def diff(file_a: str, file_b: str, options: Options, output_format: str) -> None
     from .api import diff_files
 
     with _local((file_a, file_b)) as ((path_a, path_b), names):
-        compared = diff_files(path_a, path_b, options=options)
+        compared = diff_files(path_a, path_b, rtol=rtol, atol=atol, options=options)
     compared = compared.shown_as(names)
     _emit(compared, output_format, None, human=_print_diff)
     _exit_if_nonfinite(compared)
@@ -1047,7 +1307,7 @@ def _tell_not_read(report: Report) -> None:
 
 
 def _emit(
-    report: Report | History | Diff,
+    report: Report | History | LayerHistory | Diff,
     output_format: str,
     view: View | None,
     human: Callable[[Any, bool, View | None], None],
@@ -1095,6 +1355,12 @@ def _print_history(found: History, to_stderr: bool, view: View | None) -> None:
     from .render.tables import print_history
 
     print_history(found, _console(to_stderr))
+
+
+def _print_layer_history(found: LayerHistory, to_stderr: bool, view: View | None) -> None:
+    from .render.tables import print_layer_history
+
+    print_layer_history(found, _console(to_stderr))
 
 
 def _print_diff(compared: Diff, to_stderr: bool, view: View | None) -> None:

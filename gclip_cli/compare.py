@@ -8,7 +8,9 @@ Floating-point values are compared as numbers (-0.0 and 0.0 alike, a float32 and
 the same number alike, but their dtypes differ); NaN/Inf as the policy says: "zero" compares
 them as 0, otherwise a NaN matches a NaN and an Inf the Inf of the same sign.  Other tensors
 (integers, booleans) are compared by their bytes when each fits in one chunk, else listed as
-not compared.
+not compared.  A Tolerance (rtol, atol) lets finite values differ as numpy.allclose does, B
+being the reference: a value a of A matches b of B when |a - b| <= atol + rtol * |b|,
+computed in float64 on the values widened exactly (the default, 0 and 0, is equality).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
 from .formats import TensorFile, TensorInfo, WholeArrays, detect_format
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
 from .options import Options
@@ -34,6 +37,35 @@ SAME, DIFFERS, ONLY_A, ONLY_B, NOT_COMPARED = (
     "not compared",
 )
 _PLAIN_NUMBERS = "biufc"  # numpy kinds compared by their bytes: bool, integers, floats, complex
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far finite values may differ and still match: |a - b| <= atol + rtol * |b|."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
+            if not 0 <= value < math.inf:
+                raise UsageError(None, f"--{name} must be a finite number >= 0, not {value}")
+
+    @property
+    def exact(self) -> bool:
+        return self.rtol == 0 and self.atol == 0
+
+    def mismatched(self, a: np.ndarray, b: np.ndarray) -> int:
+        """How many of the finite float64 values *a* do not match *b*'s (as numpy.isclose
+        computes it for float64 arrays)."""
+        if self.exact:
+            return int(np.count_nonzero(a != b))
+        with np.errstate(over="ignore"):  # a difference beyond float64's range: inf, differs
+            apart = np.abs(a - b)
+            return int(np.count_nonzero(~(apart <= self.atol + self.rtol * np.abs(b))))
+
+
+EXACT = Tolerance()
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,8 @@ class Diff:
     nonfinite_a: int = 0  # NaN/Inf values among those counted
     nonfinite_b: int = 0
     nonfinite_policy: str = "error"
+    rtol: float = 0.0  # the tolerance finite values were compared with (0 and 0: equality)
+    atol: float = 0.0
 
     @property
     def counts(self) -> dict[str, int]:
@@ -135,22 +169,35 @@ class _Streamed:
     differing: int  # values that differ
 
 
-def diff(path_a: Path, path_b: Path, options: Options) -> Diff:
+def diff(path_a: Path, path_b: Path, options: Options, tolerance: Tolerance = EXACT) -> Diff:
     """Compare the files *path_a* and *path_b* (api.diff_files), both opened in one child."""
     from .pipeline import in_child
 
     format_b = options.file_format or detect_format(path_b)
-    return in_child(path_a, options, SILENT, _diff, path_b, format_b)
+    return in_child(path_a, options, SILENT, _diff, path_b, format_b, tolerance)
 
 
-def _diff(file_a: TensorFile, options: Options, progress: Progress, b: Path, format_b: str) -> Diff:
+def _diff(
+    file_a: TensorFile,
+    options: Options,
+    progress: Progress,
+    b: Path,
+    format_b: str,
+    tolerance: Tolerance,
+) -> Diff:
     """A opened (by in_child), then B beside it."""
     del progress  # comparing reports none
     from .pipeline import opened
 
     with opened(b, format_b, options) as file_b:
         return compare(
-            file_a, file_b, options.chunk_size, options.nonfinite, options.include, options.exclude
+            file_a,
+            file_b,
+            options.chunk_size,
+            options.nonfinite,
+            options.include,
+            options.exclude,
+            tolerance,
         )
 
 
@@ -161,12 +208,13 @@ def compare(
     nonfinite: str = "error",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    tolerance: Tolerance = EXACT,
 ) -> Diff:
     """Compare every tensor of *a* with the tensor of the same name in *b*.
 
     *nonfinite* ("error", "zero" or "keep") says how NaN/Inf values compare and count: with
     "error" the norms that hold them are NaN/inf.  Tensors *include*/*exclude* leave out are
-    not compared.
+    not compared.  Finite values match within *tolerance*.
     """
     totals, rows = _Totals(), []
     for ta, tb in pair_by_name(a.tensors, b.tensors):
@@ -176,7 +224,7 @@ def compare(
         elif ta is None or tb is None:
             rows.append(_one_side(a, b, ta, tb, chunk_bytes, totals, nonfinite))
         else:
-            rows.append(_pair(a, b, ta, tb, chunk_bytes, totals, nonfinite))
+            rows.append(_pair(a, b, (ta, tb), chunk_bytes, totals, nonfinite, tolerance))
     shared_a = _norm(totals.shared_a, nonfinite)
     shared_b = _norm(totals.shared_b, nonfinite)
     return Diff(
@@ -192,6 +240,8 @@ def compare(
         totals.own_a.nonfinite,
         totals.own_b.nonfinite,
         nonfinite,
+        tolerance.rtol,
+        tolerance.atol,
     )
 
 
@@ -261,12 +311,13 @@ def _one_side(
 def _pair(
     a: TensorFile,
     b: TensorFile,
-    ta: TensorInfo,
-    tb: TensorInfo,
+    pair: tuple[TensorInfo, TensorInfo],
     chunk_bytes: int,
     totals: _Totals,
     nonfinite: str,
+    tolerance: Tolerance,
 ) -> TensorDiff:
+    ta, tb = pair
     mismatch = _mismatch(ta, tb)
     if mismatch:  # each still counts in its file's own norm
         stats_a = _measure_alone(a, ta, chunk_bytes, totals.own_a)
@@ -275,7 +326,7 @@ def _pair(
         return _row((ta, tb), DIFFERS, mismatch, norm_a=norm_a, norm_b=norm_b)
     if not ta.is_gradient:
         return _compare_bytes(a, b, ta, tb, chunk_bytes)
-    streamed = _stream_pair(a, b, ta, tb, chunk_bytes, zero_nonfinite=nonfinite == "zero")
+    streamed = _stream_pair(a, b, pair, chunk_bytes, nonfinite == "zero", tolerance)
     for own, shared, stats in (
         (totals.own_a, totals.shared_a, streamed.stats_a),
         (totals.own_b, totals.shared_b, streamed.stats_b),
@@ -287,7 +338,8 @@ def _pair(
     if _type_of(ta) != _type_of(tb):
         status, note = DIFFERS, f"dtypes differ ({ta.dtype_name}, {tb.dtype_name})"
     elif streamed.differing:
-        status, note = DIFFERS, f"{streamed.differing:,} values differ"
+        beyond = "" if tolerance.exact else " beyond the tolerance"
+        status, note = DIFFERS, f"{streamed.differing:,} values differ{beyond}"
     else:
         status, note = SAME, None
     return _row(
@@ -363,11 +415,12 @@ def _measure_alone(
 def _stream_pair(
     a: TensorFile,
     b: TensorFile,
-    ta: TensorInfo,
-    tb: TensorInfo,
+    pair: tuple[TensorInfo, TensorInfo],
     chunk_bytes: int,
     zero_nonfinite: bool,
+    tolerance: Tolerance,
 ) -> _Streamed:
+    ta, tb = pair
     acc_a, acc_b, dot = NormAccumulator(2.0), NormAccumulator(2.0), ExactSum()
     wide_a, wide_b = np.empty(BLOCK), np.empty(BLOCK)
     differing = 0
@@ -380,23 +433,27 @@ def _stream_pair(
             # every gradient dtype widens to float64 exactly: values compare as they are
             np.copyto(wide_a[:n], piece_a[start : start + n], casting="unsafe")
             np.copyto(wide_b[:n], piece_b[start : start + n], casting="unsafe")
-            differing += _count_differing(wide_a[:n], wide_b[:n], zero_nonfinite)
+            differing += _count_differing(wide_a[:n], wide_b[:n], zero_nonfinite, tolerance)
             np.multiply(wide_a[:n], wide_b[:n], out=wide_a[:n])
             dot.add(float(np.add.reduce(wide_a[:n])))
     return _Streamed(acc_a.finish(), acc_b.finish(), dot.value, differing)
 
 
-def _count_differing(x: np.ndarray, y: np.ndarray, zero_nonfinite: bool) -> int:
-    """How many values of *x* and *y* differ; NaN/Inf are then set to 0 in both (the dot
-    product counts the values the norms count)."""
+def _count_differing(
+    x: np.ndarray, y: np.ndarray, zero_nonfinite: bool, tolerance: Tolerance
+) -> int:
+    """How many values of *x* and *y* differ (finite ones: beyond *tolerance*); NaN/Inf are
+    then set to 0 in both (the dot product counts the values the norms count)."""
     finite_x, finite_y = np.isfinite(x), np.isfinite(y)
     if finite_x.all() and finite_y.all():
-        return int(np.count_nonzero(x != y))
+        return tolerance.mismatched(x, y)
     if zero_nonfinite:
         x[~finite_x] = 0.0
         y[~finite_y] = 0.0
-        return int(np.count_nonzero(x != y))
-    count = int(np.count_nonzero((x != y) & ~(np.isnan(x) & np.isnan(y))))
+        return tolerance.mismatched(x, y)
+    finite = finite_x & finite_y  # others match only as they are: NaN and NaN, Inf and Inf
+    unequal = (x != y) & ~(np.isnan(x) & np.isnan(y))
+    count = tolerance.mismatched(x[finite], y[finite]) + int(np.count_nonzero(unequal[~finite]))
     x[~finite_x] = 0.0
     y[~finite_y] = 0.0
     return count

@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_dtypes
 
 from . import parallel
-from .formats import Checksummed, TensorFile, TensorInfo
+from .formats import Checksummed, FinishesOutput, SelfMeasuring, TensorFile, TensorInfo
 from .norms import NormAccumulator, NormStats, p_norm_of
 from .progress import MEASURING, SILENT, WRITING, Progress
 from .rewriters import Rewriter, counted
@@ -34,12 +34,15 @@ def measure_tensors(
     )
     if isinstance(tfile, Checksummed):
         tfile.verify_checksums(crcs)
+    # asked once per file: isinstance() on a runtime-checkable protocol costs about 50 us, as
+    # much as measuring a small tensor (60,000 tensors: 2.9 s of 9.2)
+    itself = tfile if isinstance(tfile, SelfMeasuring) else None
     return [
         None
         if not t.is_gradient
         else measured[t.name]
         if t.name in measured
-        else _measure_tensor(tfile, t, norm_type, chunk_bytes, progress)
+        else _measure_tensor(tfile, itself, t, norm_type, chunk_bytes, progress)
         for t in tfile.tensors
     ]
 
@@ -50,9 +53,20 @@ def gradient_bytes(tensors: Sequence[TensorInfo]) -> int:
 
 
 def _measure_tensor(
-    tfile: TensorFile, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
+    tfile: TensorFile,
+    itself: SelfMeasuring | None,
+    tensor: TensorInfo,
+    norm_type: float,
+    chunk_bytes: int,
+    progress: Progress,
 ) -> NormStats:
-    accumulator = NormAccumulator(norm_type)
+    """*tensor*'s statistics, from *itself* (the file, when it can measure some tensors
+    without reading each value) or from its values."""
+    if itself is not None:
+        stats = itself.measure_tensor(tensor, norm_type, chunk_bytes, progress)
+        if stats is not None:
+            return stats
+    accumulator = NormAccumulator.for_tensor(tensor, norm_type)
     for chunk in tfile.read_chunks(tensor, chunk_bytes):
         accumulator.add(chunk)
         progress.advance(chunk.nbytes)
@@ -188,7 +202,7 @@ def rewrite(
     )
     if pieces:
         parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs, progress)
-    if isinstance(tfile, Checksummed):
+    if isinstance(tfile, FinishesOutput):
         tfile.finish_output(out, crcs)
     after = rewriter.after
     return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -86,16 +87,24 @@ def history(
     progress: Progress = SILENT,
 ) -> History:
     """The history of the files *inputs* name, one step each (see api.history_of)."""
-    from .pipeline import measure
-
     if not 0 <= percentile <= 100:
         raise UsageError(None, f"percentile must lie in [0, 100], not {percentile}")
-    measurement = measure(inputs, options, with_step=True, progress=progress)
-    steps = [_step(m, options, as_given) for m in measurement.files]
-    if not as_given:
-        _refuse_twins(steps)
-        steps.sort(key=lambda s: s.step)
+    steps = [step for step, _ in ordered_steps(inputs, options, as_given, progress)]
     return summarise(steps, options.norm_type, percentile, max_norm, options.nonfinite)
+
+
+def ordered_steps(
+    inputs: Inputs, options: Options, as_given: bool, progress: Progress = SILENT
+) -> list[tuple[Step, Measured]]:
+    """Each file's step and what pass 1 found in it, in step order unless *as_given*."""
+    from .pipeline import measure
+
+    measurement = measure(inputs, options, with_step=True, progress=progress)
+    steps = [(_step(m, options, as_given), m) for m in measurement.files]
+    if not as_given:
+        _refuse_twins([step for step, _ in steps])
+        steps.sort(key=lambda pair: pair[0].step)
+    return steps
 
 
 def _step(measured: Measured, options: Options, as_given: bool) -> Step:
@@ -161,6 +170,26 @@ def sparkline(values: Sequence[float]) -> str:
     low, high = min(finite), max(finite)
     span = (high - low) or 1.0
     return "".join(_SPARKS[round((v - low) / span * 7)] if np.isfinite(v) else "!" for v in values)
+
+
+def log_sparkline(values: Sequence[float | None]) -> str:
+    """One character a value, its height by log(value) between the smallest and the largest
+    positive ones: a spike of 100x stands out beside steps of 1 to 2x.  Zero is the lowest,
+    a missing value a space, NaN/Inf ``!``."""
+    logs = [math.log(v) for v in values if v is not None and 0 < v < math.inf]
+    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    span = (high - low) or 1.0
+
+    def spark(value: float | None) -> str:
+        if value is None:
+            return " "
+        if not np.isfinite(value):
+            return "!"
+        if value <= 0:
+            return _SPARKS[0]
+        return _SPARKS[round((math.log(value) - low) / span * 7)]
+
+    return "".join(map(spark, values))
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import numpy as np
 
@@ -83,15 +84,22 @@ class NormStats:
     The sum of |x|**p is kept as exact partial sums per reference r (the float the values of a
     block were divided by; 1.0 for blocks taken as they are): the true sum is
     ``sum(r**p * fsum(sums[r]) for r in sums)``.  Almost always only 1.0 is present.
-    Non-finite values are counted and left out of the sums and of ``max_abs``.
+    Non-finite values are counted (NaN, +Inf and -Inf apart) and left out of the sums and of
+    ``max_abs``; ``first_nonfinite`` is the flat index, in C order, of the first of them.
     """
 
     norm_type: float
     numel: int = 0
     nan: int = 0
-    inf: int = 0
+    posinf: int = 0
+    neginf: int = 0
     max_abs: float = 0.0
     sums: dict[float, list[float]] = field(default_factory=dict)
+    first_nonfinite: int | None = None
+
+    @property
+    def inf(self) -> int:
+        return self.posinf + self.neginf
 
     @property
     def nonfinite(self) -> int:
@@ -100,11 +108,19 @@ class NormStats:
     def merge(self, other: NormStats) -> None:
         self.numel += other.numel
         self.nan += other.nan
-        self.inf += other.inf
+        self.posinf += other.posinf
+        self.neginf += other.neginf
         self.max_abs = max(self.max_abs, other.max_abs)
+        self._note_nonfinite(other.first_nonfinite)
         for reference, partials in other.sums.items():
             for part in partials:
                 self._add(reference, part)
+
+    def _note_nonfinite(self, index: int | None) -> None:
+        """Keep the first index of a non-finite value: parts of a tensor measured apart (by
+        workers) each know their own first, and the tensor's is the least of them."""
+        if index is not None and (self.first_nonfinite is None or index < self.first_nonfinite):
+            self.first_nonfinite = index
 
     def _add(self, reference: float, value: float) -> None:
         partials = self.sums.get(reference)
@@ -236,11 +252,34 @@ def _times_power_of_two(a: float, log2_factor: float) -> tuple[float, int]:
     return mantissa, exponent + whole
 
 
-class NormAccumulator:
-    """Streams the values of one tensor, in order and in chunks of any size, into NormStats."""
+class StoredTensor(Protocol):
+    """What an accumulator needs to know of a tensor (formats.base.TensorInfo has it)."""
 
-    def __init__(self, norm_type: float) -> None:
+    shape: tuple[int, ...]
+
+    @property
+    def stored_axes(self) -> tuple[int, ...] | None: ...
+
+
+class NormAccumulator:
+    """Streams the values of one tensor, in order and in chunks of any size, into NormStats.
+
+    *first*: the flat index of the first value streamed, when they are a part of the tensor
+    that begins further on (a worker's span); *shape*: the tensor's; *axes*: when its values
+    come in another order than C order (Fortran order, a transposed view), the axes in whose C
+    order they come, outermost first (first_nonfinite is counted in C order all the same).
+    """
+
+    def __init__(
+        self,
+        norm_type: float,
+        first: int = 0,
+        shape: tuple[int, ...] = (),
+        axes: tuple[int, ...] | None = None,
+    ) -> None:
         self.stats = NormStats(norm_type)
+        self._first = first
+        self._shape, self._axes = shape, axes
         self._work = np.empty(BLOCK, dtype=np.float64)  # one block's squares or |values|
         self._waiting: np.ndarray | None = None  # values of an unfinished block, as they came
         self._filled = 0
@@ -305,16 +344,23 @@ class NormAccumulator:
             if top:
                 self.stats._add(1.0, total)
 
+    @classmethod
+    def for_tensor(cls, tensor: StoredTensor, norm_type: float, first: int = 0) -> NormAccumulator:
+        """An accumulator for the values of *tensor* (its shape and storage order) from its
+        value *first* (in storage order) on."""
+        return cls(norm_type, first, tuple(tensor.shape), tensor.stored_axes)
+
     def _reduce_block(self, values: np.ndarray) -> None:
         block = self._work[: values.size]
         (np.square if self._squares else np.abs)(values, out=block, dtype=np.float64)
+        start = self._first + self.stats.numel  # the block's first value in the tensor
         self.stats.numel += values.size
         if self._squares:
-            self._reduce_squares(block)
+            self._reduce_squares(block, values, start)
             return
         peak = float(np.maximum.reduce(block))
         if not math.isfinite(peak):
-            peak = self._zero_nonfinite(block)
+            peak = self._zero_nonfinite(block, values, start)
         self.stats.max_abs = max(self.stats.max_abs, peak)
         if peak == 0.0 or math.isinf(self.stats.norm_type):
             return
@@ -323,12 +369,12 @@ class NormAccumulator:
             np.divide(block, reference, out=block)  # at most 1: nothing overflows
         self.stats._add(reference, self._power_sum(block))
 
-    def _reduce_squares(self, block: np.ndarray) -> None:
+    def _reduce_squares(self, block: np.ndarray, values: np.ndarray, start: int) -> None:
         """Sum a block of exact squares: no rescaling is needed (float32 squares lie within
         2**-298 .. 2**256) and the square root of the largest is exactly the largest |value|."""
         top = float(np.maximum.reduce(block))
         if not math.isfinite(top):
-            top = self._zero_nonfinite(block)
+            top = self._zero_nonfinite(block, values, start)
         self.stats.max_abs = max(self.stats.max_abs, math.sqrt(top))
         if top:
             self.stats._add(1.0, float(np.add.reduce(block)))
@@ -341,14 +387,30 @@ class NormAccumulator:
             return 1.0
         return reference_for(peak, p)
 
-    def _zero_nonfinite(self, block: np.ndarray) -> float:
-        """Count NaN/Inf in *block*, set them to 0 and return the new peak."""
+    def _zero_nonfinite(self, block: np.ndarray, values: np.ndarray, start: int) -> float:
+        """Count NaN/Inf in *block* (the powers of *values*, whose first is the tensor's value
+        *start*: their signs tell +Inf from -Inf), note where the first lies, set them to 0 and
+        return the new peak.  Only blocks that hold NaN/Inf come here: finite data pays
+        nothing for it."""
         nan = np.isnan(block)
         inf = np.isinf(block)
+        posinf = int(np.count_nonzero(values[inf] > 0))  # as compared in every float type
         self.stats.nan += int(np.count_nonzero(nan))
-        self.stats.inf += int(np.count_nonzero(inf))
-        block[nan | inf] = 0.0
+        self.stats.posinf += posinf
+        self.stats.neginf += int(np.count_nonzero(inf)) - posinf
+        bad = nan | inf
+        self.stats._note_nonfinite(self._first_in_c_order(start + np.flatnonzero(bad)))
+        block[bad] = 0.0
         return float(np.maximum.reduce(block))
+
+    def _first_in_c_order(self, positions: np.ndarray) -> int:
+        """The least C-order flat index of the values at *positions* (in the order they come:
+        for a tensor stored in another order, its first in C order may come later)."""
+        if self._axes is None:
+            return int(positions[0])
+        stored = np.unravel_index(positions, tuple(self._shape[a] for a in self._axes))
+        where = [stored[self._axes.index(axis)] for axis in range(len(self._shape))]
+        return int(np.ravel_multi_index(where, self._shape).min())
 
     def _power_sum(self, block: np.ndarray) -> float:
         """sum(block**p), computed in place; pairwise summation in a fixed order."""

@@ -73,7 +73,7 @@ class Span:
     ) -> tuple[NormStats, int | None]:
         """The statistics of the span's values and, if checksummed, the CRC-32 of its bytes;
         *progress* is told of the bytes read."""
-        accumulator = NormAccumulator(norm_type)
+        accumulator = NormAccumulator.for_tensor(self.tensor, norm_type, self.first)
         crc = 0 if self.checksummed else None
         itemsize = self.tensor.dtype.itemsize
         for offset, nbytes in window_pieces(self.offset, self.nbytes, itemsize, window):

@@ -36,12 +36,18 @@ class TensorReport:
     norm: float | None = None  # NaN/inf when the tensor holds NaN/inf values
     max_abs: float | None = None  # of the finite values
     nan: int = 0
-    inf: int = 0
+    posinf: int = 0
+    neginf: int = 0
+    first_nonfinite: tuple[int, ...] | None = None  # its index, one entry per dimension
     share: float | None = None  # of the global sum of |x|**p
     norm_after: float | None = None  # rewrites: the norm of the values written
     file: str | None = None
     scale: float | None = None  # rewrites: the factor this tensor was multiplied by
     clamped: int | None = None  # clip-value: how many values were clamped
+
+    @property
+    def inf(self) -> int:
+        return self.posinf + self.neginf
 
     @property
     def nonfinite(self) -> int:
@@ -53,9 +59,14 @@ class TensorReport:
         for key in ("norm_after", "scale", "clamped"):
             del fields[key]
         fields["shape"] = list(self.shape)
+        first = self.first_nonfinite
+        fields["first_nonfinite"] = None if first is None else list(first)
         for key in ("norm", "max_abs"):
             fields[key] = json_number(fields[key])
-        return fields
+        # inf (+Inf and -Inf together, as before they were told apart) stays, after nan
+        items = list(fields.items())
+        items.insert(list(fields).index("nan") + 1, ("inf", self.inf))
+        return dict(items)
 
 
 @dataclass(frozen=True)
@@ -237,7 +248,7 @@ def tensor_reports(
     after = after or [None] * len(records)
     total = _shares_total([s for _, _, s in records], global_norm)
     return tuple(
-        replace(_tensor_report(info, stats, total, norm_of, written), file=file)
+        _tensor_report(file, info, stats, total, norm_of, written)
         for (file, info, stats), written in zip(records, after, strict=True)
     )
 
@@ -253,23 +264,39 @@ def _shares_total(before: list[NormStats | None], global_norm: float) -> NormSta
 
 
 def _tensor_report(
+    file: str | None,
     info: TensorInfo,
     stats: NormStats | None,
     total: NormStats | None,
     norm_of: Callable[[NormStats], float],
     after: NormStats | None,
 ) -> TensorReport:
-    base = TensorReport(
-        info.name, info.dtype_name, info.shape, info.numel, info.nbytes, skipped=info.skip_reason
-    )
+    """Made in one call: dataclasses.replace() twice per tensor cost 1.1 s of 3.3 for the
+    report of 60,000 tensors."""
+    shown = (info.name, info.dtype_name, info.shape, info.numel, info.nbytes)
     if stats is None:
-        return base
-    return replace(
-        base,
+        return TensorReport(*shown, skipped=info.skip_reason, file=file)
+    return TensorReport(
+        *shown,
+        skipped=info.skip_reason,
+        file=file,
         norm=norm_of(stats),
         max_abs=stats.max_abs,
         nan=stats.nan,
-        inf=stats.inf,
+        posinf=stats.posinf,
+        neginf=stats.neginf,
+        first_nonfinite=c_index(stats.first_nonfinite, info.shape),
         share=None if total is None else norm_share(stats, total),
         norm_after=None if after is None else norm_of(after),
     )
+
+
+def c_index(flat: int | None, shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The index, one entry per dimension, of the value *flat* values in, in C order."""
+    if flat is None:
+        return None
+    index = []
+    for size in reversed(shape):
+        flat, position = divmod(flat, size)
+        index.append(position)
+    return tuple(reversed(index))

@@ -11,8 +11,13 @@ from typing import Protocol, TypeVar
 from .errors import UsageError
 from .norms import p_norm_of
 
-SORT_KEYS = ("name", "norm", "size", "file")
-LAYER_SORT_KEYS = ("name", "norm", "size")  # a layer's tensors may lie in several files
+SORT_KEYS = ("name", "norm", "size", "file", "nonfinite")
+LAYER_SORT_KEYS = (
+    "name",
+    "norm",
+    "size",
+    "nonfinite",
+)  # a layer's tensors may lie in several files
 _SEPARATORS = re.compile(r"[./]")
 _NUMBER = re.compile(r"\d+")
 
@@ -41,6 +46,7 @@ class LayerReport:
     numel: int
     norm: float | None
     share: float | None
+    nonfinite: int = 0  # NaN/Inf values in its tensors
 
     def to_dict(self) -> dict:
         norm = self.norm if self.norm is not None and math.isfinite(self.norm) else None
@@ -56,6 +62,9 @@ class Tensor(Protocol):
     nbytes: int
     norm: float | None
     share: float | None
+
+    @property
+    def nonfinite(self) -> int: ...
 
 
 class Report(Protocol):
@@ -104,22 +113,23 @@ def check_layer_sort(key: str | None) -> None:
         raise UsageError(
             None,
             f"--sort {key} has no meaning with --by-layer (a layer's tensors may lie in "
-            "several files); sort layers by name, norm or size",
+            "several files); sort layers by name, norm, size or nonfinite",
         )
 
 
 def _sorted_cut(
     rows: Sequence[Row], key: str | None, top: int | None, size: Callable[[Row], int]
 ) -> list[Row]:
-    """*rows* in their order, or sorted by *key*: names and files in natural order, norms and
-    sizes largest first (unknown and NaN norms last); ties keep their order.  Then the first
-    *top*."""
+    """*rows* in their order, or sorted by *key*: names and files in natural order, norms,
+    sizes and NaN/Inf counts largest first (unknown and NaN norms last); ties keep their order.
+    Then the first *top*."""
     sort_key: Callable[[Row], object] | None = {
         None: None,
         "name": lambda row: natural_key(row.name),
         "norm": lambda row: _largest_first(row.norm),
         "size": lambda row: -size(row),
         "file": lambda row: natural_key(row.file or ""),
+        "nonfinite": lambda row: -row.nonfinite,
     }[key]
     ordered = list(rows) if sort_key is None else sorted(rows, key=sort_key)
     return ordered if top is None else ordered[:top]
@@ -163,6 +173,7 @@ def by_layer(report: Report, depth: int | None = None) -> list[LayerReport]:
             share=None
             if any(t.share is None for t in members)
             else math.fsum(t.share for t in members),
+            nonfinite=sum(t.nonfinite for t in members),
         )
         for name, members in sorted(groups.items(), key=lambda item: natural_key(item[0]))
     ]

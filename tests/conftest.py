@@ -19,11 +19,11 @@ from safetensors.numpy import load_file, save_file
 # A short, fixed budget by default (CI: the same cases every run); HYPOTHESIS_PROFILE=long for a
 # thorough, randomised local run.
 settings.register_profile("default", max_examples=40, deadline=None, derandomize=True)
-settings.register_profile("long", max_examples=2000, deadline=None)
+settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-FORMATS = ("safetensors", "npz", "hdf5")
-SUFFIX = {"safetensors": ".safetensors", "npz": ".npz", "hdf5": ".h5"}
+FORMATS = ("safetensors", "npz", "hdf5", "torch")
+SUFFIX = {"safetensors": ".safetensors", "npz": ".npz", "hdf5": ".h5", "torch": ".pt"}
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -38,6 +38,9 @@ def write_tensors(path: Path, fmt: str, tensors: Tensors) -> Path:
         with h5py.File(path, "w") as f:
             for name, values in tensors.items():
                 f.create_dataset(name, data=values)
+    elif fmt == "torch":
+        torch = import_torch()
+        torch.save({name: to_torch(values) for name, values in tensors.items()}, path)
     else:
         raise ValueError(fmt)
     return path
@@ -50,12 +53,45 @@ def read_tensors(path: Path, fmt: str) -> dict[str, np.ndarray]:
     if fmt == "npz":
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+    if fmt == "torch":
+        loaded = import_torch().load(path, weights_only=True)
+        return {name: from_torch(tensor) for name, tensor in loaded.items()}
     out: dict[str, np.ndarray] = {}
     with h5py.File(path, "r") as f:
         f.visititems(
             lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
         )
     return out
+
+
+def import_torch():
+    """torch, or the test skipped (saying how to install it)."""
+    return pytest.importorskip("torch", reason="torch is not installed: pip install torch==2.13.0")
+
+
+def to_torch(values: np.ndarray):
+    """A numpy array as a torch tensor of the same dtype (ml_dtypes' bfloat16 and float8 by
+    their bits), native byte order."""
+    torch = import_torch()
+    values = (
+        values.astype(values.dtype.newbyteorder("=")) if values.dtype.byteorder == ">" else values
+    )
+    if hasattr(torch, values.dtype.name) and values.dtype.kind == "V":  # ml_dtypes
+        bits = torch.from_numpy(values.view(f"u{values.dtype.itemsize}").copy())
+        return bits.view(getattr(torch, values.dtype.name))
+    return torch.from_numpy(values.copy())
+
+
+def from_torch(tensor) -> np.ndarray:
+    """A torch tensor as a numpy array of the same dtype (bfloat16 and float8 as ml_dtypes')."""
+    import ml_dtypes
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    if hasattr(ml_dtypes, name):
+        torch = import_torch()
+        bits = {1: torch.uint8, 2: torch.int16}[tensor.element_size()]
+        return tensor.contiguous().view(bits).numpy().view(getattr(ml_dtypes, name))
+    return tensor.numpy()
 
 
 def release_readers(fifo: Path, seconds: float = 5.0) -> threading.Thread:

@@ -311,3 +311,75 @@ def test_integers_are_compared_only_where_the_format_reads_whole_arrays(tmp_path
         compare.NOT_COMPARED,
         "int64: its format reads no whole arrays",
     )
+
+
+# --- --rtol / --atol ---------------------------------------------------------------------------
+
+
+def perturbed(seed: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Values and the same values moved by relative and absolute amounts of several sizes,
+    some exactly on a boundary (|a - b| = atol + rtol * |b| for the tolerances below)."""
+    rng = np.random.default_rng(seed)
+    b = (rng.standard_normal(3000) * 10.0 ** rng.integers(-4, 4, 3000)).astype(dtype)
+    moved = b * (1 + rng.choice([0, 1e-9, 1e-7, 1e-5, 1e-3], b.size)) + rng.choice(
+        [0, 1e-9, 1e-6, 1e-3], b.size
+    )
+    a = moved.astype(dtype)
+    a[:4], b[:4] = [1.5, 3.0, 1.0, 2.0], [1.0, 2.0, 2.0, 1.0]  # 0.5 apart, 1 apart (b small/large)
+    return a, b
+
+
+TOLERANCES = [(0.0, 0.0), (1e-5, 1e-8), (1e-3, 0.0), (0.0, 1e-6), (0.5, 0.0), (0.0, 0.5)]
+
+
+@pytest.mark.parametrize(("rtol", "atol"), TOLERANCES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_values_match_within_tolerance_as_numpy_isclose_says(make_file, dtype, rtol, atol):
+    a_values, b_values = perturbed(seed=len(TOLERANCES), dtype=dtype)
+    a = make_file("safetensors", {"w": a_values}, "a")
+    b = make_file("hdf5", {"w": b_values}, "b")
+    read_a, read_b = read_tensors(a, "safetensors")["w"], read_tensors(b, "hdf5")["w"]
+    wide_a, wide_b = read_a.astype(np.float64), read_b.astype(np.float64)
+    mismatched = int(np.count_nonzero(~np.isclose(wide_a, wide_b, rtol=rtol, atol=atol)))
+    diff = diff_files(a, b, rtol=rtol, atol=atol, options=Options(chunk_size=4096))
+    assert diff.tensors[0].values_differ == mismatched
+    assert diff.same == np.allclose(wide_a, wide_b, rtol=rtol, atol=atol)
+    proc = gclip("diff", a, b, "--rtol", rtol, "--atol", atol, "--json")
+    assert proc.returncode == (0 if diff.same else 1), proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["rtol"], data["atol"], data["tensors"][0]["values_differ"]) == (
+        rtol,
+        atol,
+        mismatched,
+    )
+
+
+def test_tolerance_is_relative_to_b(make_file):
+    """|a - b| <= rtol * |b|: 1 and 2 match with rtol 0.5 when B holds 2, not when B holds 1."""
+    one, two = (
+        make_file("npz", {"w": np.array([v])}, name) for v, name in ((1.0, "a"), (2.0, "b"))
+    )
+    assert np.isclose(1.0, 2.0, rtol=0.5, atol=0) and not np.isclose(2.0, 1.0, rtol=0.5, atol=0)
+    assert gclip("diff", one, two, "--rtol", "0.5").returncode == 0
+    proc = gclip("diff", two, one, "--rtol", "0.5")
+    assert proc.returncode == 1 and "1 values differ beyond the tolerance" in proc.stdout
+    assert "values compared with rtol 0.5, atol 0" in proc.stdout
+
+
+def test_nonfinite_values_match_only_as_they_are_whatever_the_tolerance(make_file):
+    a_values = np.array([np.nan, np.inf, 1e308, 5.0, -np.inf])
+    b_values = np.array([np.nan, np.inf, np.inf, 5.5, -np.inf])
+    a = make_file("safetensors", {"g": a_values}, "a")
+    b = make_file("safetensors", {"g": b_values}, "b")
+    want = np.isclose(a_values, b_values, rtol=10.0, atol=1.0, equal_nan=True)
+    diff = diff_files(a, b, rtol=10.0, atol=1.0, options=Options(nonfinite="keep"))
+    assert diff.tensors[0].values_differ == int(np.count_nonzero(~want)) == 1
+
+
+def test_tolerances_are_finite_and_not_negative(make_file):
+    a = make_file("safetensors", {"g": np.ones(3)}, "a")
+    for bad in ("-1e-9", "inf", "nan"):
+        proc = gclip("diff", a, a, "--rtol", bad)
+        assert proc.returncode == 2 and "--rtol" in proc.stderr
+    with pytest.raises(gclip_cli.UsageError):
+        diff_files(a, a, atol=-1.0)

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -183,3 +186,82 @@ def test_contiguous_values_are_read_at_their_place_after_a_user_block(tmp_path):
     assert [t.norm for t in report.tensors] == [measure(first).norm(), measure(second).norm()]
     with h5py.File(out) as f:
         assert np.array_equal(f["a"][()], expected_scaled(first, report))
+
+
+# --- floats whose bit layout is not IEEE 754 ---------------------------------------------------
+
+
+def custom_float(base, fields, ebias, size=None, order=None):
+    """An HDF5 float type of other sizes or positions of sign, exponent and mantissa, as
+    h5py's low-level API makes one."""
+    kind = base.copy()
+    if size:
+        kind.set_fields(*fields)  # shrink the fields first, then the type
+        kind.set_precision(size * 8)
+        kind.set_size(size)
+    kind.set_fields(*fields)
+    kind.set_ebias(ebias)
+    if order is not None:
+        kind.set_order(order)
+    return kind
+
+
+CUSTOM_FLOATS = {  # name: HDF5 type
+    # IEEE's size, not its fields: the exponent below the mantissa
+    "f32_swapped": lambda: custom_float(h5py.h5t.IEEE_F32LE, (31, 0, 8, 8, 23), 127),
+    # IEEE's size, a 7-bit exponent: h5py reads it as float64
+    "f32_e7m24": lambda: custom_float(h5py.h5t.IEEE_F32LE, (31, 24, 7, 0, 24), 63),
+    "f24": lambda: custom_float(h5py.h5t.IEEE_F32LE, (23, 16, 7, 0, 16), 63, size=3),
+    "bf16_layout": lambda: custom_float(h5py.h5t.IEEE_F32LE, (15, 7, 8, 0, 7), 127, size=2),
+}
+
+
+def write_custom(path, name, kind, values, chunked=False):
+    with h5py.File(path, "a") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        if chunked:
+            dcpl.set_chunk((4,))
+            dcpl.set_deflate(4)
+        space = h5py.h5s.create_simple(values.shape)
+        dsid = h5py.h5d.create(f.id, name.encode(), kind, space, dcpl=dcpl)
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, values)  # HDF5 converts float64 to the type
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("name", list(CUSTOM_FLOATS))
+def test_floats_of_another_layout_are_read_as_hdf5_converts_them(tmp_path, name, chunked):
+    """ "f32_swapped" was read as IEEE bytes (norm 1.07e8 for values near 1): HDF5's own
+    conversion of the values is the reference."""
+    src = tmp_path / "in.h5"
+    values = np.array([0.5, -1.25, 3.0, 4.0, 0.1, 2.5, -0.75, 1.0, 6.0, -2.0], dtype=np.float64)
+    write_custom(src, name, CUSTOM_FLOATS[name](), values, chunked)
+    with h5py.File(src) as f:
+        converted = f[name][()]  # HDF5 converts into the numpy dtype h5py chose
+    report = gclip_cli.inspect_file(src, options=Options(chunk_size=16))
+    (tensor,) = report.tensors
+    assert tensor.norm == measure(converted).norm()
+    assert tensor.norm == pytest.approx(np.linalg.norm(values), rel=1e-2)  # the format's precision
+
+
+@pytest.mark.parametrize("name", ["f32_swapped", "f24"])
+def test_floats_of_another_layout_are_not_rewritten(tmp_path, name):
+    src, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_custom(src, name, CUSTOM_FLOATS[name](), np.linspace(1, 8, 8))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gclip_cli", "rescale", src, out, "--max-norm", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"dataset {name!r} holds floats that are not IEEE 754" in proc.stderr
+    assert "nothing written" in proc.stderr and not out.exists()
+
+
+def test_vax_order_floats_are_read_as_hdf5_converts_them(tmp_path):
+    src = tmp_path / "in.h5"
+    kind = custom_float(h5py.h5t.IEEE_F32LE, (31, 23, 8, 0, 23), 129, order=h5py.h5t.ORDER_VAX)
+    write_custom(src, "vax", kind, np.linspace(-3, 3, 7))
+    with h5py.File(src) as f:
+        converted = f["vax"][()]
+    assert gclip_cli.inspect_file(src).global_norm == measure(converted).norm()

@@ -24,7 +24,7 @@ def gclip(*args: object) -> subprocess.CompletedProcess:
 
 def test_the_cli_offers_the_registry_formats_and_names_them_when_it_refuses(tmp_path):
     listed = "|".join(FORMATS.names)
-    assert listed == "safetensors|npz|hdf5"
+    assert listed == "safetensors|npz|hdf5|torch"
     assert f"--file-format [{listed}]" in gclip("inspect", "--help").stdout
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"neither of them, nor anything else")
@@ -33,8 +33,8 @@ def test_the_cli_offers_the_registry_formats_and_names_them_when_it_refuses(tmp_
     assert proc.stderr == (
         f"gclip: error: {junk}: is not a {FORMATS.listed()} file (unrecognised content)\n"
     )
-    assert FORMATS.listed() == "safetensors, .npz or HDF5"
-    with pytest.raises(UsageError, match=r"is not one of safetensors, npz, hdf5$"):
+    assert FORMATS.listed() == "safetensors, .npz, HDF5 or PyTorch"
+    with pytest.raises(UsageError, match=r"is not one of safetensors, npz, hdf5, torch$"):
         Options(file_format="pt")
 
 
@@ -51,12 +51,12 @@ def test_the_registry_imports_without_numpy_or_zipfile():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "('safetensors', 'npz', 'hdf5') []"
+    assert proc.stdout.splitlines()[-1] == "('safetensors', 'npz', 'hdf5', 'torch') []"
 
 
 def test_only_formats_whose_library_can_crash_are_worked_on_in_a_child():
     assert [e.name for e in FORMATS.entries if e.crashes_on_damage] == ["hdf5"]
-    assert [crashes_on_damage(name) for name in FORMATS.names] == [False, False, True]
+    assert [crashes_on_damage(name) for name in FORMATS.names] == [False, False, True, False]
 
 
 # --- a format of the test's own --------------------------------------------------------------
@@ -108,10 +108,12 @@ def test_a_format_is_added_with_one_line(tmp_path):
     other = write_tensors(tmp_path / "g.safetensors", "safetensors", {"w": values})
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"nothing known")
-    assert registry.names == ("safetensors", "npz", "hdf5", "dummy")
+    assert registry.names == ("safetensors", "npz", "hdf5", "torch", "dummy")
     assert [registry.detect(path) for path in (src, other)] == ["dummy", "safetensors"]
-    assert registry.listed() == "safetensors, .npz, HDF5 or dummy"
-    with pytest.raises(InputError, match=r"is not a safetensors, \.npz, HDF5 or dummy file"):
+    assert registry.listed() == "safetensors, .npz, HDF5, PyTorch or dummy"
+    with pytest.raises(
+        InputError, match=r"is not a safetensors, \.npz, HDF5, PyTorch or dummy file"
+    ):
         registry.detect(junk)
     assert "dummy" not in FORMATS.names  # the package's registry is left as it is
     with pytest.raises(InputError, match="unrecognised content"):

@@ -17,20 +17,23 @@ import math
 import random
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import traceback
 import zipfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import FORMATS, SUFFIX, read_tensors, write_tensors
+from conftest import FORMATS, SUFFIX, expected_scaled, read_tensors, write_tensors
 from fuzz_structures import (
     SHARD_NAMES,
     dumps,
@@ -75,6 +78,15 @@ def seed_file(fmt: str, folder: Path) -> bytes:
             np.save(buffer, np.linspace(-1, 1, 50, dtype=np.float32))
             z.writestr("z.npy", buffer.getvalue())
             z.writestr("notes.txt", b"hello")
+    if fmt == "torch":  # also a slice of a storage and a view with gaps
+        import torch
+
+        extra = {
+            "s": torch.arange(12.0)[2:9],
+            "c": torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(4, 6)[:, 1:3],
+        }
+        tensors = {name: torch.from_numpy(v) for name, v in seed_tensors().items()}
+        torch.save({**tensors, **extra}, path)
     if fmt == "hdf5":
         with h5py.File(path, "a") as f:
             f.create_dataset(
@@ -128,6 +140,21 @@ def mutate(data: bytes, steps: list[tuple[str, int, bytes]]) -> bytes:
         elif kind == "insert":
             out[position:position] = payload
     return bytes(out)
+
+
+def mutate_torch_pickle(rng: random.Random) -> bytes:
+    """The torch seed with its data.pkl mutated (and its CRC-32 right, so the unpickler reads
+    the mutation), or the pickle of a random Python object instead."""
+    seed = seed_bytes("torch")
+    with zipfile.ZipFile(io.BytesIO(seed)) as old:
+        members = [(info.filename, old.read(info)) for info in old.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as new:
+        for name, data in members:
+            if name.endswith("/data.pkl"):
+                data = byte_mutations(rng, data)
+            new.writestr(name, data)
+    return out.getvalue()
 
 
 def byte_mutations(rng: random.Random, data: bytes) -> bytes:
@@ -188,8 +215,8 @@ def check_one(fmt: str, data: bytes, folder: Path) -> str:
     if report.clipped and not report.nonfinite:
         assert again.global_norm <= 0.5 * (1 + 1e-3)
     assert src.read_bytes() == data
-    if fmt == "hdf5":  # gclip's output must read back; the input may crash the library
-        read_tensors(out, fmt)
+    if fmt == "hdf5":  # what HDF5 reads of the input it reads of the output (values scaled)
+        same_hdf5_tree(src, out, report)
         return "ok"
     original = reference_read(src, fmt)
     if original is None:
@@ -250,6 +277,11 @@ FUZZERS: dict[str, tuple[Callable[[random.Random], bytes], Callable[[bytes, Path
         lambda rng: byte_mutations(rng, seed_bytes("hdf5")),
         lambda data, folder: check_one("hdf5", data, folder),
     ),
+    "torch-bytes": (
+        lambda rng: byte_mutations(rng, seed_bytes("torch")),
+        lambda data, folder: check_one("torch", data, folder),
+    ),
+    "torch-pickle": (mutate_torch_pickle, lambda data, folder: check_one("torch", data, folder)),
     "safetensors-header": (
         lambda rng: mutate_safetensors(seed_bytes("safetensors"), rng),
         lambda data, folder: check_one("safetensors", data, folder),
@@ -293,15 +325,11 @@ def test_mutated_files_never_crash(fmt, tmp_path_factory, data):
     "name",
     [
         "safetensors-header",
+        "torch-pickle",
         "zip-records",
         "npy-header",
         "index",
-        pytest.param(
-            "hdf5-object-header",
-            # it finds outputs HDF5 cannot read and errors that are not GclipErrors: fixes in
-            # the HDF5 reader (issue 20, HDF5 items) are due; then this mark goes
-            marks=pytest.mark.xfail(reason="known HDF5 reader faults, issue 20", strict=False),
-        ),
+        "hdf5-object-header",
     ],
 )
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -329,6 +357,211 @@ def test_random_safetensors_headers_never_crash(tmp_path_factory, header, data):
     folder = tmp_path_factory.mktemp("hdr")
     blob = json.dumps({"t": header} if not isinstance(header, dict) else header).encode()
     event(check_one("safetensors", struct.pack("<Q", len(blob)) + blob + data, folder))
+
+
+# --- HDF5 structure: addresses, sizes, dimensions and object headers -------------------------
+
+
+@dataclass(frozen=True)
+class Hdf5Seed:
+    """A valid HDF5 file and where it keeps what a mutation goes at: (position, width) of the
+    fields holding addresses, sizes and dimensions, and (start, length) of object headers."""
+
+    data: bytes
+    addresses: tuple[tuple[int, int], ...]
+    sizes: tuple[tuple[int, int], ...]
+    dims: tuple[tuple[int, int], ...]
+    headers: tuple[tuple[int, int], ...]
+
+
+def hdf5_seed(folder: Path, libver: str) -> Hdf5Seed:
+    """Every layout gclip reads (plain, gzip/shuffle raw chunks, lzf and Fletcher-32 through
+    HDF5, sparse, compact), groups, attributes and a non-float dataset."""
+    path = folder / f"structure-{libver}.h5"
+    rng = np.random.default_rng(7)
+    with h5py.File(path, "w", libver=libver) as f:
+        f.attrs["note"] = "seed"
+        f["plain"] = rng.standard_normal(40).astype(np.float32)
+        g = f.create_group("g")
+        g.attrs["units"] = np.arange(3)
+        g.create_dataset("gz", data=rng.standard_normal((12, 5)), chunks=(4, 5), compression=1)
+        g.create_dataset("sh", data=rng.standard_normal(30).astype("f2"), chunks=(8,), shuffle=True)
+        f.create_dataset(
+            "lzf", data=rng.standard_normal(20).astype("f4"), chunks=(5,), compression="lzf"
+        )
+        f.create_dataset(
+            "fl", data=rng.standard_normal(20).astype("f4"), chunks=(5,), fletcher32=True
+        )
+        sparse = f.create_dataset("sparse", shape=(1000,), chunks=(100,), dtype="f4", fillvalue=0.0)
+        sparse[200:210] = 1.5
+        f["ints"] = np.arange(12, dtype=np.int32)
+        objects = [f, g, *(f[n] for n in ("plain", "g/gz", "g/sh", "lzf", "fl", "sparse", "ints"))]
+        addresses = {h5py.h5o.get_info(o.id).addr for o in objects}
+        headers = {
+            (h5py.h5o.get_info(o.id).addr, h5py.h5o.get_info(o.id).hdr.space.total) for o in objects
+        }
+        sizes, dims = set(), set()
+        for o in objects[2:]:
+            dims.update(o.shape)
+            if o.chunks is None:
+                addresses.add(o.id.get_offset())
+                sizes.add(o.id.get_storage_size())
+            else:
+                found = []
+                o.id.chunk_iter(found.append)
+                addresses.update(i.byte_offset for i in found)
+                sizes.update(i.size for i in found)
+    data = path.read_bytes()
+
+    def places(values: set[int], widths: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        found = set()
+        for value in values:
+            for width in widths:
+                needle = value.to_bytes(width, "little")
+                start = data.find(needle)
+                while start >= 0:
+                    found.add((start, width))
+                    start = data.find(needle, start + 1)
+        return tuple(sorted(found))
+
+    return Hdf5Seed(
+        data,
+        places({a for a in addresses if a and a > 255}, (8,)),
+        places({s for s in sizes if s > 255}, (4, 8)),
+        places({d for d in dims if d > 255}, (8,)),
+        tuple(sorted(headers)),
+    )
+
+
+@st.composite
+def hdf5_mutations(draw, seed: Hdf5Seed) -> list[tuple[str, int, bytes]]:
+    """1-3 overwrites aimed at the seed's structures: (what, position, new bytes)."""
+    size = len(seed.data)
+    steps = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["address", "size", "dims", "header"]))
+        if kind == "header":
+            start, length = draw(st.sampled_from(seed.headers))
+            offset = draw(st.integers(0, max(min(length, 96) - 1, 0)))
+            steps.append((kind, start + offset, draw(st.binary(min_size=1, max_size=4))))
+            continue
+        targets = {"address": seed.addresses, "size": seed.sizes, "dims": seed.dims}[kind]
+        if not targets:
+            continue
+        position, width = draw(st.sampled_from(targets))
+        old = int.from_bytes(seed.data[position : position + width], "little")
+        other = draw(st.sampled_from(seed.addresses))[0] if seed.addresses else 0
+        value = draw(
+            st.sampled_from(
+                [0, 1, 40, 96, size, size - 8, other, 2**31 - 1, 2**32 - 1, 2**62, 2**63,
+                 2**64 - 1, 2**64 - 16]
+            )
+            | st.integers(-64, 64).map(lambda d, old=old: old + d)
+            | st.integers(0, size)
+        )  # fmt: skip
+        steps.append((kind, position, (value % (1 << 8 * width)).to_bytes(width, "little")))
+    return steps
+
+
+def apply_overwrites(data: bytes, steps: list[tuple[str, int, bytes]]) -> bytes:
+    out = bytearray(data)
+    for _, position, payload in steps:
+        out[position : position + len(payload)] = payload
+    return bytes(out[: len(data)])
+
+
+class Hung(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fail a case that takes longer than *seconds* (HDF5 looping on a crafted structure)."""
+
+    def hung(signum: int, frame: object) -> None:
+        raise Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_hdf5_case(data: bytes, folder: Path) -> str:
+    """inspect and rescale *data*: 'refused' with one line, nothing written and the input
+    untouched, or 'ok' with an output that holds what the input held, rescaled."""
+    src, out = folder / "case.h5", folder / "out.h5"
+    src.write_bytes(data)
+    out.unlink(missing_ok=True)
+    try:
+        gclip_cli.inspect_file(src, options=Options(chunk_size=64))
+        report = gclip_cli.rescale_file(src, out, max_norm=0.5, options=Options(chunk_size=64))
+    except GclipError as exc:
+        assert str(src) in str(exc) or str(out) in str(exc)
+        assert "\n" not in str(exc) and not out.exists()
+        assert src.read_bytes() == data
+        return "refused"
+    assert src.read_bytes() == data
+    again = gclip_cli.inspect_file(out)
+    assert [t.name for t in again.tensors] == [t.name for t in report.tensors]
+    if report.clipped:
+        assert again.global_norm <= 0.5 * (1 + 1e-3)
+    same_hdf5_tree(src, out, report)
+    return "ok"
+
+
+def same_hdf5_tree(src: Path, out: Path, report: gclip_cli.RewriteReport) -> None:
+    """The output holds the input's datasets with their dtypes and shapes; those gclip scaled
+    hold the input's values scaled (where h5py reads them), the others the same values (or
+    fail to read alike)."""
+    scaled = {t.name for t in report.tensors if not t.skipped}
+    with h5py.File(src) as a, h5py.File(out) as b:
+        assert _datasets(a) == _datasets(b)
+        for name in _datasets(a):
+            before, after = _outcome(a[name]), _outcome(b[name])
+            if name not in scaled:
+                assert _bytes(after) == _bytes(before), name
+            elif isinstance(before, np.ndarray):
+                expected = expected_scaled(before, report) if report.clipped else before
+                assert np.array_equal(after, expected), name
+
+
+def _datasets(root: h5py.File) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    found: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    root.visititems(
+        lambda n, o: (
+            found.__setitem__(n, (o.dtype.str, o.shape)) if isinstance(o, h5py.Dataset) else None
+        )
+    )
+    return found
+
+
+def _outcome(dataset: h5py.Dataset) -> object:
+    if (dataset.size or 0) * dataset.dtype.itemsize > 64 << 20:  # a mutated shape: not read
+        return ("declared", dataset.shape)
+    try:
+        return np.asarray(dataset[()])
+    except Exception as exc:  # a damaged dataset gclip does not read is copied as it is
+        return type(exc).__name__
+
+
+def _bytes(outcome: object) -> object:
+    return outcome.tobytes() if isinstance(outcome, np.ndarray) else outcome
+
+
+@pytest.mark.parametrize("libver", ["earliest", "latest"])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_hdf5_structure_mutations_give_one_line_or_a_correct_output(libver, tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("hdf5-structure")
+    seed = hdf5_seed(folder, libver)
+    steps = data.draw(hdf5_mutations(seed))
+    event(f"{libver}: " + "+".join(sorted({kind for kind, _, _ in steps})))
+    with time_limit(120):
+        event(check_hdf5_case(apply_overwrites(seed.data, steps), folder))
 
 
 def run_long(names: list[str], cases: int, seed: str, keep: Path | None) -> int:

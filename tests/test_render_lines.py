@@ -69,7 +69,7 @@ def test_check_line_says_within_exceeds_or_nonfinite():
     assert check_line(sample_report(max_norm=6.0)) == "ok: global L2 norm 5 <= max norm 6"
     over = sample_report(max_norm=1.0, clipped=True, files=("a", "b"))
     assert check_line(over) == "exceeds: global L2 norm 5 > max norm 1 (2 files)"
-    with_nan = TensorReport("w", "float32", (4,), 4, 16, None, norm=math.nan, nan=2, inf=1)
+    with_nan = TensorReport("w", "float32", (4,), 4, 16, None, norm=math.nan, nan=2, posinf=1)
     bad = sample_report(global_norm=math.nan, tensors=(with_nan,), nonfinite_policy="error")
     assert check_line(bad) == "non-finite: 3 NaN/Inf values"
 

@@ -43,7 +43,7 @@ def test_a_folder_lists_what_it_does_not_read_and_why(tmp_path):
     folder = tmp_path / "ckpt"
     (folder / "sub").mkdir(parents=True)
     write_tensors(folder / "model.safetensors", "safetensors", {"w": np.array([3.0, 4.0])})
-    torch.save({"state": {}}, folder / "optimizer.pt")
+    torch.save({"state": {}}, folder / "optimizer.pt", _use_new_zipfile_serialization=False)
     (folder / "config.json").write_text("{}")
     (folder / ".hidden.npz").write_bytes(b"")
     (folder / "model.safetensors.index.json").write_text("{}")
@@ -118,8 +118,9 @@ def test_an_index_that_agrees_is_read_and_its_names_may_use_slashes(tmp_path):
     assert gclip_cli.inspect_files([index]).global_norm == 5.0
 
 
-def test_torch_and_keras_archives_and_zips_without_arrays_are_named_and_refused(tmp_path):
+def test_torchscript_and_keras_archives_and_zips_without_arrays_are_named_and_refused(tmp_path):
     torch.save({"w": torch.ones(3)}, tmp_path / "grads.pt")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "script.pt")
     torch.save({"w": torch.ones(3)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     with zipfile.ZipFile(tmp_path / "model.keras", "w") as z:
         for name in ("config.json", "metadata.json", "model.weights.h5"):
@@ -127,7 +128,7 @@ def test_torch_and_keras_archives_and_zips_without_arrays_are_named_and_refused(
     with zipfile.ZipFile(tmp_path / "notes.npz", "w") as z:
         z.writestr("notes.txt", b"no arrays here")
     expected = {
-        "grads.pt": "is a PyTorch checkpoint",
+        "script.pt": "is a TorchScript archive",
         "old.pt": "legacy",
         "model.keras": "is a Keras archive",
         "notes.npz": "is a zip archive without .npy arrays",
@@ -138,6 +139,10 @@ def test_torch_and_keras_archives_and_zips_without_arrays_are_named_and_refused(
         # --file-format npz does not make them archives of nothing
         with pytest.raises(InputError, match="not a readable" if name == "old.pt" else message):
             gclip_cli.inspect_file(tmp_path / name, options=Options(file_format="npz"))
+    # a PyTorch checkpoint is read as one, and named when forced into another format
+    assert gclip_cli.inspect_file(tmp_path / "grads.pt").global_norm == pytest.approx(3**0.5)
+    with pytest.raises(InputError, match=r"is a PyTorch checkpoint .* --file-format torch"):
+        gclip_cli.inspect_file(tmp_path / "grads.pt", options=Options(file_format="npz"))
 
 
 def test_one_file_named_several_ways_is_counted_once(tmp_path, monkeypatch):

@@ -76,6 +76,9 @@ class TensorInfo:
     # HDF5 dataset's path in the file.  Only the format reads it.
     location: object = field(default=None, repr=False, compare=False)
     fortran_order: bool = False  # values stored column-major (npz); else in C order
+    # Values stored in the C order of these axes, outermost first (a transposed PyTorch view);
+    # None: as fortran_order says.
+    axes: tuple[int, ...] | None = None
     # Raw 1- or 2-byte values whose type the file does not record (numpy's |V2, HDF5's opaque
     # type): how np.savez and h5py store bfloat16 and float8.  Their item size; else 0.
     opaque_itemsize: int = 0
@@ -83,6 +86,14 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def stored_axes(self) -> tuple[int, ...] | None:
+        """The axes, outermost first, in whose C order the stored values come; None when
+        they come in C order."""
+        if self.axes is not None:
+            return self.axes
+        return tuple(reversed(range(len(self.shape)))) if self.fortran_order else None
 
     @property
     def is_gradient(self) -> bool:
@@ -188,18 +199,23 @@ class PlainValues(Protocol):
 
 
 @runtime_checkable
-class Checksummed(PlainValues, Protocol):
+class FinishesOutput(Protocol):
+    """A file whose output needs work once every value is in place (checksums written over
+    the values, a structure checked)."""
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
+        """Complete or check *out*; *crcs*: the CRC-32s of plain values as written, by tensor
+        name, where workers wrote them."""
+        ...
+
+
+@runtime_checkable
+class Checksummed(PlainValues, FinishesOutput, Protocol):
     """Plain values the file keeps CRC-32s of (.npz): the workers that read or write them
-    compute theirs, checked here as read and written into the output."""
+    compute theirs, checked here as read and written into the output (finish_output)."""
 
     def verify_checksums(self, crcs: Mapping[str, int]) -> None:
         """Check the CRC-32s of plain values as read, by tensor name (from workers)."""
-        ...
-
-    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
-        """Complete *out* once every value is in place (the checksums over the values);
-        *crcs*: the CRC-32s of plain values as written, by tensor name, where workers wrote
-        them."""
         ...
 
 
@@ -231,6 +247,19 @@ class WholeArrays(Protocol):
         """All values of *tensor*, whatever its element type, in memory (so only for small
         tensors); None when they are not a numpy array (packed 4- and 6-bit floats, an HDF5
         null dataspace)."""
+        ...
+
+
+@runtime_checkable
+class SelfMeasuring(Protocol):
+    """A file that can measure some tensors without reading every value (an HDF5 dataset's
+    unallocated chunks are its fill value, however many there are)."""
+
+    def measure_tensor(
+        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
+    ) -> NormStats | None:
+        """The statistics of gradient *tensor*, or None when read_chunks() is the way; tells
+        *progress* of the bytes of values it covers."""
         ...
 
 

@@ -7,83 +7,125 @@ object references, committed types, non-float data), and rewriting values where 
 chunk by chunk, keeps every dataset's dtype (incl. big-endian), shape, maxshape, chunking,
 filters and fill value.  Filters from plugins (Blosc, Zstd, LZ4, ...) are hdf5plugin's, loaded
 when a dataset needs one (hdf5_plugins.py).
-Unallocated chunks of sparse datasets stay unallocated when they would only be written as zeros.
+Where values lie is checked before anything is read there (hdf5_storage.py), and before a
+rewrite, that the values lie neither over each other nor inside the file's metadata
+(hdf5_metadata.py).  Unallocated chunks of sparse datasets are counted from the fill value,
+and stay unallocated (hdf5_values.py).  Floats whose bit layout is not IEEE 754 are read as
+HDF5 converts them, and not rewritten.
 Data stored in other files (external links, virtual datasets, external raw storage) is refused.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import os
-from collections.abc import Iterator, Set
+from collections.abc import Iterator, Mapping, Set
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import h5py
 import numpy as np
 
 from ..errors import InputError
+from ..norms import NormStats
 from .base import (
-    MAX_WINDOW,
     TensorInfo,
     Transform,
     ValuePiece,
     describe_array,
-    items_per_chunk,
     mapped,
     reading,
     rewrite_in_place,
     window_pieces,
 )
-from .hdf5_chunks import (
-    RawChunks,
-    band_pieces,
-    chunk_grid,
-    raw_chunks,
-    read_values,
-    rewrite_values,
+from .hdf5_chunks import RawChunks, band_pieces, raw_chunks, read_values, rewrite_values
+from .hdf5_metadata import (
+    refuse_broken_output,
+    refuse_values_in_metadata,
+    refuse_values_in_rewritten_blocks,
 )
 from .hdf5_plugins import load_plugins_if_needed, missing_filter, unavailable_filter_message
+from .hdf5_storage import (
+    FileSpace,
+    refuse_inflating_streams,
+    refuse_overlaps,
+    refuse_oversized_chunks,
+)
+from .hdf5_values import (
+    Sparse,
+    hdf5_output,
+    measure_sparse,
+    refuse_filling_beyond_limit,
+    rewrite_slabs,
+    rewrite_sparse,
+    silence_hdf5,
+    slabs,
+)
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 FORMAT_NAME = "hdf5"
 
-Selection = tuple[slice, ...]
+_NO_RANGES = np.zeros((0, 2), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """How a gradient dataset's values are stored, found and checked once.  With none of
+    start, raw and sparse, HDF5 reads and writes them (in C-order slabs)."""
+
+    ranges: np.ndarray  # (offset, size) rows: where the values lie in the file
+    start: int | None = None  # one plain block of values at this offset: mapped
+    raw: RawChunks | None = None  # chunks gclip decodes itself
+    sparse: Sparse | None = None  # storage not all allocated
 
 
 class Hdf5File:
     """A TensorFile with PlainValues (contiguous datasets), ChunkedPieces (chunks gclip
-    decodes itself), Metadata and WholeArrays.  A tensor's location is its dataset's path."""
+    decodes itself), SelfMeasuring (sparse datasets), FinishesOutput (the output's structure
+    checked), Metadata and WholeArrays.  A tensor's location is its dataset's path."""
 
     format_name = FORMAT_NAME
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        silence_hdf5()
         with reading(path, "HDF5 cannot open it"):
             self._file = h5py.File(path, "r")
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._size = os.fstat(self._raw.fileno()).st_size
-        self._plain: dict[str, int] | None = None
+        self._stored: dict[str, _Stored] = {}
         self._datasets: dict[str, h5py.Dataset] = {}  # by location: looking up a path is slow
-        self._chunk_index: dict[str, RawChunks | None] = {}
         try:
             with reading(path, "damaged HDF5 structure"):
+                base = _chunk_address_base(self._file)
+                fd = self._raw.fileno()
+                self._space = FileSpace.of(path, fd, self._file.userblock_size, base)
                 self.tensors = self._describe_tree()
         except BaseException:
             self.close()
             raise
 
     def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        stored = self._storage(tensor)
+        if stored.start is not None:  # one plain block of values: map it, as for safetensors
+            return self._mapped_chunks(stored.start, tensor, chunk_bytes)
+        if stored.raw is not None:  # chunks gclip decodes itself
+            return read_values(self.path, self._raw.fileno(), tensor, stored.raw, chunk_bytes)
         dataset = self._datasets[tensor.location]
-        start = self._contiguous_start(dataset, tensor)
-        if start is not None:  # one plain block of values: map it, as for safetensors
-            return self._mapped_chunks(start, tensor, chunk_bytes)
-        raw = self._raw_chunks(tensor)
-        if raw is not None:  # chunks gclip decodes itself
-            return read_values(self.path, self._raw.fileno(), tensor, raw, chunk_bytes)
         # viewed as the tensor's dtype: raw (opaque) values may have been given a type
-        slabs = _slabs(self.path, dataset, chunk_bytes)
-        return (values.reshape(-1).view(tensor.dtype) for _, values in slabs)
+        found = slabs(self.path, dataset, chunk_bytes)
+        return (values.reshape(-1).view(tensor.dtype) for _, values in found)
+
+    def measure_tensor(
+        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
+    ) -> NormStats | None:
+        """The statistics of a sparse tensor, its unallocated values counted without being
+        visited; None for the others (read_chunks serves them)."""
+        sparse = self._storage(tensor).sparse
+        if sparse is None:
+            return None
+        dataset = self._datasets[tensor.location]
+        return measure_sparse(self.path, dataset, sparse, tensor, norm_type, chunk_bytes, progress)
 
     def _mapped_chunks(
         self, start: int, tensor: TensorInfo, chunk_bytes: int
@@ -94,45 +136,55 @@ class Hdf5File:
             with mapped(self._raw.fileno(), offset, nbytes) as raw:
                 yield raw.view(tensor.dtype)
 
-    def _contiguous_start(self, dataset: h5py.Dataset, tensor: TensorInfo) -> int | None:
-        """Where a dataset's values lie in the file as one plain block (contiguous layout, no
-        filters, allocated, inside the file), else None: then HDF5 itself reads them."""
-        plist = dataset.id.get_create_plist()
-        if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
-            return None
-        address = dataset.id.get_offset()
-        if address is None or dataset.id.get_storage_size() != tensor.nbytes:
-            return None
-        # H5Dget_offset counts from the start of the file, user block included
-        return address if address + tensor.nbytes <= self._size else None
+    def _storage(self, tensor: TensorInfo) -> _Stored:
+        if tensor.name not in self._stored:
+            self._stored[tensor.name] = self._find_storage(tensor)
+        return self._stored[tensor.name]
+
+    def _find_storage(self, tensor: TensorInfo) -> _Stored:
+        """Where and how *tensor*'s values are stored, checked before anything reads them."""
+        name, dataset = tensor.name, self._datasets[tensor.location]
+        with reading(self.path, f"dataset {name!r}"):
+            layout = dataset.id.get_create_plist().get_layout()
+            as_stored = is_ieee_float(dataset)  # else HDF5 converts the values
+        if layout == h5py.h5d.CONTIGUOUS:
+            found = self._space.contiguous(name, dataset)
+            if found is None:  # never written: every value is the fill value
+                return _Stored(_NO_RANGES, sparse=Sparse.of(dataset, None))
+            start, size = found
+            plain = as_stored and size == tensor.nbytes
+            return _Stored(np.array([found], dtype=np.int64), start=start if plain else None)
+        if layout != h5py.h5d.CHUNKED:  # compact: the values lie in the object header
+            return _Stored(_NO_RANGES)
+        index = self._space.chunk_index(name, dataset)
+        refuse_oversized_chunks(self.path, name, dataset, index)
+        raw = raw_chunks(dataset, index) if as_stored else None
+        if raw is None:  # HDF5 decodes the chunks
+            refuse_inflating_streams(self.path, name, self._raw.fileno(), dataset, index)
+        sparse = None if index.complete else Sparse.of(dataset, index)
+        return _Stored(index.ranges(), raw=raw, sparse=sparse)
 
     def plain_offsets(self) -> dict[str, int]:
-        if self._plain is None:
-            starts = {
-                t.name: self._contiguous_start(self._datasets[t.location], t)
-                for t in self.tensors
-                if t.is_gradient
-            }
-            self._plain = {name: start for name, start in starts.items() if start is not None}
-        selected = {t.name for t in self.tensors if t.is_gradient}  # tensors may be deselected
-        return {name: start for name, start in self._plain.items() if name in selected}
+        found = {t.name: self._storage(t).start for t in self.tensors if t.is_gradient}
+        return {name: start for name, start in found.items() if start is not None}
 
     def chunked_pieces(self) -> list[ValuePiece]:
         return [
             piece
             for tensor in self._chunked_gradients()
-            if (raw := self._raw_chunks(tensor)) is not None
+            if (raw := self._storage(tensor).raw) is not None
             for piece in band_pieces(self.path, tensor, raw)
         ]
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
     ) -> None:
+        self._refuse_unwritable()
         plain = self.plain_offsets()
         by_name = {t.name: t for t in self.tensors}
         placed = {by_name[name]: start for name, start in plain.items()}
         chunked = self._chunked_gradients()
-        raw = {t: r for t in chunked if (r := self._raw_chunks(t)) is not None}
+        raw = {t: r for t in chunked if (r := self._storage(t).raw) is not None}
         # chunks gclip writes itself need not be copied first (nor linger, if HDF5 moves them)
         holes = np.concatenate([r.stored_ranges() for r in raw.values()]) if raw else ()
         fd = self._raw.fileno()
@@ -142,30 +194,73 @@ class Hdf5File:
         # places for the new chunks whoever encoded them.
         through_hdf5 = [t for t in chunked if t not in raw]
         if through_hdf5:
-            with h5py.File(out, "r+") as copy:
+            with hdf5_output(out) as copy:
                 for tensor in through_hdf5:
-                    dataset = copy[tensor.location]
-                    _rewrite_through_hdf5(self.path, dataset, tensor, transform, chunk_bytes)
+                    self._rewrite_through_hdf5(
+                        copy[tensor.location], tensor, transform, chunk_bytes
+                    )
         encoded_here = [t for t in raw if t.name not in leave]
         if encoded_here:
-            with h5py.File(out, "r+") as copy:
+            with hdf5_output(out) as copy:
                 for tensor in encoded_here:
                     target = copy[tensor.location]
                     rewrite_values(self.path, fd, tensor, raw[tensor], target, transform)
 
+    def _rewrite_through_hdf5(
+        self, target: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
+    ) -> None:
+        sparse = self._storage(tensor).sparse
+        if sparse is not None:
+            rewrite_sparse(self.path, target, sparse, tensor, transform, chunk_bytes)
+        else:
+            rewrite_slabs(self.path, target, tensor, transform, chunk_bytes)
+
+    def _refuse_unwritable(self) -> None:
+        """Refuse, before anything is written, values gclip would not write back faithfully,
+        and values whose rewriting would break the file."""
+        gradients = [t for t in self.tensors if t.is_gradient]
+        for tensor in gradients:
+            dataset = self._datasets[tensor.location]
+            if not is_ieee_float(dataset):
+                raise InputError(self.path, _not_ieee_message(tensor.name, dataset))
+            sparse = self._storage(tensor).sparse
+            if sparse is not None and not sparse.keeps_fill:
+                refuse_filling_beyond_limit(self.path, tensor.name, sparse)
+        written = {t.name: self._storage(t).ranges for t in gradients}
+        refuse_overlaps(self.path, {**self._other_ranges(), **written}.items())
+        fd = self._raw.fileno()
+        refuse_values_in_metadata(self.path, self._file, fd, written)
+        by_hdf5 = [self._datasets[t.location] for t in self._chunked_gradients()]
+        refuse_values_in_rewritten_blocks(self.path, fd, written, by_hdf5)
+
+    def _other_ranges(self) -> dict[str, np.ndarray]:
+        """Where the values of the datasets gclip does not rewrite lie (they must stay)."""
+        gradients = {t.name for t in self.tensors if t.is_gradient}
+        found = {}
+        for name, dataset in self._datasets.items():
+            if name in gradients or dataset.shape is None:
+                continue
+            with reading(self.path, f"dataset {name!r}"):
+                layout = dataset.id.get_create_plist().get_layout()
+            if layout == h5py.h5d.CONTIGUOUS:
+                place = self._space.contiguous(name, dataset)
+                found[name] = np.array([place] if place else _NO_RANGES, dtype=np.int64)
+            elif layout == h5py.h5d.CHUNKED:
+                found[name] = self._space.chunk_index(name, dataset).ranges()
+        return found
+
     def _chunked_gradients(self) -> list[TensorInfo]:
         """The gradient tensors not stored as plain bytes."""
-        plain = self.plain_offsets()
-        return [t for t in self.tensors if t.is_gradient and t.name not in plain]
+        return [t for t in self.tensors if t.is_gradient and self._storage(t).start is None]
 
-    def _raw_chunks(self, tensor: TensorInfo) -> RawChunks | None:
-        """How gclip reads *tensor*'s chunks itself (None: through HDF5); found once."""
-        if tensor.name not in self._chunk_index:
-            with reading(self.path, f"dataset {tensor.name!r}"):
-                dataset = self._datasets[tensor.location]
-                found = raw_chunks(dataset, _chunk_address_base(self._file), self._size)
-            self._chunk_index[tensor.name] = found
-        return self._chunk_index[tensor.name]
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
+        """Where HDF5 wrote values (all but the contiguous datasets, rewritten in place), check
+        that the output has the input's structure (nothing else depends on the values)."""
+        if not self._chunked_gradients():
+            return
+        gradients = [self._datasets[t.location] for t in self.tensors if t.is_gradient]
+        rewritten = {h5py.h5o.get_info(dataset.id).addr for dataset in gradients}
+        refuse_broken_output(self.path, self._file, out, rewritten)
 
     def attribute(self, key: str) -> object | None:
         with reading(self.path, f"root attribute {key!r}"):
@@ -244,85 +339,35 @@ def _refuse_external_links(path: Path, root: h5py.File) -> None:
         )
 
 
-def _slabs(
-    path: Path, dataset: h5py.Dataset, chunk_bytes: int
-) -> Iterator[tuple[Selection, np.ndarray]]:
-    """Read *dataset* in hyperslabs that follow C order, each into one reused buffer."""
-    shape = dataset.shape
-    # no larger than a mapped window: HDF5 holds the compressed chunks besides
-    max_items = items_per_chunk(dataset.dtype.itemsize, min(chunk_bytes, MAX_WINDOW))
-    buffer = np.empty(min(max_items, math.prod(shape)), dtype=dataset.dtype)
-    for selection in _c_order_slabs(shape, dataset.chunks, max_items):
-        slab_shape = tuple(s.stop - s.start for s in selection) + shape[len(selection) :]
-        values = buffer[: math.prod(slab_shape)].reshape(slab_shape)
-        with reading(path, f"dataset {dataset.name!r}"):
-            dataset.read_direct(values, source_sel=selection)
-        yield selection, values
+# The IEEE 754 types gclip reads as they are stored (HDF5's predefined ones, either order).
+_IEEE_FLOATS = (
+    h5py.h5t.IEEE_F16LE,
+    h5py.h5t.IEEE_F16BE,
+    h5py.h5t.IEEE_F32LE,
+    h5py.h5t.IEEE_F32BE,
+    h5py.h5t.IEEE_F64LE,
+    h5py.h5t.IEEE_F64BE,
+)
 
 
-def _c_order_slabs(
-    shape: tuple[int, ...], chunks: tuple[int, ...] | None, max_items: int
-) -> Iterator[Selection]:
-    """Selections covering *shape* in C order, each of at most *max_items* values.
-
-    Each selection is a run of whole trailing sub-arrays along one axis, so reading them one
-    after another yields the values in the same order whatever *max_items* is.  Runs along that
-    axis are whole multiples of the storage chunk where they can be.
-    """
-    if math.prod(shape) == 0:
-        return
-    if not shape:
-        yield ()
-        return
-    axis = next(k for k in range(len(shape)) if math.prod(shape[k + 1 :]) <= max_items)
-    step = max(1, max_items // math.prod(shape[axis + 1 :]))
-    if chunks and step > chunks[axis]:
-        step -= step % chunks[axis]
-    for lead in itertools.product(*(range(n) for n in shape[:axis])):
-        head = tuple(slice(i, i + 1) for i in lead)
-        for start in range(0, shape[axis], step):
-            yield (*head, slice(start, min(start + step, shape[axis])))
+def is_ieee_float(dataset: h5py.Dataset) -> bool:
+    """Whether *dataset*'s values are stored as h5py's numpy dtype says: not a float at all,
+    or an IEEE 754 float.  HDF5 can describe others (any sizes and positions of sign,
+    exponent and mantissa, another bias, VAX order); h5py gives them a numpy float dtype
+    wide enough to hold them, into which HDF5 converts their values when reading."""
+    stored = dataset.id.get_type()
+    if stored.get_class() != h5py.h5t.FLOAT:
+        return True
+    return any(stored == ieee for ieee in _IEEE_FLOATS)
 
 
-def _rewrite_through_hdf5(
-    path: Path, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
-) -> None:
-    keep_sparse = _is_sparse(dataset) and not np.any(dataset.fillvalue)
-    for selection, values in _slabs(path, dataset, chunk_bytes):
-        flat = values.reshape(-1).view(tensor.dtype)  # raw values may have been given a type
-        transform(tensor, flat, flat)
-        if keep_sparse:
-            _write_nonzero_chunks(dataset, selection, values)
-        else:
-            dataset.write_direct(values, dest_sel=selection)
-
-
-def _write_nonzero_chunks(dataset: h5py.Dataset, selection: Selection, values: np.ndarray) -> None:
-    """Write the parts of *values* that fall in storage chunks holding a nonzero value.
-
-    Writing an all-zero part would allocate a chunk that reads as zero (the fill value) anyway.
-    """
-    origin = [s.start for s in selection] + [0] * (values.ndim - len(selection))
-    pieces = [
-        _chunk_pieces(start, size, chunk)
-        for start, size, chunk in zip(origin, values.shape, dataset.chunks, strict=True)
-    ]
-    for piece in itertools.product(*pieces):
-        local = tuple(slice(a - o, b - o) for (a, b), o in zip(piece, origin, strict=True))
-        part = values[local]
-        if np.any(part):
-            target = tuple(slice(a, b) for a, b in piece)
-            dataset.write_direct(np.ascontiguousarray(part), dest_sel=target)
-
-
-def _chunk_pieces(start: int, size: int, chunk: int) -> list[tuple[int, int]]:
-    """[start, start + size) cut at multiples of *chunk*."""
-    cuts = [start, *range((start // chunk + 1) * chunk, start + size, chunk), start + size]
-    return list(itertools.pairwise(cuts))
-
-
-def _is_sparse(dataset: h5py.Dataset) -> bool:
-    """Whether some chunks of *dataset* are not allocated (they read as the fill value)."""
-    if dataset.chunks is None:
-        return False
-    return dataset.id.get_num_chunks() < math.prod(chunk_grid(dataset.shape, dataset.chunks))
+def _not_ieee_message(name: str, dataset: h5py.Dataset) -> str:
+    stored = dataset.id.get_type()
+    sign, exponent_at, exponent_bits, mantissa_at, mantissa_bits = stored.get_fields()
+    vax = " in VAX order" if stored.get_order() == h5py.h5t.ORDER_VAX else ""
+    return (
+        f"dataset {name!r} holds floats that are not IEEE 754{vax} ({stored.get_size()} bytes: "
+        f"sign bit {sign}, {exponent_bits} exponent bits at {exponent_at} biased by "
+        f"{stored.get_ebias()}, {mantissa_bits} mantissa bits at {mantissa_at}); gclip reads "
+        "them as HDF5 converts them but does not write them back; nothing written"
+    )

@@ -35,6 +35,8 @@ import numpy as np
 from ..norms import BLOCK, NormAccumulator, NormStats
 from . import deflate
 from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading, write_all_at
+from .hdf5_storage import ChunkIndex
+from .hdf5_values import hdf5_output
 
 if TYPE_CHECKING:
     from ..progress import Progress
@@ -135,35 +137,19 @@ def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ..
     return tuple(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
 
 
-def raw_chunks(dataset: h5py.Dataset, base: int, file_size: int) -> RawChunks | None:
-    """How to read *dataset* chunk by chunk, straight from its file (*file_size* bytes, HDF5
-    addresses counted from byte *base*), or None when HDF5 must do it: not chunked, empty,
-    chunks not all allocated, a filter gclip does not apply itself, bands larger than a
-    window, or chunks said to lie beyond the end of the file (HDF5 then reports the damage)."""
-    if dataset.chunks is None or dataset.size == 0 or not hasattr(dataset.id, "chunk_iter"):
+def raw_chunks(dataset: h5py.Dataset, index: ChunkIndex) -> RawChunks | None:
+    """How to read *dataset* chunk by chunk, straight from its file (*index*: its chunks,
+    checked to lie in the file), or None when HDF5 must do it: empty, chunks not all
+    allocated, a filter gclip does not apply itself, or bands larger than a window."""
+    if dataset.chunks is None or dataset.size == 0 or not index.complete:
         return None
     shape, chunks = dataset.shape, dataset.chunks
     band_bytes = chunks[0] * math.prod(shape[1:]) * dataset.dtype.itemsize
     pipeline = Pipeline.of(dataset)
     if pipeline is None or band_bytes > MAX_WINDOW:
         return None
-    grid = chunk_grid(shape, chunks)
-    count = math.prod(grid)
-    if dataset.id.get_num_chunks() != count:
-        return None
-    offsets = np.full(count, -1, dtype=np.int64)
-    sizes = np.zeros(count, dtype=np.int64)
-    masks = np.zeros(count, dtype=np.uint32)
-
-    def note(info: h5py.h5d.StoreInfo) -> None:
-        cell = tuple(o // c for o, c in zip(info.chunk_offset, chunks, strict=True))
-        k = np.ravel_multi_index(cell, grid)
-        offsets[k], sizes[k], masks[k] = base + info.byte_offset, info.size, info.filter_mask
-
-    dataset.id.chunk_iter(note)
-    if offsets.min() < 0 or (offsets + sizes).max() > file_size:
-        return None
-    return RawChunks(pipeline, shape, chunks, offsets, sizes, masks)
+    # a complete index lists the chunks in the C order of the grid, as RawChunks keeps them
+    return RawChunks(pipeline, shape, chunks, index.offsets, index.sizes, index.masks)
 
 
 @dataclass(frozen=True)
@@ -266,7 +252,8 @@ class BandRows:
 
     def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
         del window  # bands are read whole: each holds whole chunks
-        accumulator = NormAccumulator(norm_type)
+        first = self.rows.start * math.prod(self.raw.shape[1:])  # its first value's index
+        accumulator = NormAccumulator.for_tensor(self.tensor, norm_type, first)
         for band in self._dataset(fd).bands(self.rows):
             accumulator.add(band.values.reshape(-1))
             progress.advance(band.values.nbytes)
@@ -285,7 +272,7 @@ class BandRows:
     @staticmethod
     @contextmanager
     def placing(out: Path) -> Iterator[Callable[[BandRows, int, list[SpooledChunk]], None]]:
-        with h5py.File(out, "r+") as copy:  # one session, as Hdf5File.write_transformed's
+        with hdf5_output(out) as copy:  # one session, as Hdf5File.write_transformed's
 
             def place(piece: BandRows, spool: int, chunks: list[SpooledChunk]) -> None:
                 target = copy[piece.tensor.location]

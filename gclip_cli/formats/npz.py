@@ -356,7 +356,7 @@ class DeflatedMember:
         return self.tensor.nbytes
 
     def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
-        accumulator = NormAccumulator(norm_type)
+        accumulator = NormAccumulator.for_tensor(self.tensor, norm_type)
         opened = partial(member_bytes, self.path, fd, self.tensor.location.info, self.start)
         for values in _member_values(self.path, opened, self.tensor, window):
             accumulator.add(values)

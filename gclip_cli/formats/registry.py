@@ -29,7 +29,7 @@ class FormatEntry:
     """One format gclip reads."""
 
     name: str  # as --file-format spells it
-    title: str  # as messages name it ("is not a safetensors, .npz or HDF5 file")
+    title: str  # as messages name it ("is not a safetensors, .npz, HDF5 or PyTorch file")
     signature: str  # "module:function", test(first bytes, file) -> whether a file is one
     reader: str  # "module:class" of the TensorFile that opens a file: cls(path)
     # Its C library can crash (not raise) on a damaged file: it is worked on in a child
@@ -74,7 +74,7 @@ class Registry:
         return found
 
     def listed(self) -> str:
-        """The formats' titles for a message: "safetensors, .npz or HDF5"."""
+        """The formats' titles for a message: "safetensors, .npz, HDF5 or PyTorch"."""
         titles = [entry.title for entry in self.entries]
         return " or ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
 
@@ -159,6 +159,7 @@ FORMATS = Registry(
         FormatEntry(
             "hdf5", "HDF5", ".signatures:is_hdf5", ".hdf5:Hdf5File", crashes_on_damage=True
         ),
+        FormatEntry("torch", "PyTorch", ".signatures:is_torch", ".torch:TorchFile"),
     )
 )
 FORMAT_NAMES = FORMATS.names

@@ -1,7 +1,8 @@
 """Recognising a format from a file's structure, without importing its library.
 
-A zip archive is an ``.npz`` only when it holds ``.npy`` arrays; PyTorch, TorchScript and Keras
-archives are zips too, and are named (and refused) rather than read as archives without arrays.
+A zip archive is an ``.npz`` only when it holds ``.npy`` arrays, a PyTorch checkpoint when it
+holds ``NAME/data.pkl``; TorchScript and Keras archives are zips too, and are named (and
+refused) rather than read as archives without arrays.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _END_SIZE = 22  # the end record without its comment
 _END_SEARCH = _END_SIZE + 0xFFFF  # the comment is at most 65,535 bytes
 _ZIP64_LOCATOR_SIZE = 20
 _ZIP64_END_SIZE = 56
+_LOCAL_HEADER_SIZE = 30
 
 
 def read_head(file: BinaryIO) -> bytes:
@@ -50,7 +52,31 @@ def is_npz(head: bytes, file: BinaryIO) -> bool:
     if not is_zip(head):
         return False
     names = zip_names(file)
-    return names is None or zip_kind(names) == "npz"
+    if names is None:
+        return not _starts_with_torch_pickle(file)
+    return zip_kind(names) == "npz"
+
+
+def is_torch(head: bytes, file: BinaryIO) -> bool:
+    """A zip archive of ``NAME/data.pkl`` and its storages, as torch.save writes (not a
+    TorchScript archive, which holds code too)."""
+    if not is_zip(head):
+        return False
+    names = zip_names(file)
+    if names is None:  # too damaged to list: its first member tells (the torch reader says why)
+        return _starts_with_torch_pickle(file)
+    return zip_kind(names) == "torch"
+
+
+def _starts_with_torch_pickle(file: BinaryIO) -> bool:
+    """Whether the first member of a zip archive, as its local header names it, is the
+    ``NAME/data.pkl`` torch.save writes first."""
+    file.seek(0)
+    header = file.read(_LOCAL_HEADER_SIZE)
+    if len(header) < _LOCAL_HEADER_SIZE or header[:4] != b"PK\x03\x04":
+        return False
+    name = file.read(struct.unpack_from("<H", header, 26)[0])
+    return re.fullmatch(rb"[^/]+/data\.pkl", name) is not None
 
 
 def is_hdf5(head: bytes, file: BinaryIO) -> bool:
@@ -114,7 +140,7 @@ def zip_kind(names: Sequence[str]) -> str:
 
 
 _UNSUPPORTED = {
-    "torch": "a PyTorch checkpoint (torch.save), which gclip cannot read yet",
+    "torch": "a PyTorch checkpoint (torch.save), not an .npz: read it as --file-format torch",
     "torchscript": "a TorchScript archive (a saved program, not a tensor file)",
     "keras": "a Keras archive (.keras): give the model.weights.h5 inside it instead",
     "zip": "a zip archive without .npy arrays, not an .npz",

@@ -46,7 +46,7 @@ from .base import (
     write_all_at,
 )
 from .deflate import crc32, raw_deflater, raw_inflater
-from .signatures import MAX_ZIP_DIRECTORY, zip_directory_size
+from .signatures import MAX_ZIP_DIRECTORY, read_head, unsupported_kind, zip_directory_size
 
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _LZMA_END_MARKER = 0x2  # bit 1 for LZMA: the data end with an end-of-stream marker
@@ -55,6 +55,7 @@ _UTF8_NAME = 0x800  # bit 11: the name is UTF-8 (else code page 437, or ASCII)
 _LOCAL_HEADER_SIZE = 30  # fixed part of a zip local file header
 _CENTRAL_HEADER_SIZE = 46  # fixed part of a central directory file header
 _LOCAL_CRC, _CENTRAL_CRC = 14, 16  # where the CRC-32 lies in each header
+_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"  # optional, before a data descriptor's CRC-32
 _ZIP64_EXTRA = 0x0001  # the extra field holding 64-bit sizes and offsets
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _READ_HERE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the others through zipfile
@@ -169,6 +170,10 @@ class ZipArchive:
         if check:
             self.verify_crc(info, crc)
 
+    def checked(self, info: zipfile.ZipInfo) -> bool:
+        """Whether the CRC-32 of member *info* has been checked."""
+        return info.filename in self._checked
+
     def verify_crc(self, info: zipfile.ZipInfo, crc: int) -> None:
         """Check *crc*, computed over all the bytes of member *info*, against its own."""
         if crc != info.CRC:
@@ -199,8 +204,26 @@ class ZipArchive:
             for info in self.members:
                 if info.filename in crcs:
                     field = memoryview(struct.pack("<I", crcs[info.filename]))
-                    write_all_at(copy.fileno(), field, info.header_offset + _LOCAL_CRC)
-                    write_all_at(copy.fileno(), field, central[info.filename] + _CENTRAL_CRC)
+                    for offset in (
+                        *self._local_crc_fields(info),
+                        central[info.filename] + _CENTRAL_CRC,
+                    ):
+                        write_all_at(copy.fileno(), field, offset)
+
+    def _local_crc_fields(self, info: zipfile.ZipInfo) -> list[int]:
+        """Where member *info*'s CRC-32 lies outside the central directory: in its local
+        header, and in its data descriptor when it has one (torch.save writes them, and zeros
+        in the local header, which stay zeros)."""
+        if not info.flag_bits & _DATA_DESCRIPTOR:
+            return [info.header_offset + _LOCAL_CRC]
+        with reading(self.path, f"member {shown(info.filename)}"):
+            local = os.pread(self.fd, 4, info.header_offset + _LOCAL_CRC)
+            end = self.data_start(info) + info.compress_size
+            descriptor = os.pread(self.fd, 4, end)
+        if len(descriptor) < 4:
+            raise InputError(self.path, f"member {shown(info.filename)}: no data descriptor")
+        fields = [end + 4 if descriptor == _DESCRIPTOR_SIGNATURE else end]
+        return fields if local == bytes(4) else [info.header_offset + _LOCAL_CRC, *fields]
 
     def _central_headers(self) -> dict[str, int]:
         """Where each member's central directory header begins."""
@@ -223,7 +246,18 @@ def _open_zip(path: Path, kind: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except READ_ERRORS as exc:
-        raise InputError(path, f"not a readable {kind} (zip) file: {one_line(exc)}") from None
+        why = _known_kind(path) or one_line(exc)
+        raise InputError(path, f"not a readable {kind} (zip) file: {why}") from None
+
+
+def _known_kind(path: Path) -> str | None:
+    """What a file that is no zip is, when it is a kind gclip knows (a legacy PyTorch
+    checkpoint forced to be read as a zip, say)."""
+    try:
+        with open(path, "rb") as file:
+            return unsupported_kind(read_head(file), file)
+    except OSError:
+        return None
 
 
 def _check_directory_size(path: Path, raw: BinaryIO) -> None:

@@ -61,6 +61,11 @@ def _cell(value: object) -> object:
     return value
 
 
+def json_line(record: dict) -> str:
+    """One record of a stream (watch) as a line of JSON."""
+    return json.dumps(record, allow_nan=False)
+
+
 RENDERERS = {"json": as_json, "jsonl": as_jsonl, "csv": as_csv}
 
 

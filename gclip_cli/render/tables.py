@@ -4,16 +4,21 @@ formats for programs)."""
 from __future__ import annotations
 
 import math
+from collections import deque
+from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.text import Text
 
 from ..compare import Diff, TensorDiff
-from ..history import History, sparkline
-from ..reports import InspectReport, Report, RewriteReport
+from ..history import History, log_sparkline, sparkline
+from ..layer_history import LayerHistory, LayerSeries
+from ..reports import InspectReport, Report, RewriteReport, TensorReport
 from ..views import PLAIN, View, layer_rows, tensor_rows
+from ..watch import StepRecord, WatchSummary
 from .fitted import BarCell, FittedTable
-from .lines import global_norm_text
+from .lines import global_norm_text, watch_notes, watch_summary
 from .text import norm_label, number, printable
 
 _BAR_WIDTH = 5
@@ -67,6 +72,118 @@ def print_history(history: History, console: Console) -> None:
     if nonfinite:
         lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
     console.print(Text("\n".join(lines)))
+
+
+def print_layer_history(history: LayerHistory, console: Console) -> None:
+    """A row per layer, those anomalous first first: its norms as a sparkline on a log scale
+    (anomalies in red), its first, last and largest norm and its first anomaly; then the
+    run's first anomaly."""
+    steps = [s.step for s in history.steps]
+    headers = ["layer", "norms (log scale)", "first", "last", "max", "first anomaly", "norm"]
+    table = _plain_table(
+        f"{norm_label(history.norm_type)} per layer over {len(steps)} steps "
+        f"({_step_label(steps[0])} to {_step_label(steps[-1])})",
+        [*headers, "x median"],
+    )
+    for layer in history.by_first_anomaly():
+        present = [n for n in layer.norms if n is not None]
+        first = layer.first_anomaly
+        table.add_row(
+            Text(printable(layer.name)),
+            _spiked_sparkline(layer),
+            number(present[0]),
+            number(present[-1]),
+            number(max(present, key=_largest_known)),
+            "-" if first is None else _step_label(first.step),
+            "-" if first is None else number(first.norm),
+            "-" if first is None else _times(first.ratio),
+        )
+    console.print(table)
+    console.print(Text("\n".join(_layer_summary(history))))
+
+
+def _spiked_sparkline(layer: LayerSeries) -> Text:
+    line = Text(log_sparkline(layer.norms))
+    for anomaly in layer.anomalies:
+        line.stylize("bold red", anomaly.index, anomaly.index + 1)
+    return line
+
+
+def _largest_known(norm: float) -> float:
+    """NaN counts as the largest: the norm to show is the one that broke."""
+    return math.inf if math.isnan(norm) else norm
+
+
+def _step_label(step: int | None) -> str:
+    return "-" if step is None else str(step)
+
+
+def _times(ratio: float) -> str:
+    return "-" if math.isinf(ratio) else f"{ratio:.3g}x"
+
+
+def _layer_summary(history: LayerHistory) -> list[str]:
+    lines = [
+        f"anomaly: a layer's norm above {history.spike:g}x the median of its earlier steps "
+        "(from its 3rd step on), or NaN/Inf"
+    ]
+    first = history.first_anomaly
+    if first is None:
+        lines.append("first anomaly: none")
+    else:
+        baseline = "" if first.baseline is None else f" = {_times(first.ratio)} its median "
+        baseline += "" if first.baseline is None else number(first.baseline)
+        lines.append(
+            f"first anomaly: {printable(first.layer)} at step {_step_label(first.step)}: "
+            f"norm {number(first.norm)}{baseline}"
+        )
+    if history.nonfinite:
+        lines.append(_nonfinite_line(history.nonfinite, history.nonfinite_policy))
+    return lines
+
+
+class WatchDisplay:
+    """watch on a terminal: a table of the latest steps and the summary so far, redrawn in
+    place as steps come (Rich Live; what is printed meanwhile, as skipped dumps on stderr,
+    appears above it)."""
+
+    def __init__(self, console: Console, folder: str) -> None:
+        self._title = f"watching {printable(folder)}"
+        self._rows: deque[StepRecord] = deque(maxlen=max(5, console.height - 8))
+        self._live = Live(console=console, auto_refresh=False, transient=False)
+        self._summary: WatchSummary | None = None
+
+    def __enter__(self) -> WatchDisplay:
+        self._live.start()
+        self._live.update(Text(f"{self._title}: waiting for dumps"), refresh=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.stop()
+
+    def show(self, record: StepRecord, summary: WatchSummary) -> None:
+        self._rows.append(record)
+        self.finish(summary)
+
+    def finish(self, summary: WatchSummary) -> None:
+        """Show *summary* under the table (the last one stays on the screen)."""
+        shown = Group(self._table(), Text(watch_summary(summary))) if self._rows else None
+        self._live.update(shown or Text(watch_summary(summary)), refresh=True)
+
+    def _table(self) -> FittedTable:
+        table = _plain_table(self._title, ["step", "global norm", "p50", "p95", "file", "note"])
+        for record in self._rows:
+            marks = record.percentiles
+            table.add_row(
+                _step_label(record.step),
+                number(record.global_norm),
+                number(marks.get("p50")),
+                number(marks.get("p95")),
+                Text(printable(Path(record.file).name)),  # all in the folder of the title
+                Text(watch_notes(record)),
+                style="bold red" if record.over_max_norm or record.anomalies else None,
+            )
+        return table
 
 
 def _nonfinite_line(count: int, policy: str) -> str:
@@ -125,6 +242,8 @@ def _diff_summary(diff: Diff) -> list[str]:
     verdict = (
         "A and B hold the same tensors with the same values" if diff.same else ("A and B differ")
     )
+    if diff.rtol or diff.atol:
+        verdict += f" (values compared with rtol {number(diff.rtol)}, atol {number(diff.atol)})"
     left = f" ({counts['not_compared']} not compared)" if counts["not_compared"] else ""
     lines.append(verdict + left)
     return lines
@@ -152,7 +271,7 @@ def _tensor_table(report: Report, view: View) -> FittedTable:
         "norm",
         "share",
         "max |x|",
-    ] + (["NaN/Inf"] if nonfinite else [])
+    ] + (_NONFINITE_HEADERS if nonfinite else [])
     table = _table(report, headers)
     for t in tensor_rows(report, view):
         style = "dim" if t.skipped else ("bold red" if t.nonfinite else None)
@@ -167,21 +286,34 @@ def _tensor_table(report: Report, view: View) -> FittedTable:
             "" if t.max_abs is None else number(t.max_abs),
         ]
         if nonfinite:
-            cells.append("" if t.skipped else f"{t.nonfinite:,}")
+            cells += ["" for _ in _NONFINITE_HEADERS] if t.skipped else _nonfinite_cells(t)
         table.add_row(*cells, style=style)
     return table
 
 
+_NONFINITE_HEADERS = ["NaN", "+Inf", "-Inf", "first NaN/Inf at"]
+
+
+def _nonfinite_cells(t: TensorReport) -> list[str]:
+    """Its NaN, +Inf and -Inf counts and the index of the first of them (C order)."""
+    first = t.first_nonfinite
+    at = "" if first is None else "[" + ", ".join(map(str, first)) + "]"
+    return [f"{t.nan:,}", f"{t.posinf:,}", f"{t.neginf:,}", at]
+
+
 def _layer_table(report: Report, view: View) -> FittedTable:
-    table = _table(report, ["layer", "tensors", "values", "norm", "share"])
+    nonfinite = report.nonfinite > 0
+    headers = ["layer", "tensors", "values", "norm", "share"] + (["NaN/Inf"] if nonfinite else [])
+    table = _table(report, headers)
     for layer in layer_rows(report, view):
-        table.add_row(
+        cells = [
             Text(printable(layer.name)),
             str(layer.tensors),
             f"{layer.numel:,}",
             number(layer.norm),
             _share(layer.share),
-        )
+        ]
+        table.add_row(*cells, *([f"{layer.nonfinite:,}"] if nonfinite else []))
     return table
 
 
@@ -237,8 +369,10 @@ def _bytes(n: int) -> str:
 
 
 __all__ = [
+    "WatchDisplay",
     "print_diff",
     "print_groups",
     "print_history",
     "print_inspect",
+    "print_layer_history",
 ]

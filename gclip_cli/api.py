@@ -5,14 +5,16 @@ every command shares come whole, as an :class:`~gclip_cli.options.Options`.
     >>> inspect_files(["grads.h5"], max_norm=1.0).scale
     >>> rescale_file("grads.npz", "clipped.npz", max_norm=1.0, options=Options(norm_type=2.0))
 
-Paths may name files, folders (their tensor files) and sharded checkpoints' ``*.index.json``.
+Paths may name files, folders (their tensor files) and sharded checkpoints' ``*.index.json``,
+or be URLs (``s3://...``, see remote.py; ``options.storage_options`` for their file systems).
 Failures raise :class:`~gclip_cli.errors.GclipError` subclasses, each with the CLI's exit code.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,9 +22,11 @@ from . import pipeline
 from .errors import UsageError
 from .options import DEFAULT_CHUNK_SIZE, NonFinite, Options
 from .progress import Listener, Progress
+from .remote import refuse_onto_inputs, staged_inputs, uploaded_file, uploaded_folder
 from .reports import InspectReport, RewriteReport
 from .sources import resolve
 from .strategies import ClipValue, GlobalNorm, Groups, Normalize, PerTensor, Strategy
+from .urls import is_remote, local_path
 
 if TYPE_CHECKING:
     from .compare import Diff
@@ -71,14 +75,16 @@ def inspect_files(
     *progress*, if given, is called with each progress event (see progress.py) as the work
     advances, here and in the children that do it.
     """
-    return pipeline.inspect(
-        resolve(paths),
-        options,
-        max_norm=max_norm,
-        eps=eps,
-        require_counted=require_counted,
-        progress=Progress(progress),
-    )
+    with staged_inputs(_names(paths), options.storage, progress) as (local, shown):
+        report = pipeline.inspect(
+            resolve(local),
+            options,
+            max_norm=max_norm,
+            eps=eps,
+            require_counted=require_counted,
+            progress=Progress(progress),
+        )
+    return report.shown_as(shown)
 
 
 def inspect_file(
@@ -129,10 +135,16 @@ def rewrite_file(
     written; "zero" counts them as 0 and writes 0; "keep" clips by the norm of the finite
     values and writes NaN/Inf back unchanged.  *progress*: as for inspect_files.
     """
-    outputs = pipeline.Outputs.one_file(Path(dst), clobber)
-    return pipeline.rewrite_files(
-        resolve([src]), outputs, strategy, options, progress=Progress(progress)
-    )
+    storage = options.storage
+    with (
+        staged_inputs(_names([src]), storage, progress) as (local, shown),
+        _output(os.fspath(dst), [os.fspath(src)], storage, clobber, progress) as out,
+    ):
+        outputs = pipeline.Outputs.one_file(out, clobber)
+        report = pipeline.rewrite_files(
+            resolve(local), outputs, strategy, options, progress=Progress(progress)
+        )
+    return report.shown_as({**shown, **_remote_name(out, dst)})
 
 
 def rewrite_files(
@@ -155,11 +167,17 @@ def rewrite_files(
     one here).  The result is identical to the last bit whichever.  *shards*(phase, files done,
     files) is called as files finish.
     """
-    inputs = resolve(paths)
-    outputs = pipeline.Outputs.folder(inputs, Path(out_dir), clobber)
-    return pipeline.rewrite_files(
-        inputs, outputs, strategy, options, scheduler=scheduler, shards=shards
-    )
+    storage = options.storage
+    with (
+        staged_inputs(_names(paths), storage) as (local, shown),
+        _output_folder(os.fspath(out_dir), shown.values(), storage, clobber) as folder,
+    ):
+        inputs = resolve(local)
+        outputs = pipeline.Outputs.folder(inputs, folder, clobber)
+        report = pipeline.rewrite_files(
+            inputs, outputs, strategy, options, scheduler=scheduler, shards=shards
+        )
+    return report.shown_as({**shown, **_remote_name(folder, out_dir)})
 
 
 def rescale_file(
@@ -290,14 +308,16 @@ def history_of(
     """
     from .history import history
 
-    return history(
-        resolve(paths),
-        options,
-        percentile=percentile,
-        max_norm=max_norm,
-        as_given=as_given,
-        progress=Progress(progress),
-    )
+    with staged_inputs(_names(paths), options.storage, progress) as (local, shown):
+        found = history(
+            resolve(local),
+            options,
+            percentile=percentile,
+            max_norm=max_norm,
+            as_given=as_given,
+            progress=Progress(progress),
+        )
+    return found.shown_as(shown)
 
 
 def layer_history_of(
@@ -315,14 +335,16 @@ def layer_history_of(
     median of its own earlier steps (from its third step on), the first of them for the run."""
     from .layer_history import layer_history
 
-    return layer_history(
-        resolve(paths),
-        options,
-        spike=spike,
-        depth=depth,
-        as_given=as_given,
-        progress=Progress(progress),
-    )
+    with staged_inputs(_names(paths), options.storage, progress) as (local, shown):
+        found = layer_history(
+            resolve(local),
+            options,
+            spike=spike,
+            depth=depth,
+            as_given=as_given,
+            progress=Progress(progress),
+        )
+    return found.shown_as(shown)
 
 
 def diff_files(
@@ -341,4 +363,46 @@ def diff_files(
     include, exclude and file_format count."""
     from .compare import Tolerance, diff
 
-    return diff(Path(path_a), Path(path_b), options, Tolerance(rtol, atol))
+    with staged_inputs(_names([path_a, path_b]), options.storage) as ((a, b), shown):
+        compared = diff(Path(a), Path(b), options, Tolerance(rtol, atol))
+    return compared.shown_as(shown)
+
+
+def _names(paths: Sequence[PathLike]) -> list[str]:
+    return [os.fspath(p) for p in paths]
+
+
+def _remote_name(local: Path, given: PathLike) -> dict[str, str]:
+    """The name to show for *local* when it stands for the URL *given* (else none)."""
+    return {str(local): os.fspath(given)} if is_remote(os.fspath(given)) else {}
+
+
+@contextmanager
+def _output(
+    dst: str,
+    inputs: Sequence[str],
+    storage: Mapping[str, object],
+    clobber: bool,
+    progress: Listener | None,
+) -> Iterator[Path]:
+    """Where to write *dst*: the file itself, or a temporary file uploaded to its URL."""
+    if not is_remote(dst):
+        yield Path(local_path(dst))
+        return
+    refuse_onto_inputs(dst, inputs, storage)
+    with uploaded_file(dst, storage, clobber, progress) as path:
+        yield path
+
+
+@contextmanager
+def _output_folder(
+    out_dir: str, read: Collection[str], storage: Mapping[str, object], clobber: bool
+) -> Iterator[Path]:
+    """The folder to write into: *out_dir*, or a temporary one uploaded to its URL (where no
+    file may replace an object *read*)."""
+    if not is_remote(out_dir):
+        yield Path(local_path(out_dir))
+        return
+    refuse_onto_inputs(out_dir, list(read), storage)
+    with uploaded_folder(out_dir, storage, clobber, inputs=read) as path:
+        yield path

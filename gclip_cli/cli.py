@@ -328,6 +328,15 @@ _SELECTION_OPTIONS = (
         type=click.Choice(FORMAT_NAMES),
         help="The input's format, instead of detecting it from its content.",
     ),
+    click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="For URLs (s3://, gs://, ...): passed to their file system (fsspec), e.g. "
+        "anon=true or endpoint_url=http://host:9000; VALUE is read as JSON where it can be "
+        "(repeatable).",
+    ),
 )
 _DIFF_NONFINITE = _env_option(
     "--nonfinite",
@@ -979,7 +988,7 @@ class _Writing:
     no_clobber: bool
     quiet: bool
     output_format: str
-    out_dir: Path | None
+    out_dir: str | None
     scheduler: str | None
 
 
@@ -996,9 +1005,10 @@ def _rewrite_options(jobs_help: str = "a large file is cut into N parts") -> Dec
             _make_writing,
             click.option(
                 "--out-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                metavar="DIR",
                 help="Write each of several inputs (files, a directory, an *.index.json) "
-                "under its own name here, all by one plan (one global norm).",
+                "under its own name here (a folder, or a URL prefix such as "
+                "s3://bucket/run/), all by one plan (one global norm).",
             ),
             click.option(
                 "--scheduler",
@@ -1016,7 +1026,7 @@ def _rewrite_options(jobs_help: str = "a large file is cut into N parts") -> Dec
 
 
 def _make_writing(
-    out_dir: Path | None,
+    out_dir: str | None,
     scheduler: str | None,
     no_clobber: bool,
     quiet: bool,
@@ -1150,7 +1160,7 @@ def _rewrite_one(
             src, dst, strategy, options=options, clobber=not writing.no_clobber, progress=progress
         )
         if output_file == STDIO:
-            names[str(dst)] = STDOUT_NAME
+            names[dst] = STDOUT_NAME
         report = report.shown_as(names)
     if writing.output_format == "table" and writing.quiet:
         return
@@ -1236,14 +1246,16 @@ def _shard_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
 
 
 @contextmanager
-def _destination(output_file: str, input_file: str) -> Iterator[Path]:
+def _destination(output_file: str, input_file: str) -> Iterator[str]:
+    """Where to write OUT: as given (a file or a URL), or a temporary file copied to standard
+    output once complete."""
     from .streams import STDIO, stdout_file
 
     if output_file != STDIO:
-        yield Path(output_file)
+        yield output_file
         return
     with stdout_file([input_file]) as path:
-        yield path
+        yield str(path)
 
 
 def _inspect(
@@ -1274,8 +1286,8 @@ def _inspect(
 
 @contextmanager
 def _local(files: tuple[str, ...]) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """Local paths for *files* (``-`` and pipes: spools of what they hold), and the names to
-    show instead of the spools'."""
+    """Local paths for *files* (``-`` and pipes: spools of what they hold; URLs are left to
+    the library), and the names to show instead of the spools'."""
     from .streams import STDIN_NAME, STDIO, local_inputs, refuse_stdout_onto
 
     refuse_stdout_onto(files)  # a report appended to an input would damage it

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,9 @@ class Options:
     *jobs*: processes for one file, and shards at once with several (None: every core);
     *nonfinite*: what NaN/Inf values count as; *include*/*exclude*: globs on tensor names
     (``.`` and ``/`` alike); *opaque_dtypes*: what raw 2- or 1-byte values are (e.g.
-    ``("bfloat16",)``); *file_format*: the inputs' format, instead of detecting it.
+    ``("bfloat16",)``); *file_format*: the inputs' format, instead of detecting it;
+    *storage_options*: ``KEY=VALUE`` strings for the file systems of URLs (urls.py), kept
+    out of repr() (they may hold secrets).
     """
 
     norm_type: float = 2.0
@@ -46,6 +48,7 @@ class Options:
     exclude: tuple[str, ...] = ()
     opaque_dtypes: tuple[str, ...] = ()
     file_format: str | None = None
+    storage_options: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         try:  # the enum from its value too ("error"), as a caller may give it
@@ -54,7 +57,8 @@ class Options:
             raise UsageError(
                 None, f"nonfinite must be error, zero or keep, not {self.nonfinite!r}"
             ) from None
-        for name in ("include", "exclude", "opaque_dtypes"):  # a lone string is one glob
+        # a lone string is one glob (one option)
+        for name in ("include", "exclude", "opaque_dtypes", "storage_options"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if not (self.norm_type > 0):
@@ -64,6 +68,7 @@ class Options:
         if self.jobs is not None and self.jobs < 1:
             raise UsageError(None, f"jobs must be at least 1, not {self.jobs}")
         opaque_types(self.opaque_dtypes)
+        self.storage  # noqa: B018 - refuses a malformed KEY=VALUE now
         if self.file_format is not None:
             from .formats import FORMAT_NAMES
 
@@ -75,6 +80,13 @@ class Options:
     def opaque(self) -> dict[int, np.dtype]:
         """The types raw values are read as, by item size."""
         return opaque_types(self.opaque_dtypes)
+
+    @property
+    def storage(self) -> dict[str, object]:
+        """The storage options, as fsspec takes them."""
+        from .urls import parse_storage_options
+
+        return parse_storage_options(self.storage_options)
 
     @property
     def processes(self) -> int:

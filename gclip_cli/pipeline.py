@@ -29,6 +29,7 @@ from .errors import InputError, NonFiniteError, OutputError
 from .executors import InThisThread, executor_for, run_all, staging
 from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
 from .formats.base import FileShrank
+from .formats.ranged import CopiesItself
 from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
 from .norms import NormStats
 from .options import NonFinite, Options
@@ -219,7 +220,7 @@ def measure_opened(tfile: TensorFile, options: Options, progress: Progress = SIL
 def opened(src: Path, file_format: str, options: Options) -> Iterator[TensorFile]:
     """The file, with raw values read as the types *options* name, and the tensors *options*
     do not select marked skipped; raw values of no type are refused."""
-    with closing(open_file(src, file_format)) as tfile:
+    with closing(open_file(src, file_format, options.storage)) as tfile:
         typed = read_opaque_as(tfile.tensors, options.opaque)
         tfile.tensors = select(typed, options.include, options.exclude)
         refuse_opaque(src, tfile.tensors)
@@ -459,7 +460,10 @@ def write_opened(
             return Written(tuple(after), rewriter.clamped)
         size = tfile.path.stat().st_size
         progress.begin(COPYING, size)
-        _copy_file(tfile.path, tmp)
+        if isinstance(tfile, CopiesItself):  # a remote object's reader: not its stand-in's bytes
+            tfile.copy_to(tmp)
+        else:
+            _copy_file(tfile.path, tmp)
         progress.advance(size)
         return Written()
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .registry import FORMAT_NAMES, FORMATS, FormatEntry, Registry
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from .base import (
@@ -78,10 +79,12 @@ def detect_format(path: Path) -> str:
     return FORMATS.detect(path)
 
 
-def open_file(path: Path, file_format: str | None = None) -> TensorFile:
+def open_file(
+    path: Path, file_format: str | None = None, storage: Mapping[str, object] | None = None
+) -> TensorFile:
     """Open *path* for reading, as *file_format* or as detected, validating its structure
-    before any data is read."""
-    return FORMATS.open(path, file_format)
+    before any data is read (*storage*: fsspec options, for a stand-in of a remote object)."""
+    return FORMATS.open(path, file_format, storage)
 
 
 def crashes_on_damage(name: str) -> bool:

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
     from typing import BinaryIO
 
     from .base import TensorFile
+    from .ranged import StandIn
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class FormatEntry:
     # Its C library can crash (not raise) on a damaged file: it is worked on in a child
     # process whose crash becomes an error (isolation.py).
     crashes_on_damage: bool = False
+    # "module:class" of its reader of remote objects by ranges, cls(stand-in path,
+    # ranged.RangedBytes) (None: such objects are downloaded first; see remote.py)
+    ranged_reader: str | None = None
 
     def is_one(self, head: bytes, file: BinaryIO) -> bool:
         test: Callable[[bytes, BinaryIO], bool] = _imported(self.signature)
@@ -82,10 +86,14 @@ class Registry:
         """
         from . import signatures
         from .base import open_regular
+        from .ranged import StandIn, is_stand_in
 
         try:
             with open_regular(path) as file:
                 head = signatures.read_head(file)
+                stand_in = StandIn.read(path) if is_stand_in(head) else None
+                if stand_in is not None:
+                    return stand_in.file_format
                 found = next((e.name for e in self.entries if e.is_one(head, file)), None)
                 kind = None if found else signatures.unsupported_kind(head, file)
         except OSError as exc:
@@ -98,14 +106,44 @@ class Registry:
             raise InputError(path, "is empty")
         raise InputError(path, f"is not a {self.listed()} file (unrecognised content)")
 
-    def open(self, path: Path, name: str | None = None) -> TensorFile:
+    def open(
+        self, path: Path, name: str | None = None, storage: Mapping[str, object] | None = None
+    ) -> TensorFile:
         """Open *path*, as format *name* or as detected, validating its structure before any
-        data is read."""
-        if name:
-            from .base import open_regular
+        data is read; a stand-in of a remote object (ranged.py) opens the object, reached with
+        the fsspec *storage* options."""
+        from .base import open_regular
+        from .ranged import StandIn
 
-            open_regular(path).close()  # a device or a pipe forced into a format is refused too
+        open_regular(path).close()  # a device or a pipe forced into a format is refused too
+        stand_in = StandIn.read(path)
+        if stand_in is not None:
+            return self._open_ranged(path, stand_in, name, storage or {})
         return self.entry(name or self.detect(path)).open(path)
+
+    def _open_ranged(
+        self, path: Path, stand_in: StandIn, name: str | None, storage: Mapping[str, object]
+    ) -> TensorFile:
+        """The reader by ranges of the remote object *stand_in* names."""
+        from .ranged import RangedBytes
+
+        entry = self.entry(stand_in.file_format)
+        if (name is not None and name != entry.name) or entry.ranged_reader is None:
+            raise InputError(
+                stand_in.url, f"is a {entry.title} object, read by ranges as such only"
+            )
+        ranged = RangedBytes(stand_in, storage)
+        try:
+            return _imported(entry.ranged_reader)(path, ranged)
+        except BaseException:
+            ranged.stop()
+            raise
+
+    def read_by_ranges(self, head: bytes, file: BinaryIO) -> str | None:
+        """The format of a file beginning with *head*, if its objects are read by ranges."""
+        return next(
+            (e.name for e in self.entries if e.ranged_reader and e.is_one(head, file)), None
+        )
 
 
 FORMATS = Registry(
@@ -115,6 +153,7 @@ FORMATS = Registry(
             "safetensors",
             ".signatures:is_safetensors",
             ".safetensors:SafetensorsFile",
+            ranged_reader=".safetensors:RangedSafetensorsFile",
         ),
         FormatEntry("npz", ".npz", ".signatures:is_npz", ".npz:NpzFile"),
         FormatEntry(

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator, Set
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -34,6 +34,9 @@ from .base import (
     window_pieces,
     write_all_at,
 )
+
+if TYPE_CHECKING:
+    from .ranged import Cursor, RangedBytes
 
 FORMAT_NAME = "safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the reference loader's limit
@@ -97,7 +100,8 @@ class SafetensorsFile:
         self.path = path
         self._file: BinaryIO = open_regular(path)
         try:
-            self._header_bytes, self.tensors, self._metadata = _read_header(path, self._file)
+            size = os.fstat(self._file.fileno()).st_size
+            self._header_bytes, self.tensors, self._metadata = _read_header(path, self._file, size)
         except BaseException:
             self._file.close()
             raise
@@ -137,11 +141,7 @@ class SafetensorsFile:
                         writer.submit(target, start)
 
     def _pieces(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-        """The pieces of *tensor*'s data to map (the header was validated against the file
-        size, so no piece runs past the end)."""
-        begin, end = tensor.location
-        itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
-        return window_pieces(self._data_start + begin, end - begin, itemsize, chunk_bytes)
+        return _value_pieces(self._data_start, tensor, chunk_bytes)
 
     def attribute(self, key: str) -> object | None:
         return self._metadata.get(key)
@@ -163,10 +163,75 @@ class SafetensorsFile:
         self._file.close()
 
 
-def _read_header(path: Path, file: BinaryIO) -> tuple[bytes, list[TensorInfo], dict[str, str]]:
+class RangedSafetensorsFile:
+    """A safetensors object read by ranges from its URL (formats/ranged.py): a TensorFile with
+    Metadata and WholeArrays, but not PlainValues (worker processes map local files only), so
+    one process reads it in order, the next window fetched while one is worked on."""
+
+    format_name = FORMAT_NAME
+
+    def __init__(self, path: Path, ranged: RangedBytes) -> None:
+        self.path = path  # the stand-in
+        self._ranged = ranged
+        cursor = ranged.cursor()
+        self._header_bytes, self.tensors, self._metadata = _read_header(
+            ranged.url, cursor, ranged.size
+        )
+
+    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+        pieces = _value_pieces(len(self._header_bytes), tensor, chunk_bytes)
+        for raw in self._ranged.windows(pieces):
+            yield raw.view(tensor.dtype)
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+    ) -> None:
+        buffer = np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)
+        with open(out, "wb") as dst:
+            dst.write(self._header_bytes)
+            for tensor in sorted(self.tensors, key=lambda t: t.location):
+                pieces = _value_pieces(len(self._header_bytes), tensor, chunk_bytes)
+                for raw in self._ranged.windows(pieces):
+                    if tensor.is_gradient:
+                        target = buffer[: raw.size]
+                        transform(tensor, raw.view(tensor.dtype), target.view(tensor.dtype))
+                        dst.write(target)
+                    else:
+                        dst.write(raw)
+
+    def copy_to(self, out: Path) -> None:
+        self._ranged.copy_to(out, MAX_WINDOW)
+
+    def attribute(self, key: str) -> object | None:
+        return self._metadata.get(key)
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        bits, dtype = _BY_NAME[tensor.dtype_name]
+        if bits % 8:  # packed: two or more values a byte
+            return None
+        begin, end = tensor.location
+        data = self._ranged.read(len(self._header_bytes) + begin, end - begin)
+        return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
+
+    def close(self) -> None:
+        self._ranged.close()
+
+
+def _value_pieces(
+    data_start: int, tensor: TensorInfo, chunk_bytes: int
+) -> Iterator[tuple[int, int]]:
+    """The pieces of *tensor*'s data to read (the header was validated against the file size,
+    so no piece runs past the end)."""
+    begin, end = tensor.location
+    itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
+    return window_pieces(data_start + begin, end - begin, itemsize, chunk_bytes)
+
+
+def _read_header(
+    path: Path | str, file: BinaryIO | Cursor, size: int
+) -> tuple[bytes, list[TensorInfo], dict[str, str]]:
     """Validate the header like the reference loader does; return its raw bytes, tensors and
     ``__metadata__``."""
-    size = os.fstat(file.fileno()).st_size
     prefix = file.read(8)
     if len(prefix) < 8:
         raise InputError(path, "not a safetensors file: shorter than its 8-byte header length")

@@ -1,0 +1,187 @@
+"""Objects read by ranges from their URL, with no local copy (remote.py decides which).
+
+The pipeline works on local paths (identities, output checks, forked children), so a remote
+object is given to it as a **stand-in**: a local file that names the object (a line of JSON
+after STAND_IN_MAGIC), made as long as the object (sparse: it takes no disk), so that size
+and free-space checks see the object's size.  Opening a stand-in (registry.py) gives the
+format's ranged reader: the values are fetched a window at a time (at most
+base.MAX_WINDOW), the next window while the current one is worked on, so memory stays
+bounded as for local files and the network stays busy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import InputError
+
+STAND_IN_MAGIC = b"\x00gclip: a remote object, read by ranges\n"
+STAND_IN_FOLDER = "gclip-inputs-"  # the private temporary folders stand-ins are honoured in
+_STAND_IN_LIMIT = 1 << 16  # the stand-in's line of JSON: a URL and a format name
+# A window is fetched in parts of this size at once: a store serves several ranged GETs faster
+# than one (each connection has its own limit), and a 16 MiB window makes four.
+_PART = 4 << 20
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """What a stand-in names: the object's URL, its format and size, and its version as found
+    (urls.version_of: a replaced object is refused, as a changed file is)."""
+
+    url: str
+    file_format: str
+    size: int
+    version: str = ""
+
+    def write(self, path: Path) -> None:
+        """Write this stand-in to *path*, as long as the object (a sparse file)."""
+        line = json.dumps(self.__dict__).encode() + b"\n"
+        with open(path, "wb") as file:
+            file.write(STAND_IN_MAGIC + line)
+            file.truncate(max(self.size, len(STAND_IN_MAGIC) + len(line)))
+
+    @classmethod
+    def read(cls, path: Path) -> StandIn | None:
+        """The stand-in *path* is, or None when it is an ordinary file (or a stand-in gclip did
+        not make here: a file handed over must not make gclip fetch what it names)."""
+        if not made_here(path):
+            return None
+        try:
+            with open(path, "rb") as file:
+                head = file.read(len(STAND_IN_MAGIC))
+                if head != STAND_IN_MAGIC:
+                    return None
+                return cls(**json.loads(file.readline(_STAND_IN_LIMIT)))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def made_here(path: Path) -> bool:
+    """Whether *path* lies in a folder of stand-ins gclip made for this user: directly in the
+    temporary folder, named STAND_IN_FOLDER..., owned by this user, private (mode 0700)."""
+    temporary = os.path.realpath(tempfile.gettempdir())
+    found = Path(os.path.realpath(path))
+    folder = next((p for p in found.parents if str(p.parent) == temporary), None)
+    if folder is None or not folder.name.startswith(STAND_IN_FOLDER):
+        return False
+    try:
+        mode = os.stat(folder)
+    except OSError:
+        return False
+    return mode.st_uid == os.getuid() and stat.S_IMODE(mode.st_mode) & 0o077 == 0
+
+
+def is_stand_in(head: bytes) -> bool:
+    """Whether a file beginning with *head* may be a stand-in (its first 16 bytes suffice)."""
+    return bool(head) and STAND_IN_MAGIC.startswith(head[: len(STAND_IN_MAGIC)])
+
+
+@runtime_checkable
+class CopiesItself(Protocol):
+    """A file whose bytes are not those of its local path (a stand-in's reader): a byte copy
+    of it is made by the file itself."""
+
+    def copy_to(self, out: Path) -> None:
+        """Write the file's bytes, as they are, to *out*."""
+        ...
+
+
+class RangedBytes:
+    """The bytes of a remote object, by ranges, fetched through fsspec (the backend retries
+    transient errors); failures are InputErrors naming the URL."""
+
+    def __init__(self, stand_in: StandIn, storage: Mapping[str, Any]) -> None:
+        from ..urls import open_remote
+
+        self.url, self.size, self._version = stand_in.url, stand_in.size, stand_in.version
+        self._storage = storage
+        self._remote = open_remote(stand_in.url, storage)
+        self.check_unchanged()
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gclip-fetch")
+
+    def check_unchanged(self) -> None:
+        """Refuse the object if it was replaced since its stand-in was made."""
+        from ..urls import remote_errors, version_of
+
+        with remote_errors(InputError, self.url, self._storage, "cannot read"):
+            now = version_of(self._remote)
+        if self._version and now != self._version:
+            raise InputError(self.url, "was replaced while gclip was reading it")
+
+    def read(self, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the object; refused if it has fewer."""
+        from ..urls import remote_errors
+
+        if length == 0:
+            return b""
+        end = start + length
+        starts = list(range(start, end, _PART))
+        ends = [*starts[1:], end]
+        fs, path = self._remote.fs, self._remote.path
+        with remote_errors(InputError, self.url, self._storage, "cannot read"):
+            if len(starts) == 1:
+                data = fs.cat_file(path, start=start, end=end)
+            else:  # the parts at once (fsspec's async backends run them concurrently)
+                parts = fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")
+                data = b"".join(parts)
+        if len(data) != length:
+            raise InputError(
+                self.url,
+                f"the object changed while gclip read it: it ends before {start + length:,}",
+            )
+        return data
+
+    def windows(self, pieces: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """Each (start, length) of *pieces* as a read-only uint8 array, in order; the next is
+        fetched while the caller works on this one (two windows in memory at most)."""
+        pending: Future[bytes] | None = None
+        for start, length in pieces:
+            fetched = self._ahead.submit(self.read, start, length)
+            if pending is not None:
+                yield np.frombuffer(pending.result(), dtype=np.uint8)
+            pending = fetched
+        if pending is not None:
+            yield np.frombuffer(pending.result(), dtype=np.uint8)
+
+    def cursor(self) -> Cursor:
+        return Cursor(self)
+
+    def copy_to(self, out: Path, window: int) -> None:
+        """The object's bytes into the file *out*, a window at a time."""
+        pieces = ((s, min(window, self.size - s)) for s in range(0, self.size, window))
+        with open(out, "wb") as file:
+            for data in self.windows(pieces):
+                file.write(data)
+
+    def close(self) -> None:
+        """Stop fetching; refuse, at the end, an object replaced while it was read (what was
+        made from it is then discarded)."""
+        self.stop()
+        self.check_unchanged()
+
+    def stop(self) -> None:
+        """Stop fetching (no check: for a reader that failed already)."""
+        self._ahead.shutdown(wait=True, cancel_futures=True)
+
+
+class Cursor:
+    """Sequential reads of a RangedBytes, as a file's read(n) (for headers)."""
+
+    def __init__(self, ranged: RangedBytes) -> None:
+        self._ranged, self._position = ranged, 0
+
+    def read(self, length: int) -> bytes:
+        length = max(0, min(length, self._ranged.size - self._position))
+        data = self._ranged.read(self._position, length)
+        self._position += len(data)
+        return data

@@ -619,7 +619,9 @@ def check(files: tuple[str, ...], max_norm: float, options: Options, as_json: bo
 def _exit_if_nonfinite(report: Report | History | LayerHistory | Diff) -> None:
     """The one rule for NaN/Inf: once the report is out, exit 4, unless a --nonfinite policy
     says how they were counted."""
-    if report.nonfinite and report.nonfinite_policy == "error":
+    from .options import NonFinite
+
+    if report.nonfinite and report.nonfinite_policy is NonFinite.ERROR:
         sys.exit(ExitCode.NONFINITE)
 
 

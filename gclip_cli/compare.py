@@ -25,7 +25,7 @@ import numpy as np
 from .errors import UsageError
 from .formats import TensorFile, TensorInfo, WholeArrays, detect_format
 from .norms import BLOCK, ExactSum, NormAccumulator, NormStats
-from .options import Options
+from .options import NonFinite, Options
 from .progress import SILENT, Progress
 from .selection import matches, name_key
 
@@ -96,7 +96,7 @@ class Diff:
     cosine: float | None  # over the shared tensors, as one vector
     nonfinite_a: int = 0  # NaN/Inf values among those counted
     nonfinite_b: int = 0
-    nonfinite_policy: str = "error"
+    nonfinite_policy: NonFinite = NonFinite.ERROR
     rtol: float = 0.0  # the tolerance finite values were compared with (0 and 0: equality)
     atol: float = 0.0
 
@@ -133,6 +133,7 @@ class Diff:
         from .reports import SCHEMA_VERSION
 
         data = {k: _clean(v) for k, v in asdict(self).items() if k != "tensors"}
+        data["nonfinite_policy"] = NonFinite(self.nonfinite_policy).value
         data["same"] = self.same
         data["counts"] = self.counts
         data["tensors"] = self.rows()[1]
@@ -204,16 +205,16 @@ def _diff(
 def compare(
     a: TensorFile,
     b: TensorFile,
-    chunk_bytes: int,
-    nonfinite: str = "error",
+    chunk_size: int,
+    nonfinite: NonFinite = NonFinite.ERROR,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     tolerance: Tolerance = EXACT,
 ) -> Diff:
     """Compare every tensor of *a* with the tensor of the same name in *b*.
 
-    *nonfinite* ("error", "zero" or "keep") says how NaN/Inf values compare and count: with
-    "error" the norms that hold them are NaN/inf.  Tensors *include*/*exclude* leave out are
+    *nonfinite* says how NaN/Inf values compare and count: with ERROR the norms that hold them
+    are NaN/inf.  Tensors *include*/*exclude* leave out are
     not compared.  Finite values match within *tolerance*.
     """
     totals, rows = _Totals(), []
@@ -222,9 +223,9 @@ def compare(
         if left_out:
             rows.append(_row((ta, tb), NOT_COMPARED, left_out))
         elif ta is None or tb is None:
-            rows.append(_one_side(a, b, ta, tb, chunk_bytes, totals, nonfinite))
+            rows.append(_one_side(a, b, ta, tb, chunk_size, totals, nonfinite))
         else:
-            rows.append(_pair(a, b, (ta, tb), chunk_bytes, totals, nonfinite, tolerance))
+            rows.append(_pair(a, b, (ta, tb), chunk_size, totals, nonfinite, tolerance))
     shared_a = _norm(totals.shared_a, nonfinite)
     shared_b = _norm(totals.shared_b, nonfinite)
     return Diff(
@@ -297,14 +298,14 @@ def _one_side(
     b: TensorFile,
     ta: TensorInfo | None,
     tb: TensorInfo | None,
-    chunk_bytes: int,
+    chunk_size: int,
     totals: _Totals,
-    nonfinite: str,
+    nonfinite: NonFinite,
 ) -> TensorDiff:
     if ta is not None:
-        stats = _measure_alone(a, ta, chunk_bytes, totals.own_a)
+        stats = _measure_alone(a, ta, chunk_size, totals.own_a)
         return _row((ta, None), ONLY_A, None, norm_a=_norm_or_none(stats, nonfinite))
-    stats = _measure_alone(b, tb, chunk_bytes, totals.own_b)
+    stats = _measure_alone(b, tb, chunk_size, totals.own_b)
     return _row((None, tb), ONLY_B, None, norm_b=_norm_or_none(stats, nonfinite))
 
 
@@ -312,21 +313,21 @@ def _pair(
     a: TensorFile,
     b: TensorFile,
     pair: tuple[TensorInfo, TensorInfo],
-    chunk_bytes: int,
+    chunk_size: int,
     totals: _Totals,
-    nonfinite: str,
+    nonfinite: NonFinite,
     tolerance: Tolerance,
 ) -> TensorDiff:
     ta, tb = pair
     mismatch = _mismatch(ta, tb)
     if mismatch:  # each still counts in its file's own norm
-        stats_a = _measure_alone(a, ta, chunk_bytes, totals.own_a)
-        stats_b = _measure_alone(b, tb, chunk_bytes, totals.own_b)
+        stats_a = _measure_alone(a, ta, chunk_size, totals.own_a)
+        stats_b = _measure_alone(b, tb, chunk_size, totals.own_b)
         norm_a, norm_b = _norm_or_none(stats_a, nonfinite), _norm_or_none(stats_b, nonfinite)
         return _row((ta, tb), DIFFERS, mismatch, norm_a=norm_a, norm_b=norm_b)
     if not ta.is_gradient:
-        return _compare_bytes(a, b, ta, tb, chunk_bytes)
-    streamed = _stream_pair(a, b, pair, chunk_bytes, nonfinite == "zero", tolerance)
+        return _compare_bytes(a, b, ta, tb, chunk_size)
+    streamed = _stream_pair(a, b, pair, chunk_size, nonfinite is NonFinite.ZERO, tolerance)
     for own, shared, stats in (
         (totals.own_a, totals.shared_a, streamed.stats_a),
         (totals.own_b, totals.shared_b, streamed.stats_b),
@@ -375,13 +376,13 @@ def _type_of(tensor: TensorInfo) -> str:
 
 
 def _compare_bytes(
-    a: TensorFile, b: TensorFile, ta: TensorInfo, tb: TensorInfo, chunk_bytes: int
+    a: TensorFile, b: TensorFile, ta: TensorInfo, tb: TensorInfo, chunk_size: int
 ) -> TensorDiff:
     """Two tensors of a type gclip does not stream (integers, booleans), read whole when each
     fits in one chunk."""
     if _type_of(ta) != _type_of(tb):
         return _row((ta, tb), DIFFERS, f"dtypes differ ({ta.dtype_name}, {tb.dtype_name})")
-    if max(ta.nbytes, tb.nbytes) > chunk_bytes:
+    if max(ta.nbytes, tb.nbytes) > chunk_size:
         return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: larger than --chunk-size")
     if not (isinstance(a, WholeArrays) and isinstance(b, WholeArrays)):
         return _row((ta, tb), NOT_COMPARED, f"{ta.dtype_name}: its format reads no whole arrays")
@@ -399,13 +400,13 @@ def _native_bytes(values: np.ndarray) -> bytes:
 
 
 def _measure_alone(
-    tfile: TensorFile, tensor: TensorInfo, chunk_bytes: int, total: NormStats
+    tfile: TensorFile, tensor: TensorInfo, chunk_size: int, total: NormStats
 ) -> NormStats | None:
     """The statistics of a gradient *tensor* (None for others), added to *total*."""
     if not tensor.is_gradient:
         return None
     accumulator = NormAccumulator(2.0)
-    for chunk in tfile.read_chunks(tensor, chunk_bytes):
+    for chunk in tfile.read_chunks(tensor, chunk_size):
         accumulator.add(chunk)
     stats = accumulator.finish()
     total.merge(stats)
@@ -416,7 +417,7 @@ def _stream_pair(
     a: TensorFile,
     b: TensorFile,
     pair: tuple[TensorInfo, TensorInfo],
-    chunk_bytes: int,
+    chunk_size: int,
     zero_nonfinite: bool,
     tolerance: Tolerance,
 ) -> _Streamed:
@@ -424,7 +425,7 @@ def _stream_pair(
     acc_a, acc_b, dot = NormAccumulator(2.0), NormAccumulator(2.0), ExactSum()
     wide_a, wide_b = np.empty(BLOCK), np.empty(BLOCK)
     differing = 0
-    pairs = _lockstep(a.read_chunks(ta, chunk_bytes), b.read_chunks(tb, chunk_bytes))
+    pairs = _lockstep(a.read_chunks(ta, chunk_size), b.read_chunks(tb, chunk_size))
     for piece_a, piece_b in pairs:
         acc_a.add(piece_a)
         acc_b.add(piece_b)
@@ -481,12 +482,12 @@ def _lockstep(
         left_a, left_b = left_a[n:], left_b[n:]
 
 
-def _norm(stats: NormStats, nonfinite: str) -> float:
+def _norm(stats: NormStats, nonfinite: NonFinite) -> float:
     """NaN/Inf propagate into the norm unless a policy says how to count them."""
-    return stats.norm() if nonfinite == "error" else stats.finite_norm()
+    return stats.norm() if nonfinite is NonFinite.ERROR else stats.finite_norm()
 
 
-def _norm_or_none(stats: NormStats | None, nonfinite: str) -> float | None:
+def _norm_or_none(stats: NormStats | None, nonfinite: NonFinite) -> float | None:
     return None if stats is None else _norm(stats, nonfinite)
 
 

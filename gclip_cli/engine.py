@@ -21,7 +21,7 @@ from .rounding import ScaleFactor
 def measure_tensors(
     tfile: TensorFile,
     norm_type: float,
-    chunk_bytes: int,
+    chunk_size: int,
     jobs: int = 1,
     progress: Progress = SILENT,
 ) -> list[NormStats | None]:
@@ -30,7 +30,7 @@ def measure_tensors(
     progress.begin(MEASURING, gradient_bytes(tfile.tensors))
     pieces = parallel.measurable_pieces(tfile, jobs)
     measured, crcs = parallel.measure_pieces(
-        tfile.path, pieces, norm_type, chunk_bytes, jobs, progress
+        tfile.path, pieces, norm_type, chunk_size, jobs, progress
     )
     if isinstance(tfile, Checksummed):
         tfile.verify_checksums(crcs)
@@ -42,7 +42,7 @@ def measure_tensors(
         if not t.is_gradient
         else measured[t.name]
         if t.name in measured
-        else _measure_tensor(tfile, itself, t, norm_type, chunk_bytes, progress)
+        else _measure_tensor(tfile, itself, t, norm_type, chunk_size, progress)
         for t in tfile.tensors
     ]
 
@@ -57,17 +57,17 @@ def _measure_tensor(
     itself: SelfMeasuring | None,
     tensor: TensorInfo,
     norm_type: float,
-    chunk_bytes: int,
+    chunk_size: int,
     progress: Progress,
 ) -> NormStats:
     """*tensor*'s statistics, from *itself* (the file, when it can measure some tensors
     without reading each value) or from its values."""
     if itself is not None:
-        stats = itself.measure_tensor(tensor, norm_type, chunk_bytes, progress)
+        stats = itself.measure_tensor(tensor, norm_type, chunk_size, progress)
         if stats is not None:
             return stats
     accumulator = NormAccumulator.for_tensor(tensor, norm_type)
-    for chunk in tfile.read_chunks(tensor, chunk_bytes):
+    for chunk in tfile.read_chunks(tensor, chunk_size):
         accumulator.add(chunk)
         progress.advance(chunk.nbytes)
     return accumulator.finish()
@@ -180,7 +180,7 @@ def rewrite(
     tfile: TensorFile,
     out: Path,
     rewriter: Rewriter,
-    chunk_bytes: int,
+    chunk_size: int,
     jobs: int = 1,
     progress: Progress = SILENT,
 ) -> list[NormStats | None]:
@@ -193,10 +193,10 @@ def rewrite(
     spans = parallel.parallel_spans(tfile, jobs)
     pieces = parallel.encodable_pieces(tfile, jobs)
     leave = {s.tensor.name for s in spans} | {p.tensor.name for p in pieces}
-    tfile.write_transformed(out, counted(rewriter, progress), chunk_bytes, leave=leave)
+    tfile.write_transformed(out, counted(rewriter, progress), chunk_size, leave=leave)
     rewriter.finish()
     crcs = (
-        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_bytes, jobs, progress)
+        parallel.rewrite_spans(tfile.path, out, spans, rewriter, chunk_size, jobs, progress)
         if spans
         else {}
     )

@@ -69,14 +69,14 @@ class Span:
         return replace(self, offset=offset, first=self.first + start, count=stop - start)
 
     def measure_and_checksum(
-        self, fd: int, norm_type: float, window: int, progress: Progress
+        self, fd: int, norm_type: float, chunk_size: int, progress: Progress
     ) -> tuple[NormStats, int | None]:
         """The statistics of the span's values and, if checksummed, the CRC-32 of its bytes;
         *progress* is told of the bytes read."""
         accumulator = NormAccumulator.for_tensor(self.tensor, norm_type, self.first)
         crc = 0 if self.checksummed else None
         itemsize = self.tensor.dtype.itemsize
-        for offset, nbytes in window_pieces(self.offset, self.nbytes, itemsize, window):
+        for offset, nbytes in window_pieces(self.offset, self.nbytes, itemsize, chunk_size):
             with mapped(fd, offset, nbytes) as raw:
                 accumulator.add(raw.view(self.tensor.dtype))
                 if crc is not None:
@@ -178,15 +178,15 @@ def measure_pieces(
     path: Path,
     pieces: Sequence[ValuePiece | Span],
     norm_type: float,
-    chunk_bytes: int,
+    chunk_size: int,
     jobs: int,
     progress: Progress = SILENT,
 ) -> tuple[dict[str, NormStats], dict[str, int]]:
     """The NormStats of the values *pieces* cover, per tensor name, measured by *jobs*
     workers (their progress told to *progress*); and the CRC-32s of the values of the tensors
     whose spans are checksummed."""
-    window = min(chunk_bytes, _WORKER_WINDOW)
-    tasks = [(_measure_share, (path, share, norm_type, window)) for share in deal(pieces, jobs)]
+    per_worker = min(chunk_size, _WORKER_WINDOW)
+    tasks = [(_measure_share, (path, share, norm_type, per_worker)) for share in deal(pieces, jobs)]
     merged: dict[str, NormStats] = {}
     crcs: list[CrcPart] = []
     for results, crc_parts in run_forked(path, tasks, progress=progress):
@@ -209,7 +209,7 @@ def rewrite_spans(
     out: Path,
     spans: Sequence[Span],
     rewriter: Rewriter,
-    chunk_bytes: int,
+    chunk_size: int,
     jobs: int,
     progress: Progress = SILENT,
 ) -> dict[str, int]:
@@ -217,8 +217,10 @@ def rewrite_spans(
     workers (their progress told to *progress*); what they measured is merged into
     *rewriter*.  Returns the CRC-32s of the values written of the tensors whose spans are
     checksummed."""
-    window = min(chunk_bytes, _WORKER_WINDOW)
-    tasks = [(_rewrite_share, (path, out, share, rewriter, window)) for share in cut(spans, jobs)]
+    per_worker = min(chunk_size, _WORKER_WINDOW)
+    tasks = [
+        (_rewrite_share, (path, out, share, rewriter, per_worker)) for share in cut(spans, jobs)
+    ]
     crcs: list[CrcPart] = []
     for done, crc_parts in run_forked(path, tasks, progress=progress):
         rewriter.merge(done)
@@ -293,18 +295,20 @@ def _measure_share(
     path: Path,
     pieces: Sequence[ValuePiece | Span],
     norm_type: float,
-    window: int,
+    chunk_size: int,
 ) -> tuple[list[tuple[str, NormStats]], list[CrcPart]]:
     results, crcs = [], []
     progress = channel.progress
     with open(path, "rb") as src:
         for piece in pieces:
             if isinstance(piece, Span):
-                stats, crc = piece.measure_and_checksum(src.fileno(), norm_type, window, progress)
+                stats, crc = piece.measure_and_checksum(
+                    src.fileno(), norm_type, chunk_size, progress
+                )
                 if crc is not None:
                     crcs.append((piece.tensor.name, piece.first, piece.nbytes, crc))
             else:
-                stats = piece.measure(src.fileno(), norm_type, window, progress)
+                stats = piece.measure(src.fileno(), norm_type, chunk_size, progress)
             results.append((piece.tensor.name, stats))
     return results, crcs
 
@@ -315,17 +319,17 @@ def _rewrite_share(
     out: Path,
     spans: Sequence[Span],
     template: Rewriter,
-    window: int,
+    chunk_size: int,
 ) -> tuple[Rewriter, list[CrcPart]]:
     rewriter = template.blank()
     transform = counted(rewriter, channel.progress)
-    buffer = window_buffer(window)
+    buffer = window_buffer(chunk_size)
     crcs = []
     with open(path, "rb") as src, open(out, "r+b") as dst:
         for span in spans:
             where = (span.tensor, span.offset, span.nbytes)
             crc = rewrite_at(
-                src.fileno(), dst.fileno(), *where, transform, window, buffer, span.checksummed
+                src.fileno(), dst.fileno(), *where, transform, chunk_size, buffer, span.checksummed
             )
             if crc is not None:
                 crcs.append((span.tensor.name, span.first, span.nbytes, crc))

@@ -220,11 +220,11 @@ class CoreOnly:
         self._tfile = tfile
         self.path, self.format_name, self.tensors = tfile.path, tfile.format_name, tfile.tensors
 
-    def read_chunks(self, tensor, chunk_bytes):
-        return self._tfile.read_chunks(tensor, chunk_bytes)
+    def read_chunks(self, tensor, chunk_size):
+        return self._tfile.read_chunks(tensor, chunk_size)
 
-    def write_transformed(self, out, transform, chunk_bytes, leave=frozenset()):
-        self._tfile.write_transformed(out, transform, chunk_bytes, leave)
+    def write_transformed(self, out, transform, chunk_size, leave=frozenset()):
+        self._tfile.write_transformed(out, transform, chunk_size, leave)
 
     def close(self) -> None:
         self._tfile.close()

@@ -76,14 +76,14 @@ class DummyFile:
         self._values = np.frombuffer(path.read_bytes()[5:], dtype="<f4")
         self.tensors = [describe_array("values", self._values.dtype, self._values.shape)]
 
-    def read_chunks(self, tensor, chunk_bytes):
-        step = max(1, chunk_bytes // 4)
+    def read_chunks(self, tensor, chunk_size):
+        step = max(1, chunk_size // 4)
         for start in range(0, self._values.size, step):
             yield self._values[start : start + step]
 
-    def write_transformed(self, out, transform, chunk_bytes, leave=frozenset()):
+    def write_transformed(self, out, transform, chunk_size, leave=frozenset()):
         written = np.empty_like(self._values)
-        step = max(1, chunk_bytes // 4)
+        step = max(1, chunk_size // 4)
         for start in range(0, self._values.size, step):
             part = slice(start, start + step)
             transform(self.tensors[0], self._values[part], written[part])

@@ -134,8 +134,8 @@ class ValuePiece(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
-        """The statistics of the piece's values, read from *fd* at most *window* bytes at a
+    def measure(self, fd: int, norm_type: float, chunk_size: int, progress: Progress) -> NormStats:
+        """The statistics of the piece's values, read from *fd* at most *chunk_size* bytes at a
         time; *progress* is told of the bytes read."""
         ...
 
@@ -169,12 +169,12 @@ class TensorFile(Protocol):
     format_name: str
     tensors: Sequence[TensorInfo]
 
-    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
-        """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_bytes* bytes."""
+    def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
+        """Yield the values of gradient *tensor* as 1-D arrays of at most *chunk_size* bytes."""
         ...
 
     def write_transformed(
-        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
         """Copy the file to *out*, every gradient chunk passed through *transform*.
 
@@ -256,7 +256,7 @@ class SelfMeasuring(Protocol):
     unallocated chunks are its fill value, however many there are)."""
 
     def measure_tensor(
-        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
+        self, tensor: TensorInfo, norm_type: float, chunk_size: int, progress: Progress
     ) -> NormStats | None:
         """The statistics of gradient *tensor*, or None when read_chunks() is the way; tells
         *progress* of the bytes of values it covers."""
@@ -268,18 +268,18 @@ MAX_WINDOW = 16 << 20
 
 
 def window_pieces(
-    start: int, nbytes: int, itemsize: int, chunk_bytes: int
+    start: int, nbytes: int, itemsize: int, chunk_size: int
 ) -> Iterator[tuple[int, int]]:
     """(file offset, length) of the pieces of the byte range [start, start + nbytes) to map:
-    whole items, at most *chunk_bytes* and MAX_WINDOW long."""
-    step = items_per_chunk(itemsize, min(chunk_bytes, MAX_WINDOW)) * itemsize
+    whole items, at most *chunk_size* and MAX_WINDOW long."""
+    step = items_per_chunk(itemsize, min(chunk_size, MAX_WINDOW)) * itemsize
     for offset in range(0, nbytes, step):
         yield start + offset, min(step, nbytes - offset)
 
 
-def items_per_chunk(itemsize: int, chunk_bytes: int) -> int:
+def items_per_chunk(itemsize: int, chunk_size: int) -> int:
     """How many items of *itemsize* bytes one chunk holds: at least one, whole blocks if it can."""
-    items = max(1, chunk_bytes // itemsize)
+    items = max(1, chunk_size // itemsize)
     return items - items % BLOCK if items > BLOCK else items
 
 
@@ -392,12 +392,12 @@ class PipelinedWriter:
             self._pool.shutdown(wait=True)
 
 
-def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_bytes: int, path: Path) -> None:
+def copy_stream(src: BinaryIO, dst: BinaryIO, nbytes: int, chunk_size: int, path: Path) -> None:
     """Copy exactly *nbytes* from *src* to *dst* through one reused buffer.
 
     Read failures become InputError naming *path*; write failures propagate as they are.
     """
-    buffer = bytearray(min(nbytes, chunk_bytes))
+    buffer = bytearray(min(nbytes, chunk_size))
     view = memoryview(buffer)
     left = nbytes
     while left:
@@ -416,7 +416,7 @@ def rewrite_in_place(
     out: Path,
     plain: Mapping[TensorInfo, int],
     transform: Transform,
-    chunk_bytes: int,
+    chunk_size: int,
     leave: Set[str] = frozenset(),
     holes: Sequence[tuple[int, int]] | np.ndarray = (),
 ) -> None:
@@ -429,11 +429,11 @@ def rewrite_in_place(
         reserve(copy.fileno(), size)
         for start, nbytes in gaps(blocks.reshape(-1, 2), size):
             copy_range(src, copy.fileno(), start, nbytes)
-        buffer = window_buffer(chunk_bytes)
+        buffer = window_buffer(chunk_size)
         for tensor, start in plain.items():
             if tensor.name not in leave:
                 where = (tensor, start, tensor.nbytes)
-                rewrite_at(src, copy.fileno(), *where, transform, chunk_bytes, buffer)
+                rewrite_at(src, copy.fileno(), *where, transform, chunk_size, buffer)
 
 
 def gaps(blocks: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
@@ -454,7 +454,7 @@ def rewrite_at(
     start: int,
     nbytes: int,
     transform: Transform,
-    chunk_bytes: int,
+    chunk_size: int,
     buffer: np.ndarray,
     checksum: bool = False,
 ) -> int | None:
@@ -464,7 +464,7 @@ def rewrite_at(
     if *checksum*, else None."""
     dtype = tensor.dtype
     crc = 0 if checksum else None
-    for offset, length in window_pieces(start, nbytes, dtype.itemsize, chunk_bytes):
+    for offset, length in window_pieces(start, nbytes, dtype.itemsize, chunk_size):
         target = buffer[:length]
         with mapped(src, offset, length) as raw:
             transform(tensor, raw.view(dtype), target.view(dtype))
@@ -474,9 +474,9 @@ def rewrite_at(
     return crc
 
 
-def window_buffer(chunk_bytes: int) -> np.ndarray:
-    """A buffer for rewrite_at with windows of at most *chunk_bytes*."""
-    return np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)
+def window_buffer(chunk_size: int) -> np.ndarray:
+    """A buffer for rewrite_at with windows of at most *chunk_size*."""
+    return np.empty(max(min(chunk_size, MAX_WINDOW), 8), dtype=np.uint8)
 
 
 def write_all_at(fd: int, data: memoryview, offset: int) -> None:

@@ -105,19 +105,19 @@ class Hdf5File:
             self.close()
             raise
 
-    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+    def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
         stored = self._storage(tensor)
         if stored.start is not None:  # one plain block of values: map it, as for safetensors
-            return self._mapped_chunks(stored.start, tensor, chunk_bytes)
+            return self._mapped_chunks(stored.start, tensor, chunk_size)
         if stored.raw is not None:  # chunks gclip decodes itself
-            return read_values(self.path, self._raw.fileno(), tensor, stored.raw, chunk_bytes)
+            return read_values(self.path, self._raw.fileno(), tensor, stored.raw, chunk_size)
         dataset = self._datasets[tensor.location]
         # viewed as the tensor's dtype: raw (opaque) values may have been given a type
-        found = slabs(self.path, dataset, chunk_bytes)
+        found = slabs(self.path, dataset, chunk_size)
         return (values.reshape(-1).view(tensor.dtype) for _, values in found)
 
     def measure_tensor(
-        self, tensor: TensorInfo, norm_type: float, chunk_bytes: int, progress: Progress
+        self, tensor: TensorInfo, norm_type: float, chunk_size: int, progress: Progress
     ) -> NormStats | None:
         """The statistics of a sparse tensor, its unallocated values counted without being
         visited; None for the others (read_chunks serves them)."""
@@ -125,13 +125,13 @@ class Hdf5File:
         if sparse is None:
             return None
         dataset = self._datasets[tensor.location]
-        return measure_sparse(self.path, dataset, sparse, tensor, norm_type, chunk_bytes, progress)
+        return measure_sparse(self.path, dataset, sparse, tensor, norm_type, chunk_size, progress)
 
     def _mapped_chunks(
-        self, start: int, tensor: TensorInfo, chunk_bytes: int
+        self, start: int, tensor: TensorInfo, chunk_size: int
     ) -> Iterator[np.ndarray]:
         for offset, nbytes in window_pieces(
-            start, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes
+            start, tensor.nbytes, tensor.dtype.itemsize, chunk_size
         ):
             with mapped(self._raw.fileno(), offset, nbytes) as raw:
                 yield raw.view(tensor.dtype)
@@ -177,7 +177,7 @@ class Hdf5File:
         ]
 
     def write_transformed(
-        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
         self._refuse_unwritable()
         plain = self.plain_offsets()
@@ -188,7 +188,7 @@ class Hdf5File:
         # chunks gclip writes itself need not be copied first (nor linger, if HDF5 moves them)
         holes = np.concatenate([r.stored_ranges() for r in raw.values()]) if raw else ()
         fd = self._raw.fileno()
-        rewrite_in_place(fd, out, placed, transform, chunk_bytes, leave, holes)
+        rewrite_in_place(fd, out, placed, transform, chunk_size, leave, holes)
         # One HDF5 session for the datasets HDF5 filters, then one for those gclip encodes
         # (workers' pieces are placed in such a session too): HDF5 then allocates the same
         # places for the new chunks whoever encoded them.
@@ -196,9 +196,7 @@ class Hdf5File:
         if through_hdf5:
             with hdf5_output(out) as copy:
                 for tensor in through_hdf5:
-                    self._rewrite_through_hdf5(
-                        copy[tensor.location], tensor, transform, chunk_bytes
-                    )
+                    self._rewrite_through_hdf5(copy[tensor.location], tensor, transform, chunk_size)
         encoded_here = [t for t in raw if t.name not in leave]
         if encoded_here:
             with hdf5_output(out) as copy:
@@ -207,13 +205,13 @@ class Hdf5File:
                     rewrite_values(self.path, fd, tensor, raw[tensor], target, transform)
 
     def _rewrite_through_hdf5(
-        self, target: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
+        self, target: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_size: int
     ) -> None:
         sparse = self._storage(tensor).sparse
         if sparse is not None:
-            rewrite_sparse(self.path, target, sparse, tensor, transform, chunk_bytes)
+            rewrite_sparse(self.path, target, sparse, tensor, transform, chunk_size)
         else:
-            rewrite_slabs(self.path, target, tensor, transform, chunk_bytes)
+            rewrite_slabs(self.path, target, tensor, transform, chunk_size)
 
     def _refuse_unwritable(self) -> None:
         """Refuse, before anything is written, values gclip would not write back faithfully,

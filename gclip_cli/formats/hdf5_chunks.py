@@ -175,7 +175,7 @@ class _ChunkedDataset:
 
     def __init__(self, path: Path, fd: int, name: str, raw: RawChunks, dtype: np.dtype) -> None:
         self.path, self.fd, self.name, self.raw, self.dtype = path, fd, name, raw, dtype
-        self.chunk_bytes = math.prod(raw.chunk_shape) * dtype.itemsize
+        self.chunk_size = math.prod(raw.chunk_shape) * dtype.itemsize
         self._starts = [
             range(0, n, c) for n, c in zip(raw.shape[1:], raw.chunk_shape[1:], strict=True)
         ]
@@ -204,9 +204,9 @@ class _ChunkedDataset:
     def _read_chunk(self, coordinates: Coordinates) -> tuple[_Chunk, np.ndarray]:
         offset, size, mask = self.raw.stored(coordinates)
         with reading(self.path, f"dataset {self.name!r}, chunk at {coordinates}"):
-            data = self.raw.pipeline.decode(os.pread(self.fd, size, offset), mask, self.chunk_bytes)
-            if len(data) != self.chunk_bytes:
-                raise ValueError(f"{len(data)} bytes decoded, {self.chunk_bytes} expected")
+            data = self.raw.pipeline.decode(os.pread(self.fd, size, offset), mask, self.chunk_size)
+            if len(data) != self.chunk_size:
+                raise ValueError(f"{len(data)} bytes decoded, {self.chunk_size} expected")
         chunk_shape = self.raw.chunk_shape
         decoded = np.frombuffer(data, dtype=self.dtype).reshape(chunk_shape)
         sizes = [
@@ -250,8 +250,8 @@ class BandRows:
         rows = min(self.rows.stop, self.raw.shape[0]) - self.rows.start
         return rows * _row_bytes(self.raw, self.tensor.dtype)
 
-    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
-        del window  # bands are read whole: each holds whole chunks
+    def measure(self, fd: int, norm_type: float, chunk_size: int, progress: Progress) -> NormStats:
+        del chunk_size  # bands are read whole: each holds whole chunks
         first = self.rows.start * math.prod(self.raw.shape[1:])  # its first value's index
         accumulator = NormAccumulator.for_tensor(self.tensor, norm_type, first)
         for band in self._dataset(fd).bands(self.rows):
@@ -316,11 +316,11 @@ def read_values(
     fd: int,
     tensor: TensorInfo,
     raw: RawChunks,
-    chunk_bytes: int,
+    chunk_size: int,
 ) -> Iterator[np.ndarray]:
     """The values of *tensor* (stored as *raw* in the open file *fd*) in C order, as 1-D pieces
-    of at most *chunk_bytes*."""
-    step = items_per_chunk(tensor.dtype.itemsize, chunk_bytes)
+    of at most *chunk_size*."""
+    step = items_per_chunk(tensor.dtype.itemsize, chunk_size)
     for band in _ChunkedDataset(path, fd, tensor.name, raw, tensor.dtype).bands():
         flat = band.values.reshape(-1)
         for start in range(0, flat.size, step):

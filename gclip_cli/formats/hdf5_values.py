@@ -41,7 +41,7 @@ MAX_FILL_WRITTEN = 1 << 26
 
 
 def slabs(
-    path: Path, dataset: h5py.Dataset, chunk_bytes: int, region: Selection | None = None
+    path: Path, dataset: h5py.Dataset, chunk_size: int, region: Selection | None = None
 ) -> Iterator[tuple[Selection, np.ndarray]]:
     """Read *dataset* (or its *region*) in hyperslabs that follow C order, each into one
     reused buffer."""
@@ -50,7 +50,7 @@ def slabs(
     if math.prod(shape) == 0:
         return
     # no larger than a mapped window: HDF5 holds the compressed chunks besides
-    max_items = items_per_chunk(dataset.dtype.itemsize, min(chunk_bytes, MAX_WINDOW))
+    max_items = items_per_chunk(dataset.dtype.itemsize, min(chunk_size, MAX_WINDOW))
     buffer = np.empty(min(max_items, math.prod(shape)), dtype=dataset.dtype)
     for relative in c_order_slabs(shape, dataset.chunks, max_items):
         selection = (
@@ -92,10 +92,10 @@ def c_order_slabs(
 
 
 def rewrite_slabs(
-    path: Path, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_bytes: int
+    path: Path, dataset: h5py.Dataset, tensor: TensorInfo, transform: Transform, chunk_size: int
 ) -> None:
     """Pass every value of *dataset* (in a copy of the file) through *transform*, in C order."""
-    for selection, values in slabs(path, dataset, chunk_bytes):
+    for selection, values in slabs(path, dataset, chunk_size):
         flat = values.reshape(-1).view(tensor.dtype)  # raw values may have been given a type
         transform(tensor, flat, flat)
         dataset.write_direct(values, dest_sel=selection)
@@ -129,32 +129,32 @@ def measure_sparse(
     sparse: Sparse,
     tensor: TensorInfo,
     norm_type: float,
-    chunk_bytes: int,
+    chunk_size: int,
     progress: Progress,
 ) -> NormStats:
     """The statistics of every value of a sparse *dataset* (*tensor*): the allocated chunks'
     values, read, and the unallocated ones, counted (told to *progress*)."""
     accumulator = NormAccumulator(norm_type)
-    for _, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
+    for _, values in _allocated_slabs(path, dataset, sparse, chunk_size):
         accumulator.add(values.reshape(-1).view(tensor.dtype))  # raw values may have a type
         progress.advance(values.nbytes)
     stats = accumulator.finish()
     stats.merge(repeated(measure(sparse.fill.view(tensor.dtype), norm_type), sparse.unallocated))
     progress.advance(sparse.unallocated * dataset.dtype.itemsize)
     if stats.nonfinite:  # rare: read again to place the first
-        stats.first_nonfinite = _first_nonfinite(path, dataset, sparse, tensor, chunk_bytes)
+        stats.first_nonfinite = _first_nonfinite(path, dataset, sparse, tensor, chunk_size)
     return stats
 
 
 def _first_nonfinite(
-    path: Path, dataset: h5py.Dataset, sparse: Sparse, tensor: TensorInfo, chunk_bytes: int
+    path: Path, dataset: h5py.Dataset, sparse: Sparse, tensor: TensorInfo, chunk_size: int
 ) -> int | None:
     """The flat C-order index of the first NaN/Inf of a sparse dataset.  Its allocated chunks
     come in the order of its chunk grid, not of its values: each slab's first is placed in the
     dataset and the least kept; a non-finite fill value counts from the first unallocated
     chunk."""
     found = []
-    for selection, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
+    for selection, values in _allocated_slabs(path, dataset, sparse, chunk_size):
         bad = ~np.isfinite(values.view(tensor.dtype))
         if bad.any():
             local = np.unravel_index(int(np.argmax(bad)), bad.shape)
@@ -183,16 +183,16 @@ def rewrite_sparse(
     sparse: Sparse,
     tensor: TensorInfo,
     transform: Transform,
-    chunk_bytes: int,
+    chunk_size: int,
 ) -> None:
     """Pass the values of a sparse *dataset* (in a copy of the file) through *transform*:
     those of the allocated chunks, in place; the unallocated ones stay so (fill value 0), or
     are written out."""
     if not sparse.keeps_fill:
         refuse_filling_beyond_limit(path, tensor.name, sparse)
-        rewrite_slabs(path, dataset, tensor, transform, chunk_bytes)
+        rewrite_slabs(path, dataset, tensor, transform, chunk_size)
         return
-    for selection, values in _allocated_slabs(path, dataset, sparse, chunk_bytes):
+    for selection, values in _allocated_slabs(path, dataset, sparse, chunk_size):
         flat = values.reshape(-1).view(tensor.dtype)
         transform(tensor, flat, flat)
         dataset.write_direct(values, dest_sel=selection)
@@ -210,14 +210,14 @@ def refuse_filling_beyond_limit(path: Path, name: str, sparse: Sparse) -> None:
 
 
 def _allocated_slabs(
-    path: Path, dataset: h5py.Dataset, sparse: Sparse, chunk_bytes: int
+    path: Path, dataset: h5py.Dataset, sparse: Sparse, chunk_size: int
 ) -> Iterator[tuple[Selection, np.ndarray]]:
     """The values of the allocated chunks, chunk after chunk, each in C-order slabs."""
     index = sparse.index
     if index is None:
         return
     for k in range(len(index.cells)):
-        yield from slabs(path, dataset, chunk_bytes, index.region(k))
+        yield from slabs(path, dataset, chunk_size, index.region(k))
 
 
 def repeated(one: NormStats, count: int) -> NormStats:

@@ -98,14 +98,14 @@ class NpzFile:
             self.close()
             raise
 
-    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+    def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
         info, values_offset = tensor.location
         if info.compress_type != zipfile.ZIP_STORED:
             opened = partial(self._archive.open_member, info)
-            return _member_values(self.path, opened, tensor, chunk_bytes)
+            return _member_values(self.path, opened, tensor, chunk_size)
         # straight from the archive's pages (no copy), the CRC-32 checked on the way
         itemsize = tensor.dtype.itemsize
-        windows = self._archive.stored_windows(info, values_offset, itemsize, chunk_bytes)
+        windows = self._archive.stored_windows(info, values_offset, itemsize, chunk_size)
         return (raw.view(tensor.dtype) for raw in windows)
 
     def plain_offsets(self) -> dict[str, int]:
@@ -147,15 +147,15 @@ class NpzFile:
         ]
 
     def write_transformed(
-        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
         plain = self.plain_offsets()
         if plain:
             placed = {t: plain[t.name] for t in self.tensors if t.name in plain}
             self._archive.verify_stored([t.location.info for t in placed])
-            rewrite_in_place(self._archive.fd, out, placed, transform, chunk_bytes, leave)
+            rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
         else:
-            self._write_rebuilt(out, transform, chunk_bytes)
+            self._write_rebuilt(out, transform, chunk_size)
 
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """A byte copy with new values needs their new CRC-32s, in the members' local headers
@@ -177,10 +177,10 @@ class NpzFile:
                     )
         self._archive.patch_crcs(out, member_crcs)
 
-    def _write_rebuilt(self, out: Path, transform: Transform, chunk_bytes: int) -> None:
+    def _write_rebuilt(self, out: Path, transform: Transform, chunk_size: int) -> None:
         """Every member written anew, in order, gradient values passed through *transform*."""
         tensors = {t.location.info.filename: t for t in self.tensors if t.is_gradient}
-        size = max(min(chunk_bytes, MAX_WINDOW), 8)  # at least one item
+        size = max(min(chunk_size, MAX_WINDOW), 8)  # at least one item
         with (
             open(out, "wb") as file,
             ZipWriter(file, self._archive.comment) as dst,
@@ -191,10 +191,10 @@ class NpzFile:
                 with dst.member(copy_info(info)) as member_out, writer.drained():
                     tensor = tensors.get(info.filename)
                     if tensor is None:
-                        self._copy_member(info, member_out, chunk_bytes)
+                        self._copy_member(info, member_out, chunk_size)
                     else:
                         member_out.write(self._npy_header(tensor))
-                        self._write_values(tensor, transform, member_out, writer, chunk_bytes)
+                        self._write_values(tensor, transform, member_out, writer, chunk_size)
 
     def _write_values(
         self,
@@ -202,11 +202,11 @@ class NpzFile:
         transform: Transform,
         member_out: BinaryIO,
         writer: PipelinedWriter,
-        chunk_bytes: int,
+        chunk_size: int,
     ) -> None:
         """Transformed chunks into *member_out*, written (checksummed, compressed) on the
         writer's thread while the next chunk is transformed."""
-        for chunk in self.read_chunks(tensor, chunk_bytes):
+        for chunk in self.read_chunks(tensor, chunk_size):
             target = writer.buffer(chunk.nbytes).view(chunk.dtype)
             transform(tensor, chunk, target)
             writer.submit(target, member_out)
@@ -270,11 +270,11 @@ class NpzFile:
         ):
             return member.read(values_offset)
 
-    def _copy_member(self, info: zipfile.ZipInfo, dst: BinaryIO, chunk_bytes: int) -> None:
+    def _copy_member(self, info: zipfile.ZipInfo, dst: BinaryIO, chunk_size: int) -> None:
         with reading(self.path, f"member {shown(info.filename)}"):
             member = self._archive.open_member(info)
         with member:
-            copy_stream(member, dst, info.file_size, chunk_bytes, self.path)
+            copy_stream(member, dst, info.file_size, chunk_size, self.path)
 
 
 def _read_npy_header(member: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -318,13 +318,13 @@ def _member_values(
     path: Path,
     opened: Callable[[], AbstractContextManager[BinaryIO]],
     tensor: TensorInfo,
-    chunk_bytes: int,
+    chunk_size: int,
 ) -> Iterator[np.ndarray]:
     """The values of member *tensor*, from the stream *opened*() gives (which checks the
-    CRC-32), in pieces of at most *chunk_bytes* read into one reused buffer."""
+    CRC-32), in pieces of at most *chunk_size* read into one reused buffer."""
     info, values_offset = tensor.location
     dtype = tensor.dtype
-    step = items_per_chunk(dtype.itemsize, min(chunk_bytes, _INFLATE_WINDOW))
+    step = items_per_chunk(dtype.itemsize, min(chunk_size, _INFLATE_WINDOW))
     buffer = np.empty(min(step, tensor.numel), dtype=dtype)
     raw = memoryview(buffer.view(np.uint8))
     try:
@@ -355,10 +355,10 @@ class DeflatedMember:
     def nbytes(self) -> int:
         return self.tensor.nbytes
 
-    def measure(self, fd: int, norm_type: float, window: int, progress: Progress) -> NormStats:
+    def measure(self, fd: int, norm_type: float, chunk_size: int, progress: Progress) -> NormStats:
         accumulator = NormAccumulator.for_tensor(self.tensor, norm_type)
         opened = partial(member_bytes, self.path, fd, self.tensor.location.info, self.start)
-        for values in _member_values(self.path, opened, self.tensor, window):
+        for values in _member_values(self.path, opened, self.tensor, chunk_size):
             accumulator.add(values)
             progress.advance(values.nbytes)
         return accumulator.finish()

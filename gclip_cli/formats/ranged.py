@@ -156,9 +156,9 @@ class RangedBytes:
     def cursor(self) -> Cursor:
         return Cursor(self)
 
-    def copy_to(self, out: Path, window: int) -> None:
-        """The object's bytes into the file *out*, a window at a time."""
-        pieces = ((s, min(window, self.size - s)) for s in range(0, self.size, window))
+    def copy_to(self, out: Path, chunk_size: int) -> None:
+        """The object's bytes into the file *out*, *chunk_size* bytes at a time."""
+        pieces = ((s, min(chunk_size, self.size - s)) for s in range(0, self.size, chunk_size))
         with open(out, "wb") as file:
             for data in self.windows(pieces):
                 file.write(data)

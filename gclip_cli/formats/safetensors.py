@@ -110,8 +110,8 @@ class SafetensorsFile:
     def _data_start(self) -> int:
         return len(self._header_bytes)
 
-    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
-        for start, nbytes in self._pieces(tensor, chunk_bytes):
+    def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
+        for start, nbytes in self._pieces(tensor, chunk_size):
             with mapped(self._file.fileno(), start, nbytes) as raw:
                 yield raw.view(tensor.dtype)
 
@@ -119,11 +119,11 @@ class SafetensorsFile:
         return {t.name: self._data_start + t.location[0] for t in self.tensors if t.is_gradient}
 
     def write_transformed(
-        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
         # write() from reused buffers: as fast here as writing through a mapping, and a full
         # disk is an OSError rather than SIGBUS.
-        size = max(min(chunk_bytes, MAX_WINDOW), 8)  # at least one item
+        size = max(min(chunk_size, MAX_WINDOW), 8)  # at least one item
         with open(out, "wb") as dst:
             reserve(dst.fileno(), os.fstat(self._file.fileno()).st_size)
             dst.write(self._header_bytes)
@@ -131,7 +131,7 @@ class SafetensorsFile:
                 for tensor in sorted(self.tensors, key=lambda t: t.location):
                     if tensor.name in leave:
                         continue
-                    for start, nbytes in self._pieces(tensor, chunk_bytes):
+                    for start, nbytes in self._pieces(tensor, chunk_size):
                         target = writer.buffer(nbytes)
                         with mapped(self._file.fileno(), start, nbytes) as src:
                             if tensor.is_gradient:
@@ -140,8 +140,8 @@ class SafetensorsFile:
                                 np.copyto(target, src)
                         writer.submit(target, start)
 
-    def _pieces(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-        return _value_pieces(self._data_start, tensor, chunk_bytes)
+    def _pieces(self, tensor: TensorInfo, chunk_size: int) -> Iterator[tuple[int, int]]:
+        return _value_pieces(self._data_start, tensor, chunk_size)
 
     def attribute(self, key: str) -> object | None:
         return self._metadata.get(key)
@@ -178,19 +178,19 @@ class RangedSafetensorsFile:
             ranged.url, cursor, ranged.size
         )
 
-    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
-        pieces = _value_pieces(len(self._header_bytes), tensor, chunk_bytes)
+    def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
+        pieces = _value_pieces(len(self._header_bytes), tensor, chunk_size)
         for raw in self._ranged.windows(pieces):
             yield raw.view(tensor.dtype)
 
     def write_transformed(
-        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
-        buffer = np.empty(max(min(chunk_bytes, MAX_WINDOW), 8), dtype=np.uint8)
+        buffer = np.empty(max(min(chunk_size, MAX_WINDOW), 8), dtype=np.uint8)
         with open(out, "wb") as dst:
             dst.write(self._header_bytes)
             for tensor in sorted(self.tensors, key=lambda t: t.location):
-                pieces = _value_pieces(len(self._header_bytes), tensor, chunk_bytes)
+                pieces = _value_pieces(len(self._header_bytes), tensor, chunk_size)
                 for raw in self._ranged.windows(pieces):
                     if tensor.is_gradient:
                         target = buffer[: raw.size]
@@ -218,13 +218,13 @@ class RangedSafetensorsFile:
 
 
 def _value_pieces(
-    data_start: int, tensor: TensorInfo, chunk_bytes: int
+    data_start: int, tensor: TensorInfo, chunk_size: int
 ) -> Iterator[tuple[int, int]]:
     """The pieces of *tensor*'s data to read (the header was validated against the file size,
     so no piece runs past the end)."""
     begin, end = tensor.location
     itemsize = tensor.dtype.itemsize if tensor.is_gradient else 1
-    return window_pieces(data_start + begin, end - begin, itemsize, chunk_bytes)
+    return window_pieces(data_start + begin, end - begin, itemsize, chunk_size)
 
 
 def _read_header(

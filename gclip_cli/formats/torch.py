@@ -106,10 +106,10 @@ class TorchFile:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def read_chunks(self, tensor: TensorInfo, chunk_bytes: int) -> Iterator[np.ndarray]:
+    def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
         where: StorageSlice = tensor.location
         if not where.dense:
-            for _, values in self._strided_values(self._archive.fd, tensor, chunk_bytes):
+            for _, values in self._strided_values(self._archive.fd, tensor, chunk_size):
                 yield values
             self._verify_member(where.info, {})
             return
@@ -117,7 +117,7 @@ class TorchFile:
         crc = 0
         fd = self._archive.fd
         for offset, nbytes in window_pieces(
-            begin, tensor.nbytes, tensor.dtype.itemsize, chunk_bytes
+            begin, tensor.nbytes, tensor.dtype.itemsize, chunk_size
         ):
             with mapped(fd, offset, nbytes) as raw:
                 crc = crc32(raw, crc)
@@ -125,14 +125,14 @@ class TorchFile:
         self._verify_member(where.info, {tensor.name: crc})
 
     def _strided_values(
-        self, fd: int, tensor: TensorInfo, chunk_bytes: int
+        self, fd: int, tensor: TensorInfo, chunk_size: int
     ) -> Iterator[tuple[Piece, np.ndarray]]:
         """The values of a view with gaps, from file *fd*, in storage order, a bounded window
         of its storage at a time: (piece, its values in a new 1-D array)."""
         where: StorageSlice = tensor.location
         dtype = tensor.dtype
         storage_start = self._archive.data_start(where.info)  # its item 0
-        max_items = min(chunk_bytes, MAX_WINDOW) // dtype.itemsize
+        max_items = min(chunk_size, MAX_WINDOW) // dtype.itemsize
         for piece in pieces(where.view, max_items):
             position = storage_start + piece.offset * dtype.itemsize
             with mapped(fd, position, piece.extent * dtype.itemsize) as raw:
@@ -175,27 +175,27 @@ class TorchFile:
     # --- writing -------------------------------------------------------------------------------
 
     def write_transformed(
-        self, out: Path, transform: Transform, chunk_bytes: int, leave: Set[str] = frozenset()
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
         offsets = self.plain_offsets()
         placed = {t: offsets[t.name] for t in self._gradients() if t.name in offsets}
         self._archive.verify_stored([self._infos[name] for name in self._by_member])
-        rewrite_in_place(self._archive.fd, out, placed, transform, chunk_bytes, leave)
+        rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
         strided = [t for t in self._gradients() if not t.location.dense]
         if strided:
             with open(out, "r+b") as copy:
                 for tensor in strided:
-                    self._write_strided(tensor, copy.fileno(), transform, chunk_bytes)
+                    self._write_strided(tensor, copy.fileno(), transform, chunk_size)
 
     def _write_strided(
-        self, tensor: TensorInfo, out: int, transform: Transform, chunk_bytes: int
+        self, tensor: TensorInfo, out: int, transform: Transform, chunk_size: int
     ) -> None:
         """The values of a view with gaps passed through *transform* into the byte copy *out*,
         each piece's window read from it, its values replaced, and written back."""
         dtype = tensor.dtype
         where: StorageSlice = tensor.location
         storage_start = self._archive.data_start(where.info)  # its item 0
-        for piece, values in self._strided_values(self._archive.fd, tensor, chunk_bytes):
+        for piece, values in self._strided_values(self._archive.fd, tensor, chunk_size):
             target = np.empty_like(values)
             transform(tensor, values, target)
             position = storage_start + piece.offset * dtype.itemsize

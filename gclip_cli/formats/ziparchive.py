@@ -150,18 +150,18 @@ class ZipArchive:
         return self._zip.open(info)
 
     def stored_windows(
-        self, info: zipfile.ZipInfo, skip: int, itemsize: int, chunk_bytes: int
+        self, info: zipfile.ZipInfo, skip: int, itemsize: int, chunk_size: int
     ) -> Iterator[np.ndarray]:
         """The data of the stored member *info* from byte *skip* on, straight from the file's
         pages (no copy) as uint8 windows of whole items of *itemsize* bytes, at most
-        *chunk_bytes* long; the member's CRC-32 (its first *skip* bytes included) is checked
+        *chunk_size* long; the member's CRC-32 (its first *skip* bytes included) is checked
         on the way, once per member."""
         start = self.data_start(info)
         check = info.filename not in self._checked
         with reading(self.path, f"member {shown(info.filename)}"):
             crc = crc32(os.pread(self.fd, skip, start)) if check else 0
         for offset, nbytes in window_pieces(
-            start + skip, info.file_size - skip, itemsize, chunk_bytes
+            start + skip, info.file_size - skip, itemsize, chunk_size
         ):
             with mapped(self.fd, offset, nbytes) as raw:
                 if check:

@@ -14,6 +14,7 @@ from rich.text import Text
 from ..compare import Diff, TensorDiff
 from ..history import History, log_sparkline, sparkline
 from ..layer_history import LayerHistory, LayerSeries
+from ..options import NonFinite
 from ..reports import InspectReport, Report, RewriteReport, TensorReport
 from ..views import PLAIN, View, layer_rows, tensor_rows
 from ..watch import StepRecord, WatchSummary
@@ -186,10 +187,10 @@ class WatchDisplay:
         return table
 
 
-def _nonfinite_line(count: int, policy: str) -> str:
-    if policy == "error":
+def _nonfinite_line(count: int, policy: NonFinite) -> str:
+    if policy is NonFinite.ERROR:
         return f"non-finite values: {count:,} (norms nan/inf; exit 4; see --nonfinite)"
-    if policy == "zero":
+    if policy is NonFinite.ZERO:
         return f"non-finite values: {count:,} (--nonfinite zero: counted as 0)"
     return f"non-finite values: {count:,} (--nonfinite keep: norms of the finite values)"
 

@@ -326,3 +326,19 @@ def test_tasks_in_this_thread_run_when_their_result_is_asked_for():
         assert ran == []
         assert [f.result() for f in futures[::-1]] == [None] * 3
     assert ran == [2, 1, 0]
+
+
+def test_dask_stays_quiet_while_gclip_runs_a_cluster_and_its_level_comes_back():
+    """LocalCluster's silence_logs lasts only while the cluster starts: a worker stopped with
+    gclip later made the client log a traceback on stderr (seen in CI)."""
+    import logging
+
+    from gclip_cli.executors import executor_for
+
+    pytest.importorskip("distributed")
+    dask_logger = logging.getLogger("distributed")
+    before = dask_logger.level
+    with executor_for(scheduler="local:1") as executor:
+        assert executor.submit(sum, [1, 2]).result() == 3
+        assert dask_logger.getEffectiveLevel() == logging.CRITICAL
+    assert dask_logger.level == before

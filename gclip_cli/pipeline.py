@@ -35,7 +35,7 @@ from .norms import NormStats
 from .options import NonFinite, Options
 from .output import atomic_output, check_output_path
 from .progress import COPYING, SILENT, File, Progress
-from .remote import ObjectSource, portable, reachable
+from .remote import ObjectSource, portable, reachable, uploaded_file
 from .reports import InspectReport, RewriteReport, TensorReport, tensor_reports
 from .selection import check_globs, counted_or_why, read_opaque_as, refuse_opaque, select
 from .selection import require_counted as refuse_if_none_counted
@@ -325,15 +325,25 @@ class Outputs:
     copies: tuple[tuple[Path, Path], ...] = ()
     out_dir: Path | None = None
     clobber: bool = True
+    # the prefix out_dir stands for, when a Dask worker is to upload each target itself
+    url: str | None = None
 
     @classmethod
     def one_file(cls, dst: Path, clobber: bool = True) -> Outputs:
         return cls((dst,), clobber=clobber)
 
     @classmethod
-    def folder(cls, inputs: Inputs, out_dir: Path, clobber: bool = True) -> Outputs:
+    def folder(
+        cls, inputs: Inputs, out_dir: Path, clobber: bool = True, url: str | None = None
+    ) -> Outputs:
         targets, copies = _out_dir_layout(inputs, out_dir)
-        return cls(tuple(targets), tuple(copies), out_dir, clobber)
+        return cls(tuple(targets), tuple(copies), out_dir, clobber, url)
+
+    def url_of(self, dst: Path) -> str | None:
+        """The object a worker uploads *dst* to (None: it writes *dst*)."""
+        if self.url is None or self.out_dir is None:
+            return None
+        return f"{self.url.rstrip('/')}/{dst.relative_to(self.out_dir).as_posix()}"
 
     def check(self, inputs: Inputs, made: bool = False) -> None:
         """check_output_path for every output; in a folder not yet *made*, only for those
@@ -353,6 +363,7 @@ class Target:
     clobber: bool
     identity: Identity
     source: Path | ObjectSource | None = None  # the input as the task reaches it (_sent)
+    url: str | None = None  # the object the task uploads its output to, instead of dst
 
 
 def rewrite_files(
@@ -398,6 +409,7 @@ def rewrite_files(
                     outputs.clobber,
                     inputs.identities[m.path],
                     _sent(m.path, executor),
+                    outputs.url_of(dst),
                 ),
                 plan,
                 options,
@@ -460,9 +472,13 @@ def write_source(
     remote object sent by its URL: its version, checked by its reader)."""
     source = target.source or measured.path
     with reachable(source) as src, ExitStack() as checks:
-        tmp = checks.enter_context(
-            atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src)
-        )
+        if target.url is not None:  # uploaded from here, whole or not at all
+            storage = options.storage
+            tmp = checks.enter_context(uploaded_file(target.url, storage, target.clobber))
+        else:
+            tmp = checks.enter_context(
+                atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src)
+            )
         if not isinstance(source, ObjectSource):
             checks.enter_context(unchanged(src, target.identity))
         planned_as = str(measured.path)  # the plan names files as this process found them

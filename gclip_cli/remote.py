@@ -251,7 +251,6 @@ def uploaded_folder(
     under *url* at its relative path, each whole or not at all (a failure stops there: the
     files uploaded before it stay).  None may replace one of the objects *inputs* (URLs)."""
     remote = _writable(url, storage)
-    read = {_place(open_remote(name, storage)): name for name in filter(is_remote, inputs)}
     with _private_folder("gclip-out-dir-") as root:
         local = root / "out"
         local.mkdir()
@@ -259,12 +258,21 @@ def uploaded_folder(
             yield local
         files = sorted(p for p in local.rglob("*") if p.is_file())
         targets = [remote.child(p.relative_to(local).as_posix()) for p in files]
-        for target in targets:
-            if _place(target) in read:
-                raise OutputError(shown_url(target.url), "is an input; give another --out-dir")
-            _refuse_existing(target, storage, clobber)
+        refuse_targets(targets, inputs, storage, clobber)
         for path, target in zip(files, targets, strict=True):
             upload(path, target, storage, Progress(progress))
+
+
+def refuse_targets(
+    targets: Sequence[Remote], inputs: Collection[str], storage: Mapping[str, Any], clobber: bool
+) -> None:
+    """Refuse to write any of *targets* over one of the objects *inputs* (URLs), or over an
+    existing object when *clobber* is off."""
+    read = {_place(open_remote(name, storage)) for name in filter(is_remote, inputs)}
+    for target in targets:
+        if _place(target) in read:
+            raise OutputError(shown_url(target.url), "is an input; give another --out-dir")
+        _refuse_existing(target, storage, clobber)
 
 
 def _place(remote: Remote) -> tuple[str, str]:

@@ -376,10 +376,13 @@ def test_a_sharded_checkpoint_goes_from_s3_to_s3(bucket, make_file, tmp_path, sc
     assert bucket.open_uploads() == []
 
 
-def test_dask_workers_read_the_objects_themselves(bucket, make_file, tmp_path, monkeypatch):
+def test_dask_workers_read_and_write_the_objects_themselves(
+    bucket, make_file, tmp_path, monkeypatch
+):
     # The workers' temporary folder is not the client's: a stand-in the client made is then not
     # honoured by a worker (as on another machine, where it does not exist), so a task that
-    # named the client's stand-in instead of the object would fail.
+    # named the client's stand-in instead of the object would fail.  And the client uploads
+    # only what it writes itself (the index): the shards come from the workers.
     pytest.importorskip("distributed", reason="needs gclip[dask]")
     index = _checkpoint(tmp_path / "ckpt", make_file)
     for path in index.parent.iterdir():
@@ -390,11 +393,33 @@ def test_dask_workers_read_the_objects_themselves(bucket, make_file, tmp_path, m
     (tmp_path / "workers").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "client"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "workers"))  # what the spawned workers read
+    uploaded_here = []
+    real_upload = remote.upload
+
+    def upload(local, target, *args):
+        uploaded_here.append(target.url)
+        real_upload(local, target, *args)
+
+    monkeypatch.setattr(remote, "upload", upload)
     url = f"{bucket.url}/ckpt/{index.name}"
     rescale_files([url], f"{bucket.url}/out/", max_norm=1.0, scheduler="local:2")
     for path in reference.iterdir():
         assert bucket.get(f"out/{path.name}") == path.read_bytes(), path.name
-    assert list((tmp_path / "workers").iterdir()) == []  # their stand-ins removed
+    assert uploaded_here == [f"{bucket.url}/out/{index.name}"]
+    assert list((tmp_path / "workers").iterdir()) == []  # their stand-ins and outputs removed
+    assert bucket.open_uploads() == []
+
+
+def test_dask_workers_refuse_to_write_over_an_input(bucket, make_file, tmp_path):
+    pytest.importorskip("distributed", reason="needs gclip[dask]")
+    index = _checkpoint(tmp_path / "ckpt", make_file)
+    for path in index.parent.iterdir():
+        bucket.put(path, f"ckpt/{path.name}")
+    before = {key: bucket.get(key) for key in bucket.listed()}
+    url = f"{bucket.url}/ckpt/{index.name}"
+    with pytest.raises(OutputError, match="is an input"):
+        rescale_files([url], f"{bucket.url}/ckpt/", max_norm=1e-3, scheduler="local:2")
+    assert {key: bucket.get(key) for key in bucket.listed()} == before
 
 
 def test_an_out_dir_over_the_inputs_replaces_none(bucket, make_file, tmp_path):

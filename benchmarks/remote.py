@@ -1,8 +1,8 @@
 """Time gclip on an object in a local S3 server (moto) against the same file on disk and against
 downloading it first (boto3's download_file, as ``aws s3 cp`` does) then running locally.
 
-    python benchmarks/remote.py --size 1G                  # needs gclip[remote-test]
-    python benchmarks/remote.py --rounds 1 --formats npz   # a quick check that it runs
+    python benchmarks/remote.py --size 1G --rounds 3        # needs gclip[remote-test]
+    python benchmarks/remote.py --size 64M --rounds 1       # a quick check that it runs
 
 (make_dump.py's smallest dump, GPT-2's embeddings and one block, is about 250 MiB.)  moto
 keeps objects in memory and serves a ranged GET slowly (it is a test server): figures against
@@ -10,8 +10,11 @@ a real store will favour ranged reads more than these do.
 
 For each format, each round times, one after the other: ``inspect`` and ``rescale`` of the
 file on disk; of the object (``s3://``, output uploaded); and download + local run (+ upload
-for rescale, with boto3's upload_file).  Prints the median seconds and each ratio to the
-local run.  The server runs on 127.0.0.1 on a free port, started and stopped here.
+for rescale, with boto3's upload_file), each step in a process of its own (as ``aws s3 cp``
+would be).  Prints the median seconds, each ratio to the local run and the peak RSS of the
+largest process of the run (gclip's own and its children's, by /usr/bin/time).  The server runs on
+127.0.0.1 on a free port, started and stopped here.  The default format is safetensors, the one
+read by ranges; .npz and HDF5 objects are downloaded by gclip itself (``--formats``).
 """
 
 from __future__ import annotations
@@ -34,15 +37,31 @@ from make_dump import parse_size, write_dump
 SUFFIXES = {"safetensors": ".safetensors", "npz": ".npz", "hdf5": ".h5"}
 
 
-def gclip(*args: str) -> None:
-    command = [sys.executable, "-m", "gclip_cli", *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run(command: list[str]) -> int:
+    """Run *command*; its peak RSS in KiB (the largest of it and the children it waited for),
+    by /usr/bin/time: a child of this process would count this process's own peak, inherited
+    at fork."""
+    with tempfile.NamedTemporaryFile("r") as peak:
+        timed = ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command]
+        done = subprocess.run(timed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{command} failed: {done.stderr}")
+        return int(peak.read().split()[-1])
 
 
-def timed(work: Callable[[], None]) -> float:
+def gclip(*args: str) -> int:
+    return run([sys.executable, "-m", "gclip_cli", *args])
+
+
+def boto3_step(call: str) -> int:
+    """One boto3 transfer (download_file or upload_file) in a process of its own."""
+    return run([sys.executable, "-c", f"import boto3; boto3.client('s3').{call}"])
+
+
+def timed(work: Callable[[], int]) -> tuple[float, int]:
     started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
+    peak = work()
+    return time.perf_counter() - started, peak
 
 
 def free_port() -> int:
@@ -65,25 +84,32 @@ def start_server() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto's server did not start")
 
 
-def cases(client, bucket: str, local: Path, work: Path) -> dict[str, Callable[[], None]]:
+def cases(bucket: str, local: Path, work: Path) -> dict[str, Callable[[], int]]:
     key = local.name
     url = f"s3://{bucket}/{key}"
     copy = work / f"copy{local.suffix}"
     out = work / f"out{local.suffix}"
 
-    def download_then(*args: str) -> None:
-        client.download_file(bucket, key, str(copy))
-        gclip(*args)
+    def download_then(*args: str) -> int:
+        copy.unlink(missing_ok=True)
+        fetched = boto3_step(f"download_file({bucket!r}, {key!r}, {str(copy)!r})")
+        return max(fetched, gclip(*args))
 
-    def download_rescale_upload() -> None:
-        download_then("rescale", str(copy), str(out), "--max-norm", "1")
-        client.upload_file(str(out), bucket, f"out-copied{local.suffix}")
+    def download_rescale_upload() -> int:
+        out.unlink(missing_ok=True)
+        peak = download_then("rescale", str(copy), str(out), "--max-norm", "1")
+        sent = boto3_step(f"upload_file({str(out)!r}, {bucket!r}, 'out-copied{local.suffix}')")
+        return max(peak, sent)
+
+    def rescale_local() -> int:
+        out.unlink(missing_ok=True)
+        return gclip("rescale", str(local), str(out), "--max-norm", "1")
 
     return {
         "inspect, local": lambda: gclip("inspect", str(local)),
         "inspect, s3://": lambda: gclip("inspect", url),
         "inspect, download + local": lambda: download_then("inspect", str(copy)),
-        "rescale, local": lambda: gclip("rescale", str(local), str(out), "--max-norm", "1"),
+        "rescale, local": rescale_local,
         "rescale, s3:// -> s3://": lambda: gclip(
             "rescale", url, f"s3://{bucket}/out{local.suffix}", "--max-norm", "1"
         ),
@@ -95,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--formats", default="safetensors,npz,hdf5")
+    parser.add_argument("--formats", default="safetensors")
     settings = parser.parse_args()
 
     import boto3
@@ -116,23 +142,31 @@ def main() -> None:
                 local = work / f"dump{SUFFIXES[fmt]}"
                 write_dump(local, parse_size(settings.size))
                 client.upload_file(str(local), "gclip-bench", local.name)
-                runs = cases(client, "gclip-bench", local, work)
-                times = {name: [] for name in runs}
-                for _ in range(settings.rounds):
+                runs = cases("gclip-bench", local, work)
+                times: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}
+                for _ in range(settings.rounds):  # interleaved: every case in every round
                     for name, work_of in runs.items():
                         times[name].append(timed(work_of))
+                        seconds, peak = times[name][-1]
+                        print(f"{name}: {seconds:.2f} s, {peak / 1024:.0f} MiB", flush=True)
                 report(fmt, local.stat().st_size, times)
+                local.unlink()
     finally:
         server.terminate()
         server.wait()
 
 
-def report(fmt: str, size: int, times: dict[str, list[float]]) -> None:
-    print(f"\n{fmt}, {size / (1 << 20):,.0f} MiB (median of {len(next(iter(times.values())))})")
-    medians = {name: statistics.median(values) for name, values in times.items()}
+def report(fmt: str, size: int, times: dict[str, list[tuple[float, int]]]) -> None:
+    rounds = len(next(iter(times.values())))
+    print(f"\n{fmt}, {size / (1 << 20):,.0f} MiB (median of {rounds} rounds)\n")
+    print("| command | median wall (s) | vs local | all runs (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
+    medians = {name: statistics.median(t for t, _ in runs) for name, runs in times.items()}
     for name, seconds in medians.items():
         base = medians[f"{name.split(',')[0]}, local"]
-        print(f"  {name:<38} {seconds:7.2f} s  x{seconds / base:5.2f}")
+        each = ", ".join(f"{t:.2f}" for t, _ in times[name])
+        peak = max(rss for _, rss in times[name]) / 1024
+        print(f"| {name} | {seconds:.2f} | {seconds / base:.2f}x | {each} | {peak:.0f} |")
 
 
 if __name__ == "__main__":

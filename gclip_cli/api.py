@@ -22,11 +22,17 @@ from . import pipeline
 from .errors import UsageError
 from .options import DEFAULT_CHUNK_SIZE, NonFinite, Options
 from .progress import Listener, Progress
-from .remote import refuse_onto_inputs, staged_inputs, uploaded_file, uploaded_folder
+from .remote import (
+    refuse_onto_inputs,
+    refuse_targets,
+    staged_inputs,
+    uploaded_file,
+    uploaded_folder,
+)
 from .reports import InspectReport, RewriteReport
 from .sources import resolve
 from .strategies import ClipValue, GlobalNorm, Groups, Normalize, PerTensor, Strategy
-from .urls import is_remote, local_path
+from .urls import is_remote, local_path, open_remote
 
 if TYPE_CHECKING:
     from .compare import Diff
@@ -164,8 +170,10 @@ def rewrite_files(
     Where it runs: file after file here, each large file on every core (``options.jobs``
     processes); with ``options.jobs`` > 1 and several files, that many files at once in a
     process pool; with *scheduler*, on the Dask cluster at that address (``local[:N]`` starts
-    one here).  The result is identical to the last bit whichever.  *shards*(phase, files done,
-    files) is called as files finish.
+    one here).  The result is identical to the last bit whichever.  With *scheduler* and a URL
+    *out_dir*, each worker uploads the shards it writes itself (safetensors objects it reads
+    by their URLs too: no file system shared with this process needed).  *shards*(phase,
+    files done, files) is called as files finish.
     """
     storage = options.storage
     with (
@@ -173,7 +181,13 @@ def rewrite_files(
         _output_folder(os.fspath(out_dir), shown.values(), storage, clobber) as folder,
     ):
         inputs = resolve(local)
-        outputs = pipeline.Outputs.folder(inputs, folder, clobber)
+        url = os.fspath(out_dir) if scheduler and is_remote(os.fspath(out_dir)) else None
+        outputs = pipeline.Outputs.folder(inputs, folder, clobber, url)
+        if url is not None:  # the workers upload the shards themselves: checked now
+            targets = [outputs.url_of(dst) for dst in outputs.targets]
+            refuse_targets(
+                [open_remote(t, storage) for t in targets], shown.values(), storage, clobber
+            )
         report = pipeline.rewrite_files(
             inputs, outputs, strategy, options, scheduler=scheduler, shards=shards
         )

@@ -35,6 +35,7 @@ from .norms import NormStats
 from .options import NonFinite, Options
 from .output import atomic_output, check_output_path
 from .progress import COPYING, SILENT, File, Progress
+from .remote import ObjectSource, portable, reachable, uploaded_file
 from .reports import InspectReport, RewriteReport, TensorReport, tensor_reports
 from .selection import check_globs, counted_or_why, read_opaque_as, refuse_opaque, select
 from .selection import require_counted as refuse_if_none_counted
@@ -166,7 +167,7 @@ def measure(
     count = len(inputs.files)
     here = progress if isinstance(executor, InThisThread) else SILENT
     jobs = [
-        (src, options, alone, with_step, File(n, count), here)
+        (_sent(src, executor), options, alone, with_step, File(n, count), here)
         for n, src in enumerate(inputs.files, 1)
     ]
     measured = run_all(executor, measure_source, jobs, _counter("measuring", count, shards))
@@ -175,8 +176,16 @@ def measure(
     return measurement
 
 
+def _sent(src: Path, executor: Executor) -> Path | ObjectSource:
+    """*src* as a task on *executor* names it: on a Dask cluster, whose workers may share no
+    file system with this process, a remote object by its URL (remote.portable)."""
+    from .executors import DaskExecutor
+
+    return portable(src) if isinstance(executor, DaskExecutor) else src
+
+
 def measure_source(
-    src: Path,
+    src: Path | ObjectSource,
     options: Options,
     check_selection: bool = False,
     with_step: bool = False,
@@ -188,7 +197,9 @@ def measure_source(
     whole check); *with_step*: also the training step it holds; *position*: which file of how
     many, told to *progress*."""
     progress.forward(position)
-    return in_child(src, options, progress, _measure_file, check_selection, with_step)
+    with reachable(src) as local:
+        measured = in_child(local, options, progress, _measure_file, check_selection, with_step)
+    return replace(measured, path=src.path) if isinstance(src, ObjectSource) else measured
 
 
 def _measure_file(
@@ -314,15 +325,25 @@ class Outputs:
     copies: tuple[tuple[Path, Path], ...] = ()
     out_dir: Path | None = None
     clobber: bool = True
+    # the prefix out_dir stands for, when a Dask worker is to upload each target itself
+    url: str | None = None
 
     @classmethod
     def one_file(cls, dst: Path, clobber: bool = True) -> Outputs:
         return cls((dst,), clobber=clobber)
 
     @classmethod
-    def folder(cls, inputs: Inputs, out_dir: Path, clobber: bool = True) -> Outputs:
+    def folder(
+        cls, inputs: Inputs, out_dir: Path, clobber: bool = True, url: str | None = None
+    ) -> Outputs:
         targets, copies = _out_dir_layout(inputs, out_dir)
-        return cls(tuple(targets), tuple(copies), out_dir, clobber)
+        return cls(tuple(targets), tuple(copies), out_dir, clobber, url)
+
+    def url_of(self, dst: Path) -> str | None:
+        """The object a worker uploads *dst* to (None: it writes *dst*)."""
+        if self.url is None or self.out_dir is None:
+            return None
+        return f"{self.url.rstrip('/')}/{dst.relative_to(self.out_dir).as_posix()}"
 
     def check(self, inputs: Inputs, made: bool = False) -> None:
         """check_output_path for every output; in a folder not yet *made*, only for those
@@ -341,6 +362,8 @@ class Target:
     temp_dir: Path | None
     clobber: bool
     identity: Identity
+    source: Path | ObjectSource | None = None  # the input as the task reaches it (_sent)
+    url: str | None = None  # the object the task uploads its output to, instead of dst
 
 
 def rewrite_files(
@@ -380,7 +403,14 @@ def rewrite_files(
         tasks = [
             (
                 m,
-                Target(dst, temp_dir, outputs.clobber, inputs.identities[m.path]),
+                Target(
+                    dst,
+                    temp_dir,
+                    outputs.clobber,
+                    inputs.identities[m.path],
+                    _sent(m.path, executor),
+                    outputs.url_of(dst),
+                ),
                 plan,
                 options,
                 here,
@@ -438,20 +468,35 @@ def write_source(
 ) -> Written:
     """Pass 2 of one file (a task): a temporary file in the target's folder of temporary
     files, renamed into place when complete (so a task tried again, or killed, leaves nothing
-    half-written at the target), and only if the file is still the one pass 1 measured."""
-    src, dst = measured.path, target.dst
-    with (
-        atomic_output(dst, target.clobber, target.temp_dir, mode_from=src) as tmp,
-        unchanged(src, target.identity),
-    ):
-        return in_child(src, options, progress, write_opened, tmp, dst, plan)
+    half-written at the target), and only if the file is still the one pass 1 measured (a
+    remote object sent by its URL: its version, checked by its reader)."""
+    source = target.source or measured.path
+    with reachable(source) as src, ExitStack() as checks:
+        if target.url is not None:  # uploaded from here, whole or not at all
+            storage = options.storage
+            tmp = checks.enter_context(uploaded_file(target.url, storage, target.clobber))
+        else:
+            tmp = checks.enter_context(
+                atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src)
+            )
+        if not isinstance(source, ObjectSource):
+            checks.enter_context(unchanged(src, target.identity))
+        planned_as = str(measured.path)  # the plan names files as this process found them
+        return in_child(src, options, progress, write_opened, tmp, target.dst, plan, planned_as)
 
 
 def write_opened(
-    tfile: TensorFile, options: Options, progress: Progress, tmp: Path, dst: Path, plan: Plan
+    tfile: TensorFile,
+    options: Options,
+    progress: Progress,
+    tmp: Path,
+    dst: Path,
+    plan: Plan,
+    planned_as: str | None = None,
 ) -> Written:
-    """Pass 2 into *tmp*, or, when no value would change, a byte copy (errors name *dst*)."""
-    file = str(tfile.path)
+    """Pass 2 into *tmp*, or, when no value would change, a byte copy (errors name *dst*);
+    *planned_as*: the file's name in *plan*, when it is opened here by another path."""
+    file = planned_as or str(tfile.path)
     with _output_errors(dst):
         if plan.rewrites(file, options):
             rewriter = plan.rewriter(file, options)

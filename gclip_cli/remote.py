@@ -42,7 +42,8 @@ from .urls import (
 DOWNLOADING = "downloading"  # progress phases, as the passes' (progress.py)
 UPLOADING = "uploading"
 REMOTE_COPY_VARIABLE = "GCLIP_REMOTE_COPY"  # 1: download every input object first
-_PIECE = 8 << 20  # bytes copied at a time into an upload
+_PIECE = 8 << 20  # bytes copied at a time into an upload, and its smallest part
+_MOST_PARTS = 10_000  # S3's most parts in a multipart upload
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -171,6 +172,45 @@ def _read_by_ranges(remote: Remote) -> str | None:
         return FORMATS.read_by_ranges(read_head(file), file)
 
 
+# --- inputs sent to other machines ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectSource:
+    """A remote object as a task sent to a Dask worker names it: by its stand-in's content
+    (URL, format, size, version), not by the stand-in, a file on the client only.  *path*,
+    the client's stand-in, is how the results name it."""
+
+    path: Path
+    stand_in: Any  # formats.ranged.StandIn
+
+
+def portable(src: Path) -> Path | ObjectSource:
+    """*src* as a task for a worker on any machine names it: a stand-in by what it stands
+    for; another file as its path (a file system the worker must share)."""
+    from .formats.ranged import StandIn
+
+    stand_in = StandIn.read(src)
+    return src if stand_in is None else ObjectSource(src, stand_in)
+
+
+@contextmanager
+def reachable(src: Path | ObjectSource) -> Iterator[Path]:
+    """On a worker: a local path for *src*, an object's stand-in made here (in a private
+    folder, removed after) from what the client sent; the object's version travels with it, so
+    that one replaced since the client found it is refused."""
+    if not isinstance(src, ObjectSource):
+        yield src
+        return
+    from .formats.ranged import STAND_IN_FOLDER
+
+    with _private_folder(STAND_IN_FOLDER) as root:
+        local = root / src.path.name
+        src.stand_in.write(local)
+        with _named_as({str(local): str(src.path)}):
+            yield local
+
+
 # --- outputs -------------------------------------------------------------------------------
 
 
@@ -211,7 +251,6 @@ def uploaded_folder(
     under *url* at its relative path, each whole or not at all (a failure stops there: the
     files uploaded before it stay).  None may replace one of the objects *inputs* (URLs)."""
     remote = _writable(url, storage)
-    read = {_place(open_remote(name, storage)): name for name in filter(is_remote, inputs)}
     with _private_folder("gclip-out-dir-") as root:
         local = root / "out"
         local.mkdir()
@@ -219,12 +258,21 @@ def uploaded_folder(
             yield local
         files = sorted(p for p in local.rglob("*") if p.is_file())
         targets = [remote.child(p.relative_to(local).as_posix()) for p in files]
-        for target in targets:
-            if _place(target) in read:
-                raise OutputError(shown_url(target.url), "is an input; give another --out-dir")
-            _refuse_existing(target, storage, clobber)
+        refuse_targets(targets, inputs, storage, clobber)
         for path, target in zip(files, targets, strict=True):
             upload(path, target, storage, Progress(progress))
+
+
+def refuse_targets(
+    targets: Sequence[Remote], inputs: Collection[str], storage: Mapping[str, Any], clobber: bool
+) -> None:
+    """Refuse to write any of *targets* over one of the objects *inputs* (URLs), or over an
+    existing object when *clobber* is off."""
+    read = {_place(open_remote(name, storage)) for name in filter(is_remote, inputs)}
+    for target in targets:
+        if _place(target) in read:
+            raise OutputError(shown_url(target.url), "is an input; give another --out-dir")
+        _refuse_existing(target, storage, clobber)
 
 
 def _place(remote: Remote) -> tuple[str, str]:
@@ -254,9 +302,10 @@ def upload(
     """Copy the file *local* to *remote* in one transaction: the object appears complete, or
     (after any failure, Ctrl-C included) not at all, its multipart upload aborted."""
     fs = remote.fs
-    progress.begin(UPLOADING, local.stat().st_size)
+    size = local.stat().st_size
+    progress.begin(UPLOADING, size)
     with remote_errors(OutputError, remote.url, storage, "cannot write"), fs.transaction:
-        out = fs.open(remote.path, "wb")
+        out = fs.open(remote.path, "wb", block_size=part_size(size))
         try:
             with open(local, "rb") as src:
                 while piece := src.read(_PIECE):
@@ -266,6 +315,13 @@ def upload(
             _abandon(out)
             raise
         out.close()  # the last part; the transaction commits it on leaving
+
+
+def part_size(size: int) -> int:
+    """The parts to upload a file of *size* bytes in: _PIECE (the memory an upload holds is
+    a few parts: s3fs's default, 50 MiB parts, held 4-5 times that), larger only where S3's
+    limit of 10,000 parts asks for it (past 78 GiB)."""
+    return max(_PIECE, -(-size // _MOST_PARTS))
 
 
 def _abandon(out: Any) -> None:

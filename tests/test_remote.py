@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import closing
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import progress_by_phase
 
-from gclip_cli import inspect_files, remote, rescale_file, urls
+from gclip_cli import inspect_files, remote, rescale_file, rescale_files, urls
 from gclip_cli.errors import InputError, OutputError
 from gclip_cli.formats import PlainValues, open_file
 from gclip_cli.progress import Progress
@@ -110,6 +112,22 @@ def test_the_library_takes_urls(memory, make_file, fmt_in, tmp_path):
     rewritten = rescale_file(url, f"memory://{root}/out", max_norm=1.0)
     assert rewritten.output == f"memory://{root}/out"
     assert fs.cat_file(f"{root}/out") == reference.read_bytes()
+
+
+def test_a_stand_in_is_sent_to_a_worker_as_what_it_names(memory, make_file):
+    fs, root = memory
+    local = make_file("safetensors", {"w": np.arange(6, dtype=np.float32)})
+    fs.pipe_file(f"{root}/g.safetensors", local.read_bytes())
+    url = f"memory://{root}/g.safetensors"
+    with remote.staged_inputs([url, str(local)], {}) as ((stand_in, plain), _):
+        sent = pickle.loads(pickle.dumps(remote.portable(Path(stand_in))))
+        assert isinstance(sent, remote.ObjectSource) and sent.stand_in.url == url
+        assert remote.portable(Path(plain)) == Path(plain)  # a file: its path, as before
+        with remote.reachable(sent) as there:
+            assert there != Path(stand_in)  # a stand-in of the worker's own
+            with closing(open_file(there)) as tfile:
+                assert tfile.read_array(tfile.tensors[0]).tolist() == list(range(6))
+        assert not there.exists()
 
 
 def test_an_error_about_a_local_copy_names_the_url(memory):
@@ -358,6 +376,52 @@ def test_a_sharded_checkpoint_goes_from_s3_to_s3(bucket, make_file, tmp_path, sc
     assert bucket.open_uploads() == []
 
 
+def test_dask_workers_read_and_write_the_objects_themselves(
+    bucket, make_file, tmp_path, monkeypatch
+):
+    # The workers' temporary folder is not the client's: a stand-in the client made is then not
+    # honoured by a worker (as on another machine, where it does not exist), so a task that
+    # named the client's stand-in instead of the object would fail.  And the client uploads
+    # only what it writes itself (the index): the shards come from the workers.
+    pytest.importorskip("distributed", reason="needs gclip[dask]")
+    index = _checkpoint(tmp_path / "ckpt", make_file)
+    for path in index.parent.iterdir():
+        bucket.put(path, f"ckpt/{path.name}")
+    reference = tmp_path / "reference"
+    rescale_files([index], reference, max_norm=1.0)
+    (tmp_path / "client").mkdir()
+    (tmp_path / "workers").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "client"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "workers"))  # what the spawned workers read
+    uploaded_here = []
+    real_upload = remote.upload
+
+    def upload(local, target, *args):
+        uploaded_here.append(target.url)
+        real_upload(local, target, *args)
+
+    monkeypatch.setattr(remote, "upload", upload)
+    url = f"{bucket.url}/ckpt/{index.name}"
+    rescale_files([url], f"{bucket.url}/out/", max_norm=1.0, scheduler="local:2")
+    for path in reference.iterdir():
+        assert bucket.get(f"out/{path.name}") == path.read_bytes(), path.name
+    assert uploaded_here == [f"{bucket.url}/out/{index.name}"]
+    assert list((tmp_path / "workers").iterdir()) == []  # their stand-ins and outputs removed
+    assert bucket.open_uploads() == []
+
+
+def test_dask_workers_refuse_to_write_over_an_input(bucket, make_file, tmp_path):
+    pytest.importorskip("distributed", reason="needs gclip[dask]")
+    index = _checkpoint(tmp_path / "ckpt", make_file)
+    for path in index.parent.iterdir():
+        bucket.put(path, f"ckpt/{path.name}")
+    before = {key: bucket.get(key) for key in bucket.listed()}
+    url = f"{bucket.url}/ckpt/{index.name}"
+    with pytest.raises(OutputError, match="is an input"):
+        rescale_files([url], f"{bucket.url}/ckpt/", max_norm=1e-3, scheduler="local:2")
+    assert {key: bucket.get(key) for key in bucket.listed()} == before
+
+
 def test_an_out_dir_over_the_inputs_replaces_none(bucket, make_file, tmp_path):
     index = _checkpoint(tmp_path / "ckpt", make_file)
     for path in index.parent.iterdir():
@@ -437,6 +501,18 @@ def test_the_input_object_is_never_the_output(bucket, make_file):
     done = gclip("rescale", url, url, "--max-norm", "1e-3")
     assert done.returncode == 5 and "is the input" in done.stderr
     assert bucket.get("g.safetensors") == local.read_bytes()
+
+
+def test_an_upload_goes_in_parts_of_8_mib(bucket, tmp_path):
+    # s3fs's own parts are 50 MiB, and an upload held several of them in memory at once.
+    local = tmp_path / "big.bin"
+    local.write_bytes(np.random.default_rng(5).bytes(20 << 20))
+    target = urls.open_remote(f"{bucket.url}/big.bin", {})
+    remote.upload(local, target, {})
+    assert bucket.get("big.bin") == local.read_bytes()
+    first = bucket.client.head_object(Bucket=bucket.name, Key="big.bin", PartNumber=1)
+    assert first["PartsCount"] == 3 and first["ContentLength"] == 8 << 20
+    assert remote.part_size(1 << 40) * 10_000 >= 1 << 40  # S3's most parts: still enough
 
 
 def test_ctrl_c_during_the_upload_aborts_it(bucket, make_file, tmp_path):

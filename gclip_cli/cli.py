@@ -855,9 +855,10 @@ def watch(folder: Path, watching: _Watching, options: Options, output_format: st
     and read again if it changes. Ctrl-C prints a summary and exits 130.
     """
     from .streams import is_terminal
-    from .watch import Run, watch
+    from .watch import Run, refuse_unwatchable, watch
 
     run = Run(options, watching.max_norm, watching.spike, watching.depth)
+    refuse_unwatchable(folder, run, watching.interval, watching.exit_on_exceed)  # no header
     live = output_format == "table" and is_terminal(sys.stdout)
     with _WatchOutput(run, str(folder), output_format == "jsonl", live) as output:
         try:

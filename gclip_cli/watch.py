@@ -263,6 +263,16 @@ class Run:
         )
 
 
+def refuse_unwatchable(folder: Path, run: Run, interval: float, exit_on_exceed: bool) -> None:
+    """Refuse what watch() cannot do, before anything is printed."""
+    if not interval > 0:
+        raise UsageError(None, f"--interval must be > 0, not {interval}")
+    if exit_on_exceed and run.max_norm is None:
+        raise UsageError(None, "--exit-on-exceed needs --max-norm")
+    if not folder.is_dir():
+        raise InputError(folder, "is not a folder")
+
+
 def watch(
     folder: Path,
     run: Run,
@@ -274,12 +284,7 @@ def watch(
     """Read each dump that appears in *folder* (and those already there) once complete,
     telling *emit* of each; until interrupted (Ctrl-C: the caller's to catch; run.summary
     has what was seen), or with *exit_on_exceed* until a dump exceeds run.max_norm."""
-    if not interval > 0:
-        raise UsageError(None, f"--interval must be > 0, not {interval}")
-    if exit_on_exceed and run.max_norm is None:
-        raise UsageError(None, "--exit-on-exceed needs --max-norm")
-    if not folder.is_dir():
-        raise InputError(folder, "is not a folder")
+    refuse_unwatchable(folder, run, interval, exit_on_exceed)
     poller = Poller(folder)
     while True:
         for path in poller.ready():

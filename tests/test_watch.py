@@ -258,3 +258,20 @@ def test_on_a_terminal_the_table_is_redrawn_live(folder):
         os.close(main)
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen)
     assert "watched 8 steps" in plain and "anomalous: h.1" in plain
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code"),
+    [(["/nonexistent/dumps"], 3), (["{folder}", "--exit-on-exceed"], 2)],
+)
+def test_what_cannot_be_watched_is_one_line_and_no_header(folder, arguments, code):
+    given = [a.format(folder=folder) for a in arguments]
+    done = subprocess.run(
+        [sys.executable, "-m", "gclip_cli", "watch", *given],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == code
+    assert done.stdout == ""
+    assert "error" in done.stderr.lower()

@@ -26,7 +26,7 @@ from .remote import (
     refuse_onto_inputs,
     refuse_targets,
     staged_inputs,
-    uploaded_file,
+    standing_for,
     uploaded_folder,
 )
 from .reports import InspectReport, RewriteReport
@@ -144,9 +144,9 @@ def rewrite_file(
     storage = options.storage
     with (
         staged_inputs(_names([src]), storage, progress) as (local, shown),
-        _output(os.fspath(dst), [os.fspath(src)], storage, clobber, progress) as out,
+        _output(os.fspath(dst), [os.fspath(src)], storage) as (out, url),
     ):
-        outputs = pipeline.Outputs.one_file(out, clobber)
+        outputs = pipeline.Outputs.one_file(out, clobber, url)
         report = pipeline.rewrite_files(
             resolve(local), outputs, strategy, options, progress=Progress(progress)
         )
@@ -181,9 +181,9 @@ def rewrite_files(
         _output_folder(os.fspath(out_dir), shown.values(), storage, clobber) as folder,
     ):
         inputs = resolve(local)
-        url = os.fspath(out_dir) if scheduler and is_remote(os.fspath(out_dir)) else None
+        url = os.fspath(out_dir) if is_remote(os.fspath(out_dir)) else None
         outputs = pipeline.Outputs.folder(inputs, folder, clobber, url)
-        if url is not None:  # the workers upload the shards themselves: checked now
+        if url is not None:  # each shard uploaded as it is written: all checked now
             targets = [outputs.url_of(dst) for dst in outputs.targets]
             refuse_targets(
                 [open_remote(t, storage) for t in targets], shown.values(), storage, clobber
@@ -393,19 +393,17 @@ def _remote_name(local: Path, given: PathLike) -> dict[str, str]:
 
 @contextmanager
 def _output(
-    dst: str,
-    inputs: Sequence[str],
-    storage: Mapping[str, object],
-    clobber: bool,
-    progress: Listener | None,
-) -> Iterator[Path]:
-    """Where to write *dst*: the file itself, or a temporary file uploaded to its URL."""
+    dst: str, inputs: Sequence[str], storage: Mapping[str, object]
+) -> Iterator[tuple[Path, str | None]]:
+    """Where to write *dst*: the file itself; or, for a URL, a local name that stands for it
+    (errors about it name the URL; nothing is written there) and the URL, which pass 2
+    uploads to (pipeline._written_at)."""
     if not is_remote(dst):
-        yield Path(local_path(dst))
+        yield Path(local_path(dst)), None
         return
     refuse_onto_inputs(dst, inputs, storage)
-    with uploaded_file(dst, storage, clobber, progress) as path:
-        yield path
+    with standing_for(dst) as name:
+        yield name, dst
 
 
 @contextmanager

@@ -57,6 +57,14 @@ def _input_size(src: Path) -> int:
         raise InputError(src, f"cannot read: {exc.strerror or exc}") from None
 
 
+def is_stream(path: Path) -> bool:
+    """Whether *path* (an output being written) is a pipe, to be written front to back."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def output_target(dst: Path) -> Path:
     """The file that writing *dst* replaces: *dst*, or the file its symbolic links lead to.
 

@@ -27,15 +27,22 @@ from typing import TYPE_CHECKING, TypeVar
 from .engine import combine, dividing_norm, measure_tensors, rewrite
 from .errors import InputError, NonFiniteError, OutputError
 from .executors import InThisThread, executor_for, run_all, staging
-from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
+from .formats import (
+    TensorFile,
+    TensorInfo,
+    crashes_on_damage,
+    detect_format,
+    open_file,
+    writes_in_order,
+)
 from .formats.base import FileShrank
 from .formats.ranged import CopiesItself
 from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
 from .norms import NormStats
 from .options import NonFinite, Options
-from .output import atomic_output, check_output_path
+from .output import atomic_output, check_output_path, is_stream
 from .progress import COPYING, SILENT, File, Progress
-from .remote import ObjectSource, portable, reachable, uploaded_file
+from .remote import ObjectSource, portable, reachable, streamed_upload, uploaded_file
 from .reports import InspectReport, RewriteReport, TensorReport, tensor_reports
 from .selection import check_globs, counted_or_why, read_opaque_as, refuse_opaque, select
 from .selection import require_counted as refuse_if_none_counted
@@ -51,6 +58,7 @@ T = TypeVar("T")
 Record = tuple[str, TensorInfo, NormStats | None]  # (file, tensor, pass-1 statistics)
 ShardProgress = Callable[[str, int, int], None]  # (phase, files done, files)
 _ALONE = File(1, 1)
+_COPY_PIECE = 1 << 20  # bytes copied at a time into a stream
 
 
 @dataclass(frozen=True)
@@ -325,12 +333,13 @@ class Outputs:
     copies: tuple[tuple[Path, Path], ...] = ()
     out_dir: Path | None = None
     clobber: bool = True
-    # the prefix out_dir stands for, when a Dask worker is to upload each target itself
+    # the object the lone target stands for, or the prefix out_dir stands for: pass 2 then
+    # uploads each target itself (where it runs: here, a worker process, a Dask worker)
     url: str | None = None
 
     @classmethod
-    def one_file(cls, dst: Path, clobber: bool = True) -> Outputs:
-        return cls((dst,), clobber=clobber)
+    def one_file(cls, dst: Path, clobber: bool = True, url: str | None = None) -> Outputs:
+        return cls((dst,), clobber=clobber, url=url)
 
     @classmethod
     def folder(
@@ -340,15 +349,18 @@ class Outputs:
         return cls(tuple(targets), tuple(copies), out_dir, clobber, url)
 
     def url_of(self, dst: Path) -> str | None:
-        """The object a worker uploads *dst* to (None: it writes *dst*)."""
+        """The object pass 2 uploads *dst* to (None: it writes *dst*)."""
         if self.url is None or self.out_dir is None:
-            return None
+            return self.url
         return f"{self.url.rstrip('/')}/{dst.relative_to(self.out_dir).as_posix()}"
 
     def check(self, inputs: Inputs, made: bool = False) -> None:
-        """check_output_path for every output; in a folder not yet *made*, only for those
-        whose folder exists already (a lone output's must)."""
+        """check_output_path for every output written here (an object is checked as it is
+        opened, remote.py); in a folder not yet *made*, only for those whose folder exists
+        already (a lone output's must)."""
         for src, dst in [*zip(inputs.files, self.targets, strict=True), *self.copies]:
+            if self.url_of(dst) is not None and dst in self.targets:
+                continue
             if made or self.out_dir is None or dst.parent.is_dir():
                 check_output_path(src, dst, self.clobber)
 
@@ -384,8 +396,7 @@ def rewrite_files(
     """
     outputs.check(inputs)
     if len(inputs.files) == 1 and outputs.out_dir is None and scheduler is None:
-        dst = outputs.targets[0]
-        return _rewrite_alone(inputs, dst, strategy, options, outputs.clobber, progress)
+        return _rewrite_alone(inputs, outputs, strategy, options, progress)
     # several files at once, each in one process; or one after another, each on every core
     jobs = options.jobs
     pool = jobs if scheduler or ((jobs or 1) > 1 and len(inputs.files) > 1) else None
@@ -428,21 +439,17 @@ def rewrite_files(
 
 
 def _rewrite_alone(
-    inputs: Inputs,
-    dst: Path,
-    strategy: Strategy,
-    options: Options,
-    clobber: bool,
-    progress: Progress,
+    inputs: Inputs, outputs: Outputs, strategy: Strategy, options: Options, progress: Progress
 ) -> RewriteReport:
     """One source: pass 1, the plan and pass 2 in one child, the file open throughout."""
-    src = inputs.files[0]
+    src, dst = inputs.files[0], outputs.targets[0]
     identity = inputs.identities[src]  # the file measured must be the file written from
-    with atomic_output(dst, clobber, mode_from=src) as tmp, unchanged(src, identity):
+    target = Target(dst, None, outputs.clobber, identity, url=outputs.url_of(dst))
+    with _written_at(target, src, options, progress) as tmp, unchanged(src, identity):
         work = (tmp, dst, strategy, inputs)
         measured, plan, written = in_child(src, options, progress, _session, *work)
     measurement = Measurement(inputs, options, (measured,))
-    return rewrite_report(measurement, plan, [written], Outputs.one_file(dst, clobber))
+    return rewrite_report(measurement, plan, [written], outputs)
 
 
 def _session(
@@ -472,17 +479,31 @@ def write_source(
     remote object sent by its URL: its version, checked by its reader)."""
     source = target.source or measured.path
     with reachable(source) as src, ExitStack() as checks:
-        if target.url is not None:  # uploaded from here, whole or not at all
-            storage = options.storage
-            tmp = checks.enter_context(uploaded_file(target.url, storage, target.clobber))
-        else:
-            tmp = checks.enter_context(
-                atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src)
-            )
+        tmp = checks.enter_context(_written_at(target, src, options, progress))
         if not isinstance(source, ObjectSource):
             checks.enter_context(unchanged(src, target.identity))
         planned_as = str(measured.path)  # the plan names files as this process found them
         return in_child(src, options, progress, write_opened, tmp, target.dst, plan, planned_as)
+
+
+@contextmanager
+def _written_at(target: Target, src: Path, options: Options, progress: Progress) -> Iterator[Path]:
+    """Where pass 2 writes *target*: a temporary file renamed into place when complete; for an
+    object (target.url), a pipe streamed to it where the format writes its output front to
+    back (no local copy), else a temporary file uploaded when complete.  Either way the
+    output appears whole or not at all."""
+    if target.url is None:
+        with atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src) as tmp:
+            yield tmp
+        return
+    size = src.stat().st_size  # the output's, about (a stand-in is as long as its object)
+    storage, clobber = options.storage, target.clobber
+    if writes_in_order(options.file_format or detect_format(src)):
+        with streamed_upload(target.url, storage, clobber, size) as pipe:
+            yield pipe
+    else:
+        with uploaded_file(target.url, storage, clobber, progress.listener, size) as tmp:
+            yield tmp
 
 
 def write_opened(
@@ -500,7 +521,7 @@ def write_opened(
     with _output_errors(dst):
         if plan.rewrites(file, options):
             rewriter = plan.rewriter(file, options)
-            jobs = options.processes
+            jobs = options.processes if not is_stream(tmp) else 1  # a stream: in order
             after = rewrite(tfile, tmp, rewriter, options.chunk_size, jobs, progress)
             return Written(tuple(after), rewriter.clamped)
         size = tfile.path.stat().st_size
@@ -632,9 +653,14 @@ def _make_folders(folders: Sequence[Path]) -> None:
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    """Copy *src*'s bytes into the file *dst*; failing to open *src* is the input's error."""
+    """Copy *src*'s bytes into the file (or stream) *dst*; failing to open *src* is the
+    input's error."""
     try:
-        shutil.copyfile(src, dst)
+        if is_stream(dst):  # copyfile refuses pipes
+            with open(src, "rb") as source, open(dst, "wb") as copy:
+                shutil.copyfileobj(source, copy, _COPY_PIECE)
+        else:
+            shutil.copyfile(src, dst)
     except OSError as exc:
         if exc.filename is None or os.fspath(exc.filename) != os.fspath(src):
             raise

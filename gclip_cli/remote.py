@@ -6,24 +6,31 @@ pipeline is given a stand-in (formats/ranged.py), a local file that names it, an
 fetch its values a window at a time.  Other input objects (.npz, HDF5: their readers work on
 file descriptors) are downloaded in pieces (memory does not grow with the object) into a
 private temporary folder, once their size is known to fit there, and read there as local
-files; so is every object with $GCLIP_REMOTE_COPY=1.  An output URL is written into a
-private temporary folder, then uploaded inside an fsspec transaction: S3 completes the
-multipart upload only when every part is in, and any failure, refusal or Ctrl-C aborts it, so
-that no partial object appears and no upload stays open.  fsspec is imported only when a URL
-is given: local work starts as light as before.
+files; so is every object with $GCLIP_REMOTE_COPY=1.
+
+An output object is written by a file opened with autocommit off (S3: a multipart upload,
+completed only when every part is in; any failure, refusal or Ctrl-C aborts it, so that no
+partial object appears and no upload stays open).  A format written front to back
+(safetensors) is streamed into it through a pipe as pass 2 writes it (streamed_upload): no
+local copy.  The others (.npz and PyTorch patch their CRC-32s afterwards, HDF5 writes
+anywhere) are written into a private temporary folder, free space checked first, and uploaded
+when complete (uploaded_file).  fsspec is imported only when a URL is given: local work
+starts as light as before.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import GclipError, InputError, OutputError, UsageError
 from .progress import SILENT, Listener, Progress
@@ -44,6 +51,9 @@ UPLOADING = "uploading"
 REMOTE_COPY_VARIABLE = "GCLIP_REMOTE_COPY"  # 1: download every input object first
 _PIECE = 8 << 20  # bytes copied at a time into an upload, and its smallest part
 _MOST_PARTS = 10_000  # S3's most parts in a multipart upload
+_PIPE_BUFFER = 1 << 20  # a pipe's buffer where Linux allows it to grow (pipe-max-size)
+# Where an open descriptor can be reopened by name (Linux), as output.py reaches its files
+_DESCRIPTORS = Path("/proc/self/fd")
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -110,7 +120,7 @@ class _Stager:
 
             StandIn(remote.url, file_format, size, version_of(remote)).write(local)
             return local
-        self._make_room(remote.url, size)
+        _make_room(remote.url, self.root, size)
         self.progress.begin(DOWNLOADING, size)
         remote.fs.get_file(remote.path, str(local), callback=_told(self.progress))
         if local.stat().st_size != size:
@@ -143,18 +153,21 @@ class _Stager:
             self._file(piece, piece.fs.info(piece.path))
         return local
 
-    def _make_room(self, url: str, size: int) -> None:
-        """Refuse *size* more bytes where they would leave less free than a spool may."""
-        from .streams import spool_limit
 
-        limit = spool_limit(self.root)
-        if size > limit:
-            raise InputError(
-                shown_url(url),
-                f"needs {size:,} bytes in {self.root.parent} to be read but only {limit:,} "
-                "may be used there (the disk's free space less 5%, at most $GCLIP_SPOOL_LIMIT); "
-                "set TMPDIR to a larger disk",
-            )
+def _make_room(url: str, folder: Path, size: int, output: bool = False) -> None:
+    """Refuse *size* more bytes in *folder* (for the input, or the *output*, *url*) where
+    they would leave less free than a spool may."""
+    from .streams import spool_limit
+
+    limit = spool_limit(folder)
+    if size > limit:
+        error, done = (OutputError, "written") if output else (InputError, "read")
+        raise error(
+            shown_url(url),
+            f"needs {size:,} bytes in {folder.parent} to be {done} but only {limit:,} "
+            "may be used there (the disk's free space less 5%, at most $GCLIP_SPOOL_LIMIT); "
+            "set TMPDIR to a larger disk",
+        )
 
 
 def _copy_asked() -> bool:
@@ -223,15 +236,31 @@ def refuse_onto_inputs(out: str, inputs: Sequence[str], storage: Mapping[str, An
 
 
 @contextmanager
+def standing_for(url: str) -> Iterator[Path]:
+    """A local name for the output object *url* (in a private folder, removed after; nothing
+    is written there): errors about it name *url*."""
+    with _private_folder("gclip-output-") as root:
+        local = root / (posixpath.basename(url.rstrip("/")) or "output")
+        with _named_as({str(local): shown_url(url)}):
+            yield local
+
+
+@contextmanager
 def uploaded_file(
-    url: str, storage: Mapping[str, Any], clobber: bool = True, progress: Listener | None = None
+    url: str,
+    storage: Mapping[str, Any],
+    clobber: bool = True,
+    progress: Listener | None = None,
+    size: int = 0,
 ) -> Iterator[Path]:
     """A local path to write the output to; once written, it is uploaded to *url*, whole or
-    not at all (*progress* hears of the bytes sent).  Errors about the local path name
-    *url*."""
+    not at all (*progress* hears of the bytes sent).  *size*: the bytes it will hold, refused
+    before any work where the temporary folder's disk has not that much room.  Errors about
+    the local path name *url*."""
     remote = _writable(url, storage)
     _refuse_existing(remote, storage, clobber)  # before any work
     with _private_folder("gclip-output-") as root:
+        _make_room(url, root, size, output=True)
         local = root / (posixpath.basename(remote.path.rstrip("/")) or "output")
         with _named_as({str(local): shown_url(url)}):
             yield local
@@ -261,6 +290,110 @@ def uploaded_folder(
         refuse_targets(targets, inputs, storage, clobber)
         for path, target in zip(files, targets, strict=True):
             upload(path, target, storage, Progress(progress))
+
+
+@contextmanager
+def streamed_upload(
+    url: str, storage: Mapping[str, Any], clobber: bool = True, size: int = 0
+) -> Iterator[Path]:
+    """A path to write the output to front to back with plain writes (a pipe: no seeking, no
+    patching afterwards), whose bytes go to *url* as they come, in parts of part_size(*size*,
+    the bytes expected): no local copy, and memory holds a few parts.  The object is
+    completed only if the block ends without error (else its upload is aborted: no partial
+    object, no upload left open).  Errors about the path name *url*.  Where the system cannot
+    name a pipe by path (no /proc), a temporary file uploaded when complete (uploaded_file)."""
+    if not _DESCRIPTORS.is_dir():
+        with uploaded_file(url, storage, clobber, size=size) as path:
+            yield path
+        return
+    remote = _writable(url, storage)
+    _refuse_existing(remote, storage, clobber)  # before any work
+    with _PipeSender(remote, storage, size) as sender:
+        with _named_as({str(sender.path): shown_url(url)}):
+            yield sender.path
+        sender.finish()
+        _refuse_existing(remote, storage, clobber)  # it may have appeared meanwhile
+        sender.commit()
+
+
+class _PipeSender:
+    """A pipe whose bytes a thread uploads to *remote* (an uncommitted file) as they come.
+
+    The writer opens ``path`` (the pipe's write end, /proc/self/fd/N: a forked child reaches
+    it through the descriptor it inherits); the object's bytes end when every write end is
+    closed, this process's last (finish).  If the upload fails, the thread goes on reading
+    and dropping what is written, so that a writer, in this process or a child holding the
+    read end too, never blocks on a full pipe; its error is raised by finish().
+    """
+
+    def __init__(self, remote: Remote, storage: Mapping[str, Any], size: int) -> None:
+        self._remote, self._storage, self._size = remote, storage, size
+        self._read, self._write = os.pipe()
+        _widen(self._write)
+        self.path = _DESCRIPTORS / str(self._write)
+        self._out: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._send, name="gclip-upload", daemon=True)
+
+    def __enter__(self) -> _PipeSender:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self._end_of_bytes()
+        self._thread.join()
+        if exc_type is not None and self._out is not None:
+            _abandon(self._out)  # not a partial object, nor an upload left open
+
+    def finish(self) -> None:
+        """Wait until every byte written is sent; raise the upload's error, if any."""
+        self._end_of_bytes()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def commit(self) -> None:
+        """Make the object appear, complete."""
+        with remote_errors(OutputError, self._remote.url, self._storage, "cannot write"):
+            self._out.commit()
+
+    def _end_of_bytes(self) -> None:
+        if self._write >= 0:
+            os.close(self._write)
+            self._write = -1
+
+    def _send(self) -> None:
+        buffer = memoryview(bytearray(_PIECE))
+        with open(self._read, "rb", buffering=0) as pipe:
+            try:
+                with remote_errors(OutputError, self._remote.url, self._storage, "cannot write"):
+                    self._out = _uncommitted(self._remote, self._size)
+                    while got := _fill(pipe, buffer):
+                        self._out.write(buffer[:got])
+                    self._out.close()  # the last part: commit() completes the object
+            except BaseException as exc:
+                self._error = exc
+                if self._out is not None:
+                    _abandon(self._out)
+                while pipe.readinto(buffer):
+                    pass
+
+
+def _fill(pipe: BinaryIO, buffer: memoryview) -> int:
+    """Read from *pipe* until *buffer* is full or the pipe ends; the bytes read."""
+    got = 0
+    while got < len(buffer) and (n := pipe.readinto(buffer[got:])):
+        got += n
+    return got
+
+
+def _widen(fd: int) -> None:
+    """Give the pipe *fd* 1 MiB of buffer where allowed (Linux: 64 KiB by default), so that
+    writer and uploader wait on one another less."""
+    import fcntl  # not on every system
+
+    with suppress(AttributeError, OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BUFFER)
 
 
 def refuse_targets(
@@ -299,22 +432,50 @@ def _refuse_existing(remote: Remote, storage: Mapping[str, Any], clobber: bool) 
 def upload(
     local: Path, remote: Remote, storage: Mapping[str, Any], progress: Progress = SILENT
 ) -> None:
-    """Copy the file *local* to *remote* in one transaction: the object appears complete, or
-    (after any failure, Ctrl-C included) not at all, its multipart upload aborted."""
-    fs = remote.fs
+    """Copy the file *local* to *remote*: the object appears complete, or (after any failure,
+    Ctrl-C included) not at all, its multipart upload aborted."""
     size = local.stat().st_size
     progress.begin(UPLOADING, size)
-    with remote_errors(OutputError, remote.url, storage, "cannot write"), fs.transaction:
-        out = fs.open(remote.path, "wb", block_size=part_size(size))
+    with remote_errors(OutputError, remote.url, storage, "cannot write"):
+        out = _uncommitted(remote, size)
         try:
             with open(local, "rb") as src:
                 while piece := src.read(_PIECE):
                     out.write(piece)
                     progress.advance(len(piece))
+            out.close()  # the last part
+            out.commit()
         except BaseException:
             _abandon(out)
             raise
-        out.close()  # the last part; the transaction commits it on leaving
+
+
+def _uncommitted(remote: Remote, size: int = 0) -> Any:
+    """A file that writes *remote*'s object but makes it appear only on commit(), and never
+    after discard(): the backend's file opened with autocommit off (on S3, a multipart upload
+    completed by commit() and aborted by discard()), in parts of part_size(*size*).  Not an
+    fsspec transaction: that is one per file system object, which threads (Dask's) share."""
+    if remote.protocol == "memory":  # its files ignore autocommit: one held until commit()
+        return _HeldInMemory(remote)
+    return remote.fs.open(remote.path, "wb", block_size=part_size(size), autocommit=False)
+
+
+class _HeldInMemory(io.BytesIO):
+    """An object of memory:// written at commit() (memory:// has no uploads to abort)."""
+
+    def __init__(self, remote: Remote) -> None:
+        super().__init__()
+        self._remote = remote
+
+    def close(self) -> None:
+        pass  # the bytes are kept for commit()
+
+    def commit(self) -> None:
+        self._remote.fs.pipe_file(self._remote.path, self.getvalue())
+        super().close()
+
+    def discard(self) -> None:
+        super().close()
 
 
 def part_size(size: int) -> int:

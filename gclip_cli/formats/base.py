@@ -486,6 +486,26 @@ def write_all_at(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
+def write_all(fd: int, data: memoryview) -> None:
+    """write() until every byte is written (it may write fewer than asked)."""
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+class InOrder:
+    """write_all_at for a stream (a pipe): each write must begin where the last ended, as the
+    bytes of a file written front to back do."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
+        self._fd, self._position = fd, position
+
+    def __call__(self, data: memoryview, offset: int) -> None:
+        if offset != self._position:
+            raise ValueError(f"a stream written at {offset:,} after {self._position:,} bytes")
+        write_all(self._fd, data)
+        self._position += len(data)
+
+
 def reserve(fd: int, size: int) -> None:
     """Make the open file *fd* *size* bytes long, its blocks allocated where the file system
     can (so a full disk fails here, before any work, and writes need not allocate), else as

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterator, Set
 from functools import partial
@@ -24,6 +25,7 @@ from ..strict_json import JsonLimitError, shown
 from ..strict_json import load as load_json
 from .base import (
     MAX_WINDOW,
+    InOrder,
     PipelinedWriter,
     TensorInfo,
     Transform,
@@ -32,6 +34,7 @@ from .base import (
     reading,
     reserve,
     window_pieces,
+    write_all,
     write_all_at,
 )
 
@@ -122,12 +125,18 @@ class SafetensorsFile:
         self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
         # write() from reused buffers: as fast here as writing through a mapping, and a full
-        # disk is an OSError rather than SIGBUS.
+        # disk is an OSError rather than SIGBUS.  The tensors tile the data buffer, so
+        # writing them in order of offset writes the file front to back: a stream (an
+        # upload's pipe) takes it as it comes, when no tensor is left for other writers.
         size = max(min(chunk_size, MAX_WINDOW), 8)  # at least one item
-        with open(out, "wb") as dst:
-            reserve(dst.fileno(), os.fstat(self._file.fileno()).st_size)
-            dst.write(self._header_bytes)
-            with PipelinedWriter(partial(write_all_at, dst.fileno()), size) as writer:
+        with open(out, "wb", buffering=0) as dst:
+            fd = dst.fileno()
+            in_order = stat.S_ISFIFO(os.fstat(fd).st_mode)
+            if not in_order:
+                reserve(fd, os.fstat(self._file.fileno()).st_size)
+            write_all(fd, memoryview(self._header_bytes))
+            at = InOrder(fd, self._data_start) if in_order else partial(write_all_at, fd)
+            with PipelinedWriter(at, size) as writer:
                 for tensor in sorted(self.tensors, key=lambda t: t.location):
                     if tensor.name in leave:
                         continue

@@ -4,6 +4,7 @@ subprocesses, compared byte for byte with the same commands on local files."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -636,3 +637,84 @@ def test_every_rewriting_command_writes_objects_as_files(bucket, make_file, fmt,
     done = gclip(*command, bucket.put(local, "in/g"), f"{bucket.url}/out/g")
     assert done.returncode == 0, done.stderr
     assert bucket.get("out/g") == reference.read_bytes()
+
+
+# --- outputs streamed into their uploads ----------------------------------------------------
+
+
+def _file_size_limit(limit: int):
+    """For a subprocess: no file it writes may grow past *limit* bytes (a pipe may)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limited
+
+
+def test_a_safetensors_output_is_streamed_with_no_local_copy(bucket, make_file, tmp_path):
+    values = np.random.default_rng(6).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
+    outputs = {}
+    for fmt in ("safetensors", "npz"):
+        local = make_file(fmt, {"g": values, "step": np.array(3)}, name=f"big_{fmt}")
+        reference = tmp_path / f"reference{local.suffix}"
+        assert gclip("rescale", str(local), str(reference), "--max-norm", "1").returncode == 0
+        args = ("rescale", str(local), f"{bucket.url}/out{local.suffix}", "--max-norm", "1")
+        # no file of this process may pass 1 MiB: a local copy of the output would be killed
+        outputs[fmt] = gclip(*args, preexec_fn=_file_size_limit(1 << 20))
+        if fmt == "safetensors":
+            assert outputs[fmt].returncode == 0, outputs[fmt].stderr
+            assert bucket.get(f"out{local.suffix}") == reference.read_bytes()
+    assert outputs["npz"].returncode != 0  # staged locally (it patches its CRC-32s): the control
+    assert bucket.listed() == [] or bucket.listed() == ["out.safetensors"]
+    assert bucket.open_uploads() == []
+
+
+def test_a_streamed_upload_appears_only_when_complete(bucket):
+    data = np.random.default_rng(7).bytes(20 << 20)
+    url = f"{bucket.url}/o.bin"
+    with remote.streamed_upload(url, {}, size=len(data)) as path:
+        child = os.fork()  # written by a forked child, as pass 2 of a lone file is
+        if child == 0:
+            try:
+                Path(path).write_bytes(data)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        assert bucket.listed() == []
+    assert bucket.get("o.bin") == data
+    assert bucket.open_uploads() == []
+
+
+def test_a_failure_while_streaming_aborts_the_upload(bucket):
+    with pytest.raises(OutputError), remote.streamed_upload(f"{bucket.url}/o.bin", {}) as path:
+        with open(path, "wb") as out:
+            out.write(b"x" * (20 << 20))  # two parts sent, the third begun
+        assert bucket.open_uploads() == ["o.bin"]
+        raise OutputError("o.bin", "the writer failed")
+    assert bucket.listed() == [] and bucket.open_uploads() == []
+
+
+def test_a_failed_upload_never_blocks_the_writer(memory, monkeypatch):
+    fs, root = memory
+
+    class Failing(io.BytesIO):
+        def write(self, data):
+            if self.tell() > (8 << 20):
+                raise ConnectionError("the store went away")
+            return super().write(data)
+
+        def discard(self):
+            self.discarded = True
+
+    failing = Failing()
+    monkeypatch.setattr(remote, "_uncommitted", lambda *args: failing)
+    url = f"memory://{root}/o.bin"
+    with (
+        pytest.raises(OutputError, match="went away"),
+        remote.streamed_upload(url, {}) as path,
+        open(path, "wb") as out,
+    ):
+        for _ in range(8):  # far more than the pipe holds: read and dropped
+            out.write(b"y" * (4 << 20))
+    assert failing.discarded and not fs.exists(f"{root}/o.bin")

@@ -3,6 +3,7 @@ downloading it first (boto3's download_file, as ``aws s3 cp`` does) then running
 
     python benchmarks/remote.py --size 1G --rounds 3        # needs gclip[remote-test]
     python benchmarks/remote.py --size 64M --rounds 1       # a quick check that it runs
+    python benchmarks/remote.py --size 256M --baseline OTHER/.venv/bin/python   # before/after
 
 (make_dump.py's smallest dump, GPT-2's embeddings and one block, is about 250 MiB.)  moto
 keeps objects in memory and serves a ranged GET slowly (it is a test server): figures against
@@ -37,20 +38,24 @@ from make_dump import parse_size, write_dump
 SUFFIXES = {"safetensors": ".safetensors", "npz": ".npz", "hdf5": ".h5"}
 
 
-def run(command: list[str]) -> int:
+def run(command: list[str], cwd: Path | None = None) -> int:
     """Run *command*; its peak RSS in KiB (the largest of it and the children it waited for),
     by /usr/bin/time: a child of this process would count this process's own peak, inherited
     at fork."""
     with tempfile.NamedTemporaryFile("r") as peak:
         timed = ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command]
-        done = subprocess.run(timed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(
+            timed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd
+        )
         if done.returncode != 0:
             raise SystemExit(f"{command} failed: {done.stderr}")
         return int(peak.read().split()[-1])
 
 
-def gclip(*args: str) -> int:
-    return run([sys.executable, "-m", "gclip_cli", *args])
+def gclip(*args: str, python: str = sys.executable) -> int:
+    """gclip *args* run by *python*, from its checkout (``-m`` finds the current folder's
+    package first: CHECKOUT/.venv/bin/python runs CHECKOUT's gclip_cli)."""
+    return run([python, "-m", "gclip_cli", *args], cwd=Path(python).absolute().parents[2])
 
 
 def boto3_step(call: str) -> int:
@@ -84,7 +89,9 @@ def start_server() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto's server did not start")
 
 
-def cases(bucket: str, local: Path, work: Path) -> dict[str, Callable[[], int]]:
+def cases(
+    bucket: str, local: Path, work: Path, baseline: str | None = None
+) -> dict[str, Callable[[], int]]:
     key = local.name
     url = f"s3://{bucket}/{key}"
     copy = work / f"copy{local.suffix}"
@@ -105,16 +112,23 @@ def cases(bucket: str, local: Path, work: Path) -> dict[str, Callable[[], int]]:
         out.unlink(missing_ok=True)
         return gclip("rescale", str(local), str(out), "--max-norm", "1")
 
-    return {
+    def uploaded(source: str, python: str = sys.executable) -> Callable[[], int]:
+        target = f"s3://{bucket}/out{local.suffix}"
+        return lambda: gclip("rescale", source, target, "--max-norm", "1", python=python)
+
+    found = {
         "inspect, local": lambda: gclip("inspect", str(local)),
         "inspect, s3://": lambda: gclip("inspect", url),
         "inspect, download + local": lambda: download_then("inspect", str(copy)),
         "rescale, local": rescale_local,
-        "rescale, s3:// -> s3://": lambda: gclip(
-            "rescale", url, f"s3://{bucket}/out{local.suffix}", "--max-norm", "1"
-        ),
+        "rescale, local -> s3://": uploaded(str(local)),
+        "rescale, s3:// -> s3://": uploaded(url),
         "rescale, download + local + upload": download_rescale_upload,
     }
+    if baseline is not None:  # another checkout's gclip, in the same rounds
+        found["rescale, local -> s3:// (baseline)"] = uploaded(str(local), baseline)
+        found["rescale, s3:// -> s3:// (baseline)"] = uploaded(url, baseline)
+    return found
 
 
 def main() -> None:
@@ -122,6 +136,9 @@ def main() -> None:
     parser.add_argument("--size", default="1G")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--formats", default="safetensors")
+    parser.add_argument(
+        "--baseline", metavar="PYTHON", help="also time the uploads of another checkout's gclip"
+    )
     settings = parser.parse_args()
 
     import boto3
@@ -142,7 +159,7 @@ def main() -> None:
                 local = work / f"dump{SUFFIXES[fmt]}"
                 write_dump(local, parse_size(settings.size))
                 client.upload_file(str(local), "gclip-bench", local.name)
-                runs = cases("gclip-bench", local, work)
+                runs = cases("gclip-bench", local, work, settings.baseline)
                 times: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}
                 for _ in range(settings.rounds):  # interleaved: every case in every round
                     for name, work_of in runs.items():

@@ -11,8 +11,16 @@ from pathlib import Path
 import ml_dtypes
 
 from . import parallel
-from .formats import Checksummed, FinishesOutput, SelfMeasuring, TensorFile, TensorInfo
+from .formats import (
+    Checksummed,
+    FinishesOutput,
+    SelfMeasuring,
+    TensorFile,
+    TensorInfo,
+    WritesInOrder,
+)
 from .norms import NormAccumulator, NormStats, p_norm_of
+from .output import is_stream
 from .progress import MEASURING, SILENT, WRITING, Progress
 from .rewriters import Rewriter, counted
 from .rounding import ScaleFactor
@@ -188,7 +196,17 @@ def rewrite(
     plain stored tensors by *jobs* worker processes when that pays; told to *progress*.
 
     Returns the NormStats of the written values per tensor (None for skipped tensors).
+
+    *out* may be a stream (the pipe of an upload): written front to back by one process if
+    the file can write so, else into a temporary file first, then copied into it.
     """
+    if is_stream(out):
+        if not (isinstance(tfile, WritesInOrder) and tfile.writes_in_order()):
+            from .streams import staged_into
+
+            with staged_into(out, tfile.path.stat().st_size, progress) as staged:
+                return rewrite(tfile, staged, rewriter, chunk_size, jobs, progress)
+        jobs = 1  # in order, all in this process
     progress.begin(WRITING, gradient_bytes(tfile.tensors))
     spans = parallel.parallel_spans(tfile, jobs)
     pieces = parallel.encodable_pieces(tfile, jobs)

@@ -27,14 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 from .engine import combine, dividing_norm, measure_tensors, rewrite
 from .errors import InputError, NonFiniteError, OutputError
 from .executors import InThisThread, executor_for, run_all, staging
-from .formats import (
-    TensorFile,
-    TensorInfo,
-    crashes_on_damage,
-    detect_format,
-    open_file,
-    writes_in_order,
-)
+from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
 from .formats.base import FileShrank
 from .formats.ranged import CopiesItself
 from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
@@ -42,7 +35,7 @@ from .norms import NormStats
 from .options import NonFinite, Options
 from .output import atomic_output, check_output_path, is_stream
 from .progress import COPYING, SILENT, File, Progress
-from .remote import ObjectSource, portable, reachable, streamed_upload, uploaded_file
+from .remote import ObjectSource, portable, reachable, streamed_upload
 from .reports import InspectReport, RewriteReport, TensorReport, tensor_reports
 from .selection import check_globs, counted_or_why, read_opaque_as, refuse_opaque, select
 from .selection import require_counted as refuse_if_none_counted
@@ -489,21 +482,15 @@ def write_source(
 @contextmanager
 def _written_at(target: Target, src: Path, options: Options, progress: Progress) -> Iterator[Path]:
     """Where pass 2 writes *target*: a temporary file renamed into place when complete; for an
-    object (target.url), a pipe streamed to it where the format writes its output front to
-    back (no local copy), else a temporary file uploaded when complete.  Either way the
-    output appears whole or not at all."""
+    object (target.url), a stream uploaded as it is written (engine.rewrite writes it in
+    order, or stages what cannot be).  Either way the output appears whole or not at all."""
     if target.url is None:
         with atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src) as tmp:
             yield tmp
         return
     size = src.stat().st_size  # the output's, about (a stand-in is as long as its object)
-    storage, clobber = options.storage, target.clobber
-    if writes_in_order(options.file_format or detect_format(src)):
-        with streamed_upload(target.url, storage, clobber, size) as pipe:
-            yield pipe
-    else:
-        with uploaded_file(target.url, storage, clobber, progress.listener, size) as tmp:
-            yield tmp
+    with streamed_upload(target.url, options.storage, target.clobber, size) as stream:
+        yield stream
 
 
 def write_opened(
@@ -521,7 +508,7 @@ def write_opened(
     with _output_errors(dst):
         if plan.rewrites(file, options):
             rewriter = plan.rewriter(file, options)
-            jobs = options.processes if not is_stream(tmp) else 1  # a stream: in order
+            jobs = options.processes
             after = rewrite(tfile, tmp, rewriter, options.chunk_size, jobs, progress)
             return Written(tuple(after), rewriter.clamped)
         size = tfile.path.stat().st_size

@@ -17,6 +17,7 @@ T = TypeVar("T")
 MEASURING = "measuring"  # pass 1: reading the gradient tensors' values
 WRITING = "writing"  # pass 2: writing them transformed
 COPYING = "copying"  # no value changes: the output is a byte copy of the input
+SENDING = "sending"  # an output staged in a temporary file, copied into its upload's stream
 
 
 @dataclass(frozen=True)

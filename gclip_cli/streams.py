@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import GclipError, InputError, OutputError, UsageError
+from .progress import SENDING, SILENT, Progress
 
 STDIO = "-"
 STDIN_NAME = "<stdin>"  # how errors and reports name standard input
@@ -103,6 +104,28 @@ def _spool(source: BinaryIO, spool: Path, name: str) -> None:
                 out.write(piece)
     except OSError as exc:
         raise InputError(name, f"cannot spool it: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def staged_into(stream: Path, size: int, progress: Progress = SILENT) -> Iterator[Path]:
+    """A temporary file to write an output that cannot be written front to back into
+    *stream* (a pipe); once complete, it is copied into *stream* (*progress* hears of it).
+    Refused before any work where its *size* bytes would leave the disk too full."""
+    with _temporary("output") as path:
+        limit = spool_limit(path.parent)
+        if size > limit:
+            raise OutputError(
+                stream,
+                f"needs {size:,} bytes in {path.parent.parent} to be written first, but only "
+                f"{limit:,} may be used there (the disk's free space less {SPOOL_RESERVE:.0%}, "
+                f"at most ${SPOOL_LIMIT_VARIABLE}); set TMPDIR to a larger disk",
+            )
+        yield path
+        progress.begin(SENDING, path.stat().st_size)
+        with open(path, "rb") as staged, open(stream, "wb") as out:
+            while piece := staged.read(_SPOOL_PIECE):
+                out.write(piece)
+                progress.advance(len(piece))
 
 
 def spool_limit(folder: Path) -> int:

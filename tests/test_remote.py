@@ -718,3 +718,29 @@ def test_a_failed_upload_never_blocks_the_writer(memory, monkeypatch):
         for _ in range(8):  # far more than the pipe holds: read and dropped
             out.write(b"y" * (4 << 20))
     assert failing.discarded and not fs.exists(f"{root}/o.bin")
+
+
+def test_an_output_staged_first_is_refused_where_the_disk_has_no_room(bucket, make_file):
+    values = np.random.default_rng(8).standard_normal(1 << 16).astype(np.float32)  # 256 KiB
+    local = make_file("npz", {"g": values})
+    url = f"{bucket.url}/o.npz"
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # .npz is staged: less than it needs
+    done = gclip("rescale", str(local), url, "--max-norm", "1", env=env)
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.startswith(f"gclip: error: {url}: needs ") and "TMPDIR" in done.stderr
+    assert bucket.listed() == [] and bucket.open_uploads() == []
+    streamed = make_file("safetensors", {"g": values})  # streamed: needs no room
+    target = f"{bucket.url}/o.safetensors"
+    done = gclip("rescale", str(streamed), target, "--max-norm", "1", env=env)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_staged_output_reports_its_sending(memory, make_file):
+    fs, root = memory
+    local = make_file("npz", _tensors())
+    events = []
+    rescale_file(local, f"memory://{root}/o.npz", max_norm=1e-3, progress=events.append)
+    phases = [phase for phase, _, _ in progress_by_phase(events)]
+    size = fs.size(f"{root}/o.npz")
+    assert phases[-2:] == ["writing", "sending"]
+    assert progress_by_phase(events)[-1] == ("sending", size, size)

@@ -47,7 +47,6 @@ __all__ = [
     "crashes_on_damage",
     "detect_format",
     "open_file",
-    "writes_in_order",
 ]
 
 _FROM_BASE = frozenset(
@@ -62,6 +61,7 @@ _FROM_BASE = frozenset(
         "TensorInfo",
         "Transform",
         "WholeArrays",
+        "WritesInOrder",
     }
 )
 
@@ -91,8 +91,3 @@ def open_file(
 def crashes_on_damage(name: str) -> bool:
     """Whether the library of format *name* can crash (not raise) on a damaged file."""
     return FORMATS.entry(name).crashes_on_damage
-
-
-def writes_in_order(name: str) -> bool:
-    """Whether format *name*'s outputs are written front to back (see FormatEntry)."""
-    return FORMATS.entry(name).writes_in_order

@@ -210,6 +210,17 @@ class FinishesOutput(Protocol):
 
 
 @runtime_checkable
+class WritesInOrder(Protocol):
+    """A file that can write its output front to back with plain writes (no seeking, nothing
+    patched afterwards): into a stream, such as the pipe an upload reads (remote.py)."""
+
+    def writes_in_order(self) -> bool:
+        """Whether this file's output can be so written: write_transformed then writes a
+        stream whole (every tensor, no finish_output), in order."""
+        ...
+
+
+@runtime_checkable
 class Checksummed(PlainValues, FinishesOutput, Protocol):
     """Plain values the file keeps CRC-32s of (.npz): the workers that read or write them
     compute theirs, checked here as read and written into the output (finish_output)."""

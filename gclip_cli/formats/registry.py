@@ -38,10 +38,6 @@ class FormatEntry:
     # "module:class" of its reader of remote objects by ranges, cls(stand-in path,
     # ranged.RangedBytes) (None: such objects are downloaded first; see remote.py)
     ranged_reader: str | None = None
-    # Its readers write an output front to back with plain writes (no seeking, nothing
-    # patched afterwards) when one process writes it: an upload can then be streamed, with
-    # no local copy (remote.streamed_upload).
-    writes_in_order: bool = False
 
     def is_one(self, head: bytes, file: BinaryIO) -> bool:
         test: Callable[[bytes, BinaryIO], bool] = _imported(self.signature)
@@ -158,7 +154,6 @@ FORMATS = Registry(
             ".signatures:is_safetensors",
             ".safetensors:SafetensorsFile",
             ranged_reader=".safetensors:RangedSafetensorsFile",
-            writes_in_order=True,
         ),
         FormatEntry("npz", ".npz", ".signatures:is_npz", ".npz:NpzFile"),
         FormatEntry(

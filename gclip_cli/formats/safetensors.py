@@ -95,7 +95,7 @@ DataOffsets = tuple[int, int]
 
 
 class SafetensorsFile:
-    """A TensorFile with PlainValues (every tensor), Metadata and WholeArrays."""
+    """A TensorFile with PlainValues (every tensor), Metadata, WholeArrays and WritesInOrder."""
 
     format_name = FORMAT_NAME
 
@@ -149,6 +149,9 @@ class SafetensorsFile:
                                 np.copyto(target, src)
                         writer.submit(target, start)
 
+    def writes_in_order(self) -> bool:
+        return True  # the tensors tile the data buffer: written in order of offset
+
     def _pieces(self, tensor: TensorInfo, chunk_size: int) -> Iterator[tuple[int, int]]:
         return _value_pieces(self._data_start, tensor, chunk_size)
 
@@ -174,8 +177,9 @@ class SafetensorsFile:
 
 class RangedSafetensorsFile:
     """A safetensors object read by ranges from its URL (formats/ranged.py): a TensorFile with
-    Metadata and WholeArrays, but not PlainValues (worker processes map local files only), so
-    one process reads it in order, the next window fetched while one is worked on."""
+    Metadata, WholeArrays and WritesInOrder, but not PlainValues (worker processes map local
+    files only), so one process reads it in order, the next window fetched while one is
+    worked on."""
 
     format_name = FORMAT_NAME
 
@@ -207,6 +211,9 @@ class RangedSafetensorsFile:
                         dst.write(target)
                     else:
                         dst.write(raw)
+
+    def writes_in_order(self) -> bool:
+        return True
 
     def copy_to(self, out: Path) -> None:
         self._ranged.copy_to(out, MAX_WINDOW)

@@ -363,7 +363,7 @@ class _PipeSender:
             self._write = -1
 
     def _send(self) -> None:
-        buffer = memoryview(bytearray(_PIECE))
+        buffer = memoryview(bytearray(_PIPE_BUFFER))  # the parts gather in the file
         with open(self._read, "rb", buffering=0) as pipe:
             try:
                 with remote_errors(OutputError, self._remote.url, self._storage, "cannot write"):

@@ -339,16 +339,18 @@ def test_rescale_through_s3_writes_the_bytes_of_the_local_run(
     assert bucket.open_uploads() == []
 
 
-def _checkpoint(folder: Path, make_file) -> Path:
-    """A sharded safetensors checkpoint of two shards and its index, plus a config file."""
+def _checkpoint(folder: Path, make_file, fmt: str = "safetensors") -> Path:
+    """A sharded checkpoint of two shards of format *fmt* (80 KB each) and its index, plus a
+    config file."""
     folder.mkdir()
     weight_map = {}
+    suffix = {"safetensors": ".safetensors", "npz": ".npz", "torch": ".pt"}[fmt]
     for n in (1, 2):
-        name = f"model-{n:05d}-of-00002.safetensors"
-        tensors = {f"h.{n}.w": np.full((50, 7), n / 3, dtype=np.float32)}
-        shutil.move(make_file("safetensors", tensors, name=f"shard{n}"), folder / name)
+        name = f"model-{n:05d}-of-00002{suffix}"
+        tensors = {f"h.{n}.w": np.full((100, 200), n / 3, dtype=np.float32)}
+        shutil.move(make_file(fmt, tensors, name=f"shard{n}"), folder / name)
         weight_map.update(dict.fromkeys(tensors, name))
-    index = folder / "model.safetensors.index.json"
+    index = folder / f"model{suffix}.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text("{}")
     return index
@@ -376,15 +378,18 @@ def test_a_sharded_checkpoint_goes_from_s3_to_s3(bucket, make_file, tmp_path, sc
     assert bucket.open_uploads() == []
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "torch"])
 def test_dask_workers_read_and_write_the_objects_themselves(
-    bucket, make_file, tmp_path, monkeypatch
+    bucket, make_file, tmp_path, monkeypatch, fmt
 ):
     # The workers' temporary folder is not the client's: a stand-in the client made is then not
     # honoured by a worker (as on another machine, where it does not exist), so a task that
     # named the client's stand-in instead of the object would fail.  And the client uploads
-    # only what it writes itself (the index): the shards come from the workers.
+    # only what it writes itself (the index): the shards come from the workers.  No copy of
+    # a shard is made on the client either (the spool limit refuses one): a worker on another
+    # machine could not read it.
     pytest.importorskip("distributed", reason="needs gclip[dask]")
-    index = _checkpoint(tmp_path / "ckpt", make_file)
+    index = _checkpoint(tmp_path / "ckpt", make_file, fmt)
     for path in index.parent.iterdir():
         bucket.put(path, f"ckpt/{path.name}")
     reference = tmp_path / "reference"
@@ -401,6 +406,7 @@ def test_dask_workers_read_and_write_the_objects_themselves(
         real_upload(local, target, *args)
 
     monkeypatch.setattr(remote, "upload", upload)
+    monkeypatch.setenv("GCLIP_SPOOL_LIMIT", "64K")  # less than a shard
     url = f"{bucket.url}/ckpt/{index.name}"
     rescale_files([url], f"{bucket.url}/out/", max_norm=1.0, scheduler="local:2")
     for path in reference.iterdir():
@@ -582,7 +588,7 @@ def test_objects_need_no_local_copy_but_hdf5_ones(bucket, make_file, fmt, comman
         assert _without_names(json.loads(there.stdout)) == _without_names(json.loads(here.stdout))
 
 
-def _peak_rss(*args: str) -> int:
+def _peak_rss(*args: str, env: dict[str, str] | None = None) -> int:
     """The largest resident set, in bytes, of gclip *args* and the processes it starts."""
     code = (
         "import resource, subprocess, sys\n"
@@ -591,7 +597,7 @@ def _peak_rss(*args: str) -> int:
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1]) * 1024  # Linux counts KiB
@@ -608,6 +614,52 @@ def test_memory_stays_bounded_for_a_large_object(bucket, make_file, tmp_path):
     assert (tmp_path / "r.safetensors").read_bytes() == (tmp_path / "o.safetensors").read_bytes()
     # fsspec, s3fs and botocore loaded, two 8 MiB windows: well under the object's 192 MiB
     assert there < here + (96 << 20), (here, there)
+
+
+def test_memory_stays_bounded_for_a_large_npz_object(bucket, tmp_path):
+    local = tmp_path / "big.npz"
+    values = np.random.default_rng(5).standard_normal(64 << 20).astype(np.float32)  # 256 MiB
+    np.savez(local, g=values, step=np.arange(3))
+    del values
+    url = bucket.put(local, "big.npz")
+    options = ("--chunk-size", "8M", "-j", "1", "--max-norm", "1")
+    here = _peak_rss("rescale", str(local), str(tmp_path / "o.npz"), *options)
+    no_copy = {**os.environ, "GCLIP_SPOOL_LIMIT": "1M"}  # a local copy of the object is refused
+    there = _peak_rss("rescale", url, str(tmp_path / "r.npz"), *options, env=no_copy)
+    assert (tmp_path / "r.npz").read_bytes() == (tmp_path / "o.npz").read_bytes()
+    # fsspec, s3fs and botocore loaded, two 16 MiB windows: well under the object's 256 MiB
+    assert there < here + (96 << 20), (here, there)
+
+
+def test_a_deflated_npz_object_rescales_as_its_file(bucket, tmp_path):
+    local = tmp_path / "g.npz"
+    rng = np.random.default_rng(8)
+    np.savez_compressed(local, a=rng.standard_normal((300, 70)).astype(np.float32), n=np.arange(5))
+    reference = tmp_path / "reference.npz"
+    assert gclip("rescale", str(local), str(reference), "--max-norm", "1").returncode == 0
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "1K"}  # read by ranges: no copy
+    done = gclip(
+        "rescale",
+        bucket.put(local, "in/g.npz"),
+        f"{bucket.url}/out/g.npz",
+        "--max-norm",
+        "1",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert bucket.get("out/g.npz") == reference.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "torch"])
+def test_a_truncated_zip_object_is_one_line_and_exit_3(bucket, make_file, tmp_path, fmt):
+    local = make_file(fmt, _tensors())
+    cut = tmp_path / "cut"
+    cut.write_bytes(local.read_bytes()[:-40])  # its end record lost
+    done = gclip("rescale", bucket.put(cut, "cut"), f"{bucket.url}/out", "--max-norm", "1")
+    assert done.returncode == 3
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("gclip: error: s3://")
+    assert "zip" in done.stderr and "Traceback" not in done.stderr
+    assert "out" not in bucket.listed() and bucket.open_uploads() == []
 
 
 @pytest.mark.parametrize(

@@ -263,7 +263,8 @@ def copy_rewritten(
     windows of at most MAX_WINDOW (short pieces fetched together), the next fetched while one
     is worked on.  Returns the CRC-32s of the input's byte ranges (start, length) *checked*,
     computed on the way (zip members whose CRC-32 is to be checked)."""
-    values = sorted(((start, t) for t, start in placed.items()), key=lambda p: p[0])
+    # tensors without values may lie within another's (a torch view of no items): none to write
+    values = sorted(((s, t) for t, s in placed.items() if t.nbytes), key=lambda p: p[0])
     pieces = list(_copy_pieces(ranged.size, values, chunk_size))
     spans = sorted(checked)
     crcs = [0] * len(spans)

@@ -3,22 +3,37 @@ from memory:// (fsspec's in-process file system)."""
 
 from __future__ import annotations
 
+import io
+import os
 import tempfile
 import uuid
+import zipfile
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import import_torch
 
+from gclip_cli import inspect_files, remote, rescale_file
 from gclip_cli.errors import InputError
-from gclip_cli.formats import detect_format, open_file
+from gclip_cli.formats import (
+    ChunkedPieces,
+    FinishesOutput,
+    PlainValues,
+    detect_format,
+    open_file,
+)
+from gclip_cli.options import Options
 
 fsspec = pytest.importorskip("fsspec", reason="needs gclip[remote]")
+
+from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 
 from gclip_cli.formats.ranged import (  # noqa: E402
     STAND_IN_FOLDER,
     RangedBytes,
+    RangedFile,
     StandIn,
     is_stand_in,
 )
@@ -126,3 +141,180 @@ def test_an_object_replaced_before_or_while_it_is_read_is_refused(stored):
     stored(b"d" * 100)  # replaced while read: refused when done with
     with pytest.raises(InputError, match="was replaced"):
         ranged.close()
+
+
+# --- zip archives (.npz, PyTorch) by ranges ------------------------------------------------
+
+
+def _zip_of(entries: list[tuple[str, int, np.ndarray]]) -> bytes:
+    """An .npz of (name, zip method, array) entries, as zipfile writes one."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, method, array in entries:
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array)
+            info = zipfile.ZipInfo(f"{name}.npy", (2024, 1, 2, 3, 4, 6))
+            archive.writestr(info, member.getvalue(), compress_type=method)
+    return buffer.getvalue()
+
+
+def _torch_checkpoint(path: Path) -> None:
+    torch = import_torch()
+    x = torch.arange(4000, dtype=torch.float32).reshape(50, 80) / 1000
+    y = torch.randn(70, 30, generator=torch.Generator().manual_seed(1))
+    torch.save(
+        {
+            "strided": x[:, ::2],  # a view with gaps
+            "transposed": y.t(),
+            "empty": y[5:5],  # no values, within those of another tensor
+            "half": torch.ones(300, dtype=torch.bfloat16),
+            "steps": torch.arange(3),
+        },
+        path,
+    )
+
+
+def _zip_file(kind: str, tmp_path: Path, make_file) -> Path:
+    """A local file of *kind*: an .npz of stored or deflated members, mixed, or a torch.save
+    checkpoint."""
+    rng = np.random.default_rng(11)
+    tensors = {
+        "a": rng.standard_normal((300, 40)).astype(np.float32),
+        "b": rng.standard_normal(5000).astype(np.float16),
+        "n": np.arange(10),
+    }
+    path = tmp_path / f"{kind}.zip"
+    if kind == "npz stored":
+        np.savez(path, **tensors)
+        return tmp_path / f"{kind}.zip.npz"
+    if kind == "npz deflated":
+        np.savez_compressed(path, **tensors)
+        return tmp_path / f"{kind}.zip.npz"
+    if kind == "npz mixed":
+        methods = {"a": zipfile.ZIP_DEFLATED, "b": zipfile.ZIP_STORED, "n": zipfile.ZIP_DEFLATED}
+        entries = [(name, method, tensors[name]) for name, method in methods.items()]
+        path.write_bytes(_zip_of(entries))
+        return path
+    _torch_checkpoint(path)
+    return path
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any download of a whole object fails the test (objects must be read by ranges)."""
+
+    def refused(*args, **kwargs):
+        pytest.fail("the object was downloaded")
+
+    monkeypatch.setattr(MemoryFileSystem, "get_file", refused)
+    monkeypatch.setattr(MemoryFileSystem, "get", refused)
+
+
+def _put(local: Path) -> str:
+    url = f"memory://ranged-{uuid.uuid4().hex[:8]}/{local.name}"
+    fsspec.filesystem("memory").pipe_file(url, local.read_bytes())
+    return url
+
+
+ZIP_KINDS = ["npz stored", "npz deflated", "npz mixed", "torch"]
+
+
+@pytest.mark.parametrize("kind", ZIP_KINDS)
+def test_a_zip_object_is_read_by_ranges_with_no_local_copy(kind, tmp_path, make_file):
+    local = _zip_file(kind, tmp_path, make_file)
+    url = _put(local)
+    with remote.staged_inputs([url], {}) as ((path,), _):
+        assert StandIn.read(Path(path)).file_format == ("torch" if kind == "torch" else "npz")
+        assert Path(path).stat().st_blocks * 512 < 64 << 10  # sparse: no copy
+        with closing(open_file(Path(path))) as ranged, closing(open_file(local)) as here:
+            assert not isinstance(ranged, (PlainValues, ChunkedPieces))  # one process, in order
+            assert isinstance(ranged, FinishesOutput)
+            assert [t.name for t in ranged.tensors] == [t.name for t in here.tensors]
+            for got, expected in zip(ranged.tensors, here.tensors, strict=True):
+                assert np.array_equal(ranged.read_array(got), here.read_array(expected))
+                if got.is_gradient:
+                    chunks = list(ranged.read_chunks(got, 4096))
+                    values = np.concatenate([*chunks, np.empty(0, got.dtype)])
+                    local = list(here.read_chunks(expected, 4096))
+                    assert np.array_equal(values, np.concatenate([*local, values[:0]]))
+
+
+@pytest.mark.parametrize("kind", ZIP_KINDS)
+def test_a_zip_object_rewrites_as_its_file(kind, tmp_path, make_file, no_download):
+    local = _zip_file(kind, tmp_path, make_file)
+    url = _put(local)
+    assert _measured(inspect_files([url])) == _measured(inspect_files([local]))
+    for max_norm in (1.0, 1e9):  # values rescaled; none changed (a byte copy)
+        reference = tmp_path / f"reference-{max_norm}"
+        rescale_file(local, reference, max_norm=max_norm)
+        out = f"{url}.out-{max_norm}"
+        rescale_file(url, out, max_norm=max_norm, options=Options(chunk_size=3000))
+        assert fsspec.filesystem("memory").cat_file(out) == reference.read_bytes()
+    assert reference.read_bytes() == local.read_bytes()
+
+
+def _measured(report) -> list[dict]:
+    return [{k: v for k, v in t.items() if k != "file"} for t in report.to_dict()["tensors"]]
+
+
+def test_a_zip_object_replaced_after_it_was_found_is_refused(tmp_path, make_file):
+    local = _zip_file("npz stored", tmp_path, make_file)
+    url = _put(local)
+    with remote.staged_inputs([url], {}) as ((path,), _):
+        fsspec.filesystem("memory").pipe_file(url, local.read_bytes()[::-1])
+        with pytest.raises(InputError, match="was replaced"):
+            open_file(Path(path))
+
+
+def test_a_truncated_zip_object_is_refused(tmp_path, make_file):
+    local = _zip_file("npz stored", tmp_path, make_file)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(local.read_bytes()[:-30])  # no end record
+    with (
+        remote.staged_inputs([_put(cut)], {}) as ((path,), _),
+        pytest.raises(InputError, match=r"not a readable \.npz \(zip\) file"),
+    ):
+        open_file(Path(path))
+
+
+def test_a_ranged_file_reads_and_seeks_as_a_file(stored):
+    data = bytes(range(256)) * 1000
+    ranged = RangedBytes(stored(data), {})
+    with closing(ranged), RangedFile(ranged) as file:
+        assert file.seekable() and file.readable()
+        assert file.read(10) == data[:10]
+        assert file.seek(-5, os.SEEK_END) == len(data) - 5
+        assert file.read() == data[-5:]
+        assert file.read(3) == b""
+        file.seek(100_000)
+        assert file.tell() == 100_000
+        assert file.read(70_000) == data[100_000:170_000]
+        file.seek(3, os.SEEK_CUR)
+        assert file.read(2) == data[170_003:170_005]
+
+
+def test_short_reads_share_a_block_and_long_ones_are_fetched_whole(stored, monkeypatch):
+    data = np.random.default_rng(6).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    fetched = _counting(monkeypatch)
+    ranged = RangedBytes(stored(data), {})
+    with closing(ranged):
+        fetched.clear()
+        got = [ranged.read(start, 30) for start in range(0, 60_000, 1000)]
+        assert got == [data[s : s + 30] for s in range(0, 60_000, 1000)]
+        assert len(fetched) == 1  # one block for 60 short reads
+        assert ranged.read(65_530, 20) == data[65_530:65_550]  # across two blocks: fetched as is
+        assert ranged.read(200_000, 300_000) == data[200_000:500_000]
+    assert fetched[1:] == [(65_530, 65_550), (200_000, 500_000)]
+
+
+def _counting(monkeypatch) -> list[tuple[int, int]]:
+    """The (start, end) of every ranged GET from memory:// from now on."""
+    fetched: list[tuple[int, int]] = []
+    real = MemoryFileSystem.cat_file
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        fetched.append((start, end))
+        return real(self, path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    return fetched

@@ -5,9 +5,11 @@ import io
 import itertools
 import os
 import struct
+import tracemalloc
 import zipfile
 import zlib
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +243,90 @@ def test_an_unreadable_archive_is_named_by_its_kind(tmp_path):
     with pytest.raises(InputError, match=r"not a readable \.npz \(zip\) file"):
         ZipArchive(path, ".npz")
     assert ziparchive.MAX_ZIP_DIRECTORY == 100_000_000
+
+
+# --- remote archives, by ranges (ranged.RangedBytes) -----------------------------------------
+
+
+@pytest.fixture
+def remote_archive(monkeypatch):
+    """put(bytes) -> a RangedBytes over a new memory:// object holding them, and the (start,
+    end) of every ranged GET made from then on."""
+    fsspec = pytest.importorskip("fsspec", reason="needs gclip[remote]")
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from gclip_cli.formats.ranged import RangedBytes, StandIn
+    from gclip_cli.urls import open_remote, version_of
+
+    fetched: list[tuple[int, int]] = []
+    real = MemoryFileSystem.cat_file
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        fetched.append((start, end))
+        return real(self, path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    opened = []
+
+    def put(data: bytes) -> RangedBytes:
+        url = f"memory://zip-{os.urandom(4).hex()}/g.npz"
+        fsspec.filesystem("memory").pipe_file(url, data)
+        version = version_of(open_remote(url, {}))
+        opened.append(RangedBytes(StandIn(url, "npz", len(data), version), {}))
+        fetched.clear()
+        return opened[-1]
+
+    yield put, fetched
+    for ranged in opened:
+        ranged.stop()
+
+
+def test_a_remote_archive_is_listed_and_opened_in_few_gets(remote_archive):
+    put, fetched = remote_archive
+    stream = io.BytesIO()
+    big = np.arange(6 << 20, dtype="<f4")  # 24 MiB
+    with zipfile.ZipFile(stream, "w") as archive:
+        archive.writestr("big.npy", npy_bytes(big))
+        for n in range(300):
+            archive.writestr(f"m{n}.npy", npy_bytes(np.full(10, n, dtype="<f4")))
+    ranged = put(stream.getvalue())
+    with closing(ZipArchive(Path("g.npz"), ".npz", ranged)) as archive:
+        archive.check_members()  # every local header read
+        starts = [archive.data_start(info) for info in archive.members]
+        assert len(archive.names) == 301
+        with archive.open_member(archive.members[-1]) as member:
+            assert np.lib.format.read_array(member).tolist() == [299] * 10
+    assert starts[0] < big.nbytes < starts[1]
+    # end records, directory, and 64 KiB blocks of headers: not a GET per member
+    assert len(fetched) <= 8, fetched
+    assert sum(end - start for start, end in fetched) < 1 << 20  # nothing of big's values
+
+
+def test_a_remote_deflated_member_is_inflated_from_bounded_reads(remote_archive):
+    put, fetched = remote_archive
+    values = np.random.default_rng(9).standard_normal(24 << 20).astype("<f2")  # 48 MiB
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.writestr("v.npy", npy_bytes(values))
+    ranged = put(stream.getvalue())
+    with closing(ZipArchive(Path("g.npz"), ".npz", ranged)) as archive:
+        info = archive.members[0]
+        assert info.compress_size > 32 << 20  # many windows
+        tracemalloc.start()
+        try:
+            with archive.open_member(info) as member:
+                np.lib.format.read_magic(member)
+                np.lib.format.read_array_header_1_0(member)
+                crc, equal, at = 0, True, 0
+                buffer = bytearray(1 << 20)
+                while got := member.readinto(buffer):
+                    piece = np.frombuffer(buffer, "<f2", got // 2)
+                    equal &= np.array_equal(piece, values[at : at + piece.size])
+                    at += piece.size
+                    crc = zlib.crc32(buffer[:got], crc)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert equal and at == values.size
+    assert max(end - start for start, end in fetched) <= 4 << 20
+    assert peak < 24 << 20, peak  # never the member (48 MiB, 40 compressed) in memory

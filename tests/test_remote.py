@@ -51,14 +51,14 @@ def memory():
         fs.rm(root, recursive=True)
 
 
-def test_an_npz_object_is_read_as_a_local_copy_shown_by_its_url(memory, make_file):
+def test_an_hdf5_object_is_read_as_a_local_copy_shown_by_its_url(memory, make_file):
     fs, root = memory
-    local = make_file("npz", {"w": np.arange(6, dtype=np.float32)})
-    fs.pipe_file(f"{root}/g.npz", local.read_bytes())
-    url = f"memory://{root}/g.npz"
+    local = make_file("hdf5", {"w": np.arange(6, dtype=np.float32)})
+    fs.pipe_file(f"{root}/g.h5", local.read_bytes())
+    url = f"memory://{root}/g.h5"
     with remote.staged_inputs([url, str(local)], {}) as (paths, shown):
         assert Path(paths[0]).read_bytes() == local.read_bytes()
-        assert Path(paths[0]).name == "g.npz"  # history reads steps from names
+        assert Path(paths[0]).name == "g.h5"  # history reads steps from names
         assert paths[1] == str(local)
         assert shown == {paths[0]: url}
         staged = Path(paths[0])
@@ -340,16 +340,18 @@ def test_rescale_through_s3_writes_the_bytes_of_the_local_run(
     assert bucket.open_uploads() == []
 
 
-def _checkpoint(folder: Path, make_file) -> Path:
-    """A sharded safetensors checkpoint of two shards and its index, plus a config file."""
+def _checkpoint(folder: Path, make_file, fmt: str = "safetensors") -> Path:
+    """A sharded checkpoint of two shards of format *fmt* (80 KB each) and its index, plus a
+    config file."""
     folder.mkdir()
     weight_map = {}
+    suffix = {"safetensors": ".safetensors", "npz": ".npz", "torch": ".pt"}[fmt]
     for n in (1, 2):
-        name = f"model-{n:05d}-of-00002.safetensors"
-        tensors = {f"h.{n}.w": np.full((50, 7), n / 3, dtype=np.float32)}
-        shutil.move(make_file("safetensors", tensors, name=f"shard{n}"), folder / name)
+        name = f"model-{n:05d}-of-00002{suffix}"
+        tensors = {f"h.{n}.w": np.full((100, 200), n / 3, dtype=np.float32)}
+        shutil.move(make_file(fmt, tensors, name=f"shard{n}"), folder / name)
         weight_map.update(dict.fromkeys(tensors, name))
-    index = folder / "model.safetensors.index.json"
+    index = folder / f"model{suffix}.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text("{}")
     return index
@@ -377,15 +379,18 @@ def test_a_sharded_checkpoint_goes_from_s3_to_s3(bucket, make_file, tmp_path, sc
     assert bucket.open_uploads() == []
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "torch"])
 def test_dask_workers_read_and_write_the_objects_themselves(
-    bucket, make_file, tmp_path, monkeypatch
+    bucket, make_file, tmp_path, monkeypatch, fmt
 ):
     # The workers' temporary folder is not the client's: a stand-in the client made is then not
     # honoured by a worker (as on another machine, where it does not exist), so a task that
     # named the client's stand-in instead of the object would fail.  And the client uploads
-    # only what it writes itself (the index): the shards come from the workers.
+    # only what it writes itself (the index): the shards come from the workers.  No copy of
+    # a shard is made on the client either (the spool limit refuses one): a worker on another
+    # machine could not read it.
     pytest.importorskip("distributed", reason="needs gclip[dask]")
-    index = _checkpoint(tmp_path / "ckpt", make_file)
+    index = _checkpoint(tmp_path / "ckpt", make_file, fmt)
     for path in index.parent.iterdir():
         bucket.put(path, f"ckpt/{path.name}")
     reference = tmp_path / "reference"
@@ -402,6 +407,7 @@ def test_dask_workers_read_and_write_the_objects_themselves(
         real_upload(local, target, *args)
 
     monkeypatch.setattr(remote, "upload", upload)
+    monkeypatch.setenv("GCLIP_SPOOL_LIMIT", "64K")  # less than a shard
     url = f"{bucket.url}/ckpt/{index.name}"
     rescale_files([url], f"{bucket.url}/out/", max_norm=1.0, scheduler="local:2")
     for path in reference.iterdir():
@@ -565,20 +571,25 @@ def test_local_paths_import_no_fsspec(make_file):
     assert done.stderr.strip().splitlines()[-1] == "False False"
 
 
-def test_a_safetensors_object_needs_no_local_copy_where_npz_does(bucket, make_file):
+@pytest.mark.parametrize("command", [("inspect", "--format", "json"), ("norm",)])
+def test_objects_need_no_local_copy_but_hdf5_ones(bucket, make_file, fmt, command):
     values = np.random.default_rng(2).standard_normal(1 << 16).astype(np.float32)
-    urls = {
-        fmt: bucket.put(make_file(fmt, {"g": values}), f"g.{fmt}") for fmt in ("safetensors", "npz")
-    }
-    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # less than either object
-    ranged = gclip("inspect", "--format", "json", urls["safetensors"], env=env)
-    copied = gclip("inspect", urls["npz"], env=env)
-    assert ranged.returncode == 0, ranged.stderr
-    assert json.loads(ranged.stdout)["global_norm"] > 0
-    assert copied.returncode == 3 and "GCLIP_SPOOL_LIMIT" in copied.stderr
+    local = make_file(fmt, {"g": values})
+    url = bucket.put(local, f"g.{fmt}")
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # less than the object: no copy may be made
+    here = gclip(*command, str(local))
+    there = gclip(*command, url, env=env)
+    if fmt == "hdf5":  # read through a local copy, which needs room
+        assert there.returncode == 3 and "GCLIP_SPOOL_LIMIT" in there.stderr
+        return
+    assert there.returncode == 0, there.stderr
+    if command == ("norm",):
+        assert there.stdout == here.stdout
+    else:
+        assert _without_names(json.loads(there.stdout)) == _without_names(json.loads(here.stdout))
 
 
-def _peak_rss(*args: str) -> int:
+def _peak_rss(*args: str, env: dict[str, str] | None = None) -> int:
     """The largest resident set, in bytes, of gclip *args* and the processes it starts."""
     code = (
         "import resource, subprocess, sys\n"
@@ -587,7 +598,7 @@ def _peak_rss(*args: str) -> int:
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1]) * 1024  # Linux counts KiB
@@ -604,6 +615,54 @@ def test_memory_stays_bounded_for_a_large_object(bucket, make_file, tmp_path):
     assert (tmp_path / "r.safetensors").read_bytes() == (tmp_path / "o.safetensors").read_bytes()
     # fsspec, s3fs and botocore loaded, two 8 MiB windows: well under the object's 192 MiB
     assert there < here + (96 << 20), (here, there)
+
+
+def test_memory_stays_bounded_for_a_large_npz_object(bucket, tmp_path):
+    local = tmp_path / "big.npz"
+    values = np.random.default_rng(5).standard_normal(64 << 20).astype(np.float32)  # 256 MiB
+    np.savez(local, g=values, step=np.arange(3))
+    del values
+    url = bucket.put(local, "big.npz")
+    options = ("--chunk-size", "8M", "-j", "1", "--max-norm", "1")
+    here = _peak_rss("rescale", str(local), str(tmp_path / "o.npz"), *options)
+    no_copy = {**os.environ, "GCLIP_SPOOL_LIMIT": "1M"}  # a local copy of the object is refused
+    there = _peak_rss("rescale", url, str(tmp_path / "r.npz"), *options, env=no_copy)
+    assert (tmp_path / "r.npz").read_bytes() == (tmp_path / "o.npz").read_bytes()
+    # fsspec, s3fs and botocore loaded, two 16 MiB windows: well under the object's 256 MiB
+    assert there < here + (96 << 20), (here, there)
+
+
+def test_a_deflated_npz_object_rescales_as_its_file(bucket, tmp_path):
+    local = tmp_path / "g.npz"
+    rng = np.random.default_rng(8)
+    np.savez_compressed(local, a=rng.standard_normal((300, 70)).astype(np.float32), n=np.arange(5))
+    reference = tmp_path / "reference.npz"
+    assert gclip("rescale", str(local), str(reference), "--max-norm", "1").returncode == 0
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "1K"}  # read by ranges: no copy
+    done = gclip(
+        "rescale",
+        bucket.put(local, "in/g.npz"),
+        f"{bucket.url}/out/g.npz",
+        "--max-norm",
+        "1",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert bucket.get("out/g.npz") == reference.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "torch"])
+def test_a_truncated_zip_object_is_one_line_and_exit_3(bucket, make_file, tmp_path, fmt):
+    local = make_file(fmt, _tensors())
+    cut = tmp_path / "cut"
+    cut.write_bytes(local.read_bytes()[:-40])  # its end record lost
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "1K"}  # refused as read by ranges, not copied
+    url = bucket.put(cut, "cut")
+    done = gclip("rescale", url, f"{bucket.url}/out", "--max-norm", "1", env=env)
+    assert done.returncode == 3
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("gclip: error: s3://")
+    assert "zip" in done.stderr and "Traceback" not in done.stderr
+    assert "out" not in bucket.listed() and bucket.open_uploads() == []
 
 
 @pytest.mark.parametrize(

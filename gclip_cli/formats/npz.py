@@ -6,13 +6,16 @@ values sit at known offsets, where worker processes can write them.  Otherwise e
 rewritten in order (ziparchive.ZipWriter), with its name, compression, date and attributes.
 Either way each ``.npy`` member keeps its original header bytes (descr incl. byte order,
 fortran_order, shape).  Pickled (object) arrays are refused without being unpickled.
+
+A remote object is read by ranges (RangedNpzFile, over the same zip layer and the same
+writing as NpzFile): the byte copy is then written in one pass over the object, in order.
+It offers no PlainValues nor ChunkedPieces, whose worker processes read local files only.
 """
 
 from __future__ import annotations
 
 import ast
 import io
-import os
 import struct
 import tokenize
 import warnings
@@ -49,6 +52,7 @@ from .ziparchive import ZipArchive, ZipWriter, copy_info, in_place, member_bytes
 
 if TYPE_CHECKING:
     from ..progress import Progress
+    from .ranged import RangedBytes
 
 FORMAT_NAME = "npz"
 # Inflated values are read into one buffer of at most this size (and held once more, inflated).
@@ -78,15 +82,15 @@ class NpyMember(NamedTuple):
     values_offset: int
 
 
-class NpzFile:
-    """A TensorFile with PlainValues (stored members), Checksummed (a CRC-32 per member),
-    ChunkedPieces (compressed members, whole) and WholeArrays; no metadata of its own."""
+class _NpzReader:
+    """What NpzFile and RangedNpzFile share: an .npz read through the zip layer, whichever
+    its bytes come from (*ranged*: a remote object's, by ranges; else *path*'s)."""
 
     format_name = FORMAT_NAME
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ranged: RangedBytes | None = None) -> None:
         self.path = path
-        self._archive = ZipArchive(path, ".npz")
+        self._archive = ZipArchive(path, ".npz", ranged)
         try:
             self._check_members()
             self.tensors = [
@@ -95,7 +99,7 @@ class NpzFile:
                 if info.filename.endswith(_NPY_SUFFIX)
             ]
         except BaseException:
-            self.close()
+            self._archive.close()
             raise
 
     def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
@@ -108,11 +112,11 @@ class NpzFile:
         windows = self._archive.stored_windows(info, values_offset, itemsize, chunk_size)
         return (raw.view(tensor.dtype) for raw in windows)
 
-    def plain_offsets(self) -> dict[str, int]:
+    def _plain_layout(self) -> dict[str, int]:
         """Where the values of the gradient members lie, when the output can keep the archive's
         layout (every one of them stored, members apart); else none.  Whoever reads them there
         checks their CRC-32s: read_chunks() on the way, workers by verify_checksums(), and
-        write_transformed() checks any left before it writes."""
+        write_transformed() checks any left."""
         members = [t for t in self.tensors if t.is_gradient]
         if not members or not self._layout_is_plain(members):
             return {}
@@ -124,43 +128,39 @@ class NpzFile:
         in a byte copy of the archive (members apart)."""
         return all(in_place(t.location.info) for t in members) and self._archive.members_apart()
 
-    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
-        """Check the CRC-32s of members' values (by tensor name), computed as they were read."""
-        for tensor in self.tensors:
-            if tensor.name in crcs:
-                crc = self._member_crc(tensor, crcs[tensor.name])
-                self._archive.verify_crc(tensor.location.info, crc)
-
     def _member_crc(self, tensor: TensorInfo, values_crc: int) -> int:
         """A stored member's CRC-32 from that of its values: its .npy header's comes first."""
         info, values_offset = tensor.location
         with reading(self.path, f"member {shown(info.filename)}"):
-            header = os.pread(self._archive.fd, values_offset, self._archive.data_start(info))
+            header = self._archive.source.read(self._archive.data_start(info), values_offset)
         return crc32_combine(crc32(header), values_crc, tensor.nbytes)
-
-    def chunked_pieces(self) -> list[ValuePiece]:
-        """Compressed gradient members, whole (a deflate stream is read from its start)."""
-        return [
-            DeflatedMember(self.path, t, self._archive.data_start(t.location.info))
-            for t in self.tensors
-            if t.is_gradient and t.location.info.compress_type != zipfile.ZIP_STORED
-        ]
 
     def write_transformed(
         self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
-        plain = self.plain_offsets()
+        plain = self._plain_layout()
         if plain:
             placed = {t: plain[t.name] for t in self.tensors if t.name in plain}
-            self._archive.verify_stored([t.location.info for t in placed])
-            rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
+            self._write_in_place(out, placed, transform, chunk_size, leave)
         else:
             self._write_rebuilt(out, transform, chunk_size)
+
+    def _write_in_place(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        leave: Set[str],
+    ) -> None:
+        """A byte copy of the archive into *out*, the values of *placed* (at their offsets)
+        passed through *transform*, their members' CRC-32s checked (each reader's way)."""
+        raise NotImplementedError
 
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """A byte copy with new values needs their new CRC-32s, in the members' local headers
         and in the central directory (from those of the values in *crcs*, else computed)."""
-        plain = self.plain_offsets()
+        plain = self._plain_layout()
         if not plain:
             return
         member_crcs = {}
@@ -275,6 +275,81 @@ class NpzFile:
             member = self._archive.open_member(info)
         with member:
             copy_stream(member, dst, info.file_size, chunk_size, self.path)
+
+
+class NpzFile(_NpzReader):
+    """A TensorFile with PlainValues (stored members), Checksummed (a CRC-32 per member),
+    ChunkedPieces (compressed members, whole) and WholeArrays; no metadata of its own."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+
+    def plain_offsets(self) -> dict[str, int]:
+        return self._plain_layout()
+
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        """Check the CRC-32s of members' values (by tensor name), computed as they were read."""
+        for tensor in self.tensors:
+            if tensor.name in crcs:
+                crc = self._member_crc(tensor, crcs[tensor.name])
+                self._archive.verify_crc(tensor.location.info, crc)
+
+    def chunked_pieces(self) -> list[ValuePiece]:
+        """Compressed gradient members, whole (a deflate stream is read from its start)."""
+        return [
+            DeflatedMember(self.path, t, self._archive.data_start(t.location.info))
+            for t in self.tensors
+            if t.is_gradient and t.location.info.compress_type != zipfile.ZIP_STORED
+        ]
+
+    def _write_in_place(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        leave: Set[str],
+    ) -> None:
+        self._archive.verify_stored([t.location.info for t in placed])
+        rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
+
+
+class RangedNpzFile(_NpzReader):
+    """An .npz object read by ranges from its URL (formats/ranged.py): a TensorFile with
+    FinishesOutput (the CRC-32s of a byte copy) and WholeArrays, not PlainValues nor
+    ChunkedPieces (worker processes read local files only); the next window is fetched while
+    one is worked on."""
+
+    def __init__(self, path: Path, ranged: RangedBytes) -> None:
+        super().__init__(path, ranged)
+        self._ranged = ranged
+
+    def _write_in_place(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        leave: Set[str],
+    ) -> None:
+        """The object read once, in order: its members' CRC-32s checked on the way (those
+        not read whole before)."""
+        from .ranged import copy_rewritten
+
+        unchecked = [t.location.info for t in placed if not self._archive.checked(t.location.info)]
+        spans = [(self._archive.data_start(info), info.file_size) for info in unchecked]
+        crcs = copy_rewritten(self._ranged, out, placed, transform, chunk_size, spans)
+        for info, crc in zip(unchecked, crcs, strict=True):
+            self._archive.verify_crc(info, crc)
+
+    def copy_to(self, out: Path) -> None:
+        self._ranged.copy_to(out, MAX_WINDOW)
+
+    def close(self) -> None:
+        try:
+            self._archive.close()
+        finally:
+            self._ranged.close()
 
 
 def _read_npy_header(member: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:

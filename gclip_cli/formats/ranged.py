@@ -11,11 +11,13 @@ bounded as for local files and the network stays busy.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import InputError
+from .base import MAX_WINDOW, TensorInfo, Transform, window_pieces
+from .deflate import crc32
 
 STAND_IN_MAGIC = b"\x00gclip: a remote object, read by ranges\n"
 STAND_IN_FOLDER = "gclip-inputs-"  # the private temporary folders stand-ins are honoured in
@@ -31,6 +35,9 @@ _STAND_IN_LIMIT = 1 << 16  # the stand-in's line of JSON: a URL and a format nam
 # A window is fetched in parts of this size at once: a store serves several ranged GETs faster
 # than one (each connection has its own limit), and a 16 MiB window makes four.
 _PART = 4 << 20
+# Short reads (zip headers, .npy headers, a small tensor) are served from a block of this size
+# fetched once: an archive of many small members is then not a GET per header.
+_BLOCK = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,9 @@ class CopiesItself(Protocol):
 
 class RangedBytes:
     """The bytes of a remote object, by ranges, fetched through fsspec (the backend retries
-    transient errors); failures are InputErrors naming the URL."""
+    transient errors); failures are InputErrors naming the URL.  A byte_sources.ByteSource."""
+
+    prefetches = True
 
     def __init__(self, stand_in: StandIn, storage: Mapping[str, Any]) -> None:
         from ..urls import open_remote
@@ -108,6 +117,7 @@ class RangedBytes:
         self._remote = open_remote(stand_in.url, storage)
         self.check_unchanged()
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gclip-fetch")
+        self._block: tuple[int, bytes] = (0, b"")  # the last short read's block: (start, bytes)
 
     def check_unchanged(self) -> None:
         """Refuse the object if it was replaced since its stand-in was made."""
@@ -119,7 +129,26 @@ class RangedBytes:
             raise InputError(self.url, "was replaced while gclip was reading it")
 
     def read(self, start: int, length: int) -> bytes:
-        """Bytes [start, start + length) of the object; refused if it has fewer."""
+        """Bytes [start, start + length) of the object; refused if it has fewer.  A short
+        read comes from the _BLOCK-aligned block around it, fetched once (one at a time is
+        kept: a tuple replaced whole, so the prefetching thread may read too)."""
+        if 0 < length <= _BLOCK and start + length <= self.size:
+            first = start - start % _BLOCK
+            if start + length <= first + _BLOCK:
+                cached_at, block = self._block
+                if cached_at != first or not block:
+                    block = self._fetch(first, min(_BLOCK, self.size - first))
+                    self._block = (first, block)
+                return block[start - first : start - first + length]
+        return self._fetch(start, length)
+
+    def readinto(self, view: memoryview, start: int) -> int:
+        """Fill *view* with the bytes from *start* on (fewer where the object ends)."""
+        length = max(0, min(len(view), self.size - start))
+        view[:length] = self.read(start, length)
+        return length
+
+    def _fetch(self, start: int, length: int) -> bytes:
         from ..urls import remote_errors
 
         if length == 0:
@@ -185,3 +214,115 @@ class Cursor:
         data = self._ranged.read(self._position, length)
         self._position += len(data)
         return data
+
+
+class RangedFile(io.RawIOBase):
+    """A RangedBytes as a seekable read-only file (for zipfile, which reads an archive's end
+    records and central directory through one, and members only when they are bzip2 or LZMA)."""
+
+    def __init__(self, ranged: RangedBytes) -> None:
+        super().__init__()
+        self._ranged, self._position = ranged, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._ranged.size}
+        position = base[whence] + offset
+        if position < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._position = position
+        return position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readall(self) -> bytes:  # in one read, not in io's default pieces of 8 KiB
+        return self.read(max(0, self._ranged.size - self._position))
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        got = self._ranged.readinto(memoryview(buffer).cast("B"), self._position)
+        self._position += got
+        return got
+
+
+def copy_rewritten(
+    ranged: RangedBytes,
+    out: Path,
+    placed: Mapping[TensorInfo, int],
+    transform: Transform,
+    chunk_size: int,
+    checked: Sequence[tuple[int, int]] = (),
+) -> list[int]:
+    """Write *out* as a byte copy of the object in which the values of the *placed* tensors
+    (each at its offset) are passed through *transform*: the object read once, in order, in
+    windows of at most MAX_WINDOW (short pieces fetched together), the next fetched while one
+    is worked on.  Returns the CRC-32s of the input's byte ranges (start, length) *checked*,
+    computed on the way (zip members whose CRC-32 is to be checked)."""
+    # tensors without values may lie within another's (a torch view of no items): none to write
+    values = sorted(((s, t) for t, s in placed.items() if t.nbytes), key=lambda p: p[0])
+    pieces = list(_copy_pieces(ranged.size, values, chunk_size))
+    spans = sorted(checked)
+    crcs = [0] * len(spans)
+    first = 0  # the first span that may still overlap a window (windows come in order)
+    buffer = np.empty(max(min(chunk_size, MAX_WINDOW), 64), dtype=np.uint8)  # at least an item
+    with open(out, "wb") as dst:
+        for window_start, window, group in _fetched_together(ranged, pieces):
+            for start, length, tensor in group:
+                raw = window[start - window_start : start - window_start + length]
+                while first < len(spans) and sum(spans[first]) <= start:
+                    first += 1
+                for index in range(first, len(spans)):
+                    span_start, span_length = spans[index]
+                    if span_start >= start + length:
+                        break
+                    low = max(span_start, start) - start
+                    high = min(span_start + span_length, start + length) - start
+                    crcs[index] = crc32(raw[low:high], crcs[index])
+                if tensor is None:
+                    dst.write(raw)
+                else:
+                    target = buffer[:length]
+                    transform(tensor, raw.view(tensor.dtype), target.view(tensor.dtype))
+                    dst.write(target)
+    by_span = dict(zip(spans, crcs, strict=True))
+    return [by_span[span] for span in checked]
+
+
+def _copy_pieces(
+    size: int, values: Sequence[tuple[int, TensorInfo]], chunk_size: int
+) -> Iterator[tuple[int, int, TensorInfo | None]]:
+    """(start, length, tensor or None) of the pieces of a *size*-byte object in order: the
+    values of the (start, tensor) *values* in whole items, the bytes between as they are."""
+    position = 0
+    for start, tensor in [*values, (size, None)]:
+        for offset, length in window_pieces(position, start - position, 1, MAX_WINDOW):
+            yield offset, length, None
+        if tensor is None:
+            break
+        itemsize = tensor.dtype.itemsize
+        for offset, length in window_pieces(start, tensor.nbytes, itemsize, chunk_size):
+            yield offset, length, tensor
+        position = start + tensor.nbytes
+
+
+def _fetched_together(
+    ranged: RangedBytes, pieces: Sequence[tuple[int, int, TensorInfo | None]]
+) -> Iterator[tuple[int, np.ndarray, list[tuple[int, int, TensorInfo | None]]]]:
+    """The contiguous *pieces* in groups of at most MAX_WINDOW bytes, each group fetched as
+    one window: (its start, its bytes, its pieces)."""
+    groups: list[list[tuple[int, int, TensorInfo | None]]] = []
+    total = MAX_WINDOW
+    for piece in pieces:
+        if total + piece[1] > MAX_WINDOW:
+            groups.append([])
+            total = 0
+        groups[-1].append(piece)
+        total += piece[1]
+    spans = [(group[0][0], sum(p[1] for p in group)) for group in groups]
+    for (start, _), window, group in zip(spans, ranged.windows(spans), groups, strict=True):
+        yield start, window, group

@@ -155,11 +155,23 @@ FORMATS = Registry(
             ".safetensors:SafetensorsFile",
             ranged_reader=".safetensors:RangedSafetensorsFile",
         ),
-        FormatEntry("npz", ".npz", ".signatures:is_npz", ".npz:NpzFile"),
+        FormatEntry(
+            "npz",
+            ".npz",
+            ".signatures:is_npz",
+            ".npz:NpzFile",
+            ranged_reader=".npz:RangedNpzFile",
+        ),
         FormatEntry(
             "hdf5", "HDF5", ".signatures:is_hdf5", ".hdf5:Hdf5File", crashes_on_damage=True
         ),
-        FormatEntry("torch", "PyTorch", ".signatures:is_torch", ".torch:TorchFile"),
+        FormatEntry(
+            "torch",
+            "PyTorch",
+            ".signatures:is_torch",
+            ".torch:TorchFile",
+            ranged_reader=".torch:RangedTorchFile",
+        ),
     )
 )
 FORMAT_NAMES = FORMATS.names

@@ -16,6 +16,11 @@ neither a norm's exact sum nor an element-wise product.  Views with gaps between
 The output is a byte copy of the archive with the values rewritten in place (pickle, member
 order, alignment and every other byte kept); only the CRC-32s of the storages that changed are
 patched, in the central directory and the data descriptors torch writes after each member.
+
+A remote object is read by ranges (RangedTorchFile, over the same zip layer as TorchFile):
+the byte copy is then written in one pass over the object, in order, and the views with gaps
+are rewritten from that copy.  It offers no PlainValues, whose worker processes read local
+files only.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import os
 import pickle
 import re
 import zipfile
+from collections import deque
 from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -41,18 +48,21 @@ from .base import (
     TensorInfo,
     Transform,
     describe_array,
-    mapped,
     one_line,
     reading,
     rewrite_in_place,
     window_pieces,
     write_all_at,
 )
+from .byte_sources import ByteSource, LocalBytes
 from .deflate import crc32, crc32_combine
 from .signatures import zip_kind, zip_refusal
 from .torch_pickle import TORCH_DTYPES, Refused, Storage, TensorView
 from .torch_views import Piece, covers_items_once, is_dense, item_range, pieces, storage_axes
-from .ziparchive import ZipArchive, stored_crc
+from .ziparchive import ZipArchive, source_crc
+
+if TYPE_CHECKING:
+    from .ranged import RangedBytes
 
 FORMAT_NAME = "torch"
 MAX_PICKLE_BYTES = 100_000_000  # as for a safetensors header: a state dict's is kilobytes
@@ -81,15 +91,15 @@ class StorageSlice:
     dense: bool
 
 
-class TorchFile:
-    """A TensorFile with PlainValues and Checksummed (every gradient tensor lies in a stored
-    member whose CRC-32 the archive keeps) and WholeArrays; no metadata of its own."""
+class _TorchReader:
+    """What TorchFile and RangedTorchFile share: a checkpoint read through the zip layer,
+    whichever its bytes come from (*ranged*: a remote object's, by ranges; else *path*'s)."""
 
     format_name = FORMAT_NAME
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ranged: RangedBytes | None = None) -> None:
         self.path = path
-        self._archive = ZipArchive(path, "PyTorch")
+        self._archive = ZipArchive(path, "PyTorch", ranged)
         try:
             self._infos = {info.filename: info for info in self._archive.members}
             self._prefix = self._check_members()
@@ -101,44 +111,49 @@ class TorchFile:
                 if tensor.is_gradient:
                     self._by_member.setdefault(tensor.location.info.filename, []).append(tensor)
         except BaseException:
-            self.close()
+            self._archive.close()
             raise
 
     # --- reading -------------------------------------------------------------------------------
 
     def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
         where: StorageSlice = tensor.location
+        source = self._archive.source
         if not where.dense:
-            for _, values in self._strided_values(self._archive.fd, tensor, chunk_size):
+            for _, values in self._strided_values(source, tensor, chunk_size):
                 yield values
             self._verify_member(where.info, {})
             return
         begin = self._archive.data_start(where.info) + where.start
         crc = 0
-        fd = self._archive.fd
-        for offset, nbytes in window_pieces(
-            begin, tensor.nbytes, tensor.dtype.itemsize, chunk_size
-        ):
-            with mapped(fd, offset, nbytes) as raw:
-                crc = crc32(raw, crc)
-                yield raw.view(tensor.dtype)
+        itemsize = tensor.dtype.itemsize
+        for raw in source.windows(window_pieces(begin, tensor.nbytes, itemsize, chunk_size)):
+            crc = crc32(raw, crc)
+            yield raw.view(tensor.dtype)
         self._verify_member(where.info, {tensor.name: crc})
 
     def _strided_values(
-        self, fd: int, tensor: TensorInfo, chunk_size: int
+        self, source: ByteSource, tensor: TensorInfo, chunk_size: int
     ) -> Iterator[tuple[Piece, np.ndarray]]:
-        """The values of a view with gaps, from file *fd*, in storage order, a bounded window
-        of its storage at a time: (piece, its values in a new 1-D array)."""
+        """The values of a view with gaps, from *source* (the archive, or a byte copy of it),
+        in storage order, a bounded window of its storage at a time: (piece, its values in a
+        new 1-D array)."""
         where: StorageSlice = tensor.location
         dtype = tensor.dtype
         storage_start = self._archive.data_start(where.info)  # its item 0
         max_items = min(chunk_size, MAX_WINDOW) // dtype.itemsize
-        for piece in pieces(where.view, max_items):
-            position = storage_start + piece.offset * dtype.itemsize
-            with mapped(fd, position, piece.extent * dtype.itemsize) as raw:
-                yield piece, _picked(raw.view(dtype), piece).reshape(-1)
+        asked: deque[Piece] = deque()  # pieces whose windows were asked for (read ahead)
 
-    def plain_offsets(self) -> dict[str, int]:
+        def windows() -> Iterator[tuple[int, int]]:
+            for piece in pieces(where.view, max_items):
+                asked.append(piece)
+                yield storage_start + piece.offset * dtype.itemsize, piece.extent * dtype.itemsize
+
+        for raw in source.windows(windows()):
+            piece = asked.popleft()
+            yield piece, _picked(raw.view(dtype), piece).reshape(-1)
+
+    def _dense_offsets(self) -> dict[str, int]:
         start = self._archive.data_start
         return {
             t.name: start(t.location.info) + t.location.start
@@ -146,21 +161,13 @@ class TorchFile:
             if t.location.dense
         }
 
-    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
-        """Check the CRC-32s of the storages from those of their tensors' values (by tensor
-        name, computed by workers as read); the rest of each storage is read here."""
-        for name, tensors in self._by_member.items():
-            if any(t.name in crcs for t in tensors):
-                self._verify_member(self._infos[name], crcs)
-
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         where: StorageSlice = tensor.location
         view = where.view
         dtype = _numpy_dtype(view.dtype)
         with reading(self.path, f"storage {shown(where.info.filename)}"):
-            data = os.pread(
-                self._archive.fd, where.extent, self._archive.data_start(where.info) + where.start
-            )
+            start = self._archive.data_start(where.info) + where.start
+            data = self._archive.source.read(start, where.extent)
         if len(data) != where.extent:
             raise InputError(self.path, f"storage {shown(where.info.filename)} ends early")
         flat = np.frombuffer(data, dtype=dtype)  # from the view's first item on
@@ -177,15 +184,30 @@ class TorchFile:
     def write_transformed(
         self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
     ) -> None:
-        offsets = self.plain_offsets()
+        offsets = self._dense_offsets()
         placed = {t: offsets[t.name] for t in self._gradients() if t.name in offsets}
-        self._archive.verify_stored([self._infos[name] for name in self._by_member])
-        rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
+        self._write_copy(out, placed, transform, chunk_size, leave)
         strided = [t for t in self._gradients() if not t.location.dense]
         if strided:
             with open(out, "r+b") as copy:
                 for tensor in strided:
                     self._write_strided(tensor, copy.fileno(), transform, chunk_size)
+
+    def _write_copy(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        leave: Set[str],
+    ) -> None:
+        """A byte copy of the archive into *out*, the values of *placed* (at their offsets)
+        passed through *transform*, the CRC-32s of the storages checked (each reader's way)."""
+        raise NotImplementedError
+
+    def _strided_source(self, out: int) -> ByteSource:
+        """Where views with gaps are read from when written into the byte copy *out*."""
+        raise NotImplementedError
 
     def _write_strided(
         self, tensor: TensorInfo, out: int, transform: Transform, chunk_size: int
@@ -195,7 +217,8 @@ class TorchFile:
         dtype = tensor.dtype
         where: StorageSlice = tensor.location
         storage_start = self._archive.data_start(where.info)  # its item 0
-        for piece, values in self._strided_values(self._archive.fd, tensor, chunk_size):
+        source = self._strided_source(out)
+        for piece, values in self._strided_values(source, tensor, chunk_size):
             target = np.empty_like(values)
             transform(tensor, values, target)
             position = storage_start + piece.offset * dtype.itemsize
@@ -209,7 +232,7 @@ class TorchFile:
         new = {}
         with open(out, "rb") as copy:
             for name in self._by_member:
-                new[name] = self._member_crc(copy.fileno(), self._infos[name], crcs)
+                new[name] = self._member_crc(LocalBytes(copy.fileno()), self._infos[name], crcs)
         self._archive.patch_crcs(out, new)
 
     def close(self) -> None:
@@ -221,12 +244,14 @@ class TorchFile:
         """Check the CRC-32 of storage member *info* once, from the CRC-32s *crcs* of values of
         its tensors (by name) and the rest of its bytes, read here."""
         if not self._archive.checked(info):
-            self._archive.verify_crc(info, self._member_crc(self._archive.fd, info, crcs))
+            self._archive.verify_crc(info, self._member_crc(self._archive.source, info, crcs))
 
-    def _member_crc(self, fd: int, info: zipfile.ZipInfo, crcs: Mapping[str, int]) -> int:
-        """The CRC-32 of storage member *info* in file *fd* (the input or the output, whose
+    def _member_crc(
+        self, source: ByteSource, info: zipfile.ZipInfo, crcs: Mapping[str, int]
+    ) -> int:
+        """The CRC-32 of storage member *info* in *source* (the input or the output, whose
         members lie at the same places), from the known CRC-32s of its tensors' values (*crcs*,
-        by name) and the other bytes, read from *fd*."""
+        by name) and the other bytes, read from *source*."""
         known = sorted(
             (t.location.start, t.nbytes, crcs[t.name])
             for t in self._by_member.get(info.filename, [])
@@ -237,7 +262,7 @@ class TorchFile:
         with reading(self.path, f"storage {shown(info.filename)}"):
             for start, nbytes, values_crc in [*known, (info.file_size, 0, 0)]:
                 if start > position:
-                    gap = stored_crc(fd, base + position, start - position)
+                    gap = source_crc(source, base + position, start - position)
                     crc = crc32_combine(crc, gap, start - position)
                 crc = crc32_combine(crc, values_crc, nbytes)
                 position = start + nbytes
@@ -420,6 +445,81 @@ class TorchFile:
         if optimizer and tensor.is_gradient and names[0].rpartition(".")[2] == _STEP:
             return replace(tensor, dtype=None, skip_reason="an optimizer's step count")
         return tensor
+
+
+class TorchFile(_TorchReader):
+    """A TensorFile with PlainValues and Checksummed (every gradient tensor lies in a stored
+    member whose CRC-32 the archive keeps) and WholeArrays; no metadata of its own."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+
+    def plain_offsets(self) -> dict[str, int]:
+        return self._dense_offsets()
+
+    def verify_checksums(self, crcs: Mapping[str, int]) -> None:
+        """Check the CRC-32s of the storages from those of their tensors' values (by tensor
+        name, computed by workers as read); the rest of each storage is read here."""
+        for name, tensors in self._by_member.items():
+            if any(t.name in crcs for t in tensors):
+                self._verify_member(self._infos[name], crcs)
+
+    def _write_copy(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        leave: Set[str],
+    ) -> None:
+        self._archive.verify_stored([self._infos[name] for name in self._by_member])
+        rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
+
+    def _strided_source(self, out: int) -> ByteSource:
+        return self._archive.source
+
+
+class RangedTorchFile(_TorchReader):
+    """A PyTorch object read by ranges from its URL (formats/ranged.py): a TensorFile with
+    FinishesOutput (the CRC-32s of a byte copy) and WholeArrays, not PlainValues (worker
+    processes read local files only); the next window is fetched while one is worked on."""
+
+    def __init__(self, path: Path, ranged: RangedBytes) -> None:
+        super().__init__(path, ranged)
+        self._ranged = ranged
+
+    def _write_copy(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        leave: Set[str],
+    ) -> None:
+        """The object read once, in order: the storages' CRC-32s checked on the way (those
+        not read whole before)."""
+        from .ranged import copy_rewritten
+
+        infos = [self._infos[name] for name in self._by_member]
+        unchecked = [info for info in infos if not self._archive.checked(info)]
+        spans = [(self._archive.data_start(info), info.file_size) for info in unchecked]
+        crcs = copy_rewritten(self._ranged, out, placed, transform, chunk_size, spans)
+        for info, crc in zip(unchecked, crcs, strict=True):
+            self._archive.verify_crc(info, crc)
+
+    def _strided_source(self, out: int) -> ByteSource:
+        """The byte copy itself: it holds the object's bytes where views with gaps lie (they
+        are not fetched twice), and each of their values belongs to one piece only."""
+        return LocalBytes(out)
+
+    def copy_to(self, out: Path) -> None:
+        self._ranged.copy_to(out, MAX_WINDOW)
+
+    def close(self) -> None:
+        try:
+            self._archive.close()
+        finally:
+            self._ranged.close()
 
 
 def _aliased(names: list[str]) -> str:

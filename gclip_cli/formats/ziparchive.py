@@ -11,7 +11,10 @@ its module, and because values that keep their place are best read and written w
   ``pread`` (so readers in several processes share no file offset), inflated by ISA-L where
   installed, their CRC-32 checked as zipfile checks it; stored members mapped; whether the
   members lie apart, so that a byte copy can take new values in place and only the CRC-32s
-  need patching, in the local headers and the central directory.
+  need patching, in the local headers and the central directory.  It reads through a
+  byte_sources.ByteSource: a local file, or a remote object by ranges (ranged.RangedBytes,
+  which zipfile lists through a ranged.RangedFile: end records and central directory only;
+  stored members come in windows, deflated ones are inflated from windows read ahead).
 - ZipWriter: an archive written as zipfile writes one (the same bytes for the same members
   written alike, zip64 where zipfile would use it), each member's bytes compressed by the
   compressor chosen for its method here: deflate by ISA-L at its fastest level where
@@ -22,14 +25,13 @@ from __future__ import annotations
 
 import bz2
 import io
-import os
 import struct
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -38,15 +40,18 @@ from ..strict_json import shown
 from .base import (
     MAX_WINDOW,
     READ_ERRORS,
-    mapped,
     one_line,
     open_regular,
     reading,
     window_pieces,
     write_all_at,
 )
+from .byte_sources import ByteSource, LocalBytes
 from .deflate import crc32, raw_deflater, raw_inflater
 from .signatures import MAX_ZIP_DIRECTORY, read_head, unsupported_kind, zip_directory_size
+
+if TYPE_CHECKING:
+    from .ranged import RangedBytes
 
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _LZMA_END_MARKER = 0x2  # bit 1 for LZMA: the data end with an end-of-stream marker
@@ -62,6 +67,9 @@ _READ_HERE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the others through zi
 # Compressed bytes read at a time: as many as the bytes asked for, within these bounds (a
 # .npy header is a short read, and inflating more than it needs would be waste).
 _MIN_INPUT, _MAX_INPUT = 16 << 10, 1 << 20
+# From a remote object, compressed bytes are read ahead in windows growing to this size (the
+# first small, so that reading a member's header fetches little more than it needs).
+_MAX_FETCHED = 4 << 20
 # Versions needed to extract, as zipfile records them
 _METHOD_VERSIONS = {
     zipfile.ZIP_BZIP2: zipfile.BZIP2_VERSION,
@@ -71,24 +79,27 @@ _METHOD_VERSIONS = {
 
 class ZipArchive:
     """A zip archive open for reading (see the module's doc).  *kind* names the format in
-    messages (``.npz``)."""
+    messages (``.npz``).  *ranged*: the remote object *path* (a stand-in) stands for, read by
+    ranges (None: *path* is read)."""
 
-    def __init__(self, path: Path, kind: str) -> None:
+    def __init__(self, path: Path, kind: str, ranged: RangedBytes | None = None) -> None:
         self.path = path
         # first, so that a pipe or a device is refused before zipfile reads to its end
-        self._raw: BinaryIO = open_regular(path)
+        self._raw: BinaryIO = open_regular(path) if ranged is None else _ranged_file(ranged)
         try:
             _check_directory_size(path, self._raw)
-            self._zip = _open_zip(path, kind)
+            self._zip = _open_zip(path, kind, self._raw if ranged is not None else None)
         except BaseException:
             self._raw.close()
             raise
-        self.size = os.fstat(self.fd).st_size
+        self.source: ByteSource = LocalBytes(self._raw.fileno()) if ranged is None else ranged
+        self.size = self.source.size
         self._starts: dict[str, int] = {}  # where each member's data begin
         self._checked: set[str] = set()  # members whose CRC-32 has been checked
 
     @property
     def fd(self) -> int:
+        """The local file's descriptor (for the fast paths of local files only)."""
         return self._raw.fileno()
 
     @property
@@ -131,7 +142,7 @@ class ZipArchive:
 
     def _read_data_start(self, info: zipfile.ZipInfo) -> int:
         with reading(self.path, f"member {shown(info.filename)}"):
-            header = os.pread(self.fd, _LOCAL_HEADER_SIZE, info.header_offset)
+            header = self.source.read(info.header_offset, _LOCAL_HEADER_SIZE)
             name_length, extra_length = struct.unpack("<HH", header[26:30])
         start = info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
         stored = info.compress_type == zipfile.ZIP_STORED  # then read as file_size bytes
@@ -146,27 +157,26 @@ class ZipArchive:
         """The bytes of member *info*, as a stream (a MemberReader, or zipfile's for bzip2
         and LZMA); its CRC-32 is checked once all are read."""
         if info.compress_type in _READ_HERE:
-            return MemberReader(self.fd, info, self.data_start(info))
+            return MemberReader(self.source, info, self.data_start(info))
         return self._zip.open(info)
 
     def stored_windows(
         self, info: zipfile.ZipInfo, skip: int, itemsize: int, chunk_size: int
     ) -> Iterator[np.ndarray]:
         """The data of the stored member *info* from byte *skip* on, straight from the file's
-        pages (no copy) as uint8 windows of whole items of *itemsize* bytes, at most
-        *chunk_size* long; the member's CRC-32 (its first *skip* bytes included) is checked
-        on the way, once per member."""
+        pages (no copy; from a remote object, the next window fetched while one is worked on)
+        as uint8 windows of whole items of *itemsize* bytes, at most *chunk_size* long; the
+        member's CRC-32 (its first *skip* bytes included) is checked on the way, once per
+        member."""
         start = self.data_start(info)
         check = info.filename not in self._checked
         with reading(self.path, f"member {shown(info.filename)}"):
-            crc = crc32(os.pread(self.fd, skip, start)) if check else 0
-        for offset, nbytes in window_pieces(
-            start + skip, info.file_size - skip, itemsize, chunk_size
-        ):
-            with mapped(self.fd, offset, nbytes) as raw:
-                if check:
-                    crc = crc32(raw, crc)
-                yield raw
+            crc = crc32(self.source.read(start, skip)) if check else 0
+        pieces = window_pieces(start + skip, info.file_size - skip, itemsize, chunk_size)
+        for raw in self.source.windows(pieces):
+            if check:
+                crc = crc32(raw, crc)
+            yield raw
         if check:
             self.verify_crc(info, crc)
 
@@ -184,7 +194,8 @@ class ZipArchive:
         """Check the CRC-32s of the stored members *infos* that no reader has checked yet."""
         for info in infos:
             if info.filename not in self._checked:
-                self.verify_crc(info, stored_crc(self.fd, self.data_start(info), info.file_size))
+                crc = source_crc(self.source, self.data_start(info), info.file_size)
+                self.verify_crc(info, crc)
 
     def members_apart(self) -> bool:
         """Whether all members lie apart, one after another, before the central directory (so
@@ -217,9 +228,9 @@ class ZipArchive:
         if not info.flag_bits & _DATA_DESCRIPTOR:
             return [info.header_offset + _LOCAL_CRC]
         with reading(self.path, f"member {shown(info.filename)}"):
-            local = os.pread(self.fd, 4, info.header_offset + _LOCAL_CRC)
+            local = self.source.read(info.header_offset + _LOCAL_CRC, 4)
             end = self.data_start(info) + info.compress_size
-            descriptor = os.pread(self.fd, 4, end)
+            descriptor = self.source.read(end, 4)
         if len(descriptor) < 4:
             raise InputError(self.path, f"member {shown(info.filename)}: no data descriptor")
         fields = [end + 4 if descriptor == _DESCRIPTOR_SIGNATURE else end]
@@ -230,7 +241,7 @@ class ZipArchive:
         offsets, position = {}, self._zip.start_dir
         for info in self.members:
             with reading(self.path, "zip central directory"):
-                header = os.pread(self.fd, _CENTRAL_HEADER_SIZE, position)
+                header = self.source.read(position, _CENTRAL_HEADER_SIZE)
             if header[:4] != zipfile.stringCentralDir:
                 raise InputError(self.path, "zip central directory is damaged")
             offsets[info.filename] = position
@@ -242,21 +253,31 @@ class ZipArchive:
         self._raw.close()
 
 
-def _open_zip(path: Path, kind: str) -> zipfile.ZipFile:
+def _ranged_file(ranged: RangedBytes) -> BinaryIO:
+    from .ranged import RangedFile
+
+    return RangedFile(ranged)
+
+
+def _open_zip(path: Path, kind: str, file: BinaryIO | None = None) -> zipfile.ZipFile:
+    """zipfile's reading of the archive *path* (through *file*, a remote object's, if given)."""
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(path if file is None else file)
     except READ_ERRORS as exc:
-        why = _known_kind(path) or one_line(exc)
+        why = _known_kind(path, file) or one_line(exc)
         raise InputError(path, f"not a readable {kind} (zip) file: {why}") from None
 
 
-def _known_kind(path: Path) -> str | None:
+def _known_kind(path: Path, file: BinaryIO | None = None) -> str | None:
     """What a file that is no zip is, when it is a kind gclip knows (a legacy PyTorch
     checkpoint forced to be read as a zip, say)."""
     try:
-        with open(path, "rb") as file:
+        if file is not None:
+            file.seek(0)
             return unsupported_kind(read_head(file), file)
-    except OSError:
+        with open(path, "rb") as local:
+            return unsupported_kind(read_head(local), local)
+    except (*READ_ERRORS, InputError):
         return None
 
 
@@ -278,10 +299,14 @@ def in_place(info: zipfile.ZipInfo) -> bool:
 
 def stored_crc(fd: int, start: int, size: int) -> int:
     """The CRC-32 of the *size* bytes at *start* of file *fd* (a stored member's data)."""
+    return source_crc(LocalBytes(fd), start, size)
+
+
+def source_crc(source: ByteSource, start: int, size: int) -> int:
+    """The CRC-32 of the *size* bytes at *start* of *source* (a stored member's data)."""
     crc = 0
-    for offset, nbytes in window_pieces(start, size, 1, MAX_WINDOW):
-        with mapped(fd, offset, nbytes) as raw:
-            crc = crc32(raw, crc)
+    for raw in source.windows(window_pieces(start, size, 1, MAX_WINDOW)):
+        crc = crc32(raw, crc)
     return crc
 
 
@@ -290,7 +315,7 @@ def member_bytes(path: Path, fd: int, info: zipfile.ZipInfo, start: int) -> Iter
     """The bytes of member *info* of the archive *path*, open as *fd*, whose data begin at
     *start* (ZipArchive.data_start): for a worker process, which has no ZipArchive."""
     if info.compress_type in _READ_HERE:
-        with MemberReader(fd, info, start) as member:
+        with MemberReader(LocalBytes(fd), info, start) as member:
             yield member
     else:  # zipfile reads through a file object of its own: inherited ones share offsets
         with zipfile.ZipFile(path) as archive, archive.open(info) as member:
@@ -298,18 +323,24 @@ def member_bytes(path: Path, fd: int, info: zipfile.ZipInfo, start: int) -> Iter
 
 
 class MemberReader(io.RawIOBase):
-    """The bytes of the stored or deflated member *info*, whose data begin at *start* of file
-    *fd*; read with ``pread``, inflated by ISA-L where installed (never beyond the member's
-    declared size: a zip bomb gives no more).  Its CRC-32 is checked where it ends, as
-    zipfile checks it."""
+    """The bytes of the stored or deflated member *info*, whose data begin at *start* of
+    *source*; read with ``pread`` (from a remote object, compressed bytes in windows read
+    ahead), inflated by ISA-L where installed (never beyond the member's declared size: a zip
+    bomb gives no more).  Its CRC-32 is checked where it ends, as zipfile checks it."""
 
-    def __init__(self, fd: int, info: zipfile.ZipInfo, start: int) -> None:
+    def __init__(self, source: ByteSource, info: zipfile.ZipInfo, start: int) -> None:
         super().__init__()
         deflated = info.compress_type == zipfile.ZIP_DEFLATED
-        self._fd, self._info = fd, info
+        self._source, self._info = source, info
         self._inflater = raw_inflater() if deflated else None
         self._position = start  # of the next byte of data to read
         self._end = start + (info.compress_size if deflated else info.file_size)
+        # compressed bytes read ahead, for a source whose every read costs (a remote object)
+        self._ahead = (
+            iter(source.windows(_growing_pieces(start, self._end)))
+            if deflated and source.prefetches
+            else None
+        )
         self._pending = b""  # data read but not yet inflated
         self._left = info.file_size  # bytes still to give
         self._crc = 0
@@ -338,7 +369,7 @@ class MemberReader(io.RawIOBase):
 
     def _read_into(self, view: memoryview) -> int:
         if self._inflater is None:
-            got = os.preadv(self._fd, [view], self._position)
+            got = self._source.readinto(view, self._position)
             self._position += got
             return got
         data = self._inflate(len(view))
@@ -349,8 +380,7 @@ class MemberReader(io.RawIOBase):
         """At most *limit* more bytes of the member (b"" where its data end)."""
         while True:
             if not self._pending and self._position < self._end:
-                size = min(max(limit, _MIN_INPUT), _MAX_INPUT, self._end - self._position)
-                self._pending = os.pread(self._fd, size, self._position)
+                self._pending = self._read_input(limit)
                 if not self._pending:  # the file shrank
                     return b""
                 self._position += len(self._pending)
@@ -359,6 +389,24 @@ class MemberReader(io.RawIOBase):
             exhausted = not self._pending and self._position >= self._end
             if data or self._inflater.eof or exhausted:
                 return data
+
+    def _read_input(self, limit: int) -> bytes:
+        """The next compressed bytes: as many as *limit* asks (within bounds), or the next
+        window read ahead."""
+        if self._ahead is not None:
+            return bytes(next(self._ahead, b""))
+        size = min(max(limit, _MIN_INPUT), _MAX_INPUT, self._end - self._position)
+        return self._source.read(self._position, size)
+
+
+def _growing_pieces(start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The bytes [start, end) in pieces of _MIN_INPUT, then four times as many each time up to
+    _MAX_FETCHED."""
+    size = _MIN_INPUT
+    while start < end:
+        yield start, min(size, end - start)
+        start += size
+        size = min(size * 4, _MAX_FETCHED)
 
 
 def copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:

@@ -201,12 +201,7 @@ def rewrite(
     the file can write so, else into a temporary file first, then copied into it.
     """
     if is_stream(out):
-        if not (isinstance(tfile, WritesInOrder) and tfile.writes_in_order()):
-            from .streams import staged_into
-
-            with staged_into(out, tfile.path.stat().st_size, progress) as staged:
-                return rewrite(tfile, staged, rewriter, chunk_size, jobs, progress)
-        jobs = 1  # in order, all in this process
+        return _rewrite_in_order(tfile, out, rewriter, chunk_size, progress)
     progress.begin(WRITING, gradient_bytes(tfile.tensors))
     spans = parallel.parallel_spans(tfile, jobs)
     pieces = parallel.encodable_pieces(tfile, jobs)
@@ -222,11 +217,31 @@ def rewrite(
         parallel.encode_pieces(tfile.path, out, pieces, rewriter, jobs, progress)
     if isinstance(tfile, FinishesOutput):
         tfile.finish_output(out, crcs)
-    after = rewriter.after
+    return _written_stats(tfile, rewriter)
+
+
+def _written_stats(tfile: TensorFile, rewriter: Rewriter) -> list[NormStats | None]:
+    """The NormStats of the values *rewriter* wrote, per tensor (None for skipped ones)."""
+    after = rewriter.finish()
     return [
         after.get(tensor.name, NormStats(rewriter.norm_type)) if tensor.is_gradient else None
         for tensor in tfile.tensors
     ]
+
+
+def _rewrite_in_order(
+    tfile: TensorFile, out: Path, rewriter: Rewriter, chunk_size: int, progress: Progress
+) -> list[NormStats | None]:
+    """Pass 2 into the stream *out*, front to back by this process where the file can write
+    so, else into a temporary file first, then copied into it."""
+    if not (isinstance(tfile, WritesInOrder) and tfile.writes_in_order()):
+        from .streams import staged_into
+
+        with staged_into(out, tfile.path.stat().st_size, progress) as staged:
+            return rewrite(tfile, staged, rewriter, chunk_size, 1, progress)
+    progress.begin(WRITING, gradient_bytes(tfile.tensors))
+    tfile.write_in_order(out, counted(rewriter, progress), rewriter.blank(), chunk_size)
+    return _written_stats(tfile, rewriter)
 
 
 def norm_share(part: NormStats, total: NormStats) -> float | None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gclip_cli import InputError
 from gclip_cli.formats import deflate, ziparchive
@@ -330,3 +332,82 @@ def test_a_remote_deflated_member_is_inflated_from_bounded_reads(remote_archive)
     assert equal and at == values.size
     assert max(end - start for start, end in fetched) <= 4 << 20
     assert peak < 24 << 20, peak  # never the member (48 MiB, 40 compressed) in memory
+
+
+# --- a byte copy written in order, its CRC-32s patched on the way --------------------------
+
+
+@given(
+    st.lists(st.integers(0, 60), min_size=1, max_size=6, unique=True),
+    st.lists(st.integers(1, 64), min_size=1, max_size=12),
+)
+def test_crc_fields_are_patched_whichever_way_the_bytes_come(field_offsets, cuts):
+    data = bytes(range(64))
+    fields = sorted((offset, index) for index, offset in enumerate(field_offsets))
+    fields = [f for i, f in enumerate(fields) if i == 0 or f[0] >= fields[i - 1][0] + 4]
+    fields = [f for f in fields if f[0] + 4 <= len(data)]
+    crcs = {index: 0x01020304 * (index + 1) & 0xFFFFFFFF for _, index in fields}
+    expected = bytearray(data)
+    for offset, index in fields:
+        expected[offset : offset + 4] = struct.pack("<I", crcs[index])
+    patches = ziparchive._Patches(fields)
+    pieces, start = [], 0
+    for cut in [*sorted(set(cuts)), len(data)]:  # the bytes in pieces, cut anywhere
+        if cut > start:
+            piece = np.frombuffer(data[start:cut], dtype=np.uint8)
+            pieces.append(bytes(patches.applied(start, piece, crcs.__getitem__)))
+            start = cut
+    assert b"".join(pieces) == bytes(expected)
+
+
+def _rewrite_in_order(path: Path, factor: float) -> bytes:
+    """The archive *path* (an .npz) written in order through a pipe, its float values times
+    *factor*: the bytes that come out."""
+    import threading
+
+    from gclip_cli.formats.npz import NpzFile
+
+    def scale(tensor, src, dst):
+        np.multiply(src, src.dtype.type(factor), out=dst)
+
+    npz = NpzFile(path)
+    read, write = os.pipe()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(os.fdopen(read, "rb").read()))
+    reader.start()
+    try:
+        assert npz.writes_in_order()
+        npz.write_in_order(Path(f"/proc/self/fd/{write}"), scale, scale, 1 << 20)
+    finally:
+        os.close(write)
+        reader.join()
+        npz.close()
+    return got[0]
+
+
+def test_an_npz_written_in_order_is_the_archive_numpy_reads(tmp_path):
+    rng = np.random.default_rng(3)
+    arrays = {f"m{i}": rng.standard_normal(1000 * i + 3).astype(np.float32) for i in range(5)}
+    path = tmp_path / "g.npz"
+    np.savez(path, **arrays)
+    out = tmp_path / "out.npz"
+    out.write_bytes(_rewrite_in_order(path, 0.5))
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None  # every member's CRC-32, in the directory
+        for info in archive.infolist():  # and in the local headers
+            with open(out, "rb") as raw:
+                raw.seek(info.header_offset + 14)
+                assert struct.unpack("<I", raw.read(4))[0] == info.CRC
+    with np.load(out) as loaded:
+        for name, values in arrays.items():
+            assert np.array_equal(loaded[name], values * np.float32(0.5))
+
+
+def test_a_damaged_member_written_in_order_is_refused(tmp_path):
+    path = tmp_path / "g.npz"
+    np.savez(path, a=np.ones(1000, dtype=np.float32))
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0x10  # a value's bit, inside the stored member
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="CRC"):
+        _rewrite_in_order(path, 2.0)

@@ -638,15 +638,14 @@ def test_a_deflated_npz_object_rescales_as_its_file(bucket, tmp_path):
     np.savez_compressed(local, a=rng.standard_normal((300, 70)).astype(np.float32), n=np.arange(5))
     reference = tmp_path / "reference.npz"
     assert gclip("rescale", str(local), str(reference), "--max-norm", "1").returncode == 0
-    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "1K"}  # read by ranges: no copy
-    done = gclip(
-        "rescale",
-        bucket.put(local, "in/g.npz"),
-        f"{bucket.url}/out/g.npz",
-        "--max-norm",
-        "1",
-        env=env,
-    )
+    url = bucket.put(local, "in/g.npz")
+    # read by ranges: no copy (the output, rebuilt, is staged: it goes to a local file here)
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "1K"}
+    out = tmp_path / "out.npz"
+    done = gclip("rescale", url, str(out), "--max-norm", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    done = gclip("rescale", url, f"{bucket.url}/out/g.npz", "--max-norm", "1")
     assert done.returncode == 0, done.stderr
     assert bucket.get("out/g.npz") == reference.read_bytes()
 
@@ -711,22 +710,22 @@ def _file_size_limit(limit: int):
     return limited
 
 
-def test_a_safetensors_output_is_streamed_with_no_local_copy(bucket, make_file, tmp_path):
+def test_outputs_are_streamed_with_no_local_copy(bucket, make_file, tmp_path):
     values = np.random.default_rng(6).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
-    outputs = {}
-    for fmt in ("safetensors", "npz"):
+    done = {}
+    for fmt in ("safetensors", "npz", "torch", "hdf5"):
         local = make_file(fmt, {"g": values, "step": np.array(3)}, name=f"big_{fmt}")
         reference = tmp_path / f"reference{local.suffix}"
         assert gclip("rescale", str(local), str(reference), "--max-norm", "1").returncode == 0
-        args = ("rescale", str(local), f"{bucket.url}/out{local.suffix}", "--max-norm", "1")
+        key = f"out_{fmt}{local.suffix}"
+        args = ("rescale", str(local), f"{bucket.url}/{key}", "--max-norm", "1")
         # no file of this process may pass 1 MiB: a local copy of the output would be killed
-        outputs[fmt] = gclip(*args, preexec_fn=_file_size_limit(1 << 20))
-        if fmt == "safetensors":
-            assert outputs[fmt].returncode == 0, outputs[fmt].stderr
-            assert bucket.get(f"out{local.suffix}") == reference.read_bytes()
-    assert outputs["npz"].returncode != 0  # staged locally (it patches its CRC-32s): the control
-    assert bucket.listed() == [] or bucket.listed() == ["out.safetensors"]
-    assert bucket.open_uploads() == []
+        done[fmt] = gclip(*args, preexec_fn=_file_size_limit(1 << 20))
+        if fmt != "hdf5":
+            assert done[fmt].returncode == 0, (fmt, done[fmt].stderr)
+            assert bucket.get(key) == reference.read_bytes(), fmt
+    assert done["hdf5"].returncode != 0  # staged locally (HDF5 writes anywhere): the control
+    assert "out_hdf5.h5" not in bucket.listed() and bucket.open_uploads() == []
 
 
 def test_a_streamed_upload_appears_only_when_complete(bucket):
@@ -781,9 +780,9 @@ def test_a_failed_upload_never_blocks_the_writer(memory, monkeypatch):
 
 def test_an_output_staged_first_is_refused_where_the_disk_has_no_room(bucket, make_file):
     values = np.random.default_rng(8).standard_normal(1 << 16).astype(np.float32)  # 256 KiB
-    local = make_file("npz", {"g": values})
-    url = f"{bucket.url}/o.npz"
-    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # .npz is staged: less than it needs
+    local = make_file("hdf5", {"g": values})
+    url = f"{bucket.url}/o.h5"
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # HDF5 is staged: less than it needs
     done = gclip("rescale", str(local), url, "--max-norm", "1", env=env)
     assert done.returncode == 5, done.stderr
     assert done.stderr.startswith(f"gclip: error: {url}: needs ") and "TMPDIR" in done.stderr
@@ -796,10 +795,10 @@ def test_an_output_staged_first_is_refused_where_the_disk_has_no_room(bucket, ma
 
 def test_a_staged_output_reports_its_sending(memory, make_file):
     fs, root = memory
-    local = make_file("npz", _tensors())
+    local = make_file("hdf5", _tensors())
     events = []
-    rescale_file(local, f"memory://{root}/o.npz", max_norm=1e-3, progress=events.append)
+    rescale_file(local, f"memory://{root}/o.h5", max_norm=1e-3, progress=events.append)
     phases = [phase for phase, _, _ in progress_by_phase(events)]
-    size = fs.size(f"{root}/o.npz")
+    size = fs.size(f"{root}/o.h5")
     assert phases[-2:] == ["writing", "sending"]
     assert progress_by_phase(events)[-1] == ("sending", size, size)

@@ -215,8 +215,16 @@ class WritesInOrder(Protocol):
     patched afterwards): into a stream, such as the pipe an upload reads (remote.py)."""
 
     def writes_in_order(self) -> bool:
-        """Whether this file's output can be so written: write_transformed then writes a
-        stream whole (every tensor, no finish_output), in order."""
+        """Whether this file's output can be so written (by write_in_order)."""
+        ...
+
+    def write_in_order(
+        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
+    ) -> None:
+        """Write the output into *out* front to back, whole (no finish_output), every gradient
+        chunk passed through *transform*; *rehearsal* computes the same values and counts
+        nothing, for a format that must know what it will write before it writes it (a zip
+        member's CRC-32 in its local header, before its data)."""
         ...
 
 

@@ -145,6 +145,20 @@ class _NpzReader:
         else:
             self._write_rebuilt(out, transform, chunk_size)
 
+    def writes_in_order(self) -> bool:
+        """A byte copy (every gradient member stored, members apart) is written front to back,
+        its new CRC-32s where they lie (ziparchive); a rebuilt archive is not (zipfile's way
+        writes each member's header again after its data)."""
+        return bool(self._plain_layout())
+
+    def write_in_order(
+        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
+    ) -> None:
+        plain = self._plain_layout()
+        placed = {t: plain[t.name] for t in self.tensors if t.name in plain}
+        changed = [t.location.info for t in placed]
+        self._archive.write_in_order(out, placed, transform, rehearsal, chunk_size, changed)
+
     def _write_in_place(
         self,
         out: Path,

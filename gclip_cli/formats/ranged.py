@@ -21,13 +21,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import InputError
 from .base import MAX_WINDOW, TensorInfo, Transform, window_pieces
 from .deflate import crc32
+
+if TYPE_CHECKING:
+    from .byte_sources import ByteSource
 
 STAND_IN_MAGIC = b"\x00gclip: a remote object, read by ranges\n"
 STAND_IN_FOLDER = "gclip-inputs-"  # the private temporary folders stand-ins are honoured in
@@ -251,7 +254,7 @@ class RangedFile(io.RawIOBase):
 
 
 def copy_rewritten(
-    ranged: RangedBytes,
+    ranged: ByteSource,
     out: Path,
     placed: Mapping[TensorInfo, int],
     transform: Transform,
@@ -263,43 +266,81 @@ def copy_rewritten(
     windows of at most MAX_WINDOW (short pieces fetched together), the next fetched while one
     is worked on.  Returns the CRC-32s of the input's byte ranges (start, length) *checked*,
     computed on the way (zip members whose CRC-32 is to be checked)."""
-    # tensors without values may lie within another's (a torch view of no items): none to write
-    values = sorted(((s, t) for t, s in placed.items() if t.nbytes), key=lambda p: p[0])
-    pieces = list(_copy_pieces(ranged.size, values, chunk_size))
-    spans = sorted(checked)
-    crcs = [0] * len(spans)
-    first = 0  # the first span that may still overlap a window (windows come in order)
-    buffer = np.empty(max(min(chunk_size, MAX_WINDOW), 64), dtype=np.uint8)  # at least an item
+    spans = SpanCrcs(checked)
     with open(out, "wb") as dst:
-        for window_start, window, group in _fetched_together(ranged, pieces):
-            for start, length, tensor in group:
-                raw = window[start - window_start : start - window_start + length]
-                while first < len(spans) and sum(spans[first]) <= start:
-                    first += 1
-                for index in range(first, len(spans)):
-                    span_start, span_length = spans[index]
-                    if span_start >= start + length:
-                        break
-                    low = max(span_start, start) - start
-                    high = min(span_start + span_length, start + length) - start
-                    crcs[index] = crc32(raw[low:high], crcs[index])
-                if tensor is None:
-                    dst.write(raw)
-                else:
-                    target = buffer[:length]
-                    transform(tensor, raw.view(tensor.dtype), target.view(tensor.dtype))
-                    dst.write(target)
-    by_span = dict(zip(spans, crcs, strict=True))
-    return [by_span[span] for span in checked]
+        for start, raw, written in rewritten_pieces(ranged, placed, transform, chunk_size):
+            spans.add(start, raw)
+            dst.write(written)
+    return spans.crcs()
+
+
+def rewritten_pieces(
+    source: ByteSource,
+    placed: Mapping[TensorInfo, int],
+    transform: Transform,
+    chunk_size: int,
+    span: tuple[int, int] | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(offset, bytes read, bytes to write) of a byte copy of *source* (or of its byte range
+    *span*: start, length) in order, the values of the *placed* tensors (each at its offset)
+    passed through *transform*, the rest as read; each valid until the next is asked for."""
+    begin, end = (span[0], span[0] + span[1]) if span is not None else (0, source.size)
+    # tensors without values may lie within another's (a torch view of no items): none to write
+    values = sorted(
+        ((s, t) for t, s in placed.items() if t.nbytes and begin <= s < end), key=lambda p: p[0]
+    )
+    pieces = list(_copy_pieces(begin, end, values, chunk_size))
+    buffer = np.empty(max(min(chunk_size, MAX_WINDOW), 64), dtype=np.uint8)  # at least an item
+    for window_start, window, group in _fetched_together(source, pieces):
+        for start, length, tensor in group:
+            raw = window[start - window_start : start - window_start + length]
+            if tensor is None:
+                yield start, raw, raw
+            else:
+                target = buffer[:length]
+                transform(tensor, raw.view(tensor.dtype), target.view(tensor.dtype))
+                yield start, raw, target
+
+
+class SpanCrcs:
+    """CRC-32s of byte ranges (start, length) of a file whose bytes arrive in order."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        order = sorted(range(len(spans)), key=lambda i: spans[i])
+        self._spans = [spans[i] for i in order]
+        self._sorted_at = {given: at for at, given in enumerate(order)}
+        self._crcs = [0] * len(self._spans)
+        self._first = 0  # the first span the next bytes may fall in
+
+    def add(self, start: int, data: np.ndarray) -> None:
+        """The bytes [start, start + len(data)) arrived."""
+        end = start + len(data)
+        while self._first < len(self._spans) and sum(self._spans[self._first]) <= start:
+            self._first += 1
+        for index in range(self._first, len(self._spans)):
+            span_start, span_length = self._spans[index]
+            if span_start >= end:
+                break
+            low = max(span_start, start) - start
+            high = min(span_start + span_length, end) - start
+            self._crcs[index] = crc32(data[low:high], self._crcs[index])
+
+    def crc(self, index: int) -> int:
+        """The CRC-32 of the bytes of span *index* (in the order given) arrived so far."""
+        return self._crcs[self._sorted_at[index]]
+
+    def crcs(self) -> list[int]:
+        """The CRC-32 of each span, in the order given."""
+        return [self.crc(index) for index in range(len(self._spans))]
 
 
 def _copy_pieces(
-    size: int, values: Sequence[tuple[int, TensorInfo]], chunk_size: int
+    begin: int, end: int, values: Sequence[tuple[int, TensorInfo]], chunk_size: int
 ) -> Iterator[tuple[int, int, TensorInfo | None]]:
-    """(start, length, tensor or None) of the pieces of a *size*-byte object in order: the
+    """(start, length, tensor or None) of the pieces of bytes [begin, end) in order: the
     values of the (start, tensor) *values* in whole items, the bytes between as they are."""
-    position = 0
-    for start, tensor in [*values, (size, None)]:
+    position = begin
+    for start, tensor in [*values, (end, None)]:
         for offset, length in window_pieces(position, start - position, 1, MAX_WINDOW):
             yield offset, length, None
         if tensor is None:
@@ -311,7 +352,7 @@ def _copy_pieces(
 
 
 def _fetched_together(
-    ranged: RangedBytes, pieces: Sequence[tuple[int, int, TensorInfo | None]]
+    ranged: ByteSource, pieces: Sequence[tuple[int, int, TensorInfo | None]]
 ) -> Iterator[tuple[int, np.ndarray, list[tuple[int, int, TensorInfo | None]]]]:
     """The contiguous *pieces* in groups of at most MAX_WINDOW bytes, each group fetched as
     one window: (its start, its bytes, its pieces)."""

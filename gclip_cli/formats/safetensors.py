@@ -152,6 +152,11 @@ class SafetensorsFile:
     def writes_in_order(self) -> bool:
         return True  # the tensors tile the data buffer: written in order of offset
 
+    def write_in_order(
+        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
+    ) -> None:
+        self.write_transformed(out, transform, chunk_size)
+
     def _pieces(self, tensor: TensorInfo, chunk_size: int) -> Iterator[tuple[int, int]]:
         return _value_pieces(self._data_start, tensor, chunk_size)
 
@@ -214,6 +219,11 @@ class RangedSafetensorsFile:
 
     def writes_in_order(self) -> bool:
         return True
+
+    def write_in_order(
+        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
+    ) -> None:
+        self.write_transformed(out, transform, chunk_size)
 
     def copy_to(self, out: Path) -> None:
         self._ranged.copy_to(out, MAX_WINDOW)

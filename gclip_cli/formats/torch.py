@@ -193,6 +193,20 @@ class _TorchReader:
                 for tensor in strided:
                     self._write_strided(tensor, copy.fileno(), transform, chunk_size)
 
+    def writes_in_order(self) -> bool:
+        """A byte copy goes front to back (new CRC-32s in the data descriptors and the central
+        directory, after the data) when every gradient is dense; views with gaps are written
+        into the copy afterwards."""
+        return all(t.location.dense for t in self._gradients())
+
+    def write_in_order(
+        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
+    ) -> None:
+        offsets = self._dense_offsets()
+        placed = {t: offsets[t.name] for t in self._gradients() if t.name in offsets}
+        changed = [self._infos[name] for name in self._by_member]
+        self._archive.write_in_order(out, placed, transform, rehearsal, chunk_size, changed)
+
     def _write_copy(
         self,
         out: Path,

@@ -28,7 +28,7 @@ import io
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -44,6 +44,7 @@ from .base import (
     open_regular,
     reading,
     window_pieces,
+    write_all,
     write_all_at,
 )
 from .byte_sources import ByteSource, LocalBytes
@@ -51,6 +52,7 @@ from .deflate import crc32, raw_deflater, raw_inflater
 from .signatures import MAX_ZIP_DIRECTORY, read_head, unsupported_kind, zip_directory_size
 
 if TYPE_CHECKING:
+    from .base import TensorInfo, Transform
     from .ranged import RangedBytes
 
 _ENCRYPTED = 0x1  # general purpose flag bit 0
@@ -221,6 +223,58 @@ class ZipArchive:
                     ):
                         write_all_at(copy.fileno(), field, offset)
 
+    def write_in_order(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        rehearsal: Transform,
+        chunk_size: int,
+        changed: Sequence[zipfile.ZipInfo],
+    ) -> None:
+        """Write into *out* (a stream), front to back, a byte copy of this archive in which
+        the values of the *placed* tensors (each at its offset) are passed through *transform*
+        and the CRC-32s of the stored members *changed* (those holding them) are new, wherever
+        they lie: in the central directory and a data descriptor (both after the member's
+        data: found on the way), and in a local header (before them: found beforehand by a
+        rehearsal, the member's new bytes computed once more by *rehearsal*, which writes
+        nothing).  The input members' CRC-32s are checked on the way, before the caller can
+        commit the output.
+        """
+        from .ranged import SpanCrcs, rewritten_pieces
+
+        spans = [(self.data_start(info), info.compress_size) for info in changed]
+        fields = self._crc_fields(changed, spans)
+        known = {  # the CRC-32s needed before their member's data: rehearsed
+            index: _crc_of(rewritten_pieces(self.source, placed, rehearsal, chunk_size, span))
+            for index, span in enumerate(spans)
+            if any(offset < span[0] for offset, member in fields if member == index)
+        }
+        read, written = SpanCrcs(spans), SpanCrcs(spans)
+        patches = _Patches(fields)
+
+        def crc_of(index: int) -> int:
+            return known[index] if index in known else written.crc(index)
+
+        with open(out, "wb", buffering=0) as dst:
+            for start, raw, data in rewritten_pieces(self.source, placed, transform, chunk_size):
+                read.add(start, raw)
+                written.add(start, data)
+                write_all(dst.fileno(), patches.applied(start, data, crc_of))
+        for info, crc in zip(changed, read.crcs(), strict=True):
+            self.verify_crc(info, crc)
+
+    def _crc_fields(
+        self, changed: Sequence[zipfile.ZipInfo], spans: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """(offset, index in *changed*) of every CRC-32 field of the members *changed*."""
+        central = self._central_headers()
+        fields = []
+        for index, info in enumerate(changed):
+            for offset in (*self._local_crc_fields(info), central[info.filename] + _CENTRAL_CRC):
+                fields.append((offset, index))
+        return sorted(fields)
+
     def _local_crc_fields(self, info: zipfile.ZipInfo) -> list[int]:
         """Where member *info*'s CRC-32 lies outside the central directory: in its local
         header, and in its data descriptor when it has one (torch.save writes them, and zeros
@@ -308,6 +362,40 @@ def source_crc(source: ByteSource, start: int, size: int) -> int:
     for raw in source.windows(window_pieces(start, size, 1, MAX_WINDOW)):
         crc = crc32(raw, crc)
     return crc
+
+
+def _crc_of(pieces: Iterator[tuple[int, np.ndarray, np.ndarray]]) -> int:
+    """The CRC-32 of the bytes to write of *pieces* (ranged.rewritten_pieces)."""
+    crc = 0
+    for _, _, data in pieces:
+        crc = crc32(data, crc)
+    return crc
+
+
+class _Patches:
+    """CRC-32 fields (offset, member) to write over a stream's bytes as they pass, each once
+    its member's CRC-32 is known (fields come in order of offset; each is 4 bytes)."""
+
+    def __init__(self, fields: Sequence[tuple[int, int]]) -> None:
+        self._fields = fields
+        self._first = 0  # the first field the next bytes may hold
+
+    def applied(self, start: int, data: np.ndarray, crc_of: Callable[[int], int]) -> memoryview:
+        """*data* (the bytes from *start* on) with the fields in them patched (*crc_of*: the
+        CRC-32 of a member, by its index)."""
+        end = start + len(data)
+        while self._first < len(self._fields) and self._fields[self._first][0] + 4 <= start:
+            self._first += 1
+        patched = None
+        for offset, member in self._fields[self._first :]:
+            if offset >= end:
+                break
+            if patched is None:
+                patched = bytearray(data)
+            value = struct.pack("<I", crc_of(member))
+            low, high = max(offset, start), min(offset + 4, end)
+            patched[low - start : high - start] = value[low - offset : high - offset]
+        return memoryview(patched if patched is not None else data).cast("B")
 
 
 @contextmanager

@@ -1,21 +1,20 @@
 """Inputs and outputs named by URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``https://``,
 ``memory://``, ...), through fsspec and the backend each protocol needs (an optional extra).
 
-How, in this version: a safetensors object is read by ranges, with no local copy: the
-pipeline is given a stand-in (formats/ranged.py), a local file that names it, and both passes
-fetch its values a window at a time.  Other input objects (.npz, HDF5: their readers work on
-file descriptors) are downloaded in pieces (memory does not grow with the object) into a
-private temporary folder, once their size is known to fit there, and read there as local
-files; so is every object with $GCLIP_REMOTE_COPY=1.
+How, in this version: a safetensors, .npz or PyTorch object is read by ranges, with no
+local copy: the pipeline is given a stand-in (formats/ranged.py), a local file that names it,
+and both passes fetch its values a window at a time.  An HDF5 object (h5py and the chunk
+reader work on file descriptors) is downloaded in pieces (memory does not grow with the
+object) into a private temporary folder, once its size is known to fit there, and read there
+as a local file; so is every object with $GCLIP_REMOTE_COPY=1.
 
 An output object is written by a file opened with autocommit off (S3: a multipart upload,
 completed only when every part is in; any failure, refusal or Ctrl-C aborts it, so that no
-partial object appears and no upload stays open).  A format written front to back
-(safetensors) is streamed into it through a pipe as pass 2 writes it (streamed_upload): no
-local copy.  The others (.npz and PyTorch patch their CRC-32s afterwards, HDF5 writes
-anywhere) are written into a private temporary folder, free space checked first, and uploaded
-when complete (uploaded_file).  fsspec is imported only when a URL is given: local work
-starts as light as before.
+partial object appears and no upload stays open).  To the pipeline it is a stream
+(streamed_upload: a pipe whose bytes a thread uploads as they come): pass 2 writes into it
+front to back where the file can (formats.WritesInOrder: safetensors, zip byte copies), else
+into a temporary file first (engine.rewrite).  fsspec is imported only when a URL is given:
+local work starts as light as before.
 """
 
 from __future__ import annotations
@@ -91,7 +90,7 @@ class _Stager:
     root: Path
     storage: Mapping[str, Any]
     progress: Progress = SILENT
-    ranged: bool = True  # safetensors objects read by ranges (else downloaded, as the rest)
+    ranged: bool = True  # objects of formats with a ranged reader read so (else downloaded)
     shown: dict[str, str] = field(default_factory=dict)  # local copy -> URL
 
     def stage(self, url: str) -> str:
@@ -176,8 +175,8 @@ def _copy_asked() -> bool:
 
 
 def _read_by_ranges(remote: Remote) -> str | None:
-    """The object's format if it is read by ranges, with no local copy (safetensors, so far:
-    the other formats read their files through descriptors, so they get a local copy)."""
+    """The object's format if it is read by ranges, with no local copy (a format with a
+    ranged reader: all but HDF5, whose readers work on descriptors and get a local copy)."""
     from .formats import FORMATS
     from .formats.signatures import read_head
 

@@ -12,8 +12,8 @@ An output object is written by a file opened with autocommit off (S3: a multipar
 completed only when every part is in; any failure, refusal or Ctrl-C aborts it, so that no
 partial object appears and no upload stays open).  To the pipeline it is a stream
 (streamed_upload: a pipe whose bytes a thread uploads as they come): pass 2 writes into it
-front to back where the file can (formats.WritesInOrder: safetensors, zip byte copies), else
-into a temporary file first (engine.rewrite).  fsspec is imported only when a URL is given:
+front to back where the file can (formats.WritesInOrder: all but HDF5), else into a
+temporary file first (engine.rewrite).  fsspec is imported only when a URL is given:
 local work starts as light as before.
 """
 

@@ -147,14 +147,17 @@ class _NpzReader:
 
     def writes_in_order(self) -> bool:
         """A byte copy (every gradient member stored, members apart) is written front to back,
-        its new CRC-32s where they lie (ziparchive); a rebuilt archive is not (zipfile's way
-        writes each member's header again after its data)."""
-        return bool(self._plain_layout())
+        its new CRC-32s where they lie (ziparchive); so is a rebuilt archive, each member
+        rehearsed first (its bytes made, compressed, twice: ZipWriter.member)."""
+        return True
 
     def write_in_order(
         self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
     ) -> None:
         plain = self._plain_layout()
+        if not plain:
+            self._write_rebuilt(out, transform, chunk_size, rehearsal)
+            return
         placed = {t: plain[t.name] for t in self.tensors if t.name in plain}
         changed = [t.location.info for t in placed]
         self._archive.write_in_order(out, placed, transform, rehearsal, chunk_size, changed)
@@ -191,8 +194,16 @@ class _NpzReader:
                     )
         self._archive.patch_crcs(out, member_crcs)
 
-    def _write_rebuilt(self, out: Path, transform: Transform, chunk_size: int) -> None:
-        """Every member written anew, in order, gradient values passed through *transform*."""
+    def _write_rebuilt(
+        self,
+        out: Path,
+        transform: Transform,
+        chunk_size: int,
+        rehearsal: Transform | None = None,
+    ) -> None:
+        """Every member written anew, in order, gradient values passed through *transform*;
+        into a stream with *rehearsal* (each member's bytes made once more first, for the
+        CRC-32 and compressed size its header holds: ZipWriter.member)."""
         tensors = {t.location.info.filename: t for t in self.tensors if t.is_gradient}
         size = max(min(chunk_size, MAX_WINDOW), 8)  # at least one item
         with (
@@ -201,29 +212,56 @@ class _NpzReader:
             PipelinedWriter(lambda data, member: member.write(data), size) as writer,
         ):
             for info in self._archive.members:
+                tensor = tensors.get(info.filename)
+                rehearse = None
+                if rehearsal is not None:
+                    rehearse = partial(self._fill, info, tensor, rehearsal, chunk_size, None)
                 # every byte written before the member is closed
-                with dst.member(copy_info(info)) as member_out, writer.drained():
-                    tensor = tensors.get(info.filename)
-                    if tensor is None:
-                        self._copy_member(info, member_out, chunk_size)
-                    else:
-                        member_out.write(self._npy_header(tensor))
-                        self._write_values(tensor, transform, member_out, writer, chunk_size)
+                with (
+                    dst.member(copy_info(info), rehearsal=rehearse) as member_out,
+                    writer.drained(),
+                ):
+                    self._fill(info, tensor, transform, chunk_size, writer, member_out)
+
+    def _fill(
+        self,
+        info: zipfile.ZipInfo,
+        tensor: TensorInfo | None,
+        transform: Transform,
+        chunk_size: int,
+        writer: PipelinedWriter | None,
+        member_out: BinaryIO,
+    ) -> None:
+        """The bytes of member *info* into *member_out*: a copy, or the .npy header and the
+        values of *tensor* passed through *transform* (on *writer*'s thread, if given)."""
+        if tensor is None:
+            self._copy_member(info, member_out, chunk_size)
+        else:
+            member_out.write(self._npy_header(tensor))
+            self._write_values(tensor, transform, member_out, writer, chunk_size)
 
     def _write_values(
         self,
         tensor: TensorInfo,
         transform: Transform,
         member_out: BinaryIO,
-        writer: PipelinedWriter,
+        writer: PipelinedWriter | None,
         chunk_size: int,
     ) -> None:
         """Transformed chunks into *member_out*, written (checksummed, compressed) on the
-        writer's thread while the next chunk is transformed."""
+        writer's thread while the next chunk is transformed (without *writer*: here)."""
+        scratch = None
         for chunk in self.read_chunks(tensor, chunk_size):
-            target = writer.buffer(chunk.nbytes).view(chunk.dtype)
-            transform(tensor, chunk, target)
-            writer.submit(target, member_out)
+            if writer is None:
+                if scratch is None or scratch.nbytes < chunk.nbytes:
+                    scratch = np.empty(chunk.nbytes, dtype=np.uint8)
+                target = scratch[: chunk.nbytes].view(chunk.dtype)
+                transform(tensor, chunk, target)
+                member_out.write(memoryview(target.view(np.uint8)))
+            else:
+                target = writer.buffer(chunk.nbytes).view(chunk.dtype)
+                transform(tensor, chunk, target)
+                writer.submit(target, member_out)
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         info = tensor.location.info

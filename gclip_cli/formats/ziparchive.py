@@ -512,8 +512,9 @@ def copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
 
 
 class ZipWriter:
-    """Writes a zip archive into the seekable binary *file* as zipfile writes one (see the
-    module's doc); the central directory is written when the block ends without an error.
+    """Writes a zip archive into the binary *file* as zipfile writes one into a seekable file
+    (see the module's doc); the central directory is written when the block ends without an
+    error.  Into a stream (*file* not seekable), each member is rehearsed first (see member).
 
     *zip64_limit*: beyond it, sizes and offsets go into zip64 records (zipfile.ZIP64_LIMIT;
     lowered only by tests).
@@ -522,7 +523,7 @@ class ZipWriter:
     def __init__(
         self, file: BinaryIO, comment: bytes = b"", zip64_limit: int = zipfile.ZIP64_LIMIT
     ) -> None:
-        self._file = file
+        self._file = _Counted(file)
         self.comment = comment
         self._limit = zip64_limit
         self._written: list[zipfile.ZipInfo] = []
@@ -535,34 +536,53 @@ class ZipWriter:
             self._write_directory()
 
     @contextmanager
-    def member(self, info: zipfile.ZipInfo, level: int | None = None) -> Iterator[MemberWriter]:
+    def member(
+        self,
+        info: zipfile.ZipInfo,
+        level: int | None = None,
+        rehearsal: Callable[[MemberWriter], object] | None = None,
+    ) -> Iterator[MemberWriter]:
         """A member *info* (its name, date, method, attributes and file_size, which must be
         the size of what is written); write its bytes into the MemberWriter yielded.  *level*:
-        the compression level (the method's default when None; ISA-L deflates at its own)."""
+        the compression level (the method's default when None; ISA-L deflates at its own).
+
+        The header, written first, holds the member's CRC-32 and compressed size: in a
+        seekable file it is written again once they are known; into a stream they are known
+        beforehand from *rehearsal*, which writes the same bytes into the MemberWriter it is
+        given, whose output goes nowhere (the same compressor gives the same bytes).
+        """
         info.compress_size = info.CRC = 0
         info.flag_bits = _LZMA_END_MARKER if info.compress_type == zipfile.ZIP_LZMA else 0
         if not info.external_attr:
             info.external_attr = 0o600 << 16  # ?rw-------, as zipfile gives
         zip64 = info.file_size * 1.05 > self._limit  # compressed data can be a little longer
-        info.header_offset = self._file.tell()
+        if rehearsal is not None:
+            rehearsed = MemberWriter(_Counted(None), _compressor(info.compress_type, level))
+            rehearsal(rehearsed)
+            rehearsed.finish(info)
+            expected = (info.file_size, info.compress_size, info.CRC)
+        info.header_offset = self._file.position
         self._file.write(info.FileHeader(zip64))
         member = MemberWriter(self._file, _compressor(info.compress_type, level))
         yield member
         member.finish(info)
         if not zip64 and max(info.file_size, info.compress_size) > self._limit:
             raise zipfile.LargeZipFile(f"member {shown(info.filename)} needs zip64 sizes")
-        end = self._file.tell()
-        self._file.seek(info.header_offset)
-        self._file.write(info.FileHeader(zip64))  # now with the sizes and CRC-32
-        self._file.seek(end)
+        if rehearsal is None:
+            end = self._file.position
+            self._file.seek(info.header_offset)
+            self._file.write(info.FileHeader(zip64))  # now with the sizes and CRC-32
+            self._file.seek(end)
+        elif (info.file_size, info.compress_size, info.CRC) != expected:
+            raise RuntimeError(f"member {shown(info.filename)} differs from its rehearsal")
         self._written.append(info)
 
     def _write_directory(self) -> None:
         """The central directory, then the end records (zip64 ones too where needed)."""
-        start = self._file.tell()
+        start = self._file.position
         for info in self._written:
             self._file.write(_central_header(info, self._limit))
-        size = self._file.tell() - start
+        size = self._file.position - start
         count = len(self._written)
         limit = self._limit
         if count > zipfile.ZIP_FILECOUNT_LIMIT or start > limit or size > limit:
@@ -583,6 +603,26 @@ class ZipWriter:
         end = (zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, count, count)
         self._file.write(struct.pack(*end, size, start, len(self.comment)))
         self._file.write(self.comment)
+
+
+class _Counted:
+    """A binary file (None: nowhere) that counts the bytes written into it: the position in a
+    stream, which cannot tell it."""
+
+    def __init__(self, file: BinaryIO | None) -> None:
+        self._file, self.position = file, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        size = memoryview(data).nbytes
+        if self._file is not None:
+            self._file.write(data)
+        self.position += size
+        return size
+
+    def seek(self, position: int) -> None:
+        assert self._file is not None
+        self._file.seek(position)
+        self.position = position
 
 
 class MemberWriter:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import ExitStack, contextmanager, suppress
@@ -20,6 +21,10 @@ from typing import TYPE_CHECKING
 
 from . import interrupts
 from .errors import OutputError, UsageError
+
+# Seconds stopped pool workers have to unwind (an upload's abort waits for a store up to 10 s,
+# remote._GIVE_UP_AFTER) before they are killed.
+_HALT_GRACE = 12.0
 
 if TYPE_CHECKING:
     import logging
@@ -194,14 +199,21 @@ class RestartingProcessPool(Executor):
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def halt(self) -> None:
-        """Stop now: the tasks not started dropped, the workers killed (they may be busy)."""
+        """Stop now: the tasks not started dropped, the workers stopped (they may be busy):
+        with SIGTERM, which their work unwinds from (an upload it began is aborted), killed
+        if they have not ended within _HALT_GRACE seconds."""
         # Python 3.14's ProcessPoolExecutor.kill_workers(); before it, its _processes
         workers = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
         for worker in workers:
-            worker.kill()
+            worker.terminate()
+        deadline = time.monotonic() + _HALT_GRACE
         for worker in workers:
-            worker.join()
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
 
 def _sendable_errors(task: Callable[..., object], *args: object) -> object:
@@ -209,7 +221,8 @@ def _sendable_errors(task: Callable[..., object], *args: object) -> object:
     from .isolation import sendable
 
     try:
-        return task(*args)
+        with interrupts.worker_task():
+            return task(*args)
     except Exception as error:
         raise sendable(error) from None
 

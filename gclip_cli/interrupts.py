@@ -215,8 +215,43 @@ def die_with_parent(parent: int) -> None:
         os._exit(ExitCode.TERMINATED)
 
 
+class WorkerStop:
+    """A pool worker's handler of SIGTERM, by which gclip stops its workers: a task running
+    unwinds (Terminated), so that what it began is undone (an upload aborted); an idle worker
+    ends at once, silently."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.stopped = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if not self.busy:
+            os._exit(ExitCode.TERMINATED)
+        if not self.stopped:
+            self.stopped = True
+            raise Terminated
+
+
 def start_worker(parent: int) -> None:
     """The start of a pool's worker process: Ctrl-C is *parent*'s to handle (it stops its
-    workers), and the worker dies with it."""
+    workers, with SIGTERM: see WorkerStop), and the worker dies with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, WorkerStop())
     die_with_parent(parent)
+
+
+@contextmanager
+def worker_task() -> Iterator[None]:
+    """A task running in this process: in a pool's worker, SIGTERM then stops the task (the
+    worker ends after it); elsewhere, nothing changes."""
+    stop = signal.getsignal(signal.SIGTERM)
+    if not isinstance(stop, WorkerStop):
+        yield
+        return
+    stop.busy = True
+    try:
+        yield
+    finally:
+        stop.busy = False
+        if stop.stopped:
+            os._exit(ExitCode.TERMINATED)

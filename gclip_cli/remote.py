@@ -51,6 +51,9 @@ REMOTE_COPY_VARIABLE = "GCLIP_REMOTE_COPY"  # 1: download every input object fir
 _PIECE = 8 << 20  # bytes copied at a time into an upload, and its smallest part
 _MOST_PARTS = 10_000  # S3's most parts in a multipart upload
 _PIPE_BUFFER = 1 << 20  # a pipe's buffer where Linux allows it to grow (pipe-max-size)
+# Seconds a stopping gclip waits for an upload to end (its last request to finish, the upload
+# aborted) before it goes without: a store that does not answer holds it no longer.
+_GIVE_UP_AFTER = 10.0
 # Where an open descriptor can be reopened by name (Linux), as output.py reaches its files
 _DESCRIPTORS = Path("/proc/self/fd")
 
@@ -320,9 +323,12 @@ class _PipeSender:
 
     The writer opens ``path`` (the pipe's write end, /proc/self/fd/N: a forked child reaches
     it through the descriptor it inherits); the object's bytes end when every write end is
-    closed, this process's last (finish).  If the upload fails, the thread goes on reading
-    and dropping what is written, so that a writer, in this process or a child holding the
-    read end too, never blocks on a full pipe; its error is raised by finish().
+    closed, this process's last (finish).  If the upload fails, or the work does (the
+    sender is then stopping), the thread goes on reading and dropping what is written, so
+    that a writer, in this process or a child holding the read end too, never blocks on a
+    full pipe; an upload's error is raised by finish().  Stopping, the thread sends nothing
+    more (no last part) and aborts the upload; it is waited for a while only (_GIVE_UP_AFTER):
+    a store that does not answer must not keep Ctrl-C from stopping gclip.
     """
 
     def __init__(self, remote: Remote, storage: Mapping[str, Any], size: int) -> None:
@@ -332,6 +338,7 @@ class _PipeSender:
         self.path = _DESCRIPTORS / str(self._write)
         self._out: Any = None
         self._error: BaseException | None = None
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._send, name="gclip-upload", daemon=True)
 
     def __enter__(self) -> _PipeSender:
@@ -339,10 +346,13 @@ class _PipeSender:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            return
+        self._stopping.set()  # before the end of bytes: the thread must not send a last part
         self._end_of_bytes()
-        self._thread.join()
-        if exc_type is not None and self._out is not None:
-            _abandon(self._out)  # not a partial object, nor an upload left open
+        self._thread.join(_GIVE_UP_AFTER)  # it aborts the upload as it ends
+        if not self._thread.is_alive() and self._out is not None:
+            _abandon(self._out)  # it had ended already (the commit failed, say)
 
     def finish(self) -> None:
         """Wait until every byte written is sent; raise the upload's error, if any."""
@@ -367,15 +377,19 @@ class _PipeSender:
             try:
                 with remote_errors(OutputError, self._remote.url, self._storage, "cannot write"):
                     self._out = _uncommitted(self._remote, self._size)
-                    while got := _fill(pipe, buffer):
+                    while (got := _fill(pipe, buffer)) and not self._stopping.is_set():
                         self._out.write(buffer[:got])
-                    self._out.close()  # the last part: commit() completes the object
+                    if not self._stopping.is_set():
+                        self._out.close()  # the last part: commit() completes the object
             except BaseException as exc:
                 self._error = exc
-                if self._out is not None:
-                    _abandon(self._out)
-                while pipe.readinto(buffer):
-                    pass
+                self._stopping.set()
+            finally:
+                if self._stopping.is_set():
+                    if self._out is not None:
+                        _abandon(self._out)  # not a partial object, nor an upload left open
+                    while pipe.readinto(buffer):
+                        pass
 
 
 def _fill(pipe: BinaryIO, buffer: memoryview) -> int:
@@ -478,10 +492,11 @@ class _HeldInMemory(io.BytesIO):
 
 
 def part_size(size: int) -> int:
-    """The parts to upload a file of *size* bytes in: _PIECE (the memory an upload holds is
-    a few parts: s3fs's default, 50 MiB parts, held 4-5 times that), larger only where S3's
-    limit of 10,000 parts asks for it (past 78 GiB)."""
-    return max(_PIECE, -(-size // _MOST_PARTS))
+    """The parts to upload a file of about *size* bytes in: _PIECE (the memory an upload holds
+    is a few parts: s3fs's default, 50 MiB parts, held 4-5 times that), larger only where S3's
+    limit of 10,000 parts asks for it (past 78 GiB), with room for an output a little larger
+    than its input (a rebuilt .npz): an eighth more."""
+    return max(_PIECE, -(-(size + size // 8) // _MOST_PARTS))
 
 
 def _abandon(out: Any) -> None:

@@ -110,20 +110,25 @@ def _spool(source: BinaryIO, spool: Path, name: str) -> None:
 def staged_into(stream: Path, size: int, progress: Progress = SILENT) -> Iterator[Path]:
     """A temporary file to write an output that cannot be written front to back into
     *stream* (a pipe); once complete, it is copied into *stream* (*progress* hears of it).
-    Refused before any work where its *size* bytes would leave the disk too full."""
-    with _temporary("output") as path:
-        limit = spool_limit(path.parent)
-        if size > limit:
-            raise OutputError(
-                stream,
-                f"needs {size:,} bytes in {path.parent.parent} to be written first, but only "
-                f"{limit:,} may be used there (the disk's free space less {SPOOL_RESERVE:.0%}, "
-                f"at most ${SPOOL_LIMIT_VARIABLE}); set TMPDIR to a larger disk",
-            )
+    Refused before any work where its *size* bytes would leave the disk too full.
+
+    The file has no name (unlinked at once; reached through its descriptor): whatever stops
+    this process, a SIGKILL included, its disk space is freed with it."""
+    folder = Path(tempfile.gettempdir())
+    limit = spool_limit(folder)
+    if size > limit:
+        raise OutputError(
+            stream,
+            f"needs {size:,} bytes in {folder} to be written first, but only {limit:,} may "
+            f"be used there (the disk's free space less {SPOOL_RESERVE:.0%}, at most "
+            f"${SPOOL_LIMIT_VARIABLE}); set TMPDIR to a larger disk",
+        )
+    with tempfile.TemporaryFile(prefix="gclip-output-") as staged:
+        path = Path(f"/proc/self/fd/{staged.fileno()}")
         yield path
-        progress.begin(SENDING, path.stat().st_size)
-        with open(path, "rb") as staged, open(stream, "wb") as out:
-            while piece := staged.read(_SPOOL_PIECE):
+        progress.begin(SENDING, os.fstat(staged.fileno()).st_size)
+        with open(path, "rb") as written, open(stream, "wb") as out:
+            while piece := written.read(_SPOOL_PIECE):
                 out.write(piece)
                 progress.advance(len(piece))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import progress_by_phase
+from conftest import progress_by_phase, write_tensors
 
 from gclip_cli import inspect_files, remote, rescale_file, rescale_files, urls
 from gclip_cli.errors import InputError, OutputError
@@ -807,3 +807,104 @@ def test_a_staged_output_reports_its_sending(memory, make_file):
     size = fs.size(f"{root}/o.h5")
     assert phases[-2:] == ["writing", "sending"]
     assert progress_by_phase(events)[-1] == ("sending", size, size)
+
+
+def _interrupted_once_uploading(bucket, command, env=None) -> tuple[int, str]:
+    """Run gclip *command*, Ctrl-C it once a multipart upload has begun; its exit status
+    and stderr."""
+    running = subprocess.Popen(
+        [sys.executable, "-m", "gclip_cli", *command], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not bucket.open_uploads():  # the multipart upload has begun
+            assert running.poll() is None, "gclip finished before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        running.send_signal(signal.SIGINT)
+        _, stderr = running.communicate(timeout=60)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    return running.returncode, stderr
+
+
+def test_ctrl_c_aborts_the_uploads_of_pool_workers(bucket, make_file, tmp_path):
+    # -j 2 over several files: each output is uploaded by the worker process writing it, and
+    # stopped workers must abort their uploads (killed outright, they left them open)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for index in range(2):
+        values = np.random.default_rng(index).standard_normal(12 << 20).astype(np.float32)
+        write_tensors(folder / f"g{index}.safetensors", "safetensors", {"g": values})
+    command = ["rescale", str(folder), "--out-dir", f"{bucket.url}/out/", "--max-norm", "1"]
+    returncode, stderr = _interrupted_once_uploading(bucket, [*command, "-j", "2"])
+    assert returncode == 130, stderr
+    assert bucket.open_uploads() == []
+
+
+def test_ctrl_c_leaves_no_staged_output_behind(bucket, make_file, tmp_path):
+    values = np.random.default_rng(9).standard_normal(12 << 20).astype(np.float32)  # 48 MiB
+    local = make_file("hdf5", {"g": values})
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
+    command = ["rescale", str(local), f"{bucket.url}/o.h5", "--max-norm", "1"]
+    five_mib_parts = ("--storage-option", f"default_block_size={5 << 20}")
+    returncode, stderr = _interrupted_once_uploading(bucket, [*command, *five_mib_parts], env)
+    assert returncode == 130, stderr
+    assert bucket.listed() == [] and bucket.open_uploads() == []
+    assert list(temporary.iterdir()) == []
+
+
+def test_ctrl_c_stops_gclip_while_the_store_does_not_answer(make_file, tmp_path):
+    # A store that stops answering mid-upload must not keep Ctrl-C from stopping gclip (it
+    # waits remote._GIVE_UP_AFTER for the upload to end, then goes without): a server of
+    # its own here, frozen with SIGSTOP.
+    port = _free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(port, server)
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key=SECRET,
+        )
+        client.create_bucket(Bucket="frozen")
+        frozen = Bucket(client, "frozen")
+        values = np.random.default_rng(10).standard_normal(12 << 20).astype(np.float32)
+        local = make_file("safetensors", {"g": values})
+        args = ["rescale", str(local), "s3://frozen/o.st", "--max-norm", "1", *NO_RETRIES]
+        running = subprocess.Popen(
+            [sys.executable, "-m", "gclip_cli", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        deadline = time.monotonic() + 120
+        while not frozen.open_uploads():
+            assert running.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        server.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)
+        running.send_signal(signal.SIGINT)
+        try:
+            _, stderr = running.communicate(timeout=45)
+        finally:
+            if running.poll() is None:
+                running.kill()
+        assert running.returncode == 130, stderr
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(timeout=30)

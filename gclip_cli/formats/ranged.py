@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -251,6 +252,44 @@ class RangedFile(io.RawIOBase):
         got = self._ranged.readinto(memoryview(buffer).cast("B"), self._position)
         self._position += got
         return got
+
+
+class CachedRangedFile(RangedFile):
+    """A RangedFile whose short reads come from the last *blocks* _BLOCK-aligned blocks
+    fetched (least recently used dropped first): HDF5 reads an object's metadata in many
+    small reads that come back to the same places (superblock, heaps, B-tree nodes), which
+    one cached block would fetch again and again."""
+
+    def __init__(self, ranged: RangedBytes, blocks: int = 16) -> None:
+        super().__init__(ranged)
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._limit = blocks
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        view = memoryview(buffer).cast("B")
+        start = self._position
+        length = max(0, min(len(view), self._ranged.size - start))
+        if length > _BLOCK:  # values, or a large heap: fetched whole
+            return super().readinto(buffer)
+        got = 0
+        while got < length:
+            at = start + got
+            first = at - at % _BLOCK
+            block = self._block(first)
+            taken = min(length - got, first + len(block) - at)
+            view[got : got + taken] = block[at - first : at - first + taken]
+            got += taken
+        self._position += got
+        return got
+
+    def _block(self, first: int) -> bytes:
+        block = self._blocks.pop(first, None)
+        if block is None:
+            block = self._ranged.read(first, min(_BLOCK, self._ranged.size - first))
+        self._blocks[first] = block
+        if len(self._blocks) > self._limit:
+            self._blocks.popitem(last=False)
+        return block
 
 
 def copy_rewritten(

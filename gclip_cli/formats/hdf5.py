@@ -13,6 +13,7 @@ rewrite, that the values lie neither over each other nor inside the file's metad
 and stay unallocated (hdf5_values.py).  Floats whose bit layout is not IEEE 754 are read as
 HDF5 converts them, and not rewritten.
 Data stored in other files (external links, virtual datasets, external raw storage) is refused.
+A remote object is read by ranges (RangedHdf5File) with the same checks.
 """
 
 from __future__ import annotations
@@ -115,11 +116,16 @@ class _Hdf5Reader:
         if stored.start is not None:  # one plain block of values: map it, as for safetensors
             return self._mapped_chunks(stored.start, tensor, chunk_size)
         if stored.raw is not None:  # chunks gclip decodes itself
-            return read_values(self.path, self._source, tensor, stored.raw, chunk_size)
+            source = self._chunk_source(stored.raw)
+            return read_values(self.path, source, tensor, stored.raw, chunk_size)
         dataset = self._datasets[tensor.location]
         # viewed as the tensor's dtype: raw (opaque) values may have been given a type
         found = slabs(self.path, dataset, chunk_size)
         return (values.reshape(-1).view(tensor.dtype) for _, values in found)
+
+    def _chunk_source(self, raw: RawChunks) -> ByteSource:
+        """Where read_values reads the chunks of *raw* from, in the order it keeps them."""
+        return self._source
 
     def measure_tensor(
         self, tensor: TensorInfo, norm_type: float, chunk_size: int, progress: Progress
@@ -341,7 +347,7 @@ class RangedHdf5File(_Hdf5Reader):
     """An HDF5 object read by ranges from its URL (formats/ranged.py): h5py reads its
     structure through a file object whose short reads share a few cached blocks (HDF5's
     metadata is many small reads), contiguous values come in windows, the next fetched while
-    one is worked on, chunks gclip decodes itself one at a time; the local reader's checks
+    one is worked on, as do the chunks gclip decodes itself; the local reader's checks
     hold.  A TensorFile with SelfMeasuring, FinishesOutput, Metadata and WholeArrays, not
     PlainValues nor ChunkedPieces (worker processes read local files only).
 
@@ -374,20 +380,29 @@ class RangedHdf5File(_Hdf5Reader):
     def copy_to(self, out: Path) -> None:
         self._ranged.copy_to(out, MAX_WINDOW)
 
+    def _chunk_source(self, raw: RawChunks) -> ByteSource:
+        """The chunks fetched ahead, adjacent ones together (not a request each)."""
+        from .ranged import ReadAhead
+
+        pieces = zip(raw.offsets.tolist(), raw.sizes.tolist(), strict=True)
+        return ReadAhead(self._ranged, list(pieces))
+
     def _local_copy(self, out: Path) -> Hdf5File:
-        """A local reader of a copy of the object, made beside *out* (its folder has room
-        for the output: the copy is checked to fit too), gone from the folder once opened;
-        its messages name the object."""
-        import shutil
+        """A local reader of a copy of the object, made beside *out* (with room for it and
+        the output to come, as for a spool: its disk's free space less 5%, at most
+        $GCLIP_SPOOL_LIMIT), gone from the folder once opened; its messages name the object."""
         import tempfile
 
+        from ..streams import spool_limit
+
         folder = Path(os.path.realpath(out)).parent
-        free = shutil.disk_usage(folder).free
-        if free < 2 * self._ranged.size:  # the copy, and the output to come
+        needed, limit = 2 * self._ranged.size, spool_limit(folder)
+        if needed > limit:
             raise OutputError(
                 out,
-                f"a rewrite of an HDF5 object needs a local copy of it beside the output: "
-                f"{2 * self._ranged.size:,} bytes with the output, {free:,} free in {folder}",
+                f"a rewrite of an HDF5 object starts from a local copy of it beside the output: "
+                f"needs {needed:,} bytes in {folder} with the output, but only {limit:,} may be "
+                "used there (the disk's free space less 5%, at most $GCLIP_SPOOL_LIMIT)",
             )
         fd, name = tempfile.mkstemp(prefix=".gclip-input-", suffix=".h5", dir=folder)
         os.close(fd)

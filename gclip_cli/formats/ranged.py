@@ -292,6 +292,53 @@ class CachedRangedFile(RangedFile):
         return block
 
 
+class ReadAhead:
+    """A ByteSource over *ranged* for reads expected in the order of *pieces* (start, length),
+    such as a dataset's chunks: adjacent pieces are fetched together in windows of at most
+    MAX_WINDOW, the next while one is worked on.  A read out of that order is served as
+    asked, as are all after it."""
+
+    prefetches = True
+
+    def __init__(self, ranged: RangedBytes, pieces: Sequence[tuple[int, int]]) -> None:
+        self.size, self._ranged = ranged.size, ranged
+        self._expected: Iterator[tuple[int, int]] | None = iter(pieces)
+        self._ahead = _pieces_fetched_together(ranged, pieces)
+
+    def read(self, start: int, length: int) -> bytes:
+        if self._expected is not None:
+            if next(self._expected, None) == (start, length):
+                return next(self._ahead)
+            self._expected = None
+            self._ahead.close()
+        return self._ranged.read(start, length)
+
+    def readinto(self, view: memoryview, start: int) -> int:
+        return self._ranged.readinto(view, start)
+
+    def windows(self, pieces: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+        return self._ranged.windows(pieces)
+
+
+def _pieces_fetched_together(
+    ranged: RangedBytes, pieces: Sequence[tuple[int, int]]
+) -> Iterator[bytes]:
+    """The bytes of each of *pieces* in order, adjacent ones fetched as one window."""
+    groups: list[list[tuple[int, int]]] = []
+    for start, length in pieces:
+        if groups:
+            last_start, last_length = groups[-1][-1]
+            total = last_start + last_length - groups[-1][0][0]
+            if start == last_start + last_length and total + length <= MAX_WINDOW:
+                groups[-1].append((start, length))
+                continue
+        groups.append([(start, length)])
+    spans = [(group[0][0], sum(length for _, length in group)) for group in groups]
+    for (first, _), window, group in zip(spans, ranged.windows(spans), groups, strict=True):
+        for start, length in group:
+            yield window[start - first : start - first + length].tobytes()
+
+
 def copy_rewritten(
     ranged: ByteSource,
     out: Path,

@@ -32,8 +32,10 @@ from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 
 from gclip_cli.formats.ranged import (  # noqa: E402
     STAND_IN_FOLDER,
+    CachedRangedFile,
     RangedBytes,
     RangedFile,
+    ReadAhead,
     StandIn,
     is_stand_in,
 )
@@ -318,3 +320,189 @@ def _counting(monkeypatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
     return fetched
+
+
+# --- HDF5 objects -----------------------------------------------------------------------------
+
+H5_KINDS = ["contiguous", "chunked gzip", "chunked shuffle gzip big-endian", "sparse"]
+
+
+def _hdf5_file(kind: str, tmp_path: Path) -> Path:
+    """An HDF5 file written by h5py, its gradients stored as *kind* says, with a group, an
+    attribute and an integer dataset besides."""
+    import h5py
+
+    rng = np.random.default_rng(23)
+    path = tmp_path / f"{kind.replace(' ', '-')}.h5"
+    values = rng.standard_normal((300, 70)).astype(np.float32)
+    with h5py.File(path, "w") as file:
+        file.attrs["step"] = 7
+        group = file.create_group("layer")
+        if kind == "contiguous":
+            group.create_dataset("w", data=values)
+            file.create_dataset("b", data=values[0].astype(np.float64))
+        elif kind == "chunked gzip":
+            group.create_dataset("w", data=values, chunks=(32, 16), compression="gzip")
+            file.create_dataset("b", data=values[0], chunks=(10,), compression="gzip")
+        elif kind == "chunked shuffle gzip big-endian":
+            group.create_dataset(
+                "w", data=values.astype(">f4"), chunks=(50, 70), compression="gzip", shuffle=True
+            )
+            file.create_dataset("b", data=values[0].astype(">f8"), chunks=(70,))
+        else:
+            sparse = group.create_dataset("w", shape=(400, 70), dtype=np.float32, chunks=(20, 70))
+            sparse[40:60] = values[:20]  # one chunk of twenty allocated
+            file.create_dataset("b", data=values[0])
+        file.create_dataset("count", data=np.arange(12, dtype=np.int64))
+    return path
+
+
+@pytest.mark.parametrize("kind", H5_KINDS)
+def test_an_hdf5_object_is_read_by_ranges_with_no_local_copy(kind, tmp_path, no_download):
+    local = _hdf5_file(kind, tmp_path)
+    url = _put(local)
+    with remote.staged_inputs([url], {}) as ((path,), _):
+        assert StandIn.read(Path(path)).file_format == "hdf5"
+        assert Path(path).stat().st_blocks * 512 < 64 << 10  # sparse: no copy
+        with closing(open_file(Path(path))) as ranged, closing(open_file(local)) as here:
+            assert not isinstance(ranged, (PlainValues, ChunkedPieces))  # one process
+            assert isinstance(ranged, FinishesOutput)
+            assert ranged.attribute("step") == here.attribute("step") == 7
+            assert [t.name for t in ranged.tensors] == [t.name for t in here.tensors]
+            for got, expected in zip(ranged.tensors, here.tensors, strict=True):
+                assert np.array_equal(ranged.read_array(got), here.read_array(expected))
+                if got.is_gradient:
+                    chunks = list(ranged.read_chunks(got, 4096))
+                    values = np.concatenate([*chunks, np.empty(0, got.dtype)])
+                    local_chunks = list(here.read_chunks(expected, 4096))
+                    assert np.array_equal(values, np.concatenate([*local_chunks, values[:0]]))
+
+
+@pytest.mark.parametrize("kind", H5_KINDS)
+def test_an_hdf5_object_reports_and_rewrites_as_its_file(kind, tmp_path):
+    local = _hdf5_file(kind, tmp_path)
+    url = _put(local)
+    assert _measured(inspect_files([url])) == _measured(inspect_files([local]))
+    for max_norm in (1.0, 1e9):  # values rescaled; none changed (a byte copy)
+        reference = tmp_path / f"reference-{max_norm}.h5"
+        rescale_file(local, reference, max_norm=max_norm)
+        out = f"{url}.out-{max_norm}"
+        rescale_file(url, out, max_norm=max_norm, options=Options(chunk_size=3000))
+        assert fsspec.filesystem("memory").cat_file(out) == reference.read_bytes()
+    assert reference.read_bytes() == local.read_bytes()
+    assert not list(tmp_path.glob(".gclip-input-*"))
+
+
+def test_an_hdf5_rewrite_leaves_no_local_copy_behind(tmp_path):
+    local = _hdf5_file("chunked gzip", tmp_path)
+    url = _put(local)
+    out = tmp_path / "out" / "rescaled.h5"
+    out.parent.mkdir()
+    rescale_file(url, out, max_norm=1.0)
+    reference = tmp_path / "reference.h5"
+    rescale_file(local, reference, max_norm=1.0)
+    assert out.read_bytes() == reference.read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rescaled.h5"]
+
+
+def test_an_hdf5_object_replaced_after_it_was_found_is_refused(tmp_path):
+    local = _hdf5_file("contiguous", tmp_path)
+    url = _put(local)
+    with remote.staged_inputs([url], {}) as ((path,), _):
+        fsspec.filesystem("memory").pipe_file(url, local.read_bytes()[:-1] + b"\x01")
+        with pytest.raises(InputError, match="was replaced"):
+            open_file(Path(path))
+
+
+def test_a_truncated_hdf5_object_is_refused(tmp_path):
+    local = _hdf5_file("chunked gzip", tmp_path)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(local.read_bytes()[: local.stat().st_size // 2])
+    with pytest.raises(InputError) as here:
+        open_file(cut)
+    with (
+        remote.staged_inputs([_put(cut)], {}) as ((path,), _),
+        pytest.raises(InputError) as there,
+    ):
+        open_file(Path(path))
+    assert str(there.value).split(": ", 1)[1] == str(here.value).split(": ", 1)[1]
+
+
+def test_hdf5_metadata_reads_share_cached_blocks(tmp_path, monkeypatch):
+    """HDF5 reads an object's structure in many small reads: a few cached blocks serve them
+    with a few GETs, where one cached block (RangedFile) takes many more."""
+    import h5py
+
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w") as file:
+        for k in range(40):  # values of 100 KB between the headers: a block each
+            file.create_dataset(f"g{k % 4}/d{k}", data=np.full(25_000, k, np.float32))
+    url = _put(path)
+    fetched = _counting(monkeypatch)
+    with remote.staged_inputs([url], {}) as ((stand_in,), _):
+        stand = StandIn.read(Path(stand_in))
+        for file_class in (RangedFile, CachedRangedFile):
+            ranged = RangedBytes(stand, {})
+            fetched.clear()
+            with closing(ranged), file_class(ranged) as view, h5py.File(view, "r") as file:
+                names = []
+                file.visit(names.append)
+                shapes = {file[name].shape for name in names if name.count("/")}
+            assert shapes == {(25_000,)}
+            counted = len(fetched)
+            if file_class is RangedFile:
+                uncached = counted
+    assert counted <= 12 and 3 * counted < uncached  # 9 and 46 GETs when written
+
+
+def test_an_hdf5_rewrite_without_room_for_its_local_copy_is_refused(tmp_path, monkeypatch):
+    from gclip_cli.errors import OutputError
+
+    local = _hdf5_file("contiguous", tmp_path)
+    url = _put(local)
+    size = local.stat().st_size
+    monkeypatch.setenv("GCLIP_SPOOL_LIMIT", str(size * 3 // 2))  # the output, not the copy too
+    out = tmp_path / "out.h5"
+    with pytest.raises(OutputError, match=f"needs {2 * size:,} bytes in .*GCLIP_SPOOL_LIMIT"):
+        rescale_file(url, out, max_norm=1.0)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".gclip-input-*"))
+    monkeypatch.setenv("GCLIP_SPOOL_LIMIT", str(size * 2))
+    rescale_file(url, out, max_norm=1.0)
+    reference = tmp_path / "reference.h5"
+    rescale_file(local, reference, max_norm=1.0)
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_hdf5_chunks_are_fetched_together(tmp_path, monkeypatch):
+    """Chunks of 80 KB (more than a cached block), adjacent in the file: one window, not a
+    request each; read as the local file reads them."""
+    import h5py
+
+    path = tmp_path / "chunks.h5"
+    values = np.random.default_rng(9).standard_normal((2000, 100)).astype(np.float32)
+    with h5py.File(path, "w") as file:
+        file.create_dataset("g", data=values, chunks=(200, 100), compression="gzip")
+    url = _put(path)
+    with (
+        remote.staged_inputs([url], {}) as ((stand_in,), _),
+        closing(open_file(Path(stand_in))) as ranged,
+    ):
+        fetched = _counting(monkeypatch)
+        got = np.concatenate(list(ranged.read_chunks(ranged.tensors[0], 1 << 20)))
+    assert np.array_equal(got.reshape(values.shape), values)
+    assert len(fetched) == 1, fetched
+
+
+def test_reads_ahead_serve_the_bytes_asked_in_or_out_of_order(stored, monkeypatch):
+    data = np.random.default_rng(10).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    pieces = [(100_000, 70_000), (170_000, 90_000), (400_000, 80_000), (480_000, 5)]
+    for asked in (pieces, [pieces[0], pieces[2], pieces[1], pieces[3]]):
+        ranged = RangedBytes(stored(data), {})
+        with closing(ranged):
+            fetched = _counting(monkeypatch)
+            ahead = ReadAhead(ranged, pieces)
+            got = [ahead.read(start, length) for start, length in asked]
+        assert got == [data[start : start + length] for start, length in asked]
+        if asked == pieces:  # two runs of adjacent pieces: two windows
+            assert fetched == [(100_000, 260_000), (400_000, 480_005)]

@@ -51,8 +51,11 @@ def memory():
         fs.rm(root, recursive=True)
 
 
-def test_an_hdf5_object_is_read_as_a_local_copy_shown_by_its_url(memory, make_file):
+def test_an_object_asked_to_be_copied_is_read_as_a_local_copy_shown_by_its_url(
+    memory, make_file, monkeypatch
+):
     fs, root = memory
+    monkeypatch.setenv("GCLIP_REMOTE_COPY", "1")  # every format is read by ranges otherwise
     local = make_file("hdf5", {"w": np.arange(6, dtype=np.float32)})
     fs.pipe_file(f"{root}/g.h5", local.read_bytes())
     url = f"memory://{root}/g.h5"
@@ -345,7 +348,7 @@ def _checkpoint(folder: Path, make_file, fmt: str = "safetensors") -> Path:
     config file."""
     folder.mkdir()
     weight_map = {}
-    suffix = {"safetensors": ".safetensors", "npz": ".npz", "torch": ".pt"}[fmt]
+    suffix = {"safetensors": ".safetensors", "npz": ".npz", "torch": ".pt", "hdf5": ".h5"}[fmt]
     for n in (1, 2):
         name = f"model-{n:05d}-of-00002{suffix}"
         tensors = {f"h.{n}.w": np.full((100, 200), n / 3, dtype=np.float32)}
@@ -414,6 +417,37 @@ def test_dask_workers_read_and_write_the_objects_themselves(
         assert bucket.get(f"out/{path.name}") == path.read_bytes(), path.name
     assert uploaded_here == [f"{bucket.url}/out/{index.name}"]
     assert list((tmp_path / "workers").iterdir()) == []  # their stand-ins and outputs removed
+    assert bucket.open_uploads() == []
+
+
+def test_dask_workers_read_hdf5_objects_by_their_urls(bucket, make_file, tmp_path, monkeypatch):
+    # As above, but HDF5 outputs are staged by the workers (no spool limit): the client is
+    # checked to download nothing, and its stand-ins are not the workers' (another folder).
+    pytest.importorskip("distributed", reason="needs gclip[dask]")
+    index = _checkpoint(tmp_path / "ckpt", make_file, "hdf5")
+    for path in index.parent.iterdir():
+        bucket.put(path, f"ckpt/{path.name}")
+    reference = tmp_path / "reference"
+    rescale_files([index], reference, max_norm=1.0)
+    (tmp_path / "client").mkdir()
+    (tmp_path / "workers").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "client"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "workers"))
+    downloaded = []
+    real_make_room = remote._make_room
+
+    def make_room(url, folder, size, output=False):
+        if not output:  # room for a download
+            downloaded.append(url)
+        real_make_room(url, folder, size, output)
+
+    monkeypatch.setattr(remote, "_make_room", make_room)
+    url = f"{bucket.url}/ckpt/{index.name}"
+    rescale_files([url], f"{bucket.url}/out/", max_norm=1.0, scheduler="local:2")
+    for path in reference.iterdir():
+        assert bucket.get(f"out/{path.name}") == path.read_bytes(), path.name
+    assert downloaded == [url]  # the index only: the shards are read by the workers
+    assert list((tmp_path / "workers").iterdir()) == []
     assert bucket.open_uploads() == []
 
 
@@ -572,17 +606,16 @@ def test_local_paths_import_no_fsspec(make_file):
 
 
 @pytest.mark.parametrize("command", [("inspect", "--format", "json"), ("norm",)])
-def test_objects_need_no_local_copy_but_hdf5_ones(bucket, make_file, fmt, command):
+def test_objects_need_no_local_copy(bucket, make_file, fmt, command):
     values = np.random.default_rng(2).standard_normal(1 << 16).astype(np.float32)
     local = make_file(fmt, {"g": values})
     url = bucket.put(local, f"g.{fmt}")
     env = {**os.environ, "GCLIP_SPOOL_LIMIT": "64K"}  # less than the object: no copy may be made
     here = gclip(*command, str(local))
     there = gclip(*command, url, env=env)
-    if fmt == "hdf5":  # read through a local copy, which needs room
-        assert there.returncode == 3 and "GCLIP_SPOOL_LIMIT" in there.stderr
-        return
     assert there.returncode == 0, there.stderr
+    copied = gclip(*command, url, env={**env, "GCLIP_REMOTE_COPY": "1"})  # the control
+    assert copied.returncode == 3 and "GCLIP_SPOOL_LIMIT" in copied.stderr
     if command == ("norm",):
         assert there.stdout == here.stdout
     else:
@@ -661,6 +694,20 @@ def test_a_truncated_zip_object_is_one_line_and_exit_3(bucket, make_file, tmp_pa
     assert done.returncode == 3
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("gclip: error: s3://")
     assert "zip" in done.stderr and "Traceback" not in done.stderr
+    assert "out" not in bucket.listed() and bucket.open_uploads() == []
+
+
+def test_a_truncated_hdf5_object_is_one_line_and_exit_3(bucket, make_file, tmp_path):
+    local = make_file("hdf5", _tensors())
+    cut = tmp_path / "cut"
+    cut.write_bytes(local.read_bytes()[: local.stat().st_size // 2])
+    env = {**os.environ, "GCLIP_SPOOL_LIMIT": "1K"}  # refused as read by ranges, not copied
+    url = bucket.put(cut, "cut")
+    for command in (("inspect",), ("rescale", "--max-norm", "1", f"{bucket.url}/out")):
+        done = gclip(command[0], url, *command[1:], env=env)
+        assert done.returncode == 3, done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("gclip: error: s3://")
+        assert "HDF5" in done.stderr and "Traceback" not in done.stderr
     assert "out" not in bucket.listed() and bucket.open_uploads() == []
 
 

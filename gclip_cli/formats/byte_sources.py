@@ -55,3 +55,11 @@ class LocalBytes:
         for start, length in pieces:
             with mapped(self.fd, start, length) as raw:
                 yield raw
+
+
+def read_at(source: int | ByteSource, start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of the open file *source* (a descriptor) or of the
+    ByteSource *source*."""
+    if isinstance(source, int):
+        return os.pread(source, length, start)
+    return source.read(start, length)

@@ -13,10 +13,12 @@ rewrite, that the values lie neither over each other nor inside the file's metad
 and stay unallocated (hdf5_values.py).  Floats whose bit layout is not IEEE 754 are read as
 HDF5 converts them, and not rewritten.
 Data stored in other files (external links, virtual datasets, external raw storage) is refused.
+A remote object is read by ranges (RangedHdf5File) with the same checks.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +27,19 @@ from typing import TYPE_CHECKING, BinaryIO
 import h5py
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..norms import NormStats
 from .base import (
+    MAX_WINDOW,
     TensorInfo,
     Transform,
     ValuePiece,
     describe_array,
-    mapped,
     reading,
     rewrite_in_place,
     window_pieces,
 )
+from .byte_sources import LocalBytes
 from .hdf5_chunks import RawChunks, band_pieces, raw_chunks, read_values, rewrite_values
 from .hdf5_metadata import (
     refuse_broken_output,
@@ -63,6 +66,8 @@ from .hdf5_values import (
 
 if TYPE_CHECKING:
     from ..progress import Progress
+    from .byte_sources import ByteSource
+    from .ranged import RangedBytes
 
 FORMAT_NAME = "hdf5"
 
@@ -80,41 +85,47 @@ class _Stored:
     sparse: Sparse | None = None  # storage not all allocated
 
 
-class Hdf5File:
-    """A TensorFile with PlainValues (contiguous datasets), ChunkedPieces (chunks gclip
-    decodes itself), SelfMeasuring (sparse datasets), FinishesOutput (the output's structure
-    checked), Metadata and WholeArrays.  A tensor's location is its dataset's path."""
+class _Hdf5Reader:
+    """What the readers of local HDF5 files and of remote objects share: h5py over the file
+    (*_file*), its bytes (*_source*), and the checks of where values lie."""
 
     format_name = FORMAT_NAME
+    path: Path
+    _file: h5py.File
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        silence_hdf5()
-        with reading(path, "HDF5 cannot open it"):
-            self._file = h5py.File(path, "r")
-        self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+    def _describe(self, source: ByteSource) -> None:
+        """Find the datasets of the open *_file*, whose bytes *source* gives; closed on
+        failure."""
+        self._source = source
         self._stored: dict[str, _Stored] = {}
         self._datasets: dict[str, h5py.Dataset] = {}  # by location: looking up a path is slow
         try:
-            with reading(path, "damaged HDF5 structure"):
+            with reading(self.path, "damaged HDF5 structure"):
                 base = _chunk_address_base(self._file)
-                fd = self._raw.fileno()
-                self._space = FileSpace.of(path, fd, self._file.userblock_size, base)
+                self._space = FileSpace.of(self.path, source, self._file.userblock_size, base)
                 self.tensors = self._describe_tree()
         except BaseException:
             self.close()
             raise
+
+    def close(self) -> None:
+        self._file.close()
 
     def read_chunks(self, tensor: TensorInfo, chunk_size: int) -> Iterator[np.ndarray]:
         stored = self._storage(tensor)
         if stored.start is not None:  # one plain block of values: map it, as for safetensors
             return self._mapped_chunks(stored.start, tensor, chunk_size)
         if stored.raw is not None:  # chunks gclip decodes itself
-            return read_values(self.path, self._raw.fileno(), tensor, stored.raw, chunk_size)
+            source = self._chunk_source(stored.raw)
+            return read_values(self.path, source, tensor, stored.raw, chunk_size)
         dataset = self._datasets[tensor.location]
         # viewed as the tensor's dtype: raw (opaque) values may have been given a type
         found = slabs(self.path, dataset, chunk_size)
         return (values.reshape(-1).view(tensor.dtype) for _, values in found)
+
+    def _chunk_source(self, raw: RawChunks) -> ByteSource:
+        """Where read_values reads the chunks of *raw* from, in the order it keeps them."""
+        return self._source
 
     def measure_tensor(
         self, tensor: TensorInfo, norm_type: float, chunk_size: int, progress: Progress
@@ -130,11 +141,11 @@ class Hdf5File:
     def _mapped_chunks(
         self, start: int, tensor: TensorInfo, chunk_size: int
     ) -> Iterator[np.ndarray]:
-        for offset, nbytes in window_pieces(
-            start, tensor.nbytes, tensor.dtype.itemsize, chunk_size
-        ):
-            with mapped(self._raw.fileno(), offset, nbytes) as raw:
-                yield raw.view(tensor.dtype)
+        """A local file's windows are mapped; an object's fetched, the next while one is
+        worked on."""
+        pieces = window_pieces(start, tensor.nbytes, tensor.dtype.itemsize, chunk_size)
+        for raw in self._source.windows(pieces):
+            yield raw.view(tensor.dtype)
 
     def _storage(self, tensor: TensorInfo) -> _Stored:
         if tensor.name not in self._stored:
@@ -160,9 +171,80 @@ class Hdf5File:
         refuse_oversized_chunks(self.path, name, dataset, index)
         raw = raw_chunks(dataset, index) if as_stored else None
         if raw is None:  # HDF5 decodes the chunks
-            refuse_inflating_streams(self.path, name, self._raw.fileno(), dataset, index)
+            refuse_inflating_streams(self.path, name, self._source, dataset, index)
         sparse = None if index.complete else Sparse.of(dataset, index)
         return _Stored(index.ranges(), raw=raw, sparse=sparse)
+
+    def _chunked_gradients(self) -> list[TensorInfo]:
+        """The gradient tensors not stored as plain bytes."""
+        return [t for t in self.tensors if t.is_gradient and self._storage(t).start is None]
+
+    def attribute(self, key: str) -> object | None:
+        with reading(self.path, f"root attribute {key!r}"):
+            return self._file.attrs.get(key)
+
+    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
+        dataset = self._datasets[tensor.location]
+        if dataset.shape is None:  # null dataspace: no values at all
+            return None
+        with reading(self.path, f"dataset {tensor.name!r}"):
+            return np.asarray(dataset[()])
+
+    def _describe_tree(self) -> list[TensorInfo]:
+        _refuse_external_links(self.path, self._file)
+        datasets: list[tuple[str, h5py.Dataset]] = []
+
+        def collect(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                datasets.append((name, obj))
+
+        # visititems sees each object once, so a dataset with two hard links is scaled once.
+        # (Errors are raised after the visit: exceptions do not cross HDF5's C callbacks.)
+        self._file.visititems(collect)
+        self._datasets = dict(datasets)
+        plugins = load_plugins_if_needed(self._datasets.values())
+        return [self._describe_dataset(name, dataset, plugins) for name, dataset in datasets]
+
+    def _describe_dataset(
+        self, name: str, dataset: h5py.Dataset, plugins: str | None
+    ) -> TensorInfo:
+        """*plugins*: why hdf5plugin's filters are not loaded (None: loaded or not needed)."""
+        if dataset.is_virtual:
+            raise InputError(
+                self.path, f"dataset {name!r} is virtual (its data lives in other files); refused"
+            )
+        if dataset.external:
+            raise InputError(
+                self.path, f"dataset {name!r} keeps its data in external files; refused"
+            )
+        missing = missing_filter(dataset)
+        if missing:
+            raise InputError(self.path, unavailable_filter_message(name, *missing, plugins))
+        if dataset.shape is None:
+            return TensorInfo(
+                name,
+                dataset.dtype.name,
+                (0,),
+                0,
+                skip_reason="empty (null dataspace)",
+                location=name,
+            )
+        return describe_array(name, dataset.dtype, dataset.shape, location=name)
+
+
+class Hdf5File(_Hdf5Reader):
+    """A TensorFile with PlainValues (contiguous datasets), ChunkedPieces (chunks gclip
+    decodes itself), SelfMeasuring (sparse datasets), FinishesOutput (the output's structure
+    checked), Metadata and WholeArrays.  A tensor's location is its dataset's path.
+    Messages name *shown_as* if given (a remote object's copy, named as its stand-in)."""
+
+    def __init__(self, path: Path, shown_as: Path | None = None) -> None:
+        self.path = shown_as or path
+        silence_hdf5()
+        with reading(self.path, "HDF5 cannot open it"):
+            self._file = h5py.File(path, "r")
+        self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._describe(LocalBytes(self._raw.fileno()))
 
     def plain_offsets(self) -> dict[str, int]:
         found = {t.name: self._storage(t).start for t in self.tensors if t.is_gradient}
@@ -247,10 +329,6 @@ class Hdf5File:
                 found[name] = self._space.chunk_index(name, dataset).ranges()
         return found
 
-    def _chunked_gradients(self) -> list[TensorInfo]:
-        """The gradient tensors not stored as plain bytes."""
-        return [t for t in self.tensors if t.is_gradient and self._storage(t).start is None]
-
     def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
         """Where HDF5 wrote values (all but the contiguous datasets, rewritten in place), check
         that the output has the input's structure (nothing else depends on the values)."""
@@ -260,61 +338,89 @@ class Hdf5File:
         rewritten = {h5py.h5o.get_info(dataset.id).addr for dataset in gradients}
         refuse_broken_output(self.path, self._file, out, rewritten)
 
-    def attribute(self, key: str) -> object | None:
-        with reading(self.path, f"root attribute {key!r}"):
-            return self._file.attrs.get(key)
-
-    def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
-        dataset = self._datasets[tensor.location]
-        if dataset.shape is None:  # null dataspace: no values at all
-            return None
-        with reading(self.path, f"dataset {tensor.name!r}"):
-            return np.asarray(dataset[()])
-
     def close(self) -> None:
         self._file.close()
         self._raw.close()
 
-    def _describe_tree(self) -> list[TensorInfo]:
-        _refuse_external_links(self.path, self._file)
-        datasets: list[tuple[str, h5py.Dataset]] = []
 
-        def collect(name: str, obj: object) -> None:
-            if isinstance(obj, h5py.Dataset):
-                datasets.append((name, obj))
+class RangedHdf5File(_Hdf5Reader):
+    """An HDF5 object read by ranges from its URL (formats/ranged.py): h5py reads its
+    structure through a file object whose short reads share a few cached blocks (HDF5's
+    metadata is many small reads), contiguous values come in windows, the next fetched while
+    one is worked on, as do the chunks gclip decodes itself; the local reader's checks
+    hold.  A TensorFile with SelfMeasuring, FinishesOutput, Metadata and WholeArrays, not
+    PlainValues nor ChunkedPieces (worker processes read local files only).
 
-        # visititems sees each object once, so a dataset with two hard links is scaled once.
-        # (Errors are raised after the visit: exceptions do not cross HDF5's C callbacks.)
-        self._file.visititems(collect)
-        self._datasets = dict(datasets)
-        plugins = load_plugins_if_needed(self._datasets.values())
-        return [self._describe_dataset(name, dataset, plugins) for name, dataset in datasets]
+    A rewrite (HDF5 writes its output with random access, so the output is a local file
+    anyway) starts from a local copy of the object beside the output, rewritten by the local
+    reader: the object is read once more and needs its size again on disk while the output
+    is written, and the output is the local run's, byte for byte."""
 
-    def _describe_dataset(
-        self, name: str, dataset: h5py.Dataset, plugins: str | None
-    ) -> TensorInfo:
-        """*plugins*: why hdf5plugin's filters are not loaded (None: loaded or not needed)."""
-        if dataset.is_virtual:
-            raise InputError(
-                self.path, f"dataset {name!r} is virtual (its data lives in other files); refused"
+    def __init__(self, path: Path, ranged: RangedBytes) -> None:
+        from .ranged import CachedRangedFile
+
+        self.path, self._ranged = path, ranged
+        self._local: Hdf5File | None = None  # the copy a rewrite works on
+        self._view = CachedRangedFile(ranged)
+        silence_hdf5()
+        with reading(path, "HDF5 cannot open it"):
+            self._file = h5py.File(self._view, "r")
+        self._describe(ranged)
+
+    def write_transformed(
+        self, out: Path, transform: Transform, chunk_size: int, leave: Set[str] = frozenset()
+    ) -> None:
+        self._local = self._local_copy(out)
+        self._local.write_transformed(out, transform, chunk_size, leave)
+
+    def finish_output(self, out: Path, crcs: Mapping[str, int]) -> None:
+        if self._local is not None:
+            self._local.finish_output(out, crcs)
+
+    def copy_to(self, out: Path) -> None:
+        self._ranged.copy_to(out, MAX_WINDOW)
+
+    def _chunk_source(self, raw: RawChunks) -> ByteSource:
+        """The chunks fetched ahead, adjacent ones together (not a request each)."""
+        from .ranged import ReadAhead
+
+        pieces = zip(raw.offsets.tolist(), raw.sizes.tolist(), strict=True)
+        return ReadAhead(self._ranged, list(pieces))
+
+    def _local_copy(self, out: Path) -> Hdf5File:
+        """A local reader of a copy of the object, made beside *out* (with room for it and
+        the output to come, as for a spool: its disk's free space less 5%, at most
+        $GCLIP_SPOOL_LIMIT), gone from the folder once opened; its messages name the object."""
+        import tempfile
+
+        from ..streams import spool_limit
+
+        folder = Path(os.path.realpath(out)).parent
+        needed, limit = 2 * self._ranged.size, spool_limit(folder)
+        if needed > limit:
+            raise OutputError(
+                out,
+                f"a rewrite of an HDF5 object starts from a local copy of it beside the output: "
+                f"needs {needed:,} bytes in {folder} with the output, but only {limit:,} may be "
+                "used there (the disk's free space less 5%, at most $GCLIP_SPOOL_LIMIT)",
             )
-        if dataset.external:
-            raise InputError(
-                self.path, f"dataset {name!r} keeps its data in external files; refused"
-            )
-        missing = missing_filter(dataset)
-        if missing:
-            raise InputError(self.path, unavailable_filter_message(name, *missing, plugins))
-        if dataset.shape is None:
-            return TensorInfo(
-                name,
-                dataset.dtype.name,
-                (0,),
-                0,
-                skip_reason="empty (null dataspace)",
-                location=name,
-            )
-        return describe_array(name, dataset.dtype, dataset.shape, location=name)
+        fd, name = tempfile.mkstemp(prefix=".gclip-input-", suffix=".h5", dir=folder)
+        os.close(fd)
+        copy = Path(name)
+        try:
+            self._ranged.copy_to(copy, MAX_WINDOW)
+            return Hdf5File(copy, shown_as=self.path)
+        finally:  # the reader holds it open: the name may go
+            copy.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        try:
+            if self._local is not None:
+                self._local.close()
+            self._file.close()
+            self._view.close()
+        finally:
+            self._ranged.close()
 
 
 def _chunk_address_base(root: h5py.File) -> int:

@@ -35,11 +35,13 @@ import numpy as np
 from ..norms import BLOCK, NormAccumulator, NormStats
 from . import deflate
 from .base import MAX_WINDOW, TensorInfo, Transform, items_per_chunk, reading, write_all_at
+from .byte_sources import read_at
 from .hdf5_storage import ChunkIndex
 from .hdf5_values import hdf5_output
 
 if TYPE_CHECKING:
     from ..progress import Progress
+    from .byte_sources import ByteSource
 
 Coordinates = tuple[int, ...]
 Region = tuple[slice, ...]
@@ -173,7 +175,9 @@ class _ChunkedDataset:
     """A dataset's chunks read straight from its file a band at a time, decoded, and encoded
     again as they were."""
 
-    def __init__(self, path: Path, fd: int, name: str, raw: RawChunks, dtype: np.dtype) -> None:
+    def __init__(
+        self, path: Path, fd: int | ByteSource, name: str, raw: RawChunks, dtype: np.dtype
+    ) -> None:
         self.path, self.fd, self.name, self.raw, self.dtype = path, fd, name, raw, dtype
         self.chunk_size = math.prod(raw.chunk_shape) * dtype.itemsize
         self._starts = [
@@ -204,7 +208,7 @@ class _ChunkedDataset:
     def _read_chunk(self, coordinates: Coordinates) -> tuple[_Chunk, np.ndarray]:
         offset, size, mask = self.raw.stored(coordinates)
         with reading(self.path, f"dataset {self.name!r}, chunk at {coordinates}"):
-            data = self.raw.pipeline.decode(os.pread(self.fd, size, offset), mask, self.chunk_size)
+            data = self.raw.pipeline.decode(read_at(self.fd, offset, size), mask, self.chunk_size)
             if len(data) != self.chunk_size:
                 raise ValueError(f"{len(data)} bytes decoded, {self.chunk_size} expected")
         chunk_shape = self.raw.chunk_shape
@@ -313,13 +317,13 @@ def _row_bytes(raw: RawChunks, dtype: np.dtype) -> int:
 
 def read_values(
     path: Path,
-    fd: int,
+    fd: int | ByteSource,
     tensor: TensorInfo,
     raw: RawChunks,
     chunk_size: int,
 ) -> Iterator[np.ndarray]:
-    """The values of *tensor* (stored as *raw* in the open file *fd*) in C order, as 1-D pieces
-    of at most *chunk_size*."""
+    """The values of *tensor* (stored as *raw* in the open file *fd*, or a remote object's
+    bytes) in C order, as 1-D pieces of at most *chunk_size*."""
     step = items_per_chunk(tensor.dtype.itemsize, chunk_size)
     for band in _ChunkedDataset(path, fd, tensor.name, raw, tensor.dtype).bands():
         flat = band.values.reshape(-1)

@@ -11,17 +11,21 @@ one line naming the dataset, before any of its values is read or written.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from ..errors import InputError
 from .base import reading
+from .byte_sources import read_at
 from .deflate import inflate
+
+if TYPE_CHECKING:
+    from .byte_sources import ByteSource
 
 # The largest chunk (decoded) gclip lets HDF5 decode: HDF5 holds a whole decoded chunk in memory,
 # and its deflate filter grows the buffer by doubling (so up to twice that while it inflates).
@@ -91,8 +95,9 @@ class FileSpace:
     size: int  # the file's length
 
     @classmethod
-    def of(cls, path: Path, fd: int, userblock: int, base: int) -> FileSpace:
-        return cls(path, base, _superblock_end(fd, userblock), os.fstat(fd).st_size)
+    def of(cls, path: Path, source: ByteSource, userblock: int, base: int) -> FileSpace:
+        """The space of the file whose bytes *source* gives (a local file or an object)."""
+        return cls(path, base, _superblock_end(source, userblock), source.size)
 
     def contiguous(self, name: str, dataset: h5py.Dataset) -> tuple[int, int] | None:
         """(file offset, size) of a contiguous dataset's values; None when they are not
@@ -164,10 +169,10 @@ class FileSpace:
             )
 
 
-def _superblock_end(fd: int, userblock: int) -> int:
+def _superblock_end(source: ByteSource, userblock: int) -> int:
     """The first byte after the superblock that begins at *userblock* (its size depends on
     its version and the size of the file's addresses)."""
-    head = os.pread(fd, 16, userblock)
+    head = source.read(userblock, max(0, min(16, source.size - userblock)))
     if len(head) < 16:
         return userblock + len(head)
     version = head[8]
@@ -257,7 +262,7 @@ def refuse_oversized_chunks(
 
 
 def refuse_inflating_streams(
-    path: Path, name: str, fd: int, dataset: h5py.Dataset, index: ChunkIndex
+    path: Path, name: str, fd: int | ByteSource, dataset: h5py.Dataset, index: ChunkIndex
 ) -> None:
     """Refuse chunks whose deflate stream inflates past the chunk's size, before HDF5 decodes
     them: HDF5's deflate filter inflates a stream whole, however large (a 300 KB chunk of a
@@ -277,7 +282,7 @@ def refuse_inflating_streams(
 
 
 def _outer_deflate_stream(
-    codes: list[int], mask: int, fd: int, index: ChunkIndex, k: int
+    codes: list[int], mask: int, fd: int | ByteSource, index: ChunkIndex, k: int
 ) -> bytes | None:
     """The deflate stream HDF5 meets first when decoding chunk *k*, or None."""
     applied = [code for i, code in enumerate(codes) if not mask >> i & 1]
@@ -287,7 +292,7 @@ def _outer_deflate_stream(
         trailer += 4
     if not applied or applied[-1] != h5py.h5z.FILTER_DEFLATE:
         return None
-    data = os.pread(fd, int(index.sizes[k]), int(index.offsets[k]))
+    data = read_at(fd, int(index.offsets[k]), int(index.sizes[k]))
     return data[: len(data) - trailer]
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -251,6 +252,91 @@ class RangedFile(io.RawIOBase):
         got = self._ranged.readinto(memoryview(buffer).cast("B"), self._position)
         self._position += got
         return got
+
+
+class CachedRangedFile(RangedFile):
+    """A RangedFile whose short reads come from the last *blocks* _BLOCK-aligned blocks
+    fetched (least recently used dropped first): HDF5 reads an object's metadata in many
+    small reads that come back to the same places (superblock, heaps, B-tree nodes), which
+    one cached block would fetch again and again."""
+
+    def __init__(self, ranged: RangedBytes, blocks: int = 16) -> None:
+        super().__init__(ranged)
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._limit = blocks
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        view = memoryview(buffer).cast("B")
+        start = self._position
+        length = max(0, min(len(view), self._ranged.size - start))
+        if length > _BLOCK:  # values, or a large heap: fetched whole
+            return super().readinto(buffer)
+        got = 0
+        while got < length:
+            at = start + got
+            first = at - at % _BLOCK
+            block = self._block(first)
+            taken = min(length - got, first + len(block) - at)
+            view[got : got + taken] = block[at - first : at - first + taken]
+            got += taken
+        self._position += got
+        return got
+
+    def _block(self, first: int) -> bytes:
+        block = self._blocks.pop(first, None)
+        if block is None:
+            block = self._ranged.read(first, min(_BLOCK, self._ranged.size - first))
+        self._blocks[first] = block
+        if len(self._blocks) > self._limit:
+            self._blocks.popitem(last=False)
+        return block
+
+
+class ReadAhead:
+    """A ByteSource over *ranged* for reads expected in the order of *pieces* (start, length),
+    such as a dataset's chunks: adjacent pieces are fetched together in windows of at most
+    MAX_WINDOW, the next while one is worked on.  A read out of that order is served as
+    asked, as are all after it."""
+
+    prefetches = True
+
+    def __init__(self, ranged: RangedBytes, pieces: Sequence[tuple[int, int]]) -> None:
+        self.size, self._ranged = ranged.size, ranged
+        self._expected: Iterator[tuple[int, int]] | None = iter(pieces)
+        self._ahead = _pieces_fetched_together(ranged, pieces)
+
+    def read(self, start: int, length: int) -> bytes:
+        if self._expected is not None:
+            if next(self._expected, None) == (start, length):
+                return next(self._ahead)
+            self._expected = None
+            self._ahead.close()
+        return self._ranged.read(start, length)
+
+    def readinto(self, view: memoryview, start: int) -> int:
+        return self._ranged.readinto(view, start)
+
+    def windows(self, pieces: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+        return self._ranged.windows(pieces)
+
+
+def _pieces_fetched_together(
+    ranged: RangedBytes, pieces: Sequence[tuple[int, int]]
+) -> Iterator[bytes]:
+    """The bytes of each of *pieces* in order, adjacent ones fetched as one window."""
+    groups: list[list[tuple[int, int]]] = []
+    for start, length in pieces:
+        if groups:
+            last_start, last_length = groups[-1][-1]
+            total = last_start + last_length - groups[-1][0][0]
+            if start == last_start + last_length and total + length <= MAX_WINDOW:
+                groups[-1].append((start, length))
+                continue
+        groups.append([(start, length)])
+    spans = [(group[0][0], sum(length for _, length in group)) for group in groups]
+    for (first, _), window, group in zip(spans, ranged.windows(spans), groups, strict=True):
+        for start, length in group:
+            yield window[start - first : start - first + length].tobytes()
 
 
 def copy_rewritten(

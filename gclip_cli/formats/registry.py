@@ -163,7 +163,12 @@ FORMATS = Registry(
             ranged_reader=".npz:RangedNpzFile",
         ),
         FormatEntry(
-            "hdf5", "HDF5", ".signatures:is_hdf5", ".hdf5:Hdf5File", crashes_on_damage=True
+            "hdf5",
+            "HDF5",
+            ".signatures:is_hdf5",
+            ".hdf5:Hdf5File",
+            crashes_on_damage=True,
+            ranged_reader=".hdf5:RangedHdf5File",
         ),
         FormatEntry(
             "torch",

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, TypeVar
 from .engine import combine, dividing_norm, measure_tensors, rewrite
 from .errors import InputError, NonFiniteError, OutputError
 from .executors import InThisThread, executor_for, run_all, staging
-from .formats import TensorFile, TensorInfo, crashes_on_damage, detect_format, open_file
+from .formats import (
+    TensorFile,
+    TensorInfo,
+    crashes_on_damage,
+    detect_format,
+    needs_named_output,
+    open_file,
+)
 from .formats.base import FileShrank
 from .formats.ranged import CopiesItself
 from .isolation import HDF5_CRASH, WORKER_CRASH, run_isolated
@@ -35,7 +42,7 @@ from .norms import NormStats
 from .options import NonFinite, Options
 from .output import atomic_output, check_output_path, is_stream
 from .progress import COPYING, SILENT, File, Progress
-from .remote import ObjectSource, portable, reachable, streamed_upload
+from .remote import ObjectSource, portable, reachable, streamed_upload, uploaded_file
 from .reports import InspectReport, RewriteReport, TensorReport, tensor_reports
 from .selection import check_globs, counted_or_why, read_opaque_as, refuse_opaque, select
 from .selection import require_counted as refuse_if_none_counted
@@ -483,13 +490,20 @@ def write_source(
 def _written_at(target: Target, src: Path, options: Options, progress: Progress) -> Iterator[Path]:
     """Where pass 2 writes *target*: a temporary file renamed into place when complete; for an
     object (target.url), a stream uploaded as it is written (engine.rewrite writes it in
-    order, or stages what cannot be).  Either way the output appears whole or not at all."""
+    order, or stages what cannot be), or, for a format whose writer needs a named file, a
+    temporary file of this process's (removed by it whatever stops the writer) uploaded when
+    complete.  Either way the output appears whole or not at all."""
     if target.url is None:
         with atomic_output(target.dst, target.clobber, target.temp_dir, mode_from=src) as tmp:
             yield tmp
         return
     size = src.stat().st_size  # the output's, about (a stand-in is as long as its object)
-    with streamed_upload(target.url, options.storage, target.clobber, size) as stream:
+    storage, clobber = options.storage, target.clobber
+    if needs_named_output(options.file_format or detect_format(src)):
+        with uploaded_file(target.url, storage, clobber, progress.listener, size) as tmp:
+            yield tmp
+        return
+    with streamed_upload(target.url, storage, clobber, size) as stream:
         yield stream
 
 

@@ -1,20 +1,20 @@
 """Inputs and outputs named by URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``https://``,
 ``memory://``, ...), through fsspec and the backend each protocol needs (an optional extra).
 
-How, in this version: a safetensors, .npz or PyTorch object is read by ranges, with no
-local copy: the pipeline is given a stand-in (formats/ranged.py), a local file that names it,
-and both passes fetch its values a window at a time.  An HDF5 object (h5py and the chunk
-reader work on file descriptors) is downloaded in pieces (memory does not grow with the
-object) into a private temporary folder, once its size is known to fit there, and read there
-as a local file; so is every object with $GCLIP_REMOTE_COPY=1.
+How, in this version: an object of any format is read by ranges, with no local copy: the
+pipeline is given a stand-in (formats/ranged.py), a local file that names it, and both passes
+fetch its values a window at a time.  With $GCLIP_REMOTE_COPY=1 every object is downloaded in
+pieces (memory does not grow with the object) into a private temporary folder, once its size
+is known to fit there, and read there as a local file.
 
 An output object is written by a file opened with autocommit off (S3: a multipart upload,
 completed only when every part is in; any failure, refusal or Ctrl-C aborts it, so that no
 partial object appears and no upload stays open).  To the pipeline it is a stream
 (streamed_upload: a pipe whose bytes a thread uploads as they come): pass 2 writes into it
-front to back where the file can (formats.WritesInOrder: all but HDF5), else into a
-temporary file first (engine.rewrite).  fsspec is imported only when a URL is given:
-local work starts as light as before.
+front to back where the file can (formats.WritesInOrder), else into a temporary file first
+(engine.rewrite); a format whose writer needs a named file (HDF5) writes a temporary file of
+the uploading process's, uploaded when complete (uploaded_file).  fsspec is imported only
+when a URL is given: local work starts as light as before.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def _copy_asked() -> bool:
 
 def _read_by_ranges(remote: Remote) -> str | None:
     """The object's format if it is read by ranges, with no local copy (a format with a
-    ranged reader: all but HDF5, whose readers work on descriptors and get a local copy)."""
+    ranged reader: all of them, so far)."""
     from .formats import FORMATS
     from .formats.signatures import read_head
 

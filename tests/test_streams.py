@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SUFFIX, exact_norm, read_tensors, write_tensors
+from conftest import SUFFIX, exact_norm, progress_by_phase, read_tensors, write_tensors
 
 from gclip_cli import UsageError, streams
+from gclip_cli.progress import Progress
 
 TENSORS = {"w": np.array([[3.0, 0.5], [-2.0, 1.0]], np.float32), "b": np.array([4.0, 1.5])}
 
@@ -218,3 +221,19 @@ def test_standard_output_to_an_unrelated_file_works(src, tmp_path):
     assert status == 0, stderr
     status, _ = gclip("check", out, "--max-norm", "1.000001")
     assert status == 0
+
+
+def test_an_output_staged_for_a_stream_is_sent_whole_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    read, write = os.pipe()
+    events = []
+    with streams.staged_into(Path(f"/proc/self/fd/{write}"), 10, Progress(events.append)) as path:
+        with open(path, "r+b") as staged:  # written anywhere, as HDF5 or torch views write
+            staged.write(b"0123456789")
+            staged.seek(2)
+            staged.write(b"ab")
+        assert list(tmp_path.iterdir()) == []  # no name: freed whatever stops the writer
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        assert pipe.read() == b"01ab456789"
+    assert progress_by_phase(events) == [("sending", 10, 10)]

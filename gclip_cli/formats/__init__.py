@@ -46,6 +46,7 @@ __all__ = [
     "WholeArrays",
     "crashes_on_damage",
     "detect_format",
+    "needs_named_output",
     "open_file",
 ]
 
@@ -91,3 +92,8 @@ def open_file(
 def crashes_on_damage(name: str) -> bool:
     """Whether the library of format *name* can crash (not raise) on a damaged file."""
     return FORMATS.entry(name).crashes_on_damage
+
+
+def needs_named_output(name: str) -> bool:
+    """Whether format *name*'s writer needs an output file with a name (see FormatEntry)."""
+    return FORMATS.entry(name).needs_named_output

@@ -38,6 +38,10 @@ class FormatEntry:
     # "module:class" of its reader of remote objects by ranges, cls(stand-in path,
     # ranged.RangedBytes) (None: such objects are downloaded first; see remote.py)
     ranged_reader: str | None = None
+    # Its writer needs a file with a name (HDF5's library resolves the name it opens), so an
+    # output to upload is written into a temporary file by the process that uploads it, not
+    # streamed (see pipeline._written_at).
+    needs_named_output: bool = False
 
     def is_one(self, head: bytes, file: BinaryIO) -> bool:
         test: Callable[[bytes, BinaryIO], bool] = _imported(self.signature)
@@ -169,6 +173,7 @@ FORMATS = Registry(
             ".hdf5:Hdf5File",
             crashes_on_damage=True,
             ranged_reader=".hdf5:RangedHdf5File",
+            needs_named_output=True,
         ),
         FormatEntry(
             "torch",

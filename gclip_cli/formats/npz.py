@@ -384,15 +384,8 @@ class RangedNpzFile(_NpzReader):
         chunk_size: int,
         leave: Set[str],
     ) -> None:
-        """The object read once, in order: its members' CRC-32s checked on the way (those
-        not read whole before)."""
-        from .ranged import copy_rewritten
-
-        unchecked = [t.location.info for t in placed if not self._archive.checked(t.location.info)]
-        spans = [(self._archive.data_start(info), info.file_size) for info in unchecked]
-        crcs = copy_rewritten(self._ranged, out, placed, transform, chunk_size, spans)
-        for info, crc in zip(unchecked, crcs, strict=True):
-            self._archive.verify_crc(info, crc)
+        infos = [t.location.info for t in placed]
+        self._archive.copy_rewritten(out, placed, transform, chunk_size, infos)
 
     def copy_to(self, out: Path) -> None:
         self._ranged.copy_to(out, MAX_WINDOW)

@@ -510,16 +510,8 @@ class RangedTorchFile(_TorchReader):
         chunk_size: int,
         leave: Set[str],
     ) -> None:
-        """The object read once, in order: the storages' CRC-32s checked on the way (those
-        not read whole before)."""
-        from .ranged import copy_rewritten
-
         infos = [self._infos[name] for name in self._by_member]
-        unchecked = [info for info in infos if not self._archive.checked(info)]
-        spans = [(self._archive.data_start(info), info.file_size) for info in unchecked]
-        crcs = copy_rewritten(self._ranged, out, placed, transform, chunk_size, spans)
-        for info, crc in zip(unchecked, crcs, strict=True):
-            self._archive.verify_crc(info, crc)
+        self._archive.copy_rewritten(out, placed, transform, chunk_size, infos)
 
     def _strided_source(self, out: int) -> ByteSource:
         """The byte copy itself: it holds the object's bytes where views with gaps lie (they

@@ -223,6 +223,26 @@ class ZipArchive:
                     ):
                         write_all_at(copy.fileno(), field, offset)
 
+    def copy_rewritten(
+        self,
+        out: Path,
+        placed: Mapping[TensorInfo, int],
+        transform: Transform,
+        chunk_size: int,
+        stored: Sequence[zipfile.ZipInfo],
+    ) -> None:
+        """Write *out* as a byte copy of the archive, the values of the *placed* tensors (each
+        at its offset) passed through *transform*: the source read once, in order (a remote
+        object's windows fetched ahead); the CRC-32s of the stored members *stored* that no
+        reader has checked yet are checked on the way."""
+        from .ranged import copy_rewritten
+
+        unchecked = [info for info in stored if not self.checked(info)]
+        spans = [(self.data_start(info), info.file_size) for info in unchecked]
+        crcs = copy_rewritten(self.source, out, placed, transform, chunk_size, spans)
+        for info, crc in zip(unchecked, crcs, strict=True):
+            self.verify_crc(info, crc)
+
     def write_in_order(
         self,
         out: Path,

@@ -48,7 +48,15 @@ from .base import (
 )
 from .deflate import crc32, crc32_combine
 from .signatures import zip_refusal
-from .ziparchive import ZipArchive, ZipWriter, copy_info, in_place, member_bytes, stored_crc
+from .ziparchive import (
+    RangedArchive,
+    ZipArchive,
+    ZipWriter,
+    copy_info,
+    in_place,
+    member_bytes,
+    stored_crc,
+)
 
 if TYPE_CHECKING:
     from ..progress import Progress
@@ -366,15 +374,11 @@ class NpzFile(_NpzReader):
         rewrite_in_place(self._archive.fd, out, placed, transform, chunk_size, leave)
 
 
-class RangedNpzFile(_NpzReader):
+class RangedNpzFile(RangedArchive, _NpzReader):
     """An .npz object read by ranges from its URL (formats/ranged.py): a TensorFile with
     FinishesOutput (the CRC-32s of a byte copy) and WholeArrays, not PlainValues nor
     ChunkedPieces (worker processes read local files only); the next window is fetched while
     one is worked on."""
-
-    def __init__(self, path: Path, ranged: RangedBytes) -> None:
-        super().__init__(path, ranged)
-        self._ranged = ranged
 
     def _write_in_place(
         self,
@@ -386,15 +390,6 @@ class RangedNpzFile(_NpzReader):
     ) -> None:
         infos = [t.location.info for t in placed]
         self._archive.copy_rewritten(out, placed, transform, chunk_size, infos)
-
-    def copy_to(self, out: Path) -> None:
-        self._ranged.copy_to(out, MAX_WINDOW)
-
-    def close(self) -> None:
-        try:
-            self._archive.close()
-        finally:
-            self._ranged.close()
 
 
 def _read_npy_header(member: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:

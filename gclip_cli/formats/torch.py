@@ -59,7 +59,7 @@ from .deflate import crc32, crc32_combine
 from .signatures import zip_kind, zip_refusal
 from .torch_pickle import TORCH_DTYPES, Refused, Storage, TensorView
 from .torch_views import Piece, covers_items_once, is_dense, item_range, pieces, storage_axes
-from .ziparchive import ZipArchive, source_crc
+from .ziparchive import RangedArchive, ZipArchive, source_crc
 
 if TYPE_CHECKING:
     from .ranged import RangedBytes
@@ -493,14 +493,10 @@ class TorchFile(_TorchReader):
         return self._archive.source
 
 
-class RangedTorchFile(_TorchReader):
+class RangedTorchFile(RangedArchive, _TorchReader):
     """A PyTorch object read by ranges from its URL (formats/ranged.py): a TensorFile with
     FinishesOutput (the CRC-32s of a byte copy) and WholeArrays, not PlainValues (worker
     processes read local files only); the next window is fetched while one is worked on."""
-
-    def __init__(self, path: Path, ranged: RangedBytes) -> None:
-        super().__init__(path, ranged)
-        self._ranged = ranged
 
     def _write_copy(
         self,
@@ -517,15 +513,6 @@ class RangedTorchFile(_TorchReader):
         """The byte copy itself: it holds the object's bytes where views with gaps lie (they
         are not fetched twice), and each of their values belongs to one piece only."""
         return LocalBytes(out)
-
-    def copy_to(self, out: Path) -> None:
-        self._ranged.copy_to(out, MAX_WINDOW)
-
-    def close(self) -> None:
-        try:
-            self._archive.close()
-        finally:
-            self._ranged.close()
 
 
 def _aliased(names: list[str]) -> str:

@@ -327,6 +327,27 @@ class ZipArchive:
         self._raw.close()
 
 
+class RangedArchive:
+    """What a zip format's reader of a remote object (RangedBytes) adds to the format's
+    reader, put before it (``class RangedNpzFile(RangedArchive, _NpzReader)``): the reader
+    opened over the object, the object copied as it is (CopiesItself), closed with it."""
+
+    _archive: ZipArchive
+
+    def __init__(self, path: Path, ranged: RangedBytes) -> None:
+        super().__init__(path, ranged)  # the format's reader, over the object
+        self._ranged = ranged
+
+    def copy_to(self, out: Path) -> None:
+        self._ranged.copy_to(out, MAX_WINDOW)
+
+    def close(self) -> None:
+        try:
+            self._archive.close()
+        finally:
+            self._ranged.close()
+
+
 def _ranged_file(ranged: RangedBytes) -> BinaryIO:
     from .ranged import RangedFile
 

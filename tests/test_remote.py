@@ -561,20 +561,8 @@ def test_ctrl_c_during_the_upload_aborts_it(bucket, make_file, tmp_path):
     local = make_file("safetensors", {"g": values})
     args = ["rescale", str(local), f"{bucket.url}/big.safetensors", "--max-norm", "1"]
     five_mib_parts = ("--storage-option", f"default_block_size={5 << 20}")
-    command = [sys.executable, "-m", "gclip_cli", *args, *five_mib_parts]
-    running = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not bucket.open_uploads():  # the multipart upload has begun
-            assert running.poll() is None, "gclip finished before it could be interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        running.send_signal(signal.SIGINT)
-        _, stderr = running.communicate(timeout=60)
-    finally:
-        if running.poll() is None:
-            running.kill()
-    assert running.returncode == 130, stderr
+    returncode, stderr = _interrupted_once_uploading(bucket, [*args, *five_mib_parts])
+    assert returncode == 130, stderr
     assert bucket.listed() == [] and bucket.open_uploads() == []
 
 

@@ -94,7 +94,25 @@ _TYPE_FIELDS: dict[str, dict[str, object]] = {
 DataOffsets = tuple[int, int]
 
 
-class SafetensorsFile:
+class _Safetensors:
+    """What both readers share: the header's metadata; and, since the tensors tile the data
+    buffer, an output written in order of offset goes front to back (WritesInOrder)."""
+
+    _metadata: dict[str, str]
+
+    def attribute(self, key: str) -> object | None:
+        return self._metadata.get(key)
+
+    def writes_in_order(self) -> bool:
+        return True
+
+    def write_in_order(
+        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
+    ) -> None:
+        self.write_transformed(out, transform, chunk_size)  # each reader's own
+
+
+class SafetensorsFile(_Safetensors):
     """A TensorFile with PlainValues (every tensor), Metadata, WholeArrays and WritesInOrder."""
 
     format_name = FORMAT_NAME
@@ -149,19 +167,8 @@ class SafetensorsFile:
                                 np.copyto(target, src)
                         writer.submit(target, start)
 
-    def writes_in_order(self) -> bool:
-        return True  # the tensors tile the data buffer: written in order of offset
-
-    def write_in_order(
-        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
-    ) -> None:
-        self.write_transformed(out, transform, chunk_size)
-
     def _pieces(self, tensor: TensorInfo, chunk_size: int) -> Iterator[tuple[int, int]]:
         return _value_pieces(self._data_start, tensor, chunk_size)
-
-    def attribute(self, key: str) -> object | None:
-        return self._metadata.get(key)
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         bits, dtype = _BY_NAME[tensor.dtype_name]
@@ -180,7 +187,7 @@ class SafetensorsFile:
         self._file.close()
 
 
-class RangedSafetensorsFile:
+class RangedSafetensorsFile(_Safetensors):
     """A safetensors object read by ranges from its URL (formats/ranged.py): a TensorFile with
     Metadata, WholeArrays and WritesInOrder, but not PlainValues (worker processes map local
     files only), so one process reads it in order, the next window fetched while one is
@@ -217,19 +224,8 @@ class RangedSafetensorsFile:
                     else:
                         dst.write(raw)
 
-    def writes_in_order(self) -> bool:
-        return True
-
-    def write_in_order(
-        self, out: Path, transform: Transform, rehearsal: Transform, chunk_size: int
-    ) -> None:
-        self.write_transformed(out, transform, chunk_size)
-
     def copy_to(self, out: Path) -> None:
         self._ranged.copy_to(out, MAX_WINDOW)
-
-    def attribute(self, key: str) -> object | None:
-        return self._metadata.get(key)
 
     def read_array(self, tensor: TensorInfo) -> np.ndarray | None:
         bits, dtype = _BY_NAME[tensor.dtype_name]
